@@ -1,0 +1,160 @@
+//! `moat agent`: load the policy, attach, enforce, stream deny events, and
+//! detach cleanly on SIGINT or SIGTERM.
+
+use std::{collections::BTreeMap, path::PathBuf};
+
+use anyhow::{bail, Context as _};
+use tokio::{io::unix::AsyncFd, signal::unix::SignalKind};
+use tracing::{error, info, warn};
+
+use crate::{
+    compile::{compile, Compiled, CompiledIface},
+    dataplane::{Dataplane, XdpAttachMode},
+    event::{self, ResolvedEvent},
+    policy, preflight, OutputFormat,
+};
+
+/// What `moat agent` was asked to do.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    pub policies: PathBuf,
+    pub ifaces: Vec<String>,
+    pub node: String,
+    pub output: OutputFormat,
+    pub xdp_mode: XdpAttachMode,
+}
+
+/// The node's name as Calico knows it: the host name.
+pub fn default_node_name() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+/// Loads `dir`, reports every invalid resource, and compiles the rest.
+pub fn load_and_compile(dir: &std::path::Path, node: &str, ifaces: &[String]) -> anyhow::Result<Compiled> {
+    let loaded = policy::load_dir(dir)?;
+    for e in &loaded.errors {
+        error!("rejected: {e}");
+    }
+    if !loaded.errors.is_empty() {
+        warn!(
+            "{} resource(s) rejected; they are NOT enforced. The {} valid ones are.",
+            loaded.errors.len(),
+            loaded.set.policies.len() + loaded.set.host_endpoints.len()
+        );
+    }
+    info!(
+        "read {} file(s) from {}: {} GlobalNetworkPolicies, {} HostEndpoints",
+        loaded.files,
+        dir.display(),
+        loaded.set.policies.len(),
+        loaded.set.host_endpoints.len()
+    );
+    Ok(compile(&loaded.set, node, ifaces)?)
+}
+
+fn ifindex(name: &str) -> anyhow::Result<u32> {
+    nix::net::if_::if_nametoindex(name).with_context(|| format!("no interface named {name} in this network namespace"))
+}
+
+fn describe(iface: &CompiledIface) -> String {
+    use moat_common::{direction, table};
+    let n = |d, k| iface.table(d, k).rules.len();
+    format!(
+        "{} (HostEndpoint {}): ingress {} rules + {} failsafe, egress {} rules + {} failsafe",
+        iface.name,
+        iface.host_endpoint,
+        n(direction::INGRESS, table::POLICY),
+        n(direction::INGRESS, table::FAILSAFE),
+        n(direction::EGRESS, table::POLICY),
+        n(direction::EGRESS, table::FAILSAFE),
+    )
+}
+
+pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
+    if cfg.ifaces.is_empty() {
+        bail!("no --iface given: name the interfaces to enforce, e.g. --iface eth1 --iface eth0");
+    }
+    let support = preflight::check()?;
+    info!("kernel {}: ring buffer, LRU hash, XDP and TC available{}", support.version, if support.tcx { ", TCX attach" } else { "" });
+
+    let compiled = load_and_compile(&cfg.policies, &cfg.node, &cfg.ifaces)?;
+    let mut names = BTreeMap::new();
+    let mut by_index = BTreeMap::new();
+    for iface in &cfg.ifaces {
+        let index = ifindex(iface)?;
+        names.insert(index, iface.clone());
+        if let Some(c) = compiled.ifaces.get(iface) {
+            by_index.insert(index, c.clone());
+        }
+    }
+    for iface in &compiled.unenforced {
+        warn!("{iface}: no HostEndpoint of node {} names it, so it is attached but not enforced", cfg.node);
+    }
+
+    let mut dataplane = Dataplane::load().context("loading the eBPF programs")?;
+    // Tables first, then attach: the programs enforce from their first packet.
+    let generation = 1;
+    dataplane.apply(&by_index, generation)?;
+    for iface in &cfg.ifaces {
+        dataplane.attach(iface, cfg.xdp_mode)?;
+    }
+    for c in compiled.ifaces.values() {
+        info!("enforcing {}", describe(c));
+    }
+    info!("ready: policy generation {generation} enforced on {}", cfg.ifaces.join(", "));
+
+    let ring = dataplane.take_events().context("event ring buffer already taken")?;
+    // SAFETY: the ring buffer owns its map fd and keeps it open, unchanged,
+    // for as long as it lives, which is as long as the AsyncFd.
+    let mut ring = unsafe { AsyncFd::register(ring) }
+        .map_err(|e| anyhow::anyhow!("watching the event ring buffer: {}", e.into_parts().1))?;
+    let offset = event::monotonic_to_wall_offset();
+    let iface_name = move |i: u32| names.get(&i).cloned().unwrap_or_else(|| format!("if{i}"));
+
+    let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())?;
+    let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
+    loop {
+        tokio::select! {
+            _ = sigint.recv() => { info!("SIGINT: detaching"); break; }
+            _ = sigterm.recv() => { info!("SIGTERM: detaching"); break; }
+            guard = ring.readable_mut() => {
+                let mut guard = guard.context("waiting for events")?;
+                let ring = guard.get_inner_mut();
+                while let Some(item) = ring.next() {
+                    match event::decode(&item) {
+                        Some(e) => print(&event::resolve(&e, &iface_name, &compiled, offset), cfg.output),
+                        None => warn!("skipped a short event record ({} bytes)", item.len()),
+                    }
+                }
+                guard.clear_ready();
+            }
+        }
+    }
+    let counters = dataplane.counters()?;
+    for (d, row) in counters.iter().enumerate() {
+        let dir = if d == 0 { "ingress" } else { "egress" };
+        let nonzero: Vec<String> = row
+            .iter()
+            .enumerate()
+            .filter(|(_, v)| **v > 0)
+            .map(|(i, v)| format!("{}={v}", moat_common::counter::NAMES[i]))
+            .collect();
+        info!("{dir} counters: {}", if nonzero.is_empty() { "none".into() } else { nonzero.join(" ") });
+    }
+    drop(dataplane);
+    info!("detached from {}", cfg.ifaces.join(", "));
+    Ok(())
+}
+
+fn print(e: &ResolvedEvent, output: OutputFormat) {
+    match output {
+        OutputFormat::Text => println!("{}", e.line()),
+        OutputFormat::Json => match serde_json::to_string(e) {
+            Ok(line) => println!("{line}"),
+            Err(err) => error!("cannot encode event as JSON: {err}"),
+        },
+    }
+}

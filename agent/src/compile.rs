@@ -1,0 +1,333 @@
+//! From a validated `PolicySet` to the rule tables the programs walk.
+//!
+//! Per enforced interface and direction there are two tables: failsafe
+//! rules (first, allow only) and the policy rules of every policy selecting
+//! the interface's host endpoint, in Calico's order. A rule whose `nets` or
+//! `ports` list several values becomes one entry per combination, all with
+//! the same policy and rule index; entries of one rule are contiguous.
+
+use std::collections::BTreeMap;
+
+use ipnet::IpNet;
+use moat_common::{
+    direction, reason, rule_match, table, verdict, RuleEntry, NO_POLICY_ID,
+};
+
+use crate::policy::{Action, FailsafePort, HostEndpoint, PolicySet, PortRange, Rule};
+
+/// One table as the dataplane will hold it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TableSpec {
+    pub rules: Vec<RuleEntry>,
+    pub end_verdict: u8,
+    pub end_reason: u8,
+    pub pass_verdict: u8,
+}
+
+/// Tables of one enforced interface.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CompiledIface {
+    pub name: String,
+    /// The HostEndpoint that makes it enforced.
+    pub host_endpoint: String,
+    /// Indexed by `table::index(direction, kind)`.
+    pub tables: [TableSpec; direction::COUNT * table::KINDS],
+}
+
+impl CompiledIface {
+    pub fn tables(&self) -> [&TableSpec; direction::COUNT * table::KINDS] {
+        [&self.tables[0], &self.tables[1], &self.tables[2], &self.tables[3]]
+    }
+
+    pub fn table(&self, dir: u8, kind: usize) -> &TableSpec {
+        &self.tables[table::index(dir, kind)]
+    }
+}
+
+/// The compiled policy for one node.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Compiled {
+    /// Enforced interfaces by name.
+    pub ifaces: BTreeMap<String, CompiledIface>,
+    /// `policy_id` -> policy name.
+    pub policy_names: Vec<String>,
+    /// Interfaces asked for that no HostEndpoint of this node names.
+    pub unenforced: Vec<String>,
+}
+
+impl Compiled {
+    /// Name of the policy behind `policy_id`, if any.
+    pub fn policy_name(&self, policy_id: u32) -> Option<&str> {
+        self.policy_names.get(policy_id as usize).map(String::as_str)
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CompileError {
+    #[error("interface {iface} of node {node} is named by several HostEndpoints: {names}")]
+    AmbiguousEndpoint { node: String, iface: String, names: String },
+    #[error("{0}")]
+    Failsafe(String),
+}
+
+/// The host endpoint of `node` for `iface`, if exactly one names it.
+pub fn endpoint_for<'a>(
+    set: &'a PolicySet,
+    node: &str,
+    iface: &str,
+) -> Result<Option<&'a HostEndpoint>, CompileError> {
+    let found: Vec<&HostEndpoint> = set
+        .host_endpoints
+        .iter()
+        .filter(|h| h.node == node && h.interface_name == iface)
+        .collect();
+    match found.as_slice() {
+        [] => Ok(None),
+        [one] => Ok(Some(one)),
+        many => Err(CompileError::AmbiguousEndpoint {
+            node: node.into(),
+            iface: iface.into(),
+            names: many.iter().map(|h| h.name.as_str()).collect::<Vec<_>>().join(", "),
+        }),
+    }
+}
+
+/// Compiles `set` for the interfaces `ifaces` of `node`.
+pub fn compile(set: &PolicySet, node: &str, ifaces: &[String]) -> Result<Compiled, CompileError> {
+    let mut out = Compiled {
+        policy_names: set.policies.iter().map(|p| p.name.clone()).collect(),
+        ..Default::default()
+    };
+    for iface in ifaces {
+        let Some(hep) = endpoint_for(set, node, iface)? else {
+            out.unenforced.push(iface.clone());
+            continue;
+        };
+        let failsafes = set.failsafes_for(hep).map_err(CompileError::Failsafe)?;
+        let profile = if hep.default_allow { verdict::ALLOW } else { verdict::DENY };
+        let mut tables: [TableSpec; 4] = Default::default();
+        for dir in [direction::INGRESS, direction::EGRESS] {
+            let ports = if dir == direction::INGRESS { &failsafes.inbound } else { &failsafes.outbound };
+            tables[table::index(dir, table::FAILSAFE)] = TableSpec {
+                rules: ports
+                    .iter()
+                    .enumerate()
+                    .map(|(i, p)| failsafe_entry(p, i as u32, dir))
+                    .collect(),
+                end_verdict: verdict::NONE,
+                end_reason: 0,
+                pass_verdict: verdict::NONE,
+            };
+            let mut rules = Vec::new();
+            let mut applies = false;
+            for (id, policy) in set.policies.iter().enumerate() {
+                if !policy.selector.matches(&hep.labels) {
+                    continue;
+                }
+                let (on, list) = if dir == direction::INGRESS {
+                    (policy.ingress_applies, &policy.ingress)
+                } else {
+                    (policy.egress_applies, &policy.egress)
+                };
+                if !on {
+                    continue;
+                }
+                applies = true;
+                for (index, rule) in list.iter().enumerate() {
+                    expand(rule, id as u32, index as u32, &mut rules);
+                }
+            }
+            tables[table::index(dir, table::POLICY)] = TableSpec {
+                rules,
+                // Policies applied and none decided: Calico's end-of-tier
+                // drop. None applied: the profiles decide.
+                end_verdict: if applies { verdict::DENY } else { profile },
+                end_reason: if applies { reason::END_OF_POLICIES } else { reason::NO_PROFILE },
+                pass_verdict: profile,
+            };
+        }
+        out.ifaces.insert(
+            iface.clone(),
+            CompiledIface {
+                name: iface.clone(),
+                host_endpoint: hep.name.clone(),
+                tables,
+            },
+        );
+    }
+    Ok(out)
+}
+
+/// IPv4 nets live in `::ffff:0:0/96`.
+pub fn net_bytes(net: &IpNet) -> ([u8; 16], [u8; 16]) {
+    let (addr, bits) = match net {
+        IpNet::V4(n) => (n.network().to_ipv6_mapped().octets(), 96 + n.prefix_len() as u32),
+        IpNet::V6(n) => (n.network().octets(), n.prefix_len() as u32),
+    };
+    let mask = if bits == 0 { 0u128 } else { u128::MAX << (128 - bits) };
+    let mask = mask.to_be_bytes();
+    let mut masked = addr;
+    for (b, m) in masked.iter_mut().zip(mask) {
+        *b &= m;
+    }
+    (masked, mask)
+}
+
+fn failsafe_entry(p: &FailsafePort, index: u32, dir: u8) -> RuleEntry {
+    let mut e = RuleEntry {
+        action: verdict::ALLOW,
+        protocol: p.protocol,
+        match_flags: rule_match::PROTOCOL | rule_match::DST_PORTS,
+        dst_port_lo: p.port,
+        dst_port_hi: p.port,
+        policy_id: NO_POLICY_ID,
+        rule_index: index,
+        ..Default::default()
+    };
+    if let Some(net) = &p.net {
+        let (n, m) = net_bytes(net);
+        e.ip_version = if net.addr().is_ipv4() { 4 } else { 6 };
+        e.match_flags |= rule_match::IP_VERSION;
+        if dir == direction::INGRESS {
+            (e.src_net, e.src_mask) = (n, m);
+            e.match_flags |= rule_match::SRC_NET;
+        } else {
+            (e.dst_net, e.dst_mask) = (n, m);
+            e.match_flags |= rule_match::DST_NET;
+        }
+    }
+    e
+}
+
+fn action_code(a: Action) -> u8 {
+    match a {
+        Action::Allow => verdict::ALLOW,
+        Action::Deny => verdict::DENY,
+        Action::Log => verdict::LOG,
+        Action::Pass => verdict::PASS,
+    }
+}
+
+fn nets_or_any(nets: &[IpNet]) -> Vec<Option<&IpNet>> {
+    if nets.is_empty() { vec![None] } else { nets.iter().map(Some).collect() }
+}
+
+fn ports_or_any(ports: &[PortRange]) -> Vec<Option<PortRange>> {
+    if ports.is_empty() { vec![None] } else { ports.iter().copied().map(Some).collect() }
+}
+
+fn version_of(net: Option<&IpNet>) -> Option<u8> {
+    net.map(|n| if n.addr().is_ipv4() { 4 } else { 6 })
+}
+
+/// Appends the entries of `rule` to `out`.
+pub fn expand(rule: &Rule, policy_id: u32, rule_index: u32, out: &mut Vec<RuleEntry>) {
+    let mut base = RuleEntry {
+        action: action_code(rule.action),
+        policy_id,
+        rule_index,
+        ..Default::default()
+    };
+    // The IP version a rule is limited to: explicit, or implied by ICMP /
+    // ICMPv6 (Felix renders those into one address family only).
+    let mut version = rule.ip_version;
+    match (rule.protocol, rule.not_protocol) {
+        (Some(p), Some(np)) if p == np => return, // can never match
+        (Some(p), _) => {
+            base.protocol = p;
+            base.match_flags |= rule_match::PROTOCOL;
+            match p {
+                1 => version = version.or(Some(4)),
+                58 => version = version.or(Some(6)),
+                _ => {}
+            }
+        }
+        (None, Some(np)) => {
+            base.protocol = np;
+            base.match_flags |= rule_match::NOT_PROTOCOL;
+        }
+        (None, None) => {}
+    }
+    if let Some(i) = rule.icmp {
+        base.icmp_type = i.icmp_type;
+        base.match_flags |= rule_match::ICMP_TYPE;
+        if let Some(c) = i.code {
+            base.icmp_code = c;
+            base.match_flags |= rule_match::ICMP_CODE;
+        }
+    }
+    if let Some(i) = rule.not_icmp {
+        if rule.icmp.is_some() {
+            // Both: a packet must have icmp's type and not notICMP's. With
+            // equal types the code decides; otherwise notICMP is implied.
+            let same_type = rule.icmp.is_some_and(|m| m.icmp_type == i.icmp_type);
+            if same_type {
+                match (rule.icmp.and_then(|m| m.code), i.code) {
+                    (_, None) => return,                    // never matches
+                    (Some(c), Some(nc)) if c == nc => return, // never matches
+                    (Some(_), Some(_)) => {}                // implied
+                    (None, Some(_)) => {
+                        // Needs "type T and code != C": one entry per code.
+                        let nc = i.code.unwrap_or(0);
+                        for code in (0..=255u8).filter(|c| *c != nc) {
+                            let mut r = rule.clone();
+                            r.icmp = Some(crate::policy::IcmpMatch { icmp_type: i.icmp_type, code: Some(code) });
+                            r.not_icmp = None;
+                            expand(&r, policy_id, rule_index, out);
+                        }
+                        return;
+                    }
+                }
+            }
+        } else {
+            base.icmp_type = i.icmp_type;
+            base.match_flags |= rule_match::NOT_ICMP_TYPE;
+            if let Some(c) = i.code {
+                base.icmp_code = c;
+                base.match_flags |= rule_match::NOT_ICMP_CODE;
+            }
+        }
+    }
+    for src in nets_or_any(&rule.source.nets) {
+        for dst in nets_or_any(&rule.destination.nets) {
+            // Every constraint on the IP version must agree.
+            let mut v = version;
+            let mut possible = true;
+            for implied in [version_of(src), version_of(dst)].into_iter().flatten() {
+                match v {
+                    Some(have) if have != implied => possible = false,
+                    _ => v = Some(implied),
+                }
+            }
+            if !possible {
+                continue;
+            }
+            for sp in ports_or_any(&rule.source.ports) {
+                for dp in ports_or_any(&rule.destination.ports) {
+                    let mut e = base;
+                    if let Some(v) = v {
+                        e.ip_version = v;
+                        e.match_flags |= rule_match::IP_VERSION;
+                    }
+                    if let Some(n) = src {
+                        (e.src_net, e.src_mask) = net_bytes(n);
+                        e.match_flags |= rule_match::SRC_NET;
+                    }
+                    if let Some(n) = dst {
+                        (e.dst_net, e.dst_mask) = net_bytes(n);
+                        e.match_flags |= rule_match::DST_NET;
+                    }
+                    if let Some(p) = sp {
+                        (e.src_port_lo, e.src_port_hi) = (p.lo, p.hi);
+                        e.match_flags |= rule_match::SRC_PORTS;
+                    }
+                    if let Some(p) = dp {
+                        (e.dst_port_lo, e.dst_port_hi) = (p.lo, p.hi);
+                        e.match_flags |= rule_match::DST_PORTS;
+                    }
+                    out.push(e);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,241 @@
+//! Deny events from the kernel, resolved to names and printed.
+
+use std::{
+    fmt::Write as _,
+    net::{IpAddr, Ipv6Addr},
+};
+
+use moat_common::{direction, reason, verdict, DenyEvent, NO_POLICY_ID};
+use serde::Serialize;
+
+use crate::compile::Compiled;
+
+/// Reads a `DenyEvent` out of a ring buffer record.
+pub fn decode(bytes: &[u8]) -> Option<DenyEvent> {
+    if bytes.len() < std::mem::size_of::<DenyEvent>() {
+        return None;
+    }
+    // SAFETY: the record holds at least size_of::<DenyEvent>() bytes, the
+    // type is plain old data (any bit pattern valid) and read_unaligned
+    // does not need the ring buffer's alignment.
+    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<DenyEvent>()) })
+}
+
+/// An address as the event carries it (IPv4 mapped into IPv6).
+pub fn address(bytes: [u8; 16], ip_version: u8) -> IpAddr {
+    let v6 = Ipv6Addr::from(bytes);
+    match (ip_version, v6.to_ipv4_mapped()) {
+        (4, Some(v4)) => IpAddr::V4(v4),
+        _ => IpAddr::V6(v6),
+    }
+}
+
+/// Name of IP protocol `p` as Calico spells it, or its number.
+pub fn protocol_name(p: u8) -> String {
+    match p {
+        1 => "icmp".into(),
+        6 => "tcp".into(),
+        17 => "udp".into(),
+        58 => "icmpv6".into(),
+        112 => "vrrp".into(),
+        132 => "sctp".into(),
+        136 => "udplite".into(),
+        n => format!("proto-{n}"),
+    }
+}
+
+pub fn reason_name(r: u8) -> &'static str {
+    match r {
+        reason::RULE => "rule",
+        reason::END_OF_POLICIES => "end-of-policies",
+        reason::NO_PROFILE => "no-profile",
+        reason::UNPARSABLE => "unparsable",
+        reason::CONNTRACK_INVALID => "conntrack-invalid",
+        reason::FRAGMENT_UNKNOWN => "fragment-unknown",
+        reason::LOG_RULE => "log-rule",
+        reason::TCP_FLAGS_INVALID => "tcp-flags-invalid",
+        _ => "unknown",
+    }
+}
+
+/// An event with every identifier resolved; also the JSON form
+/// (`moat agent -o json`): the field names are stable.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct ResolvedEvent {
+    /// RFC 3339, UTC.
+    pub time: String,
+    pub iface: String,
+    pub direction: &'static str,
+    /// "deny" or "log".
+    pub verdict: &'static str,
+    pub reason: &'static str,
+    /// Deciding policy, absent for default deny, parse errors, conntrack.
+    pub policy: Option<String>,
+    /// Index of the rule in the policy's ingress or egress list.
+    pub rule: Option<u32>,
+    pub generation: u32,
+    pub protocol: String,
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub sport: Option<u16>,
+    pub dport: Option<u16>,
+    pub icmp_type: Option<u8>,
+    pub icmp_code: Option<u8>,
+    pub tcp_flags: Option<String>,
+    pub length: u32,
+}
+
+/// Resolves names: `iface_name` maps ifindex to a name, `compiled` the
+/// policy ids of the generation in force. `wall_offset_ns` turns the
+/// kernel's monotonic time into the wall clock.
+pub fn resolve(
+    e: &DenyEvent,
+    iface_name: &dyn Fn(u32) -> String,
+    compiled: &Compiled,
+    wall_offset_ns: i128,
+) -> ResolvedEvent {
+    let has_ports = moat_common::has_ports(e.protocol);
+    let icmp = matches!((e.ip_version, e.protocol), (4, 1) | (6, 58));
+    let policy = (e.policy_id != NO_POLICY_ID).then(|| {
+        compiled
+            .policy_name(e.policy_id)
+            .map(str::to_string)
+            .unwrap_or_else(|| format!("policy#{}", e.policy_id))
+    });
+    let wall = e.timestamp_ns as i128 + wall_offset_ns;
+    ResolvedEvent {
+        time: rfc3339(wall),
+        iface: iface_name(e.ifindex),
+        direction: if e.direction == direction::INGRESS { "ingress" } else { "egress" },
+        verdict: if e.verdict == verdict::LOG { "log" } else { "deny" },
+        reason: reason_name(e.reason),
+        rule: policy.as_ref().map(|_| e.rule_index),
+        policy,
+        generation: e.generation,
+        protocol: protocol_name(e.protocol),
+        src: address(e.src, e.ip_version),
+        dst: address(e.dst, e.ip_version),
+        sport: has_ports.then_some(e.sport),
+        dport: has_ports.then_some(e.dport),
+        icmp_type: icmp.then_some(e.icmp_type),
+        icmp_code: icmp.then_some(e.icmp_code),
+        tcp_flags: (e.protocol == 6).then(|| tcp_flags(e.tcp_flags)),
+        length: e.packet_len,
+    }
+}
+
+/// "SYN", "SYN,ACK", ...; "none" for no flag.
+pub fn tcp_flags(f: u8) -> String {
+    const NAMES: [(u8, &str); 8] = [
+        (0x02, "SYN"),
+        (0x10, "ACK"),
+        (0x01, "FIN"),
+        (0x04, "RST"),
+        (0x08, "PSH"),
+        (0x20, "URG"),
+        (0x40, "ECE"),
+        (0x80, "CWR"),
+    ];
+    let set: Vec<&str> = NAMES.iter().filter(|(b, _)| f & b != 0).map(|(_, n)| *n).collect();
+    if set.is_empty() { "none".into() } else { set.join(",") }
+}
+
+fn endpoint(addr: IpAddr, port: Option<u16>) -> String {
+    match (addr, port) {
+        (IpAddr::V6(a), Some(p)) => format!("[{a}]:{p}"),
+        (a, Some(p)) => format!("{a}:{p}"),
+        (a, None) => a.to_string(),
+    }
+}
+
+impl ResolvedEvent {
+    /// One line: time, interface, direction, verdict, protocol, addresses
+    /// and ports, then what decided.
+    pub fn line(&self) -> String {
+        let mut s = format!(
+            "{} {:<6} {:<7} {:<4} {:<6} {} -> {}",
+            self.time,
+            self.iface,
+            self.direction,
+            self.verdict.to_uppercase(),
+            self.protocol,
+            endpoint(self.src, self.sport),
+            endpoint(self.dst, self.dport),
+        );
+        if let (Some(t), Some(c)) = (self.icmp_type, self.icmp_code) {
+            let _ = write!(s, " type {t} code {c}");
+        }
+        if let Some(f) = &self.tcp_flags {
+            let _ = write!(s, " [{f}]");
+        }
+        match (&self.policy, self.rule) {
+            (Some(p), Some(r)) => {
+                let _ = write!(s, " by {p} rule {r}");
+            }
+            _ => {
+                let _ = write!(s, " by {}", self.reason);
+            }
+        }
+        let _ = write!(s, " (len {}, gen {})", self.length, self.generation);
+        s
+    }
+}
+
+/// Formats nanoseconds since the Unix epoch as RFC 3339 UTC with
+/// milliseconds.
+pub fn rfc3339(ns: i128) -> String {
+    let secs = ns.div_euclid(1_000_000_000) as i64;
+    let millis = (ns.rem_euclid(1_000_000_000) / 1_000_000) as u32;
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    let (y, m, d) = civil_from_days(days);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{millis:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// Howard Hinnant's days-to-civil algorithm.
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+/// Nanoseconds to add to a `bpf_ktime_get_ns` value to get Unix time.
+pub fn monotonic_to_wall_offset() -> i128 {
+    let now = |clock| {
+        nix::time::clock_gettime(clock)
+            .map(|t| t.tv_sec() as i128 * 1_000_000_000 + t.tv_nsec() as i128)
+            .unwrap_or(0)
+    };
+    now(nix::time::ClockId::CLOCK_REALTIME) - now(nix::time::ClockId::CLOCK_MONOTONIC)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_known_instants() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339(951_782_400_123_000_000), "2000-02-29T00:00:00.123Z");
+        assert_eq!(rfc3339(1_795_436_800_000_000_000), "2026-11-23T00:00:00.000Z");
+    }
+
+    #[test]
+    fn tcp_flag_names() {
+        assert_eq!(tcp_flags(0x02), "SYN");
+        assert_eq!(tcp_flags(0x12), "SYN,ACK");
+        assert_eq!(tcp_flags(0), "none");
+    }
+}

@@ -1,0 +1,23 @@
+//! moat: a node-level eBPF packet filter enforcing Calico host endpoint
+//! policy. This library holds everything the `moat` binary does, so tests
+//! and tools can drive it directly.
+
+pub mod agent;
+pub mod compile;
+pub mod dataplane;
+pub mod event;
+pub mod frame;
+pub mod policy;
+pub mod preflight;
+pub mod reference;
+pub mod selector;
+
+/// `-o/--output` of every subcommand.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum OutputFormat {
+    /// One aligned line per item, for people.
+    #[default]
+    Text,
+    /// One JSON object per line, with stable field names.
+    Json,
+}

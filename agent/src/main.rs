@@ -1,0 +1,172 @@
+//! The `moat` command.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand};
+use moat::{
+    agent::{self, AgentConfig},
+    compile::compile,
+    dataplane::XdpAttachMode,
+    policy, OutputFormat,
+};
+
+#[derive(Parser)]
+#[command(name = "moat", version, about = "eBPF host firewall enforcing Calico host endpoint policy")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Enforce the policies on the given interfaces and stream deny events.
+    Agent {
+        /// Directory of policy files (.yaml, .yml, .json), read recursively.
+        #[arg(long, value_name = "DIR")]
+        policies: PathBuf,
+        /// Interface to attach to (repeat for several).
+        #[arg(long = "iface", value_name = "NAME", required = true)]
+        ifaces: Vec<String>,
+        /// Calico node name the HostEndpoints name (default: host name).
+        #[arg(long)]
+        node: Option<String>,
+        #[arg(short, long, value_enum, default_value_t)]
+        output: OutputFormat,
+        #[arg(long, value_enum, default_value_t)]
+        xdp_mode: XdpAttachMode,
+    },
+    /// Validate and compile a policy directory without touching the kernel;
+    /// exits non-zero when any resource is invalid.
+    Check {
+        #[arg(long, value_name = "DIR")]
+        policies: PathBuf,
+        /// Interfaces to compile for (default: every interface a HostEndpoint
+        /// of the node names).
+        #[arg(long = "iface", value_name = "NAME")]
+        ifaces: Vec<String>,
+        #[arg(long)]
+        node: Option<String>,
+        #[arg(short, long, value_enum, default_value_t)]
+        output: OutputFormat,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("MOAT_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Agent { policies, ifaces, node, output, xdp_mode } => {
+            let cfg = AgentConfig {
+                policies,
+                ifaces,
+                node: node.unwrap_or_else(agent::default_node_name),
+                output,
+                xdp_mode,
+            };
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .map_err(anyhow::Error::from)
+                .and_then(|rt| rt.block_on(agent::run(cfg)))
+                .map(|()| ExitCode::SUCCESS)
+        }
+        Command::Check { policies, ifaces, node, output } => check(&policies, ifaces, node, output),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("moat: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn check(dir: &std::path::Path, ifaces: Vec<String>, node: Option<String>, output: OutputFormat) -> anyhow::Result<ExitCode> {
+    let node = node.unwrap_or_else(agent::default_node_name);
+    let loaded = policy::load_dir(dir)?;
+    let ifaces = if ifaces.is_empty() {
+        let mut names: Vec<String> = loaded
+            .set
+            .host_endpoints
+            .iter()
+            .filter(|h| h.node == node)
+            .map(|h| h.interface_name.clone())
+            .collect();
+        names.sort();
+        names.dedup();
+        names
+    } else {
+        ifaces
+    };
+    let compiled = compile(&loaded.set, &node, &ifaces);
+    let errors: Vec<String> = loaded.errors.iter().map(ToString::to_string).collect();
+    let compile_error = compiled.as_ref().err().map(ToString::to_string);
+    match output {
+        OutputFormat::Json => {
+            let tables = compiled.as_ref().ok().map(|c| {
+                c.ifaces
+                    .values()
+                    .map(|i| {
+                        serde_json::json!({
+                            "iface": i.name,
+                            "host_endpoint": i.host_endpoint,
+                            "ingress_rules": i.table(0, moat_common::table::POLICY).rules.len(),
+                            "egress_rules": i.table(1, moat_common::table::POLICY).rules.len(),
+                            "ingress_failsafes": i.table(0, moat_common::table::FAILSAFE).rules.len(),
+                            "egress_failsafes": i.table(1, moat_common::table::FAILSAFE).rules.len(),
+                        })
+                    })
+                    .collect::<Vec<_>>()
+            });
+            println!(
+                "{}",
+                serde_json::json!({
+                    "files": loaded.files,
+                    "policies": loaded.set.policies.len(),
+                    "host_endpoints": loaded.set.host_endpoints.len(),
+                    "errors": errors,
+                    "compile_error": compile_error,
+                    "node": node,
+                    "enforced": tables,
+                })
+            );
+        }
+        OutputFormat::Text => {
+            for e in &errors {
+                println!("error: {e}");
+            }
+            if let Some(e) = &compile_error {
+                println!("error: {e}");
+            }
+            println!(
+                "{} file(s): {} GlobalNetworkPolicies, {} HostEndpoints valid; {} error(s)",
+                loaded.files,
+                loaded.set.policies.len(),
+                loaded.set.host_endpoints.len(),
+                errors.len() + usize::from(compile_error.is_some())
+            );
+            if let Ok(c) = &compiled {
+                for i in c.ifaces.values() {
+                    println!(
+                        "node {node} {}: HostEndpoint {}, ingress {} entries, egress {} entries",
+                        i.name,
+                        i.host_endpoint,
+                        i.table(0, moat_common::table::POLICY).rules.len(),
+                        i.table(1, moat_common::table::POLICY).rules.len()
+                    );
+                }
+                for i in &c.unenforced {
+                    println!("node {node} {i}: no HostEndpoint, not enforced");
+                }
+            }
+        }
+    }
+    Ok(if errors.is_empty() && compile_error.is_none() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}

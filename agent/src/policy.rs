@@ -1,0 +1,1055 @@
+//! Reading and validating policy resources.
+//!
+//! This version understands Calico `GlobalNetworkPolicy`, `HostEndpoint`
+//! and `FelixConfiguration` (failsafe ports), plus moat's own
+//! `FailsafeProfile`. Everything it reads it enforces exactly; every field
+//! or kind it does not enforce yet is rejected with an error that says so,
+//! never skipped. Errors name the file, the resource and the field.
+
+use std::{
+    collections::BTreeMap,
+    fmt,
+    path::{Path, PathBuf},
+};
+
+use ipnet::IpNet;
+use serde::Deserialize;
+use serde_yaml_ng::Value;
+
+use crate::selector::Selector;
+
+/// API groups under which Calico resources are accepted.
+const CALICO_API_VERSIONS: [&str; 2] = ["projectcalico.org/v3", "crd.projectcalico.org/v1"];
+/// API group of moat's own resources.
+pub const MOAT_API_VERSION: &str = "moat.dev/v1alpha1";
+/// Calico's profile that allows everything.
+pub const DEFAULT_ALLOW_PROFILE: &str = "projectcalico-default-allow";
+
+/// One problem with one resource (or one file).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PolicyError {
+    pub file: PathBuf,
+    /// `Kind/name` or `Kind/namespace/name`; empty when the file itself is bad.
+    pub resource: String,
+    /// Field path such as `spec.ingress[0].destination.ports[1]`; may be empty.
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for PolicyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if !self.resource.is_empty() {
+            write!(f, ": {}", self.resource)?;
+        }
+        if !self.field.is_empty() {
+            write!(f, ": {}", self.field)?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+impl std::error::Error for PolicyError {}
+
+/// Where a resource came from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Origin {
+    pub file: PathBuf,
+    /// 0-based index of the YAML document (or `List` item) in the file.
+    pub document: usize,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub enum Action {
+    Allow,
+    Deny,
+    Log,
+    Pass,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortRange {
+    pub lo: u16,
+    pub hi: u16,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IcmpMatch {
+    pub icmp_type: u8,
+    pub code: Option<u8>,
+}
+
+/// `source` or `destination` of a rule.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EntityMatch {
+    /// Empty: any address.
+    pub nets: Vec<IpNet>,
+    /// Empty: any port.
+    pub ports: Vec<PortRange>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rule {
+    pub action: Action,
+    pub protocol: Option<u8>,
+    pub not_protocol: Option<u8>,
+    pub icmp: Option<IcmpMatch>,
+    pub not_icmp: Option<IcmpMatch>,
+    pub ip_version: Option<u8>,
+    pub source: EntityMatch,
+    pub destination: EntityMatch,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Policy {
+    pub name: String,
+    pub order: Option<f64>,
+    pub selector: Selector,
+    pub ingress_applies: bool,
+    pub egress_applies: bool,
+    pub ingress: Vec<Rule>,
+    pub egress: Vec<Rule>,
+    pub origin: Origin,
+}
+
+impl Policy {
+    /// Calico's tie-break key for equal orders: "name/namespace/kind".
+    fn sort_key(&self) -> String {
+        format!("{}//GlobalNetworkPolicy", self.name)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostEndpoint {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub node: String,
+    pub interface_name: String,
+    pub expected_ips: Vec<std::net::IpAddr>,
+    /// Whether `projectcalico-default-allow` is among its profiles.
+    pub default_allow: bool,
+    pub origin: Origin,
+}
+
+/// A failsafe port: always allowed, before any policy.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FailsafePort {
+    pub protocol: u8,
+    pub port: u16,
+    /// For inbound: the source must be inside; for outbound: the destination.
+    pub net: Option<IpNet>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Failsafes {
+    pub inbound: Vec<FailsafePort>,
+    pub outbound: Vec<FailsafePort>,
+}
+
+impl Failsafes {
+    /// Calico's defaults (FelixConfiguration `failsafeInboundHostPorts` and
+    /// `failsafeOutboundHostPorts` when unset).
+    pub fn calico_defaults() -> Self {
+        let tcp = |port| FailsafePort {
+            protocol: 6,
+            port,
+            net: None,
+        };
+        let udp = |port| FailsafePort {
+            protocol: 17,
+            port,
+            net: None,
+        };
+        let common = [179, 2379, 2380, 5473, 6443, 6666, 6667].map(tcp);
+        let mut inbound = vec![tcp(22), udp(68)];
+        inbound.extend(common.clone());
+        let mut outbound = vec![udp(53), udp(67)];
+        outbound.extend(common);
+        Failsafes { inbound, outbound }
+    }
+}
+
+/// moat's extension: failsafes for the host endpoints a selector picks,
+/// replacing the global ones for them.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FailsafeProfile {
+    pub name: String,
+    pub selector: Selector,
+    pub failsafes: Failsafes,
+    pub origin: Origin,
+}
+
+/// Everything read from a policy source, validated.
+#[derive(Clone, Debug, Default)]
+pub struct PolicySet {
+    /// In Calico's evaluation order.
+    pub policies: Vec<Policy>,
+    pub host_endpoints: Vec<HostEndpoint>,
+    /// From FelixConfiguration `default`; `None` means Calico's defaults.
+    pub failsafes: Option<Failsafes>,
+    pub failsafe_profiles: Vec<FailsafeProfile>,
+}
+
+impl PolicySet {
+    /// Failsafes that apply to `hep`.
+    pub fn failsafes_for(&self, hep: &HostEndpoint) -> Result<Failsafes, String> {
+        let picked: Vec<&FailsafeProfile> = self
+            .failsafe_profiles
+            .iter()
+            .filter(|p| p.selector.matches(&hep.labels))
+            .collect();
+        match picked.as_slice() {
+            [] => Ok(self
+                .failsafes
+                .clone()
+                .unwrap_or_else(Failsafes::calico_defaults)),
+            [one] => Ok(one.failsafes.clone()),
+            many => Err(format!(
+                "HostEndpoint/{} is selected by several FailsafeProfiles ({}); make their selectors disjoint",
+                hep.name,
+                many.iter().map(|p| p.name.as_str()).collect::<Vec<_>>().join(", ")
+            )),
+        }
+    }
+
+    /// Policies that select `hep`, in evaluation order.
+    pub fn policies_for<'a>(&'a self, hep: &'a HostEndpoint) -> impl Iterator<Item = &'a Policy> {
+        self.policies
+            .iter()
+            .filter(move |p| p.selector.matches(&hep.labels))
+    }
+
+    fn sort(&mut self) {
+        self.policies.sort_by(|a, b| {
+            // Missing order sorts after every number.
+            let oa = a.order.unwrap_or(f64::INFINITY);
+            let ob = b.order.unwrap_or(f64::INFINITY);
+            oa.total_cmp(&ob)
+                .then_with(|| a.order.is_none().cmp(&b.order.is_none()))
+                .then_with(|| a.sort_key().cmp(&b.sort_key()))
+        });
+        self.host_endpoints.sort_by(|a, b| a.name.cmp(&b.name));
+        self.failsafe_profiles.sort_by(|a, b| a.name.cmp(&b.name));
+    }
+}
+
+/// Result of loading: what is valid, and every error about what is not.
+#[derive(Debug, Default)]
+pub struct Loaded {
+    pub set: PolicySet,
+    pub errors: Vec<PolicyError>,
+    /// Files read.
+    pub files: usize,
+}
+
+/// Reads every `.yaml`, `.yml` and `.json` file under `dir` (recursively,
+/// in name order). Invalid resources are reported in `errors` and left out;
+/// the valid rest is returned.
+pub fn load_dir(dir: &Path) -> Result<Loaded, PolicyError> {
+    let mut files = Vec::new();
+    collect_files(dir, &mut files).map_err(|e| PolicyError {
+        file: dir.to_path_buf(),
+        resource: String::new(),
+        field: String::new(),
+        message: format!("cannot read the policy directory: {e}"),
+    })?;
+    files.sort();
+    let mut loaded = Loaded::default();
+    for file in &files {
+        match std::fs::read_to_string(file) {
+            Ok(text) => load_text(file, &text, &mut loaded),
+            Err(e) => loaded.errors.push(PolicyError {
+                file: file.clone(),
+                resource: String::new(),
+                field: String::new(),
+                message: format!("cannot read: {e}"),
+            }),
+        }
+    }
+    loaded.files = files.len();
+    check_duplicates(&mut loaded);
+    loaded.set.sort();
+    Ok(loaded)
+}
+
+/// Parses the resources in `text` (as if read from `file`) into a set.
+pub fn load_str(file: &Path, text: &str) -> Loaded {
+    let mut loaded = Loaded::default();
+    load_text(file, text, &mut loaded);
+    loaded.files = 1;
+    check_duplicates(&mut loaded);
+    loaded.set.sort();
+    loaded
+}
+
+fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.is_dir() {
+            collect_files(&path, out)?;
+        } else if matches!(
+            path.extension().and_then(|e| e.to_str()),
+            Some("yaml" | "yml" | "json")
+        ) {
+            out.push(path);
+        }
+    }
+    Ok(())
+}
+
+/// Two resources of the same kind and name: both are rejected, since which
+/// one the user meant cannot be known.
+fn check_duplicates(loaded: &mut Loaded) {
+    let mut seen: BTreeMap<String, Vec<Origin>> = BTreeMap::new();
+    for p in &loaded.set.policies {
+        seen.entry(format!("GlobalNetworkPolicy/{}", p.name))
+            .or_default()
+            .push(p.origin.clone());
+    }
+    for h in &loaded.set.host_endpoints {
+        seen.entry(format!("HostEndpoint/{}", h.name))
+            .or_default()
+            .push(h.origin.clone());
+    }
+    for f in &loaded.set.failsafe_profiles {
+        seen.entry(format!("FailsafeProfile/{}", f.name))
+            .or_default()
+            .push(f.origin.clone());
+    }
+    for (resource, origins) in seen.into_iter().filter(|(_, o)| o.len() > 1) {
+        let places: Vec<String> = origins
+            .iter()
+            .map(|o| format!("{} document {}", o.file.display(), o.document + 1))
+            .collect();
+        for origin in &origins {
+            loaded.errors.push(PolicyError {
+                file: origin.file.clone(),
+                resource: resource.clone(),
+                field: "metadata.name".into(),
+                message: format!("defined more than once ({})", places.join(", ")),
+            });
+        }
+        let (kind, name) = resource.split_once('/').unwrap_or(("", ""));
+        match kind {
+            "GlobalNetworkPolicy" => loaded.set.policies.retain(|p| p.name != name),
+            "HostEndpoint" => loaded.set.host_endpoints.retain(|h| h.name != name),
+            _ => loaded.set.failsafe_profiles.retain(|f| f.name != name),
+        }
+    }
+}
+
+fn load_text(file: &Path, text: &str, loaded: &mut Loaded) {
+    let mut index = 0;
+    for document in serde_yaml_ng::Deserializer::from_str(text) {
+        let value = match Value::deserialize(document) {
+            Ok(v) => v,
+            Err(e) => {
+                loaded.errors.push(PolicyError {
+                    file: file.to_path_buf(),
+                    resource: String::new(),
+                    field: String::new(),
+                    message: format!("not valid YAML or JSON: {e}"),
+                });
+                return;
+            }
+        };
+        load_value(file, &mut index, value, loaded);
+    }
+}
+
+fn load_value(file: &Path, index: &mut usize, value: Value, loaded: &mut Loaded) {
+    if value.is_null() {
+        // An empty document (only comments, or `---` at the end).
+        return;
+    }
+    let origin = Origin {
+        file: file.to_path_buf(),
+        document: *index,
+    };
+    *index += 1;
+    let err = |resource: &str, field: &str, message: String| PolicyError {
+        file: file.to_path_buf(),
+        resource: resource.to_string(),
+        field: field.to_string(),
+        message,
+    };
+    let Value::Mapping(map) = &value else {
+        loaded.errors.push(err(
+            "",
+            "",
+            format!("document {} is not a resource (a mapping with apiVersion and kind)", origin.document + 1),
+        ));
+        return;
+    };
+    let get = |k: &str| map.get(Value::String(k.into()));
+    let kind = get("kind").and_then(Value::as_str).unwrap_or_default().to_string();
+    let api = get("apiVersion").and_then(Value::as_str).unwrap_or_default().to_string();
+    if kind == "List" {
+        match get("items") {
+            Some(Value::Sequence(items)) => {
+                *index -= 1;
+                for item in items.clone() {
+                    load_value(file, index, item, loaded);
+                }
+            }
+            _ => loaded.errors.push(err("List", "items", "a List needs a sequence of items".into())),
+        }
+        return;
+    }
+    let metadata = get("metadata").cloned().unwrap_or(Value::Null);
+    let meta: Metadata = match serde_path_to_error::deserialize(metadata) {
+        Ok(m) => m,
+        Err(e) => {
+            loaded.errors.push(err(&kind, &format!("metadata.{}", e.path()), e.inner().to_string()));
+            return;
+        }
+    };
+    let resource = match &meta.namespace {
+        Some(ns) => format!("{kind}/{ns}/{}", meta.name),
+        None => format!("{kind}/{}", meta.name),
+    };
+    if kind.is_empty() || api.is_empty() {
+        loaded.errors.push(err(&resource, if kind.is_empty() { "kind" } else { "apiVersion" }, "missing".into()));
+        return;
+    }
+    for key in map.keys() {
+        let key = key.as_str().unwrap_or_default();
+        if !matches!(key, "apiVersion" | "kind" | "metadata" | "spec" | "status") {
+            loaded.errors.push(err(&resource, key, unknown_field(key, &["apiVersion", "kind", "metadata", "spec"])));
+            return;
+        }
+    }
+    if meta.name.is_empty() {
+        loaded.errors.push(err(&resource, "metadata.name", "missing".into()));
+        return;
+    }
+    if let Err(message) = check_name(&meta.name) {
+        loaded.errors.push(err(&resource, "metadata.name", message));
+        return;
+    }
+    let spec = get("spec").cloned().unwrap_or(Value::Null);
+    let result = match (kind.as_str(), api.as_str()) {
+        ("GlobalNetworkPolicy", a) if CALICO_API_VERSIONS.contains(&a) => {
+            policy(&meta, spec, origin).map(|p| loaded.set.policies.push(p))
+        }
+        ("HostEndpoint", a) if CALICO_API_VERSIONS.contains(&a) => {
+            host_endpoint(&meta, spec, origin).map(|h| loaded.set.host_endpoints.push(h))
+        }
+        ("FelixConfiguration", a) if CALICO_API_VERSIONS.contains(&a) => {
+            felix_configuration(&meta, spec).map(|f| {
+                if let Some(f) = f {
+                    loaded.set.failsafes = Some(f);
+                }
+            })
+        }
+        ("FailsafeProfile", MOAT_API_VERSION) => {
+            failsafe_profile(&meta, spec, origin).map(|f| loaded.set.failsafe_profiles.push(f))
+        }
+        (
+            "NetworkPolicy" | "GlobalNetworkSet" | "NetworkSet" | "Profile" | "Tier"
+            | "StagedNetworkPolicy" | "StagedGlobalNetworkPolicy",
+            a,
+        ) if CALICO_API_VERSIONS.contains(&a) || a == "networking.k8s.io/v1" => Err((
+            String::new(),
+            format!(
+                "{kind} ({api}) is not enforced by this version of moat yet; it is rejected rather than silently ignored"
+            ),
+        )),
+        (k, a) => Err((
+            if CALICO_API_VERSIONS.contains(&a) || a == MOAT_API_VERSION { "kind" } else { "apiVersion" }.into(),
+            format!("unknown resource {a} {k} (moat reads projectcalico.org/v3 or crd.projectcalico.org/v1 GlobalNetworkPolicy, HostEndpoint, FelixConfiguration, and {MOAT_API_VERSION} FailsafeProfile)"),
+        )),
+    };
+    if let Err((field, message)) = result {
+        loaded.errors.push(err(&resource, &field, message));
+    }
+}
+
+/// Kubernetes object names: DNS subdomain (RFC 1123), at most 253 chars.
+fn check_name(name: &str) -> Result<(), String> {
+    let ok = name.len() <= 253
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name.ends_with(|c: char| c.is_ascii_alphanumeric());
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{name:?} is not a valid name (lower-case letters, digits, '-' and '.', starting and ending with a letter or digit); a placeholder left unfilled?"
+        ))
+    }
+}
+
+/// "unknown field `x`", with a suggestion when a known field is close.
+fn unknown_field(field: &str, known: &[&str]) -> String {
+    let mut msg = format!("unknown field `{field}`");
+    if let Some(best) = did_you_mean(field, known) {
+        msg.push_str(&format!(", did you mean `{best}`?"));
+    } else {
+        msg.push_str(&format!(" (expected one of {})", known.join(", ")));
+    }
+    msg
+}
+
+/// The known word closest to `word`, if it is close enough to be a typo.
+pub fn did_you_mean<'a>(word: &str, known: &[&'a str]) -> Option<&'a str> {
+    let lower = word.to_ascii_lowercase();
+    if let Some(same) = known.iter().find(|k| k.to_ascii_lowercase() == lower) {
+        return Some(same);
+    }
+    known
+        .iter()
+        .map(|k| (strsim::levenshtein(&lower, &k.to_ascii_lowercase()), *k))
+        .filter(|(d, k)| *d <= 2.max(k.len() / 4))
+        .min()
+        .map(|(_, k)| k)
+}
+
+/// Turns a serde error into (field path, message), with "did you mean".
+fn spec_error(e: serde_path_to_error::Error<serde_yaml_ng::Error>) -> (String, String) {
+    let path = e.path().to_string();
+    let inner = e.inner().to_string();
+    let message = match parse_unknown_field(&inner) {
+        Some((field, expected)) => {
+            let known: Vec<&str> = expected.iter().map(String::as_str).collect();
+            unknown_field(&field, &known)
+        }
+        None => inner,
+    };
+    let field = if path == "." { "spec".into() } else { format!("spec.{path}") };
+    (field, message)
+}
+
+/// Picks apart serde's "unknown field `x`, expected one of `a`, `b`".
+fn parse_unknown_field(msg: &str) -> Option<(String, Vec<String>)> {
+    let rest = msg.strip_prefix("unknown field `")?;
+    let (field, rest) = rest.split_once('`')?;
+    let expected = rest
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .map(str::to_string)
+        .collect();
+    Some((field.to_string(), expected))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct Metadata {
+    #[serde(default)]
+    name: String,
+    namespace: Option<String>,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+    // Everything else kubectl prints (uid, resourceVersion, annotations,
+    // managedFields, ...) describes the object, not its policy.
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum NumOrString {
+    Num(i64),
+    Str(String),
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawPolicySpec {
+    order: Option<f64>,
+    selector: Option<String>,
+    types: Option<Vec<String>>,
+    ingress: Option<Vec<RawRule>>,
+    egress: Option<Vec<RawRule>>,
+    #[serde(rename = "preDNAT")]
+    pre_dnat: Option<bool>,
+    do_not_track: Option<bool>,
+    apply_on_forward: Option<bool>,
+    tier: Option<String>,
+    namespace_selector: Option<String>,
+    service_account_selector: Option<String>,
+    performance_hints: Option<Vec<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawRule {
+    action: String,
+    protocol: Option<NumOrString>,
+    not_protocol: Option<NumOrString>,
+    icmp: Option<RawIcmp>,
+    #[serde(rename = "notICMP")]
+    not_icmp: Option<RawIcmp>,
+    ip_version: Option<i64>,
+    source: Option<RawEntity>,
+    destination: Option<RawEntity>,
+    http: Option<Value>,
+    // Rule annotations: accepted, they carry no policy.
+    #[serde(rename = "metadata")]
+    _metadata: Option<Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIcmp {
+    #[serde(rename = "type")]
+    icmp_type: Option<i64>,
+    code: Option<i64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawEntity {
+    nets: Option<Vec<String>>,
+    not_nets: Option<Vec<String>>,
+    ports: Option<Vec<NumOrString>>,
+    not_ports: Option<Vec<NumOrString>>,
+    selector: Option<String>,
+    not_selector: Option<String>,
+    namespace_selector: Option<String>,
+    service_accounts: Option<Value>,
+    services: Option<Value>,
+}
+
+type FieldResult<T> = Result<T, (String, String)>;
+
+fn field_err<T>(field: impl Into<String>, message: impl Into<String>) -> FieldResult<T> {
+    Err((field.into(), message.into()))
+}
+
+fn not_yet<T>(field: &str, what: &str) -> FieldResult<T> {
+    field_err(
+        field,
+        format!("{what} is not enforced by this version of moat yet; the policy is rejected rather than enforced without it"),
+    )
+}
+
+fn policy(meta: &Metadata, spec: Value, origin: Origin) -> FieldResult<Policy> {
+    let raw: RawPolicySpec = if spec.is_null() {
+        RawPolicySpec::default()
+    } else {
+        serde_path_to_error::deserialize(spec).map_err(spec_error)?
+    };
+    let pre_dnat = raw.pre_dnat.unwrap_or(false);
+    let do_not_track = raw.do_not_track.unwrap_or(false);
+    let apply_on_forward = raw.apply_on_forward.unwrap_or(false);
+    // Calico's own validation first, so the message is the real one.
+    if pre_dnat && do_not_track {
+        return field_err("spec.preDNAT", "preDNAT and doNotTrack cannot both be true");
+    }
+    if (pre_dnat || do_not_track) && !apply_on_forward {
+        let f = if pre_dnat { "spec.preDNAT" } else { "spec.doNotTrack" };
+        return field_err(f, "preDNAT and doNotTrack policies need applyOnForward: true");
+    }
+    if pre_dnat && raw.egress.as_ref().is_some_and(|e| !e.is_empty()) {
+        return field_err("spec.egress", "a preDNAT policy cannot have egress rules");
+    }
+    let mut ingress_applies = false;
+    let mut egress_applies = false;
+    match &raw.types {
+        Some(types) => {
+            for (i, t) in types.iter().enumerate() {
+                match t.as_str() {
+                    "Ingress" => ingress_applies = true,
+                    "Egress" => egress_applies = true,
+                    other => {
+                        let hint = did_you_mean(other, &["Ingress", "Egress"])
+                            .map(|s| format!(", did you mean {s}?"))
+                            .unwrap_or_default();
+                        return field_err(
+                            format!("spec.types[{i}]"),
+                            format!("{other:?} is not a policy type (Ingress or Egress){hint}"),
+                        );
+                    }
+                }
+            }
+        }
+        None => {
+            // Calico's defaulting: Egress only when there are egress rules,
+            // Ingress when there are ingress rules or no egress rules.
+            let has_in = raw.ingress.as_ref().is_some_and(|r| !r.is_empty());
+            let has_out = raw.egress.as_ref().is_some_and(|r| !r.is_empty());
+            ingress_applies = has_in || !has_out;
+            egress_applies = has_out;
+        }
+    }
+    if pre_dnat && egress_applies {
+        return field_err("spec.types", "a preDNAT policy cannot have the Egress type");
+    }
+    if let Some(order) = raw.order {
+        if !order.is_finite() {
+            return field_err("spec.order", "order must be a finite number");
+        }
+    }
+    let selector_text = raw.selector.unwrap_or_default();
+    let selector = Selector::parse(&selector_text).map_err(|e| ("spec.selector".to_string(), e.to_string()))?;
+    if selector.uses_global() {
+        return field_err("spec.selector", "global() is only valid alone in a rule's namespaceSelector");
+    }
+    let ingress = rules(raw.ingress.unwrap_or_default(), "spec.ingress")?;
+    let egress = rules(raw.egress.unwrap_or_default(), "spec.egress")?;
+    // Valid Calico that this version does not enforce yet.
+    if pre_dnat {
+        return not_yet("spec.preDNAT", "preDNAT policy");
+    }
+    if do_not_track {
+        return not_yet("spec.doNotTrack", "doNotTrack (untracked) policy");
+    }
+    if apply_on_forward {
+        return not_yet("spec.applyOnForward", "applyOnForward (forwarded traffic)");
+    }
+    if let Some(tier) = raw.tier.filter(|t| t != "default") {
+        return not_yet("spec.tier", &format!("tier {tier:?}"));
+    }
+    if raw.namespace_selector.is_some() {
+        return not_yet("spec.namespaceSelector", "a policy namespaceSelector");
+    }
+    if raw.service_account_selector.is_some() {
+        return not_yet("spec.serviceAccountSelector", "serviceAccountSelector");
+    }
+    if let Some(hints) = raw.performance_hints {
+        for (i, h) in hints.iter().enumerate() {
+            if h != "AssumeNeededOnEveryNode" {
+                return field_err(format!("spec.performanceHints[{i}]"), format!("unknown hint {h:?}"));
+            }
+        }
+    }
+    Ok(Policy {
+        name: meta.name.clone(),
+        order: raw.order,
+        selector,
+        ingress_applies,
+        egress_applies,
+        ingress,
+        egress,
+        origin,
+    })
+}
+
+fn rules(raw: Vec<RawRule>, field: &str) -> FieldResult<Vec<Rule>> {
+    raw.into_iter()
+        .enumerate()
+        .map(|(i, r)| rule(r, &format!("{field}[{i}]")))
+        .collect()
+}
+
+/// Protocol names Calico accepts, and their numbers.
+const PROTOCOL_NAMES: [(&str, u8); 6] = [
+    ("TCP", 6),
+    ("UDP", 17),
+    ("ICMP", 1),
+    ("ICMPv6", 58),
+    ("SCTP", 132),
+    ("UDPLite", 136),
+];
+
+fn parse_protocol(raw: &NumOrString, field: &str) -> FieldResult<u8> {
+    match raw {
+        NumOrString::Num(n) if (1..=255).contains(n) => Ok(*n as u8),
+        NumOrString::Num(n) => field_err(field, format!("protocol {n} is out of range 1-255")),
+        NumOrString::Str(s) => {
+            if let Ok(n) = s.parse::<i64>() {
+                return parse_protocol(&NumOrString::Num(n), field);
+            }
+            if let Some((_, n)) = PROTOCOL_NAMES.iter().find(|(name, _)| name.eq_ignore_ascii_case(s)) {
+                return Ok(*n);
+            }
+            let names: Vec<&str> = PROTOCOL_NAMES.iter().map(|(n, _)| *n).collect();
+            let hint = did_you_mean(s, &names).map(|n| format!(", did you mean {n}?")).unwrap_or_default();
+            field_err(field, format!("unknown protocol {s:?} (TCP, UDP, ICMP, ICMPv6, SCTP, UDPLite or 1-255){hint}"))
+        }
+    }
+}
+
+fn icmp(raw: &RawIcmp, field: &str) -> FieldResult<IcmpMatch> {
+    let Some(t) = raw.icmp_type else {
+        if raw.code.is_some() {
+            return field_err(format!("{field}.code"), "an ICMP code needs an ICMP type");
+        }
+        return field_err(format!("{field}.type"), "missing");
+    };
+    if !(0..=254).contains(&t) {
+        return field_err(format!("{field}.type"), format!("ICMP type {t} is out of range 0-254"));
+    }
+    let code = match raw.code {
+        Some(c) if (0..=255).contains(&c) => Some(c as u8),
+        Some(c) => return field_err(format!("{field}.code"), format!("ICMP code {c} is out of range 0-255")),
+        None => None,
+    };
+    Ok(IcmpMatch { icmp_type: t as u8, code })
+}
+
+fn port_range(raw: &NumOrString, field: &str) -> FieldResult<PortRange> {
+    let num = |s: &str| -> FieldResult<u16> {
+        match s.trim().parse::<i64>() {
+            Ok(n) if (0..=65535).contains(&n) => Ok(n as u16),
+            Ok(n) => field_err(field, format!("port {n} is out of range 0-65535")),
+            Err(_) => field_err(field, format!("{s:?} is not a port number")),
+        }
+    };
+    match raw {
+        NumOrString::Num(n) => num(&n.to_string()).map(|p| PortRange { lo: p, hi: p }),
+        NumOrString::Str(s) => match s.split_once(':') {
+            Some((lo, hi)) => {
+                let (lo, hi) = (num(lo)?, num(hi)?);
+                if lo > hi {
+                    return field_err(field, format!("port range {s:?} runs backwards"));
+                }
+                Ok(PortRange { lo, hi })
+            }
+            None if s.trim().parse::<i64>().is_ok() => num(s).map(|p| PortRange { lo: p, hi: p }),
+            None => not_yet(field, &format!("named port {s:?}")),
+        },
+    }
+}
+
+fn entity(raw: Option<RawEntity>, field: &str, ports_allowed: bool, ip_version: Option<u8>) -> FieldResult<EntityMatch> {
+    let raw = raw.unwrap_or_default();
+    let mut nets = Vec::new();
+    for (i, n) in raw.nets.unwrap_or_default().iter().enumerate() {
+        let f = format!("{field}.nets[{i}]");
+        let net = parse_net(n).map_err(|m| (f.clone(), m))?;
+        let v = if net.addr().is_ipv4() { 4 } else { 6 };
+        if ip_version.is_some_and(|want| want != v) {
+            return field_err(f, format!("IPv{v} net {n} in a rule with ipVersion {}", ip_version.unwrap_or(0)));
+        }
+        nets.push(net);
+    }
+    let mut ports = Vec::new();
+    let raw_ports = raw.ports.unwrap_or_default();
+    if !raw_ports.is_empty() && !ports_allowed {
+        return field_err(format!("{field}.ports"), "ports need protocol TCP, UDP or SCTP");
+    }
+    for (i, p) in raw_ports.iter().enumerate() {
+        ports.push(port_range(p, &format!("{field}.ports[{i}]"))?);
+    }
+    if let Some(not_ports) = &raw.not_ports {
+        if !not_ports.is_empty() && !ports_allowed {
+            return field_err(format!("{field}.notPorts"), "notPorts need protocol TCP, UDP or SCTP");
+        }
+    }
+    for (i, n) in raw.not_nets.iter().flatten().enumerate() {
+        parse_net(n).map_err(|m| (format!("{field}.notNets[{i}]"), m))?;
+    }
+    for (name, value) in [
+        ("selector", &raw.selector),
+        ("notSelector", &raw.not_selector),
+        ("namespaceSelector", &raw.namespace_selector),
+    ] {
+        if let Some(text) = value {
+            let sel = Selector::parse(text).map_err(|e| (format!("{field}.{name}"), e.to_string()))?;
+            if sel.uses_global() && (name != "namespaceSelector" || sel != Selector::Global) {
+                return field_err(format!("{field}.{name}"), "global() is only valid alone in a rule's namespaceSelector");
+            }
+        }
+    }
+    if raw.not_nets.as_ref().is_some_and(|n| !n.is_empty()) {
+        return not_yet(&format!("{field}.notNets"), "notNets");
+    }
+    if raw.not_ports.as_ref().is_some_and(|n| !n.is_empty()) {
+        return not_yet(&format!("{field}.notPorts"), "notPorts");
+    }
+    for (name, present) in [
+        ("selector", raw.selector.is_some()),
+        ("notSelector", raw.not_selector.is_some()),
+        ("namespaceSelector", raw.namespace_selector.is_some()),
+        ("serviceAccounts", raw.service_accounts.is_some()),
+        ("services", raw.services.is_some()),
+    ] {
+        if present {
+            return not_yet(&format!("{field}.{name}"), &format!("a rule {name}"));
+        }
+    }
+    Ok(EntityMatch { nets, ports })
+}
+
+/// A CIDR, or a bare address meaning a single host.
+pub fn parse_net(text: &str) -> Result<IpNet, String> {
+    if let Ok(net) = text.parse::<IpNet>() {
+        return Ok(net.trunc());
+    }
+    if let Ok(addr) = text.parse::<std::net::IpAddr>() {
+        return Ok(IpNet::from(addr));
+    }
+    Err(format!("{text:?} is not a CIDR"))
+}
+
+fn rule(raw: RawRule, field: &str) -> FieldResult<Rule> {
+    let action = match raw.action.as_str() {
+        "Allow" => Action::Allow,
+        "Deny" => Action::Deny,
+        "Log" => Action::Log,
+        "Pass" => Action::Pass,
+        other => {
+            let hint = did_you_mean(other, &["Allow", "Deny", "Log", "Pass"])
+                .map(|s| format!(", did you mean {s}?"))
+                .unwrap_or_default();
+            return field_err(format!("{field}.action"), format!("unknown action {other:?} (Allow, Deny, Log or Pass){hint}"));
+        }
+    };
+    let protocol = raw.protocol.as_ref().map(|p| parse_protocol(p, &format!("{field}.protocol"))).transpose()?;
+    let not_protocol = raw.not_protocol.as_ref().map(|p| parse_protocol(p, &format!("{field}.notProtocol"))).transpose()?;
+    let ip_version = match raw.ip_version {
+        None => None,
+        Some(v @ (4 | 6)) => Some(v as u8),
+        Some(v) => return field_err(format!("{field}.ipVersion"), format!("ipVersion {v} is neither 4 nor 6")),
+    };
+    let icmp_proto = matches!(protocol, Some(1 | 58));
+    let icmp_m = raw.icmp.as_ref().map(|i| icmp(i, &format!("{field}.icmp"))).transpose()?;
+    let not_icmp = raw.not_icmp.as_ref().map(|i| icmp(i, &format!("{field}.notICMP"))).transpose()?;
+    if (icmp_m.is_some() || not_icmp.is_some()) && !icmp_proto {
+        let f = if icmp_m.is_some() { "icmp" } else { "notICMP" };
+        return field_err(format!("{field}.{f}"), "ICMP fields need protocol ICMP or ICMPv6");
+    }
+    match (protocol, ip_version) {
+        (Some(1), Some(6)) => return field_err(format!("{field}.protocol"), "protocol ICMP with ipVersion 6 (use ICMPv6)"),
+        (Some(58), Some(4)) => return field_err(format!("{field}.protocol"), "protocol ICMPv6 with ipVersion 4 (use ICMP)"),
+        _ => {}
+    }
+    let ports_allowed = matches!(protocol, Some(6 | 17 | 132));
+    let source = entity(raw.source, &format!("{field}.source"), ports_allowed, ip_version)?;
+    let destination = entity(raw.destination, &format!("{field}.destination"), ports_allowed, ip_version)?;
+    if raw.http.is_some() {
+        return not_yet(&format!("{field}.http"), "an HTTP match (it needs an application layer proxy)");
+    }
+    Ok(Rule {
+        action,
+        protocol,
+        not_protocol,
+        icmp: icmp_m,
+        not_icmp,
+        ip_version,
+        source,
+        destination,
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawHostEndpointSpec {
+    node: Option<String>,
+    interface_name: Option<String>,
+    #[serde(rename = "expectedIPs")]
+    expected_ips: Option<Vec<String>>,
+    profiles: Option<Vec<String>>,
+    ports: Option<Vec<Value>>,
+}
+
+fn host_endpoint(meta: &Metadata, spec: Value, origin: Origin) -> FieldResult<HostEndpoint> {
+    let raw: RawHostEndpointSpec = serde_path_to_error::deserialize(spec).map_err(spec_error)?;
+    let Some(node) = raw.node.filter(|n| !n.is_empty()) else {
+        return field_err("spec.node", "missing: the node this interface belongs to");
+    };
+    let mut expected_ips = Vec::new();
+    for (i, ip) in raw.expected_ips.iter().flatten().enumerate() {
+        expected_ips.push(
+            ip.parse()
+                .map_err(|_| (format!("spec.expectedIPs[{i}]"), format!("{ip:?} is not an IP address")))?,
+        );
+    }
+    let Some(interface_name) = raw.interface_name.filter(|n| !n.is_empty()) else {
+        return not_yet("spec.interfaceName", "a HostEndpoint without interfaceName (matched by expectedIPs)");
+    };
+    if interface_name == "*" {
+        return not_yet("spec.interfaceName", "interfaceName \"*\" (all interfaces)");
+    }
+    let mut default_allow = false;
+    for (i, p) in raw.profiles.iter().flatten().enumerate() {
+        if p == DEFAULT_ALLOW_PROFILE {
+            default_allow = true;
+        } else {
+            return not_yet(&format!("spec.profiles[{i}]"), &format!("profile {p:?} (only {DEFAULT_ALLOW_PROFILE} is known)"));
+        }
+    }
+    if raw.ports.as_ref().is_some_and(|p| !p.is_empty()) {
+        return not_yet("spec.ports", "named host endpoint ports");
+    }
+    Ok(HostEndpoint {
+        name: meta.name.clone(),
+        labels: meta.labels.clone(),
+        node,
+        interface_name,
+        expected_ips,
+        default_allow,
+        origin,
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFailsafePort {
+    protocol: Option<String>,
+    port: i64,
+    net: Option<String>,
+}
+
+fn failsafe_ports(raw: &[RawFailsafePort], field: &str) -> FieldResult<Vec<FailsafePort>> {
+    raw.iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let f = format!("{field}[{i}]");
+            let protocol = match p.protocol.as_deref().map(str::to_ascii_lowercase).as_deref() {
+                None | Some("tcp") => 6,
+                Some("udp") => 17,
+                Some("sctp") => 132,
+                Some(other) => return field_err(format!("{f}.protocol"), format!("{other:?} is not tcp, udp or sctp")),
+            };
+            if !(0..=65535).contains(&p.port) {
+                return field_err(format!("{f}.port"), format!("port {} is out of range 0-65535", p.port));
+            }
+            let net = p.net.as_deref().map(parse_net).transpose().map_err(|m| (format!("{f}.net"), m))?;
+            Ok(FailsafePort { protocol, port: p.port as u16, net })
+        })
+        .collect()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawFelixSpec {
+    failsafe_inbound_host_ports: Option<Vec<RawFailsafePort>>,
+    failsafe_outbound_host_ports: Option<Vec<RawFailsafePort>>,
+}
+
+fn felix_configuration(meta: &Metadata, spec: Value) -> FieldResult<Option<Failsafes>> {
+    let raw: RawFelixSpec = serde_path_to_error::deserialize(spec).map_err(|e| {
+        let (field, message) = spec_error(e);
+        (field, format!("{message} (moat reads only the failsafe port fields of FelixConfiguration)"))
+    })?;
+    if meta.name != "default" {
+        return not_yet("metadata.name", "a per-node FelixConfiguration (only `default` is read)");
+    }
+    let defaults = Failsafes::calico_defaults();
+    Ok(Some(Failsafes {
+        inbound: match &raw.failsafe_inbound_host_ports {
+            Some(p) => failsafe_ports(p, "spec.failsafeInboundHostPorts")?,
+            None => defaults.inbound,
+        },
+        outbound: match &raw.failsafe_outbound_host_ports {
+            Some(p) => failsafe_ports(p, "spec.failsafeOutboundHostPorts")?,
+            None => defaults.outbound,
+        },
+    }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFailsafeProfileSpec {
+    selector: String,
+    inbound: Vec<RawFailsafePort>,
+    outbound: Vec<RawFailsafePort>,
+}
+
+fn failsafe_profile(meta: &Metadata, spec: Value, origin: Origin) -> FieldResult<FailsafeProfile> {
+    let raw: RawFailsafeProfileSpec = serde_path_to_error::deserialize(spec).map_err(spec_error)?;
+    let selector = Selector::parse(&raw.selector).map_err(|e| ("spec.selector".to_string(), e.to_string()))?;
+    Ok(FailsafeProfile {
+        name: meta.name.clone(),
+        selector,
+        failsafes: Failsafes {
+            inbound: failsafe_ports(&raw.inbound, "spec.inbound")?,
+            outbound: failsafe_ports(&raw.outbound, "spec.outbound")?,
+        },
+        origin,
+    })
+}

@@ -1,0 +1,398 @@
+//! Everything that crosses the kernel boundary, defined once.
+//!
+//! The eBPF programs (`moat-ebpf`) and the agent (`moat-agent`) both build on
+//! these types; the agent converts the raw `u8`/`u32` fields into its own
+//! enums with `TryFrom`, never by transmuting. Every struct is `#[repr(C)]`
+//! with explicit padding and a size assertion beside it, because the kernel
+//! and userspace must agree on the layout byte for byte.
+#![no_std]
+
+use core::mem::size_of;
+
+/// Names of the maps in the eBPF object (the kernel keeps 15 characters).
+///
+/// A name carries a version suffix whenever the layout of its key or value
+/// changes, so a newer agent never reads an older pinned map by mistake.
+pub mod map_names {
+    /// `HashMap<u32 ifindex, IfaceConfig>`: which interfaces are enforced and
+    /// where their rule tables start. Written by the agent.
+    pub const IFACES: &str = "MOAT_IFACES_V1";
+    /// `Array<RuleEntry>`: every compiled rule of every table, two banks.
+    /// Written by the agent.
+    pub const RULES: &str = "MOAT_RULES_V1";
+    /// `LruHashMap<FlowKey, FlowState>`: connections allowed so far, in both
+    /// orientations. Written by the programs, read by both sides.
+    pub const CONNTRACK: &str = "MOAT_CT_V1";
+    /// `LruHashMap<FragKey, FragmentL4>`: L4 fields of first fragments, so
+    /// that later fragments of the same datagram are judged on them.
+    pub const FRAGMENTS: &str = "MOAT_FRAGS_V1";
+    /// `RingBuf` of `DenyEvent`: every deny and every Log rule hit.
+    pub const EVENTS: &str = "MOAT_EVENTS";
+    /// `PerCpuArray<u64>` indexed by `counter::index(direction, counter)`.
+    pub const COUNTERS: &str = "MOAT_COUNTERS";
+}
+
+/// Names of the programs in the eBPF object.
+pub mod program_names {
+    /// XDP program judging everything that arrives on an enforced interface.
+    pub const INGRESS: &str = "moat_ingress";
+    /// TC (clsact egress) program judging everything that leaves it.
+    pub const EGRESS: &str = "moat_egress";
+}
+
+/// Number of `RuleEntry` slots in each of the two banks of `RULES`.
+pub const RULE_BANK_SIZE: u32 = 8192;
+/// Capacity of the `RULES` array: two banks, one in force while the agent
+/// writes the other, then switched by rewriting `IfaceConfig` entries.
+pub const MAX_RULES: u32 = 2 * RULE_BANK_SIZE;
+/// Most rules one table (one interface, one direction, one kind) may hold;
+/// it bounds the loop the verifier unrolls.
+pub const MAX_TABLE_RULES: u32 = 512;
+/// Capacity of `IFACES`.
+pub const MAX_IFACES: u32 = 64;
+/// Capacity of `CONNTRACK` (LRU: the least recently used flow is evicted).
+pub const MAX_FLOWS: u32 = 65536;
+/// Capacity of `FRAGMENTS`.
+pub const MAX_FRAGMENTS: u32 = 4096;
+/// Size of the `EVENTS` ring buffer in bytes (a power of two, page multiple).
+pub const EVENTS_BYTES: u32 = 1 << 20;
+/// IPv6 extension headers walked before a packet is judged unparsable.
+pub const MAX_IPV6_EXT_HEADERS: u32 = 6;
+
+/// Packet direction relative to the host interface.
+pub mod direction {
+    pub const INGRESS: u8 = 0;
+    pub const EGRESS: u8 = 1;
+    pub const COUNT: usize = 2;
+}
+
+/// What a rule does when it matches, and what the program decided.
+pub mod verdict {
+    /// No decision yet: go on to the next stage.
+    pub const NONE: u8 = 0;
+    /// Accept the packet (and, in the normal stage, track its connection).
+    pub const ALLOW: u8 = 1;
+    /// Drop the packet.
+    pub const DENY: u8 = 2;
+    /// Report the packet and go on with the next rule.
+    pub const LOG: u8 = 3;
+    /// Skip the remaining policies and hand the packet to the profiles.
+    pub const PASS: u8 = 4;
+}
+
+/// Why a packet was denied (or, for `LOG`, why it was reported).
+pub mod reason {
+    /// A `Deny` rule matched; `policy_id`/`rule_index` name it.
+    pub const RULE: u8 = 1;
+    /// Policies applied in this direction and none of them decided.
+    pub const END_OF_POLICIES: u8 = 2;
+    /// No policy applied (or a rule said `Pass`) and no profile allows.
+    pub const NO_PROFILE: u8 = 3;
+    /// An IP packet too short or malformed to judge.
+    pub const UNPARSABLE: u8 = 4;
+    /// Connection tracking finds the packet invalid (an unsolicited reply).
+    pub const CONNTRACK_INVALID: u8 = 5;
+    /// A non-first fragment whose first fragment was not seen.
+    pub const FRAGMENT_UNKNOWN: u8 = 6;
+    /// A `Log` rule matched (the packet goes on to the next rule).
+    pub const LOG_RULE: u8 = 7;
+    /// A TCP packet with a flag combination Linux conntrack calls invalid.
+    pub const TCP_FLAGS_INVALID: u8 = 8;
+}
+
+/// `policy_id` of an event decided by no rule (default deny, parse error).
+pub const NO_POLICY_ID: u32 = u32::MAX;
+/// `rule_index` of an event decided by no rule.
+pub const NO_RULE_INDEX: u32 = u32::MAX;
+
+/// Per-CPU counters; the `COUNTERS` index is `direction * COUNT + counter`.
+pub mod counter {
+    pub const NON_IP_PASSED: u32 = 0;
+    pub const UNENFORCED_PASSED: u32 = 1;
+    pub const FAILSAFE_ALLOWED: u32 = 2;
+    pub const CONNTRACK_ALLOWED: u32 = 3;
+    pub const POLICY_ALLOWED: u32 = 4;
+    pub const PROFILE_ALLOWED: u32 = 5;
+    pub const RULE_DENIED: u32 = 6;
+    pub const END_OF_POLICIES_DENIED: u32 = 7;
+    pub const NO_PROFILE_DENIED: u32 = 8;
+    pub const UNPARSABLE_DENIED: u32 = 9;
+    pub const CONNTRACK_INVALID_DENIED: u32 = 10;
+    pub const FRAGMENT_DENIED: u32 = 11;
+    pub const LOG_RULE_HITS: u32 = 12;
+    pub const EVENTS_EMITTED: u32 = 13;
+    pub const EVENTS_LOST: u32 = 14;
+    pub const RELATED_ALLOWED: u32 = 15;
+    /// Number of counters per direction.
+    pub const COUNT: u32 = 16;
+    /// Total entries of the `COUNTERS` array.
+    pub const ENTRIES: u32 = COUNT * super::direction::COUNT as u32;
+
+    /// Index into `COUNTERS` of `counter` for `direction`.
+    #[inline(always)]
+    pub const fn index(direction: u8, counter: u32) -> u32 {
+        direction as u32 * COUNT + counter
+    }
+
+    /// Stable names of the counters, in index order (for metrics and tests).
+    pub const NAMES: [&str; COUNT as usize] = [
+        "non_ip_passed",
+        "unenforced_passed",
+        "failsafe_allowed",
+        "conntrack_allowed",
+        "policy_allowed",
+        "profile_allowed",
+        "rule_denied",
+        "end_of_policies_denied",
+        "no_profile_denied",
+        "unparsable_denied",
+        "conntrack_invalid_denied",
+        "fragment_denied",
+        "log_rule_hits",
+        "events_emitted",
+        "events_lost",
+        "related_allowed",
+    ];
+}
+
+/// Bits of `RuleEntry::match_flags`: which fields a rule constrains.
+pub mod rule_match {
+    /// `protocol` must equal the packet's protocol.
+    pub const PROTOCOL: u16 = 1 << 0;
+    /// `protocol` must differ from the packet's protocol (`notProtocol`).
+    pub const NOT_PROTOCOL: u16 = 1 << 1;
+    /// Source address must be inside `src_net`/`src_mask`.
+    pub const SRC_NET: u16 = 1 << 2;
+    /// Destination address must be inside `dst_net`/`dst_mask`.
+    pub const DST_NET: u16 = 1 << 3;
+    /// Source port must be within `src_port_lo..=src_port_hi`.
+    pub const SRC_PORTS: u16 = 1 << 4;
+    /// Destination port must be within `dst_port_lo..=dst_port_hi`.
+    pub const DST_PORTS: u16 = 1 << 5;
+    /// ICMP type must equal `icmp_type`.
+    pub const ICMP_TYPE: u16 = 1 << 6;
+    /// ICMP code must equal `icmp_code` (only with `ICMP_TYPE`).
+    pub const ICMP_CODE: u16 = 1 << 7;
+    /// The packet must not have ICMP type `icmp_type` (and, with
+    /// `NOT_ICMP_CODE`, code `icmp_code`): `notICMP`.
+    pub const NOT_ICMP_TYPE: u16 = 1 << 8;
+    pub const NOT_ICMP_CODE: u16 = 1 << 9;
+    /// IP version must equal `ip_version`.
+    pub const IP_VERSION: u16 = 1 << 10;
+}
+
+/// Position of a table in `IfaceConfig::tables`.
+pub mod table {
+    /// Failsafe rules: evaluated first, `ALLOW` only.
+    pub const FAILSAFE: usize = 0;
+    /// Normal-stage policy rules, in policy order then rule order.
+    pub const POLICY: usize = 1;
+    pub const KINDS: usize = 2;
+
+    /// Index of the table of `kind` for `direction`.
+    #[inline(always)]
+    pub const fn index(direction: u8, kind: usize) -> usize {
+        direction as usize * KINDS + kind
+    }
+}
+
+/// A contiguous run of `RuleEntry` slots in `RULES`, walked in order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RuleTable {
+    /// First slot in `RULES`.
+    pub start: u32,
+    /// Number of entries (at most `MAX_TABLE_RULES`).
+    pub len: u16,
+    /// Verdict when the walk ends with no rule deciding: `ALLOW`, `DENY`, or
+    /// `verdict::NONE` to go on (failsafe tables).
+    pub end_verdict: u8,
+    /// `reason` reported when `end_verdict` is `DENY`.
+    pub end_reason: u8,
+    /// Verdict after a `PASS` rule: what the endpoint's profiles decide.
+    pub pass_verdict: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(size_of::<RuleTable>() == 12);
+
+/// `IfaceConfig::flags`: the interface is a host endpoint moat enforces.
+pub const IFACE_ENFORCED: u32 = 1;
+
+/// Value of `IFACES`: how one interface is enforced.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IfaceConfig {
+    /// Indexed by `table::index(direction, kind)`.
+    pub tables: [RuleTable; direction::COUNT * table::KINDS],
+    /// `IFACE_ENFORCED` or 0.
+    pub flags: u32,
+    /// Policy generation these tables were compiled from.
+    pub generation: u32,
+}
+const _: () = assert!(size_of::<IfaceConfig>() == 56);
+
+/// One compiled rule. Addresses are 16 bytes: IPv4 as `::ffff:a.b.c.d`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RuleEntry {
+    pub src_net: [u8; 16],
+    pub src_mask: [u8; 16],
+    pub dst_net: [u8; 16],
+    pub dst_mask: [u8; 16],
+    pub src_port_lo: u16,
+    pub src_port_hi: u16,
+    pub dst_port_lo: u16,
+    pub dst_port_hi: u16,
+    /// Which policy this entry came from (an index the agent resolves).
+    pub policy_id: u32,
+    /// Index of the rule inside the policy's ingress or egress list.
+    pub rule_index: u32,
+    /// A `verdict` constant.
+    pub action: u8,
+    /// IP protocol number for `PROTOCOL` / `NOT_PROTOCOL`.
+    pub protocol: u8,
+    pub icmp_type: u8,
+    pub icmp_code: u8,
+    /// `rule_match` bits.
+    pub match_flags: u16,
+    /// 4 or 6, with `IP_VERSION`.
+    pub ip_version: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(size_of::<RuleEntry>() == 88);
+
+/// Key of `CONNTRACK`: one orientation of a flow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    /// For ICMP echo both ports hold the echo identifier.
+    pub sport: u16,
+    pub dport: u16,
+    pub protocol: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(size_of::<FlowKey>() == 40);
+
+/// `FlowState::flags`: a FIN or RST was seen, the flow expires soon.
+pub const FLOW_CLOSING: u32 = 1;
+
+/// Value of `CONNTRACK`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowState {
+    /// `bpf_ktime_get_ns` of the last packet seen (refreshed at most once a
+    /// second to keep writes off the fast path).
+    pub last_seen_ns: u64,
+    pub flags: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<FlowState>() == 16);
+
+/// Idle timeouts of tracked flows, in nanoseconds.
+pub mod flow_timeout {
+    const SEC: u64 = 1_000_000_000;
+    /// An established TCP connection (Linux: 5 days).
+    pub const TCP_ESTABLISHED: u64 = 432_000 * SEC;
+    /// A TCP connection after FIN or RST (Linux TIME_WAIT: 120 s).
+    pub const TCP_CLOSING: u64 = 120 * SEC;
+    /// UDP and every other protocol (Linux UDP stream: 120 s).
+    pub const UDP: u64 = 120 * SEC;
+    /// ICMP echo (Linux: 30 s).
+    pub const ICMP: u64 = 30 * SEC;
+    /// Refresh `last_seen_ns` only when it is older than this.
+    pub const REFRESH: u64 = SEC;
+}
+
+/// Key of `FRAGMENTS`: one IP datagram.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragKey {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub id: u32,
+    pub protocol: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(size_of::<FragKey>() == 40);
+
+/// Value of `FRAGMENTS`: the L4 header fields the first fragment carried,
+/// with which the later fragments of its datagram are judged.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FragmentL4 {
+    pub sport: u16,
+    pub dport: u16,
+    pub icmp_type: u8,
+    pub icmp_code: u8,
+    pub tcp_flags: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(size_of::<FragmentL4>() == 8);
+
+/// One record of the `EVENTS` ring buffer: a denied packet or a Log hit.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DenyEvent {
+    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) when the packet was judged.
+    pub timestamp_ns: u64,
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub policy_id: u32,
+    pub rule_index: u32,
+    pub ifindex: u32,
+    pub generation: u32,
+    /// Length of the packet as the program saw it, link layer included.
+    pub packet_len: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub direction: u8,
+    /// `verdict::DENY` or `verdict::LOG`.
+    pub verdict: u8,
+    /// A `reason` constant.
+    pub reason: u8,
+    pub protocol: u8,
+    /// 4 or 6; 0 when the packet was too short to tell.
+    pub ip_version: u8,
+    pub icmp_type: u8,
+    pub icmp_code: u8,
+    pub tcp_flags: u8,
+}
+const _: () = assert!(size_of::<DenyEvent>() == 72);
+
+/// IP protocol numbers the programs look inside.
+pub mod ip_proto {
+    pub const ICMP: u8 = 1;
+    pub const TCP: u8 = 6;
+    pub const UDP: u8 = 17;
+    pub const ICMPV6: u8 = 58;
+    pub const SCTP: u8 = 132;
+    pub const UDPLITE: u8 = 136;
+}
+
+/// Whether packets of `protocol` carry ports where TCP and UDP do.
+#[inline(always)]
+pub const fn has_ports(protocol: u8) -> bool {
+    matches!(
+        protocol,
+        ip_proto::TCP | ip_proto::UDP | ip_proto::SCTP | ip_proto::UDPLITE
+    )
+}
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+
+    // SAFETY: each type is #[repr(C)], made of integers and integer arrays,
+    // with every padding byte spelled out as a field (checked by the size
+    // assertions above), so any bit pattern is a valid value.
+    unsafe impl aya::Pod for RuleTable {}
+    unsafe impl aya::Pod for IfaceConfig {}
+    unsafe impl aya::Pod for RuleEntry {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for FlowState {}
+    unsafe impl aya::Pod for FragKey {}
+    unsafe impl aya::Pod for FragmentL4 {}
+    unsafe impl aya::Pod for DenyEvent {}
+}

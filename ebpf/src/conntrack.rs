@@ -1,0 +1,269 @@
+//! Connection tracking of our own, modelled on Linux nf_conntrack.
+//!
+//! An allowed packet of a new flow inserts both orientations of its 5-tuple;
+//! a later packet that finds its orientation is ESTABLISHED and skips policy.
+//! ICMP errors are RELATED when the packet they quote is tracked. What Linux
+//! calls INVALID (an unsolicited reply, an ICMP error about nothing, a TCP
+//! flag combination no stack sends) is reported to the caller.
+
+use aya_ebpf::helpers::bpf_ktime_get_ns;
+use moat_common::{flow_timeout, ip_proto, FlowKey, FlowState, FLOW_CLOSING};
+
+use crate::{
+    maps::CONNTRACK,
+    packet::{load, v4_mapped, Packet},
+};
+
+const TCP_FIN: u8 = 0x01;
+const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
+const TCP_PSH: u8 = 0x08;
+const TCP_ACK: u8 = 0x10;
+const TCP_URG: u8 = 0x20;
+
+/// How connection tracking sees an ICMP message.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum IcmpClass {
+    /// A request that may open a flow (echo, timestamp, info, mask).
+    Query,
+    /// A reply: valid only for a tracked request.
+    Reply,
+    /// An error quoting another packet: RELATED to it, or INVALID.
+    Error,
+    /// Neighbour discovery and MLD: Linux leaves them untracked.
+    Untracked,
+    /// Anything else: Linux refuses to track it, so it is INVALID.
+    Invalid,
+}
+
+/// Class of ICMP (v4) or ICMPv6 (v6) message `icmp_type`.
+#[inline(always)]
+pub fn icmp_class(ip_version: u8, icmp_type: u8) -> IcmpClass {
+    if ip_version == 4 {
+        match icmp_type {
+            8 | 13 | 15 | 17 => IcmpClass::Query,
+            0 | 14 | 16 | 18 => IcmpClass::Reply,
+            3 | 4 | 5 | 11 | 12 => IcmpClass::Error,
+            _ => IcmpClass::Invalid,
+        }
+    } else {
+        match icmp_type {
+            128 | 139 => IcmpClass::Query,
+            129 | 140 => IcmpClass::Reply,
+            1..=4 => IcmpClass::Error,
+            130..=137 | 143 => IcmpClass::Untracked,
+            _ => IcmpClass::Invalid,
+        }
+    }
+}
+
+/// Whether `icmp_type` carries an identifier that names its flow.
+#[inline(always)]
+pub fn icmp_is_query(ip_version: u8, icmp_type: u8) -> bool {
+    matches!(
+        icmp_class(ip_version, icmp_type),
+        IcmpClass::Query | IcmpClass::Reply
+    )
+}
+
+/// The request type a query or reply belongs to, so both share a flow key.
+#[inline(always)]
+fn icmp_query_kind(ip_version: u8, icmp_type: u8) -> u16 {
+    let request = match (ip_version, icmp_type) {
+        (4, 0) => 8,
+        (4, 14) => 13,
+        (4, 16) => 15,
+        (4, 18) => 17,
+        (6, 129) => 128,
+        (6, 140) => 139,
+        _ => icmp_type,
+    };
+    request as u16
+}
+
+/// Whether Linux conntrack accepts this TCP flag combination (tcp_valid_flags,
+/// with PSH, ECE and CWR ignored as it does).
+#[inline(always)]
+pub fn tcp_flags_valid(flags: u8) -> bool {
+    let f = flags & !(TCP_PSH | 0xc0);
+    f == TCP_SYN
+        || f == TCP_SYN | TCP_URG
+        || f == TCP_SYN | TCP_ACK
+        || f == TCP_RST
+        || f == TCP_RST | TCP_ACK
+        || f == TCP_FIN | TCP_ACK
+        || f == TCP_FIN | TCP_ACK | TCP_URG
+        || f == TCP_ACK
+        || f == TCP_ACK | TCP_URG
+}
+
+#[inline(always)]
+fn is_icmp(pkt: &Packet) -> bool {
+    (pkt.protocol == ip_proto::ICMP && pkt.ip_version == 4)
+        || (pkt.protocol == ip_proto::ICMPV6 && pkt.ip_version == 6)
+}
+
+/// The key under which `pkt`'s own orientation is tracked.
+#[inline(always)]
+pub fn flow_key(pkt: &Packet) -> FlowKey {
+    let (sport, dport) = if is_icmp(pkt) {
+        (pkt.sport, icmp_query_kind(pkt.ip_version, pkt.icmp_type))
+    } else {
+        (pkt.sport, pkt.dport)
+    };
+    FlowKey {
+        // SAFETY: [u32; 4] and [u8; 16] have the same size and any bit
+        // pattern is valid for both.
+        src: unsafe { core::mem::transmute::<[u32; 4], [u8; 16]>(pkt.src) },
+        dst: unsafe { core::mem::transmute::<[u32; 4], [u8; 16]>(pkt.dst) },
+        sport,
+        dport,
+        protocol: pkt.protocol,
+        _pad: [0; 3],
+    }
+}
+
+/// The key of the opposite orientation of the flow `key` names.
+#[inline(always)]
+fn reverse(key: &FlowKey, icmp: bool) -> FlowKey {
+    let (sport, dport) = if icmp {
+        (key.sport, key.dport)
+    } else {
+        (key.dport, key.sport)
+    };
+    FlowKey {
+        src: key.dst,
+        dst: key.src,
+        sport,
+        dport,
+        protocol: key.protocol,
+        _pad: [0; 3],
+    }
+}
+
+#[inline(always)]
+fn timeout(protocol: u8, flags: u32) -> u64 {
+    if protocol == ip_proto::TCP {
+        if flags & FLOW_CLOSING != 0 {
+            flow_timeout::TCP_CLOSING
+        } else {
+            flow_timeout::TCP_ESTABLISHED
+        }
+    } else if protocol == ip_proto::ICMP || protocol == ip_proto::ICMPV6 {
+        flow_timeout::ICMP
+    } else {
+        flow_timeout::UDP
+    }
+}
+
+/// Whether `key` names a live tracked flow; refreshes it when found.
+#[inline(always)]
+fn lookup(key: &FlowKey, tcp_flags: u8) -> bool {
+    let Some(state) = CONNTRACK.get_ptr_mut(key) else {
+        return false;
+    };
+    // SAFETY: `get_ptr_mut` returned a valid pointer to the map value; a
+    // racing writer can at worst make the timestamp slightly stale.
+    let state = unsafe { &mut *state };
+    let now = unsafe { bpf_ktime_get_ns() };
+    let age = now.saturating_sub(state.last_seen_ns);
+    if age > timeout(key.protocol, state.flags) {
+        let _ = CONNTRACK.remove(key);
+        return false;
+    }
+    if key.protocol == ip_proto::TCP && tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+        state.flags |= FLOW_CLOSING;
+        state.last_seen_ns = now;
+    } else if age > flow_timeout::REFRESH {
+        state.last_seen_ns = now;
+    }
+    true
+}
+
+/// Whether `pkt` belongs to a tracked flow (ESTABLISHED).
+#[inline(always)]
+pub fn established(pkt: &Packet) -> bool {
+    lookup(&flow_key(pkt), pkt.tcp_flags)
+}
+
+/// Starts tracking the flow `pkt` opens, in both orientations.
+#[inline(always)]
+pub fn track(pkt: &Packet) {
+    if is_icmp(pkt) && icmp_class(pkt.ip_version, pkt.icmp_type) != IcmpClass::Query {
+        return;
+    }
+    let key = flow_key(pkt);
+    let state = FlowState {
+        last_seen_ns: unsafe { bpf_ktime_get_ns() },
+        flags: 0,
+        _pad: 0,
+    };
+    // A full LRU map evicts the least recently used flow, never fails open;
+    // an insert error leaves the flow untracked and its next packet judged.
+    let _ = CONNTRACK.insert(&key, &state, 0);
+    let _ = CONNTRACK.insert(&reverse(&key, is_icmp(pkt)), &state, 0);
+}
+
+/// Whether the ICMP error `pkt` quotes a packet of a tracked flow (RELATED).
+///
+/// Verifier note: kept out of line. Inlined, LLVM shared stack slots
+/// between its IPv4 and IPv6 branches and the caller's spilled map pointer,
+/// and the verifier, following a path LLVM knows to be impossible, refused
+/// the program ("invalid size of register spill").
+#[inline(never)]
+pub fn related(data: usize, data_end: usize, pkt: &Packet) -> bool {
+    // The parser keeps l4_offset <= 512, so the mask changes nothing; it
+    // lets the verifier bound the packet pointer (it refuses variable
+    // offsets that may pass 0xffff, and LLVM drops a plain comparison).
+    let inner_off = (pkt.l4_offset as usize & 0x3ff) + 8;
+    let mut inner = Packet::empty();
+    inner.ip_version = pkt.ip_version;
+    let inner_l4;
+    if pkt.ip_version == 4 {
+        let Some(hdr) = load::<[u8; 20]>(data, data_end, inner_off) else {
+            return false;
+        };
+        if hdr[0] >> 4 != 4 || hdr[0] & 0x0f < 5 {
+            return false;
+        }
+        inner.src = v4_mapped([hdr[12], hdr[13], hdr[14], hdr[15]]);
+        inner.dst = v4_mapped([hdr[16], hdr[17], hdr[18], hdr[19]]);
+        inner.protocol = hdr[9];
+        inner_l4 = inner_off + ((hdr[0] & 0x0f) as usize) * 4;
+    } else {
+        let Some(hdr) = load::<[u8; 8]>(data, data_end, inner_off) else {
+            return false;
+        };
+        let (Some(src), Some(dst)) = (
+            load::<[u32; 4]>(data, data_end, inner_off + 8),
+            load::<[u32; 4]>(data, data_end, inner_off + 24),
+        ) else {
+            return false;
+        };
+        if hdr[0] >> 4 != 6 {
+            return false;
+        }
+        inner.src = src;
+        inner.dst = dst;
+        inner.protocol = hdr[6];
+        inner_l4 = inner_off + 40;
+    }
+    // An error quoting a packet whose L4 header it cut off relates to nothing.
+    if inner_l4 > 512 {
+        return false;
+    }
+    let Some(l4) = load::<[u8; 8]>(data, data_end, inner_l4) else {
+        return false;
+    };
+    if is_icmp(&inner) {
+        inner.icmp_type = l4[0];
+        if !icmp_is_query(inner.ip_version, l4[0]) {
+            return false;
+        }
+        inner.sport = u16::from_be_bytes([l4[4], l4[5]]);
+    } else if moat_common::has_ports(inner.protocol) {
+        inner.sport = u16::from_be_bytes([l4[0], l4[1]]);
+        inner.dport = u16::from_be_bytes([l4[2], l4[3]]);
+    }
+    lookup(&flow_key(&inner), 0)
+}

@@ -1,0 +1,428 @@
+//! The verdict pipeline shared by the XDP ingress and TC egress programs.
+//!
+//! Order (SEMANTICS.md, "How a packet is judged"): non-IP passes; unparsable
+//! IP is denied; unenforced interfaces pass; later fragments take the L4
+//! fields of their first fragment; conntrack: ESTABLISHED and RELATED pass,
+//! INVALID is denied; failsafe rules; then the policy table, whose end and
+//! `Pass` verdicts were compiled in by the agent. Every path returns `ALLOW`
+//! or `DENY`; there is no error path that lets a packet through by accident.
+//!
+//! Everything about the packet in judgement lives in one per-CPU `Walk`
+//! (map `SCRATCH`), not on the stack: the program and the global function
+//! `moat_walk` together must fit the verifier's 512-byte combined stack.
+
+use aya_ebpf::helpers::bpf_ktime_get_ns;
+use moat_common::{
+    counter, reason, rule_match, table, verdict, DenyEvent, FragKey, FragmentL4, IfaceConfig,
+    RuleEntry, RuleTable, MAX_TABLE_RULES, NO_POLICY_ID, NO_RULE_INDEX,
+};
+
+use crate::{
+    conntrack::{self, IcmpClass},
+    maps::{count, EVENTS, FRAGMENTS, IFACES, RULES, SCRATCH},
+    packet::{parse, Packet, Parsed, FRAG_FIRST, FRAG_LATER},
+};
+
+/// The packet in judgement, where it was seen, and (after `moat_walk`) the
+/// decision of one table walk.
+#[repr(C)]
+pub struct Walk {
+    pub pkt: Packet,
+    table: RuleTable,
+    ifindex: u32,
+    generation: u32,
+    packet_len: u32,
+    direction: u8,
+    verdict: u8,
+    reason: u8,
+    _pad: u8,
+    policy_id: u32,
+    rule_index: u32,
+    /// The Log rule last reported during this walk, so a rule expanded into
+    /// several entries is reported once. Kept in map memory, not a
+    /// register: the verifier then sees the same state after a Log hit as
+    /// after a miss and prunes, instead of exploring both for every entry.
+    logged_policy: u32,
+    logged_rule: u32,
+}
+
+/// Where a verdict came from, for counters and events.
+struct Decision {
+    verdict: u8,
+    reason: u8,
+    policy_id: u32,
+    rule_index: u32,
+}
+
+impl Decision {
+    #[inline(always)]
+    const fn by_rule(verdict: u8, reason: u8, rule: &RuleEntry) -> Self {
+        Decision {
+            verdict,
+            reason,
+            policy_id: rule.policy_id,
+            rule_index: rule.rule_index,
+        }
+    }
+
+    #[inline(always)]
+    const fn without_rule(verdict: u8, reason: u8) -> Self {
+        Decision {
+            verdict,
+            reason,
+            policy_id: NO_POLICY_ID,
+            rule_index: NO_RULE_INDEX,
+        }
+    }
+}
+
+/// Judges the frame `[data, data_end)` seen on `ifindex` in `direction`.
+/// Returns `verdict::ALLOW` or `verdict::DENY`.
+#[inline(always)]
+pub fn judge(data: usize, data_end: usize, ifindex: u32, direction: u8, packet_len: u32) -> u8 {
+    let Some(w) = SCRATCH.get_ptr_mut(0) else {
+        // A one-entry per-CPU array always has entry 0; judged closed.
+        return verdict::DENY;
+    };
+    // SAFETY: entry 0 of a per-CPU array, used by this CPU only, and only
+    // for the duration of this program run (programs do not nest here).
+    let w = unsafe { &mut *w };
+    w.pkt = Packet::empty();
+    w.ifindex = ifindex;
+    w.direction = direction;
+    w.packet_len = packet_len;
+    w.generation = 0;
+    let parsed = parse(data, data_end, &mut w.pkt);
+    if parsed == Parsed::NotIp {
+        count(direction, counter::NON_IP_PASSED);
+        return verdict::ALLOW;
+    }
+    // SAFETY: the value is only read, and the agent replaces whole entries.
+    let Some(iface) = (unsafe { IFACES.get(ifindex) }) else {
+        count(direction, counter::UNENFORCED_PASSED);
+        return verdict::ALLOW;
+    };
+    if iface.flags & moat_common::IFACE_ENFORCED == 0 {
+        count(direction, counter::UNENFORCED_PASSED);
+        return verdict::ALLOW;
+    }
+    w.generation = iface.generation;
+    if parsed == Parsed::Unparsable {
+        return deny(w, &Decision::without_rule(verdict::DENY, reason::UNPARSABLE));
+    }
+    let fragment_known = fragment_l4(&mut w.pkt);
+    if !moat_common::has_ports(w.pkt.protocol) {
+        w.pkt.no_ports = u32::MAX;
+    }
+    let decision = if fragment_known {
+        decide(data, data_end, iface, w, direction)
+    } else {
+        Decision::without_rule(verdict::DENY, reason::FRAGMENT_UNKNOWN)
+    };
+    if decision.verdict == verdict::ALLOW {
+        verdict::ALLOW
+    } else {
+        deny(w, &decision)
+    }
+}
+
+/// Gives a later fragment the L4 fields of its first fragment (Linux
+/// judges the reassembled datagram, which has them) and remembers those of
+/// a first fragment. Returns false for a later fragment whose first
+/// fragment was not seen.
+#[inline(always)]
+fn fragment_l4(pkt: &mut Packet) -> bool {
+    if pkt.fragment == FRAG_LATER {
+        // SAFETY: read-only copy of a map value.
+        match unsafe { FRAGMENTS.get(&frag_key(pkt)) } {
+            Some(l4) => {
+                pkt.sport = l4.sport;
+                pkt.dport = l4.dport;
+                pkt.icmp_type = l4.icmp_type;
+                pkt.icmp_code = l4.icmp_code;
+                pkt.tcp_flags = l4.tcp_flags;
+            }
+            None => return false,
+        }
+    } else if pkt.fragment == FRAG_FIRST {
+        let l4 = FragmentL4 {
+            sport: pkt.sport,
+            dport: pkt.dport,
+            icmp_type: pkt.icmp_type,
+            icmp_code: pkt.icmp_code,
+            tcp_flags: pkt.tcp_flags,
+            _pad: 0,
+        };
+        // If the map cannot take it, later fragments are denied: closed.
+        let _ = FRAGMENTS.insert(&frag_key(pkt), &l4, 0);
+    }
+    true
+}
+
+/// Everything after parsing; allowed packets are counted here, denied ones
+/// by `deny`.
+#[inline(always)]
+fn decide(
+    data: usize,
+    data_end: usize,
+    iface: &IfaceConfig,
+    w: &mut Walk,
+    direction: u8,
+) -> Decision {
+    let pkt = &w.pkt;
+    if pkt.protocol == moat_common::ip_proto::TCP && !conntrack::tcp_flags_valid(pkt.tcp_flags) {
+        return Decision::without_rule(verdict::DENY, reason::TCP_FLAGS_INVALID);
+    }
+    if conntrack::established(pkt) {
+        count(direction, counter::CONNTRACK_ALLOWED);
+        return Decision::without_rule(verdict::ALLOW, 0);
+    }
+    let is_icmp = (pkt.protocol == moat_common::ip_proto::ICMP && pkt.ip_version == 4)
+        || (pkt.protocol == moat_common::ip_proto::ICMPV6 && pkt.ip_version == 6);
+    // A later fragment is judged like its first, but an ICMP error quotes
+    // its packet in the first fragment only: a later one relates to nothing.
+    if is_icmp {
+        match conntrack::icmp_class(pkt.ip_version, pkt.icmp_type) {
+            IcmpClass::Query | IcmpClass::Untracked => {}
+            IcmpClass::Error => {
+                if pkt.fragment != FRAG_LATER && conntrack::related(data, data_end, pkt) {
+                    count(direction, counter::RELATED_ALLOWED);
+                    return Decision::without_rule(verdict::ALLOW, 0);
+                }
+                return Decision::without_rule(verdict::DENY, reason::CONNTRACK_INVALID);
+            }
+            IcmpClass::Reply | IcmpClass::Invalid => {
+                return Decision::without_rule(verdict::DENY, reason::CONNTRACK_INVALID);
+            }
+        }
+    }
+
+    // `get`, not indexing: a failed bounds check would be a panic, which the
+    // verifier refuses as code that does not end in exit.
+    let (Some(failsafe_table), Some(policy_table)) = (
+        iface.tables.get(table::index(direction, table::FAILSAFE)),
+        iface.tables.get(table::index(direction, table::POLICY)),
+    ) else {
+        return Decision::without_rule(verdict::DENY, reason::END_OF_POLICIES);
+    };
+    let failsafe = walk_table(failsafe_table, w);
+    if failsafe.verdict == verdict::ALLOW {
+        count(direction, counter::FAILSAFE_ALLOWED);
+        conntrack::track(&w.pkt);
+        return failsafe;
+    }
+    let policy = walk_table(policy_table, w);
+    if policy.verdict == verdict::ALLOW {
+        if policy.policy_id == NO_POLICY_ID {
+            count(direction, counter::PROFILE_ALLOWED);
+        } else {
+            count(direction, counter::POLICY_ALLOWED);
+        }
+        conntrack::track(&w.pkt);
+    }
+    policy
+}
+
+#[inline(always)]
+fn frag_key(pkt: &Packet) -> FragKey {
+    FragKey {
+        // SAFETY: same size, every bit pattern valid.
+        src: unsafe { core::mem::transmute::<[u32; 4], [u8; 16]>(pkt.src) },
+        dst: unsafe { core::mem::transmute::<[u32; 4], [u8; 16]>(pkt.dst) },
+        id: pkt.frag_id,
+        protocol: pkt.protocol,
+        _pad: [0; 3],
+    }
+}
+
+/// Walks table `t` for the packet in `w`.
+#[inline(always)]
+fn walk_table(t: &RuleTable, w: &mut Walk) -> Decision {
+    w.table = *t;
+    moat_walk(w);
+    Decision {
+        verdict: w.verdict,
+        reason: w.reason,
+        policy_id: w.policy_id,
+        rule_index: w.rule_index,
+    }
+}
+
+/// Walks `w.table` in order and writes the first decision into `w`; `Log`
+/// rules report and go on.
+///
+/// Verifier note: this is a global function (exported, BTF linkage global),
+/// so the verifier checks it once on its own, with every input unknown,
+/// instead of once per path that reaches it. Inlined, the unrolled loop was
+/// re-verified for every distinct parser outcome and hit the 1M instruction
+/// limit. Its return value carries nothing; the decision is in `w`.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn moat_walk(w: *mut Walk) -> u32 {
+    if w.is_null() {
+        return 0;
+    }
+    // SAFETY: non-null, and callers pass the live per-CPU `Walk`.
+    let w = unsafe { &mut *w };
+    w.logged_policy = NO_POLICY_ID;
+    w.logged_rule = NO_RULE_INDEX;
+    let d = walk(w);
+    w.verdict = d.verdict;
+    w.reason = d.reason;
+    w.policy_id = d.policy_id;
+    w.rule_index = d.rule_index;
+    0
+}
+
+#[inline(always)]
+fn walk(w: &mut Walk) -> Decision {
+    let t = w.table;
+    let len = t.len as u32;
+    for i in 0..MAX_TABLE_RULES {
+        if i >= len {
+            break;
+        }
+        let Some(rule) = RULES.get(t.start + i) else {
+            // The agent never writes a table past the array; if it did, the
+            // packet is denied rather than judged on a partial table.
+            return Decision::without_rule(verdict::DENY, reason::END_OF_POLICIES);
+        };
+        if !matches(rule, &w.pkt) {
+            continue;
+        }
+        match rule.action {
+            verdict::ALLOW => return Decision::by_rule(verdict::ALLOW, 0, rule),
+            verdict::DENY => return Decision::by_rule(verdict::DENY, reason::RULE, rule),
+            verdict::PASS => {
+                return Decision::by_rule(t.pass_verdict, reason::NO_PROFILE, rule);
+            }
+            _ => {
+                // LOG. One rule may be several entries (lists of nets and
+                // ports are expanded); report it once.
+                if (w.logged_policy, w.logged_rule) != (rule.policy_id, rule.rule_index) {
+                    w.logged_policy = rule.policy_id;
+                    w.logged_rule = rule.rule_index;
+                    count(w.direction, counter::LOG_RULE_HITS);
+                    emit(w, &Decision::by_rule(verdict::LOG, reason::LOG_RULE, rule));
+                }
+            }
+        }
+    }
+    Decision::without_rule(t.end_verdict, t.end_reason)
+}
+
+#[inline(always)]
+fn words(a: &[u8; 16]) -> [u32; 4] {
+    // SAFETY: same size, every bit pattern valid.
+    unsafe { core::mem::transmute::<[u8; 16], [u32; 4]>(*a) }
+}
+
+/// All ones when `bit` of `flags` is set, else zero; arithmetic, so the
+/// verifier sees no branch.
+#[inline(always)]
+fn mask_if(flags: u16, bit: u16) -> u32 {
+    0u32.wrapping_sub((u32::from(flags) >> bit.trailing_zeros()) & 1)
+}
+
+/// Nonzero when `port` lies outside `lo..=hi`: the sign bit of either
+/// difference, computed without a branch.
+#[inline(always)]
+fn outside(port: u16, lo: u16, hi: u16) -> u32 {
+    let (p, lo, hi) = (i32::from(port), i32::from(lo), i32::from(hi));
+    ((p - lo) | (hi - p)) as u32 & 0x8000_0000
+}
+
+/// Whether rule `r` matches `p`.
+///
+/// Verifier note: the walk loop is unrolled by the verifier and every
+/// feasible branch in it is a pending state ("The sequence of 8193 jumps is
+/// too complex"). So the common fields are compared branch-free: each
+/// difference is OR-ed into `diff`, masked to zero when the rule does not
+/// constrain that field (an unconstrained net has a zero mask), and a single
+/// test decides. Only the rare negated fields branch.
+#[inline(always)]
+fn matches(r: &RuleEntry, p: &Packet) -> bool {
+    let f = r.match_flags;
+    let (sn, sm, dn, dm) = (words(&r.src_net), words(&r.src_mask), words(&r.dst_net), words(&r.dst_mask));
+    let mut diff = 0u32;
+    for w in 0..4 {
+        diff |= (p.src[w] & sm[w]) ^ sn[w];
+        diff |= (p.dst[w] & dm[w]) ^ dn[w];
+    }
+    diff |= mask_if(f, rule_match::IP_VERSION) & u32::from(r.ip_version ^ p.ip_version);
+    diff |= mask_if(f, rule_match::PROTOCOL) & u32::from(r.protocol ^ p.protocol);
+    // Ports exist only on TCP, UDP, UDP-Lite and SCTP: `p.no_ports` is all
+    // ones otherwise, so a rule with ports never matches such a packet.
+    diff |= mask_if(f, rule_match::SRC_PORTS)
+        & (p.no_ports | outside(p.sport, r.src_port_lo, r.src_port_hi));
+    diff |= mask_if(f, rule_match::DST_PORTS)
+        & (p.no_ports | outside(p.dport, r.dst_port_lo, r.dst_port_hi));
+    diff |= mask_if(f, rule_match::ICMP_TYPE) & u32::from(r.icmp_type ^ p.icmp_type);
+    diff |= mask_if(f, rule_match::ICMP_CODE) & u32::from(r.icmp_code ^ p.icmp_code);
+    if diff != 0 {
+        return false;
+    }
+    if f & rule_match::NOT_PROTOCOL != 0 && r.protocol == p.protocol {
+        return false;
+    }
+    if f & rule_match::NOT_ICMP_TYPE != 0
+        && p.icmp_type == r.icmp_type
+        && (f & rule_match::NOT_ICMP_CODE == 0 || p.icmp_code == r.icmp_code)
+    {
+        return false;
+    }
+    true
+}
+
+/// Counts and reports a denied packet; returns `DENY`.
+#[inline(always)]
+fn deny(w: &Walk, d: &Decision) -> u8 {
+    let c = match d.reason {
+        reason::RULE => counter::RULE_DENIED,
+        reason::END_OF_POLICIES => counter::END_OF_POLICIES_DENIED,
+        reason::NO_PROFILE => counter::NO_PROFILE_DENIED,
+        reason::UNPARSABLE => counter::UNPARSABLE_DENIED,
+        reason::FRAGMENT_UNKNOWN => counter::FRAGMENT_DENIED,
+        _ => counter::CONNTRACK_INVALID_DENIED,
+    };
+    count(w.direction, c);
+    emit(w, d);
+    verdict::DENY
+}
+
+/// Writes an event into the ring buffer, field by field (building it on
+/// the stack first would cost 72 bytes of the 512 the verifier allows).
+#[inline(always)]
+fn emit(w: &Walk, d: &Decision) {
+    let Some(mut entry) = EVENTS.reserve::<DenyEvent>(0) else {
+        count(w.direction, counter::EVENTS_LOST);
+        return;
+    };
+    let p = &w.pkt;
+    let e = entry.as_mut_ptr();
+    // SAFETY: `e` points to a reserved record of size_of::<DenyEvent>()
+    // bytes; every field is written before submit. Addresses: same size,
+    // any bit pattern valid.
+    unsafe {
+        (*e).timestamp_ns = bpf_ktime_get_ns();
+        (*e).src = core::mem::transmute::<[u32; 4], [u8; 16]>(p.src);
+        (*e).dst = core::mem::transmute::<[u32; 4], [u8; 16]>(p.dst);
+        (*e).policy_id = d.policy_id;
+        (*e).rule_index = d.rule_index;
+        (*e).ifindex = w.ifindex;
+        (*e).generation = w.generation;
+        (*e).packet_len = w.packet_len;
+        (*e).sport = p.sport;
+        (*e).dport = p.dport;
+        (*e).direction = w.direction;
+        (*e).verdict = d.verdict;
+        (*e).reason = d.reason;
+        (*e).protocol = p.protocol;
+        (*e).ip_version = p.ip_version;
+        (*e).icmp_type = p.icmp_type;
+        (*e).icmp_code = p.icmp_code;
+        (*e).tcp_flags = p.tcp_flags;
+    }
+    entry.submit(0);
+    count(w.direction, counter::EVENTS_EMITTED);
+}

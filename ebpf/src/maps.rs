@@ -1,0 +1,51 @@
+//! Every map of the object. Names and capacities come from `moat_common`.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+};
+use moat_common::{
+    FlowKey, FlowState, FragKey, FragmentL4, IfaceConfig, RuleEntry, EVENTS_BYTES, MAX_FLOWS,
+    MAX_FRAGMENTS, MAX_IFACES, MAX_RULES,
+};
+
+/// ifindex -> how the interface is enforced. Written by the agent.
+#[map(name = "MOAT_IFACES_V1")]
+pub static IFACES: HashMap<u32, IfaceConfig> = HashMap::with_max_entries(MAX_IFACES, 0);
+
+/// Slot -> compiled rule, two banks. Written by the agent.
+#[map(name = "MOAT_RULES_V1")]
+pub static RULES: Array<RuleEntry> = Array::with_max_entries(MAX_RULES, 0);
+
+/// Flow orientation -> last activity. Written here on allow, read on every packet.
+#[map(name = "MOAT_CT_V1")]
+pub static CONNTRACK: LruHashMap<FlowKey, FlowState> = LruHashMap::with_max_entries(MAX_FLOWS, 0);
+
+/// Datagram -> L4 fields of its first fragment. Written here.
+#[map(name = "MOAT_FRAGS_V1")]
+pub static FRAGMENTS: LruHashMap<FragKey, FragmentL4> =
+    LruHashMap::with_max_entries(MAX_FRAGMENTS, 0);
+
+/// Deny and Log events for the agent. Written here, read by the agent.
+#[map(name = "MOAT_EVENTS")]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
+
+/// Per-CPU packet counters, `counter::index(direction, counter)`. Written here.
+#[map(name = "MOAT_COUNTERS")]
+pub static COUNTERS: PerCpuArray<u64> =
+    PerCpuArray::with_max_entries(moat_common::counter::ENTRIES, 0);
+
+/// The packet in judgement (one per CPU). Kernel-internal: the agent never
+/// reads it.
+#[map(name = "MOAT_SCRATCH")]
+pub static SCRATCH: PerCpuArray<crate::judge::Walk> = PerCpuArray::with_max_entries(1, 0);
+
+/// Adds one to `counter` for `direction`.
+#[inline(always)]
+pub fn count(direction: u8, counter: u32) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(moat_common::counter::index(direction, counter)) {
+        // SAFETY: the pointer comes from a successful lookup in a per-CPU
+        // array, so it is valid and only this CPU writes it.
+        unsafe { *slot += 1 };
+    }
+}
