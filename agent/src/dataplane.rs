@@ -12,7 +12,8 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use moat_common::{
-    counter, direction, map_names, program_names, DenyEvent, FlowKey, FlowState, IfaceConfig,
+    counter, direction, map_names, program_names, DenyEvent, FlowKey, FlowState, FragKey,
+    FragmentL4, IfaceConfig,
     RuleEntry, RuleTable, IFACE_ENFORCED, MAX_TABLE_RULES, RULE_BANK_SIZE,
 };
 
@@ -104,6 +105,7 @@ pub struct Dataplane {
     rules: Array<MapData, RuleEntry>,
     counters: PerCpuArray<MapData, u64>,
     conntrack: HashMap<MapData, FlowKey, FlowState>,
+    fragments: HashMap<MapData, FragKey, FragmentL4>,
     events: Option<RingBuf<MapData>>,
     /// Bank the tables in force live in (0 or 1); `None` before the first apply.
     active_bank: Option<u32>,
@@ -142,6 +144,7 @@ impl Dataplane {
             rules: take(&mut ebpf, map_names::RULES)?,
             counters: take(&mut ebpf, map_names::COUNTERS)?,
             conntrack: take(&mut ebpf, map_names::CONNTRACK)?,
+            fragments: take(&mut ebpf, map_names::FRAGMENTS)?,
             events: Some(take(&mut ebpf, map_names::EVENTS)?),
             ebpf,
             active_bank: None,
@@ -323,6 +326,15 @@ impl Dataplane {
         for key in keys {
             // A flow the LRU evicted meanwhile is already gone.
             let _ = self.conntrack.remove(&key);
+        }
+        Ok(())
+    }
+
+    /// Forgets every first fragment seen.
+    pub fn clear_fragments(&mut self) -> Result<(), DataplaneError> {
+        let keys: Vec<FragKey> = self.fragments.keys().filter_map(Result::ok).collect();
+        for key in keys {
+            let _ = self.fragments.remove(&key);
         }
         Ok(())
     }

@@ -151,35 +151,36 @@ fn ipv6(frame: &[u8], l3: usize) -> Frame {
     }
     let mut next = f.protocol;
     let mut off = l3 + 40;
-    for _ in 0..MAX_EXT_HEADERS {
-        match next {
-            0 | 43 | 60 | 51 => {
-                let (Some(&nh), Some(&len)) = (frame.get(off), frame.get(off + 1)) else {
-                    return Frame::Unparsable(f);
-                };
-                off += if next == 51 { (len as usize + 2) * 4 } else { (len as usize + 1) * 8 };
-                next = nh;
-            }
-            44 => {
-                let Some(ext) = frame.get(off..off + 8) else {
-                    return Frame::Unparsable(f);
-                };
-                next = ext[0];
-                off += 8;
-                let frag = u16::from_be_bytes([ext[2], ext[3]]);
-                if frag & 0xfff8 != 0 {
-                    f.protocol = next;
-                    f.fragment = Fragment::Later;
-                    return Frame::Ip(f);
-                }
-                if frag & 1 != 0 {
-                    f.fragment = Fragment::First;
-                }
-            }
-            _ => {
+    // Up to MAX_EXT_HEADERS extension headers, then the L4 header.
+    for walked in 0..=MAX_EXT_HEADERS {
+        if !matches!(next, 0 | 43 | 44 | 51 | 60) {
+            f.protocol = next;
+            return l4(frame, off, end, f);
+        }
+        if walked == MAX_EXT_HEADERS {
+            break;
+        }
+        if next == 44 {
+            let Some(ext) = frame.get(off..off + 8) else {
+                return Frame::Unparsable(f);
+            };
+            next = ext[0];
+            off += 8;
+            let frag = u16::from_be_bytes([ext[2], ext[3]]);
+            if frag & 0xfff8 != 0 {
                 f.protocol = next;
-                return l4(frame, off, end, f);
+                f.fragment = Fragment::Later;
+                return Frame::Ip(f);
             }
+            if frag & 1 != 0 {
+                f.fragment = Fragment::First;
+            }
+        } else {
+            let (Some(&nh), Some(&len)) = (frame.get(off), frame.get(off + 1)) else {
+                return Frame::Unparsable(f);
+            };
+            off += if next == 51 { (len as usize + 2) * 4 } else { (len as usize + 1) * 8 };
+            next = nh;
         }
         if off > MAX_L4_OFFSET {
             return Frame::Unparsable(f);

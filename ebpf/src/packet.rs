@@ -212,48 +212,51 @@ fn parse_ipv6(data: usize, data_end: usize, l3: usize, pkt: &mut Packet) -> Pars
     }
     let mut next = pkt.protocol;
     let mut off = l3 + 40;
-    let mut walked = 0;
-    while walked < MAX_IPV6_EXT_HEADERS {
-        match next {
-            NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST | NEXTHDR_AUTH => {
-                let Some(ext) = load::<[u8; 2]>(data, data_end, off) else {
-                    return Parsed::Unparsable;
-                };
-                let len = if next == NEXTHDR_AUTH {
-                    (ext[1] as usize + 2) * 4
-                } else {
-                    (ext[1] as usize + 1) * 8
-                };
-                next = ext[0];
-                off += len;
-            }
-            NEXTHDR_FRAGMENT => {
-                let Some(ext) = load::<[u8; 8]>(data, data_end, off) else {
-                    return Parsed::Unparsable;
-                };
-                next = ext[0];
-                off += 8;
-                let frag = u16::from_be_bytes([ext[2], ext[3]]);
-                pkt.frag_id = u32::from_be_bytes([ext[4], ext[5], ext[6], ext[7]]);
-                if frag & 0xfff8 != 0 {
-                    pkt.protocol = next;
-                    pkt.fragment = FRAG_LATER;
-                    return Parsed::Ip;
-                }
-                if frag & 1 != 0 {
-                    pkt.fragment = FRAG_FIRST;
-                }
-            }
-            _ => {
+    // Up to MAX_IPV6_EXT_HEADERS extension headers, then the L4 header.
+    for walked in 0..=MAX_IPV6_EXT_HEADERS {
+        let is_ext = matches!(
+            next,
+            NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST | NEXTHDR_AUTH | NEXTHDR_FRAGMENT
+        );
+        if !is_ext {
+            pkt.protocol = next;
+            return parse_l4(data, data_end, off, end, pkt);
+        }
+        if walked == MAX_IPV6_EXT_HEADERS {
+            break;
+        }
+        if next == NEXTHDR_FRAGMENT {
+            let Some(ext) = load::<[u8; 8]>(data, data_end, off) else {
+                return Parsed::Unparsable;
+            };
+            next = ext[0];
+            off += 8;
+            let frag = u16::from_be_bytes([ext[2], ext[3]]);
+            pkt.frag_id = u32::from_be_bytes([ext[4], ext[5], ext[6], ext[7]]);
+            if frag & 0xfff8 != 0 {
                 pkt.protocol = next;
-                return parse_l4(data, data_end, off, end, pkt);
+                pkt.fragment = FRAG_LATER;
+                return Parsed::Ip;
             }
+            if frag & 1 != 0 {
+                pkt.fragment = FRAG_FIRST;
+            }
+        } else {
+            let Some(ext) = load::<[u8; 2]>(data, data_end, off) else {
+                return Parsed::Unparsable;
+            };
+            let len = if next == NEXTHDR_AUTH {
+                (ext[1] as usize + 2) * 4
+            } else {
+                (ext[1] as usize + 1) * 8
+            };
+            next = ext[0];
+            off += len;
         }
         // Checked here so the verifier sees a bounded offset next time round.
         if off > MAX_L4_OFFSET {
             return Parsed::Unparsable;
         }
-        walked += 1;
     }
     // More extension headers than we walk: judged unparsable, not guessed.
     Parsed::Unparsable

@@ -1,1 +1,190 @@
-//! In-kernel tests of moat; see tests/tests.
+//! Helpers for moat's in-kernel tests: the loaded object with a compiled
+//! policy, and network namespaces that clean up after themselves.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    process::Command,
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use moat::{
+    compile::{compile, Compiled},
+    dataplane::Dataplane,
+    policy::{self, HostEndpoint, PolicySet},
+};
+
+/// The node the fixtures' HostEndpoints belong to.
+pub const NODE: &str = "worker-1";
+
+/// `BPF_PROG_TEST_RUN` judges packets as arriving on (or leaving) the
+/// loopback device of the caller's network namespace, ifindex 1.
+pub const TEST_RUN_IFINDEX: u32 = 1;
+
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
+}
+
+/// Loads a fixture directory; panics on any invalid resource.
+pub fn load_fixture(name: &str) -> PolicySet {
+    let loaded = policy::load_dir(&fixtures().join(name))
+        .unwrap_or_else(|e| panic!("fixture {name}: {e}"));
+    assert!(loaded.errors.is_empty(), "fixture {name}: {:?}", loaded.errors);
+    loaded.set
+}
+
+/// The loaded programs with `set` compiled for `iface` of `NODE` and
+/// applied as if `iface` were the test-run device.
+pub struct Kernel {
+    pub dataplane: Dataplane,
+    pub compiled: Compiled,
+    pub set: PolicySet,
+    pub iface: String,
+}
+
+impl Kernel {
+    pub fn new(set: PolicySet, iface: &str) -> Self {
+        let compiled = compile(&set, NODE, &[iface.to_string()])
+            .unwrap_or_else(|e| panic!("compiling for {iface}: {e}"));
+        let mut dataplane = Dataplane::load().unwrap_or_else(|e| panic!("loading the eBPF object: {e:?}"));
+        let mut by_index = BTreeMap::new();
+        if let Some(c) = compiled.ifaces.get(iface) {
+            by_index.insert(TEST_RUN_IFINDEX, c.clone());
+        }
+        dataplane
+            .apply(&by_index, 1)
+            .unwrap_or_else(|e| panic!("applying the policy: {e}"));
+        Kernel { dataplane, compiled, set, iface: iface.to_string() }
+    }
+
+    pub fn host_endpoint(&self) -> Option<&HostEndpoint> {
+        moat::compile::endpoint_for(&self.set, NODE, &self.iface).expect("endpoint lookup")
+    }
+
+    /// XDP verdict for `frame` (true: passed).
+    pub fn ingress(&mut self, frame: &[u8]) -> bool {
+        let (action, _) = self
+            .dataplane
+            .test_ingress(frame, 1)
+            .unwrap_or_else(|e| panic!("test run: {e:?}"));
+        match action {
+            2 => true,  // XDP_PASS
+            1 => false, // XDP_DROP
+            other => panic!("unexpected XDP action {other}"),
+        }
+    }
+
+    /// TC egress verdict for `frame` (true: passed).
+    pub fn egress(&mut self, frame: &[u8]) -> bool {
+        let (action, _) = self
+            .dataplane
+            .test_egress(frame, 1)
+            .unwrap_or_else(|e| panic!("test run: {e:?}"));
+        match action {
+            -1 => true, // TC_ACT_UNSPEC: on to the next program
+            2 => false, // TC_ACT_SHOT
+            other => panic!("unexpected TC action {other}"),
+        }
+    }
+
+    /// Forgets tracked flows and fragments, so the next packet is judged
+    /// as the first of its connection.
+    pub fn forget_flows(&mut self) {
+        self.dataplane.clear_conntrack().expect("clearing conntrack");
+        self.dataplane.clear_fragments().expect("clearing fragments");
+    }
+}
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// A name unique to this process and call, for namespaces and links.
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}{}-{}", std::process::id() % 100_000, NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
+/// Runs a command, panicking with its output when it fails.
+pub fn run(cmd: &str, args: &[&str]) -> String {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd} {}: {e}", args.join(" ")));
+    assert!(
+        out.status.success(),
+        "{cmd} {} failed: {}{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A network namespace, deleted on drop (with everything inside it).
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(prefix: &str) -> Self {
+        let name = unique(prefix);
+        run("ip", &["netns", "add", &name]);
+        let ns = Netns { name };
+        ns.exec("ip", &["link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// Runs a command inside the namespace; panics when it fails.
+    pub fn exec(&self, cmd: &str, args: &[&str]) -> String {
+        let mut all = vec!["netns", "exec", self.name.as_str(), cmd];
+        all.extend_from_slice(args);
+        run("ip", &all)
+    }
+
+    /// A `Command` that runs `cmd` inside the namespace.
+    pub fn command(&self, cmd: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", self.name.as_str(), cmd]);
+        c
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+    }
+}
+
+/// Connects `a` (named `a_if` inside `a`) and `b` (named `b_if`) with a
+/// veth pair and gives each side an address (CIDR notation).
+pub fn veth(a: &Netns, a_if: &str, a_addr: &str, b: &Netns, b_if: &str, b_addr: &str) {
+    let (ta, tb) = (unique("mv"), unique("mv"));
+    run("ip", &["link", "add", &ta, "type", "veth", "peer", "name", &tb]);
+    run("ip", &["link", "set", &ta, "netns", &a.name]);
+    run("ip", &["link", "set", &tb, "netns", &b.name]);
+    a.exec("ip", &["link", "set", &ta, "name", a_if]);
+    b.exec("ip", &["link", "set", &tb, "name", b_if]);
+    for (ns, ifname, addr) in [(a, a_if, a_addr), (b, b_if, b_addr)] {
+        if addr.contains(':') {
+            ns.exec("ip", &["-6", "addr", "add", addr, "dev", ifname, "nodad"]);
+        } else {
+            ns.exec("ip", &["-4", "addr", "add", addr, "dev", ifname]);
+        }
+        ns.exec("ip", &["link", "set", ifname, "up"]);
+    }
+}
+
+/// The `moat` binary: `MOAT_BIN`, or next to the test executable's
+/// directory (`target/<profile>/moat`), where `cargo xtask test` builds it.
+pub fn moat_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("MOAT_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>");
+    let bin = profile_dir.join("moat");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it first (cargo build -p moat-agent; `cargo xtask test` does this)",
+        bin.display()
+    );
+    bin
+}

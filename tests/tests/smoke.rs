@@ -1,7 +1,0 @@
-#[test]
-fn loads() {
-    let dp = moat::dataplane::Dataplane::load();
-    if let Err(e) = &dp {
-        panic!("{e:?}");
-    }
-}
