@@ -20,7 +20,7 @@ use moat_common::{
 use crate::compile::{CompiledIface, TableSpec};
 
 /// The eBPF object built by `build.rs` from the `ebpf` crate.
-pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/moat"));
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/moat-ebpf"));
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {

@@ -3,6 +3,7 @@
 //! and tools can drive it directly.
 
 pub mod agent;
+pub mod bench;
 pub mod compile;
 pub mod dataplane;
 pub mod event;

@@ -35,6 +35,24 @@ enum Command {
         #[arg(long, value_enum, default_value_t)]
         xdp_mode: XdpAttachMode,
     },
+    /// Measure ns/packet of the XDP program through BPF_PROG_TEST_RUN.
+    Bench {
+        #[arg(long, value_name = "DIR")]
+        policies: PathBuf,
+        /// The interface whose tables are measured.
+        #[arg(long = "iface", value_name = "NAME")]
+        iface: String,
+        #[arg(long)]
+        node: Option<String>,
+        /// Packets per BPF_PROG_TEST_RUN call (the kernel reports their mean).
+        #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
+        repeat: u32,
+        /// Calls per packet; the median is reported.
+        #[arg(long, default_value_t = 11, value_parser = clap::value_parser!(u32).range(1..=1000))]
+        runs: u32,
+        #[arg(short, long, value_enum, default_value_t)]
+        output: OutputFormat,
+    },
     /// Validate and compile a policy directory without touching the kernel;
     /// exits non-zero when any resource is invalid.
     Check {
@@ -79,6 +97,9 @@ fn main() -> ExitCode {
                 .map(|()| ExitCode::SUCCESS)
         }
         Command::Check { policies, ifaces, node, output } => check(&policies, ifaces, node, output),
+        Command::Bench { policies, iface, node, repeat, runs, output } => {
+            bench(&policies, &iface, node, repeat, runs, output)
+        }
     };
     match result {
         Ok(code) => code,
@@ -170,4 +191,31 @@ fn check(dir: &std::path::Path, ifaces: Vec<String>, node: Option<String>, outpu
         }
     }
     Ok(if errors.is_empty() && compile_error.is_none() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+fn bench(
+    dir: &std::path::Path,
+    iface: &str,
+    node: Option<String>,
+    repeat: u32,
+    runs: u32,
+    output: OutputFormat,
+) -> anyhow::Result<ExitCode> {
+    moat::preflight::check()?;
+    let node = node.unwrap_or_else(agent::default_node_name);
+    let loaded = policy::load_dir(dir)?;
+    if let Some(e) = loaded.errors.first() {
+        anyhow::bail!("{} invalid resource(s) in {}, first: {e}", loaded.errors.len(), dir.display());
+    }
+    let results = moat::bench::run(&loaded.set, &node, iface, repeat, runs)?;
+    match output {
+        OutputFormat::Json => println!("{}", serde_json::to_string(&results)?),
+        OutputFormat::Text => {
+            println!("XDP program, BPF_PROG_TEST_RUN, repeat {repeat}, median of {runs} runs ({} {iface}):", dir.display());
+            for r in &results {
+                println!("  {:<62} {:<4} {:>7.1} ns/packet  (min {:.1}, max {:.1})", r.case, r.verdict, r.median_ns, r.min_ns, r.max_ns);
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
