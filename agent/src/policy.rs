@@ -219,7 +219,8 @@ impl PolicySet {
             .filter(move |p| p.selector.matches(&hep.labels))
     }
 
-    fn sort(&mut self) {
+    /// Puts policies in Calico's evaluation order (and the rest by name).
+    pub fn sort(&mut self) {
         self.policies.sort_by(|a, b| {
             // Missing order sorts after every number.
             let oa = a.order.unwrap_or(f64::INFINITY);

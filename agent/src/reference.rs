@@ -303,6 +303,7 @@ impl Judgement {
             (_, DecidedBy::UnknownFragment) => reason::FRAGMENT_UNKNOWN,
             (_, DecidedBy::ConntrackInvalid { why }) if *why == TCP_FLAGS => reason::TCP_FLAGS_INVALID,
             (_, DecidedBy::ConntrackInvalid { .. }) => reason::CONNTRACK_INVALID,
+            (_, DecidedBy::Rule { action: Action::Pass, .. }) => reason::NO_PROFILE,
             (_, DecidedBy::Rule { .. }) => reason::RULE,
             (_, DecidedBy::EndOfPolicies) => reason::END_OF_POLICIES,
             _ => reason::NO_PROFILE,
@@ -377,7 +378,8 @@ pub fn judge_fields(set: &PolicySet, hep: &HostEndpoint, dir: u8, f: &Fields) ->
                 Action::Allow => return Judgement { verdict: Verdict::Allow, by, logged },
                 Action::Deny => return Judgement { verdict: Verdict::Deny, by, logged },
                 Action::Log => logged.push((policy.name.clone(), index)),
-                Action::Pass => return Judgement { logged, ..profile },
+                // Pass: the profiles decide, and the Pass rule is why.
+                Action::Pass => return Judgement { verdict: profile.verdict, by, logged },
             }
         }
     }

@@ -66,7 +66,7 @@ impl Kernel {
         let (action, _) = self
             .dataplane
             .test_ingress(frame, 1)
-            .unwrap_or_else(|e| panic!("test run: {e:?}"));
+            .unwrap_or_else(|e| panic!("test run of {} bytes {frame:02x?}: {e:?}", frame.len()));
         match action {
             2 => true,  // XDP_PASS
             1 => false, // XDP_DROP
@@ -79,7 +79,7 @@ impl Kernel {
         let (action, _) = self
             .dataplane
             .test_egress(frame, 1)
-            .unwrap_or_else(|e| panic!("test run: {e:?}"));
+            .unwrap_or_else(|e| panic!("test run of {} bytes {frame:02x?}: {e:?}", frame.len()));
         match action {
             -1 => true, // TC_ACT_UNSPEC: on to the next program
             2 => false, // TC_ACT_SHOT
