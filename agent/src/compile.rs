@@ -331,3 +331,76 @@ pub fn expand(rule: &Rule, policy_id: u32, rule_index: u32, out: &mut Vec<RuleEn
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::policy::load_str;
+
+    fn set(text: &str) -> PolicySet {
+        let l = load_str(Path::new("t.yaml"), text);
+        assert!(l.errors.is_empty(), "{:#?}", l.errors);
+        l.set
+    }
+
+    const HEP: &str = "apiVersion: projectcalico.org/v3\nkind: HostEndpoint\nmetadata: {name: h, labels: {ibm.role: worker_public}}\nspec: {node: n, interfaceName: eth1}\n---\napiVersion: moat.dev/v1alpha1\nkind: FailsafeProfile\nmetadata: {name: none}\nspec: {selector: all(), inbound: [], outbound: []}\n---\n";
+
+    #[test]
+    fn lists_expand_to_one_entry_per_combination() {
+        let s = set(&format!("{HEP}apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {{name: p}}\nspec:\n  ingress:\n    - action: Allow\n      protocol: TCP\n      source: {{nets: [198.18.0.0/24, \"2001:db8::/64\"]}}\n      destination: {{nets: [198.18.1.1/32], ports: [22, \"80:90\"]}}\n"));
+        let c = compile(&s, "n", &["eth1".into()]).expect("compiles");
+        let t = c.ifaces["eth1"].table(direction::INGRESS, table::POLICY);
+        // The IPv6 source cannot meet the IPv4 destination: 1 x 1 x 2 entries.
+        assert_eq!(t.rules.len(), 2);
+        assert!(t.rules.iter().all(|r| r.ip_version == 4 && r.policy_id == 0 && r.rule_index == 0));
+        assert_eq!((t.rules[1].dst_port_lo, t.rules[1].dst_port_hi), (80, 90));
+        assert_eq!((t.end_verdict, t.end_reason), (verdict::DENY, reason::END_OF_POLICIES));
+        let e = c.ifaces["eth1"].table(direction::EGRESS, table::POLICY);
+        assert_eq!((e.rules.len(), e.end_verdict, e.end_reason), (0, verdict::DENY, reason::NO_PROFILE), "no egress policy: profiles decide");
+    }
+
+    #[test]
+    fn net_bytes_map_ipv4_into_ipv6() {
+        let (n, m) = net_bytes(&"198.18.1.0/24".parse().expect("net"));
+        assert_eq!(n[10..16], [0xff, 0xff, 198, 18, 1, 0]);
+        assert_eq!(m[..15], [0xff; 15]);
+        assert_eq!(m[15], 0);
+        let (n, m) = net_bytes(&"0.0.0.0/0".parse().expect("net"));
+        assert_eq!((n[10], n[11], m[11], m[12]), (0xff, 0xff, 0xff, 0));
+        let (_, m) = net_bytes(&"::/0".parse().expect("net"));
+        assert_eq!(m, [0; 16]);
+    }
+
+    #[test]
+    fn shuffled_input_compiles_to_identical_tables() {
+        let docs = [
+            "apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: a}\nspec: {order: 10, ingress: [{action: Deny, protocol: TCP, destination: {ports: [22]}}]}\n",
+            "apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: allow}\nspec: {order: 20, ingress: [{action: Allow}]}\n",
+            "apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: allow-x}\nspec: {order: 20, ingress: [{action: Log}]}\n",
+            "apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: z}\nspec: {egress: [{action: Pass}]}\n",
+        ];
+        let mut reference = None;
+        for rotation in 0..docs.len() {
+            let mut order: Vec<&str> = docs.to_vec();
+            order.rotate_left(rotation);
+            if rotation % 2 == 1 {
+                order.reverse();
+            }
+            let c = compile(&set(&format!("{HEP}{}", order.join("---\n"))), "n", &["eth1".into()]).expect("compiles");
+            assert_eq!(c.policy_names, ["a", "allow-x", "allow", "z"]);
+            match &reference {
+                None => reference = Some(c),
+                Some(r) => assert_eq!(&c, r, "rotation {rotation}"),
+            }
+        }
+    }
+
+    #[test]
+    fn two_endpoints_for_one_interface_is_an_error() {
+        let dup = "apiVersion: projectcalico.org/v3\nkind: HostEndpoint\nmetadata: {name: h2}\nspec: {node: n, interfaceName: eth1}\n";
+        let err = compile(&set(&format!("{HEP}{dup}")), "n", &["eth1".into()]).expect_err("ambiguous");
+        assert!(err.to_string().contains("h, h2"), "{err}");
+    }
+}

@@ -1054,3 +1054,210 @@ fn failsafe_profile(meta: &Metadata, spec: Value, origin: Origin) -> FieldResult
         origin,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Loaded {
+        load_str(Path::new("test.yaml"), text)
+    }
+
+    fn only_error(text: &str) -> PolicyError {
+        let l = load(text);
+        assert_eq!(l.errors.len(), 1, "{:#?}", l.errors);
+        l.errors[0].clone()
+    }
+
+    const GNP: &str = "apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata:\n  name: p\nspec:\n";
+
+    fn gnp(spec: &str) -> String {
+        format!("{GNP}{spec}")
+    }
+
+    #[test]
+    fn multi_document_json_and_list() {
+        let text = format!(
+            "{}\n---\n# only a comment\n---\n{}\n---\n{}",
+            gnp("  selector: all()\n  ingress:\n    - action: Allow\n"),
+            r#"{"apiVersion": "crd.projectcalico.org/v1", "kind": "GlobalNetworkPolicy", "metadata": {"name": "q", "uid": "x", "resourceVersion": "7"}, "spec": {"order": 10, "egress": [{"action": "Deny"}]}}"#,
+            "apiVersion: v1\nkind: List\nitems:\n  - apiVersion: projectcalico.org/v3\n    kind: HostEndpoint\n    metadata: {name: h, labels: {ibm.role: worker_public}}\n    spec: {node: n1, interfaceName: eth1}\n"
+        );
+        let l = load(&text);
+        assert!(l.errors.is_empty(), "{:#?}", l.errors);
+        let names: Vec<&str> = l.set.policies.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["q", "p"], "order 10 first, no order last");
+        assert_eq!(l.set.host_endpoints[0].labels["ibm.role"], "worker_public");
+        let q = &l.set.policies[0];
+        assert!(!q.ingress_applies && q.egress_applies, "egress rules only: types [Egress]");
+        let p = &l.set.policies[1];
+        assert!(p.ingress_applies && !p.egress_applies);
+    }
+
+    #[test]
+    fn types_default_as_calico_does() {
+        let cases = [
+            ("  ingress: [{action: Allow}]\n", true, false),
+            ("  egress: [{action: Allow}]\n", false, true),
+            ("  ingress: [{action: Allow}]\n  egress: [{action: Allow}]\n", true, true),
+            ("  selector: all()\n", true, false),
+            ("  types: [Egress]\n", false, true),
+            ("  types: [Ingress, Egress]\n  ingress: [{action: Allow}]\n", true, true),
+        ];
+        for (spec, ingress, egress) in cases {
+            let l = load(&gnp(spec));
+            assert!(l.errors.is_empty(), "{spec}: {:#?}", l.errors);
+            let p = &l.set.policies[0];
+            assert_eq!((p.ingress_applies, p.egress_applies), (ingress, egress), "{spec}");
+        }
+    }
+
+    #[test]
+    fn equal_orders_break_ties_by_name_as_calico_does() {
+        let text = ["allow", "allow-x", "b", "a"]
+            .iter()
+            .map(|n| format!("apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {{name: {n}}}\nspec: {{order: 5}}\n"))
+            .collect::<Vec<_>>()
+            .join("---\n");
+        let l = load(&text);
+        let names: Vec<&str> = l.set.policies.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["a", "allow-x", "allow", "b"]);
+    }
+
+    #[test]
+    fn rule_fields_parse() {
+        let l = load(&gnp(
+            "  ingress:\n    - action: Log\n      protocol: tcp\n      notProtocol: 17\n      ipVersion: 4\n      source:\n        nets: [198.18.0.0/15, 198.18.1.1]\n        ports: [22, \"8000:8080\", \"53\"]\n    - action: Pass\n      protocol: ICMPv6\n      icmp: {type: 128, code: 0}\n      notICMP: {type: 1}\n",
+        ));
+        assert!(l.errors.is_empty(), "{:#?}", l.errors);
+        let r = &l.set.policies[0].ingress;
+        assert_eq!((r[0].action, r[0].protocol, r[0].not_protocol, r[0].ip_version), (Action::Log, Some(6), Some(17), Some(4)));
+        assert_eq!(r[0].source.nets.len(), 2);
+        assert_eq!(r[0].source.ports, [PortRange { lo: 22, hi: 22 }, PortRange { lo: 8000, hi: 8080 }, PortRange { lo: 53, hi: 53 }]);
+        assert_eq!(r[1].icmp, Some(IcmpMatch { icmp_type: 128, code: Some(0) }));
+        assert_eq!(r[1].not_icmp, Some(IcmpMatch { icmp_type: 1, code: None }));
+    }
+
+    #[test]
+    fn invalid_input_names_file_resource_and_field() {
+        // (spec, field, words the message must contain)
+        let cases: &[(&str, &str, &str)] = &[
+            ("  Tier: default\n", "spec.Tier", "did you mean `tier`"),
+            ("  NamespaceSelector: all()\n", "spec.NamespaceSelector", "did you mean `namespaceSelector`"),
+            ("  ingress: [{action: allow}]\n", "spec.ingress[0].action", "did you mean Allow"),
+            ("  ingress: [{action: Reject}]\n", "spec.ingress[0].action", "unknown action"),
+            ("  ingress: [{action: Allow, protocol: TCP, destination: {ports: [70000]}}]\n", "spec.ingress[0].destination.ports[0]", "out of range"),
+            ("  ingress: [{action: Allow, protocol: TCP, destination: {ports: [\"90:80\"]}}]\n", "spec.ingress[0].destination.ports[0]", "backwards"),
+            ("  ingress: [{action: Allow, destination: {ports: [80]}}]\n", "spec.ingress[0].destination.ports", "need protocol"),
+            ("  ingress: [{action: Allow, protocol: ICMP, destination: {ports: [80]}}]\n", "spec.ingress[0].destination.ports", "need protocol"),
+            ("  ingress: [{action: Allow, icmp: {type: 8}}]\n", "spec.ingress[0].icmp", "need protocol ICMP"),
+            ("  ingress: [{action: Allow, protocol: ICMP, icmp: {type: 255}}]\n", "spec.ingress[0].icmp.type", "out of range"),
+            ("  ingress: [{action: Allow, protocol: ICMP, icmp: {code: 1}}]\n", "spec.ingress[0].icmp.code", "needs an ICMP type"),
+            ("  ingress: [{action: Allow, protocol: TPC}]\n", "spec.ingress[0].protocol", "did you mean TCP"),
+            ("  ingress: [{action: Allow, protocol: 256}]\n", "spec.ingress[0].protocol", "out of range"),
+            ("  ingress: [{action: Allow, source: {nets: [10.0.0.0/33]}}]\n", "spec.ingress[0].source.nets[0]", "not a CIDR"),
+            ("  ingress: [{action: Allow, ipVersion: 4, source: {nets: [\"2001:db8::/32\"]}}]\n", "spec.ingress[0].source.nets[0]", "ipVersion 4"),
+            ("  ingress: [{action: Allow, ipVersion: 5}]\n", "spec.ingress[0].ipVersion", "neither 4 nor 6"),
+            ("  ingress: [{action: Allow, source: {selector: \"a ==\"}}]\n", "spec.ingress[0].source.selector", "column"),
+            ("  selector: \"ibm.role = 'x'\"\n", "spec.selector", "column 10"),
+            ("  selector: global()\n", "spec.selector", "global()"),
+            ("  preDNAT: true\n  doNotTrack: true\n  applyOnForward: true\n", "spec.preDNAT", "cannot both"),
+            ("  preDNAT: true\n", "spec.preDNAT", "applyOnForward"),
+            ("  preDNAT: true\n  applyOnForward: true\n  egress: [{action: Allow}]\n", "spec.egress", "egress rules"),
+            ("  preDNAT: true\n  applyOnForward: true\n  types: [Egress]\n", "spec.types", "Egress type"),
+            ("  types: [ingress]\n", "spec.types[0]", "did you mean Ingress"),
+            ("  order: .nan\n", "spec.order", "finite"),
+            ("  ingress: [{action: Allow, source: {namespaceSelector: \"global() && a == 'b'\"}}]\n", "spec.ingress[0].source.namespaceSelector", "global()"),
+        ];
+        for (spec, field, words) in cases {
+            let e = only_error(&gnp(spec));
+            assert_eq!(e.file, Path::new("test.yaml"), "{spec}");
+            assert_eq!(e.resource, "GlobalNetworkPolicy/p", "{spec}");
+            assert_eq!(e.field, *field, "{spec}: {e}");
+            assert!(e.message.contains(words), "{spec}: {e}");
+        }
+    }
+
+    #[test]
+    fn valid_calico_not_enforced_yet_is_rejected_not_ignored() {
+        let cases: &[(&str, &str)] = &[
+            ("  preDNAT: true\n  applyOnForward: true\n", "spec.preDNAT"),
+            ("  doNotTrack: true\n  applyOnForward: true\n", "spec.doNotTrack"),
+            ("  applyOnForward: true\n", "spec.applyOnForward"),
+            ("  ingress: [{action: Deny, source: {notNets: [10.0.0.0/8]}}]\n", "spec.ingress[0].source.notNets"),
+            ("  ingress: [{action: Deny, protocol: TCP, destination: {notPorts: [22]}}]\n", "spec.ingress[0].destination.notPorts"),
+            ("  ingress: [{action: Deny, source: {selector: \"app == 'x'\"}}]\n", "spec.ingress[0].source.selector"),
+            ("  ingress: [{action: Deny, protocol: TCP, destination: {ports: [http]}}]\n", "spec.ingress[0].destination.ports[0]"),
+        ];
+        for (spec, field) in cases {
+            let e = only_error(&gnp(spec));
+            assert_eq!(e.field, *field, "{spec}: {e}");
+            assert!(e.message.contains("not enforced by this version"), "{spec}: {e}");
+        }
+        for kind in ["NetworkPolicy", "GlobalNetworkSet", "NetworkSet"] {
+            let e = only_error(&format!("apiVersion: projectcalico.org/v3\nkind: {kind}\nmetadata: {{name: x, namespace: ns}}\nspec: {{}}\n"));
+            assert!(e.message.contains("not enforced by this version"), "{kind}: {e}");
+            assert_eq!(e.resource, format!("{kind}/ns/x"));
+        }
+        let e = only_error("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: x, namespace: ns}\nspec: {}\n");
+        assert!(e.message.contains("not enforced by this version"), "{e}");
+    }
+
+    #[test]
+    fn bad_documents_and_names() {
+        let e = only_error("apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: <policy-name>}\nspec: {}\n");
+        assert_eq!(e.field, "metadata.name");
+        assert!(e.message.contains("placeholder"), "{e}");
+        let e = only_error("apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: x}\nSpec: {}\n");
+        assert!(e.message.contains("did you mean `spec`"), "{e}");
+        let e = only_error("apiVersion: projectcalico.org/v2\nkind: GlobalNetworkPolicy\nmetadata: {name: x}\n");
+        assert_eq!(e.field, "apiVersion");
+        let e = only_error("- a\n- b\n");
+        assert!(e.message.contains("not a resource"), "{e}");
+        let e = only_error("key: [unclosed\n");
+        assert!(e.message.contains("not valid YAML"), "{e}");
+        // A HostEndpoint placeholder from the corpus (interface left blank).
+        let e = only_error("apiVersion: projectcalico.org/v3\nkind: HostEndpoint\nmetadata: {name: h}\nspec: {node: n, interfaceName: eth1, expectedIPs: [\"<ip>\"]}\n");
+        assert_eq!(e.field, "spec.expectedIPs[0]");
+    }
+
+    #[test]
+    fn an_invalid_object_leaves_the_rest_in_force() {
+        let text = format!(
+            "{}---\n{}",
+            gnp("  ingress: [{action: Allow}]\n"),
+            "apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: broken}\nspec: {ingress: [{action: Allow, protocol: TCP, destination: {ports: [99999]}}]}\n"
+        );
+        let l = load(&text);
+        assert_eq!(l.errors.len(), 1);
+        assert_eq!(l.errors[0].resource, "GlobalNetworkPolicy/broken");
+        assert_eq!(l.set.policies.len(), 1);
+        assert_eq!(l.set.policies[0].name, "p");
+    }
+
+    #[test]
+    fn duplicate_names_reject_both() {
+        let text = format!("{}---\n{}", gnp("  order: 1\n"), gnp("  order: 2\n"));
+        let l = load(&text);
+        assert_eq!(l.errors.len(), 2, "{:#?}", l.errors);
+        assert!(l.set.policies.is_empty());
+        assert!(l.errors[0].message.contains("more than once"));
+    }
+
+    #[test]
+    fn failsafes_from_felix_configuration_and_profiles() {
+        let l = load(
+            "apiVersion: projectcalico.org/v3\nkind: FelixConfiguration\nmetadata: {name: default}\nspec:\n  failsafeInboundHostPorts: [{protocol: tcp, port: 22, net: 10.0.0.0/8}]\n---\napiVersion: moat.dev/v1alpha1\nkind: FailsafeProfile\nmetadata: {name: pub}\nspec: {selector: \"ibm.role == 'worker_public'\", inbound: [], outbound: []}\n---\napiVersion: projectcalico.org/v3\nkind: HostEndpoint\nmetadata: {name: pub, labels: {ibm.role: worker_public}}\nspec: {node: n, interfaceName: eth1}\n---\napiVersion: projectcalico.org/v3\nkind: HostEndpoint\nmetadata: {name: priv, labels: {ibm.role: worker_private}}\nspec: {node: n, interfaceName: eth0}\n",
+        );
+        assert!(l.errors.is_empty(), "{:#?}", l.errors);
+        let by_name = |n: &str| l.set.host_endpoints.iter().find(|h| h.name == n).expect("hep");
+        let public = l.set.failsafes_for(by_name("pub")).expect("failsafes");
+        assert!(public.inbound.is_empty() && public.outbound.is_empty());
+        let private = l.set.failsafes_for(by_name("priv")).expect("failsafes");
+        assert_eq!(private.inbound.len(), 1);
+        assert_eq!(private.inbound[0].net, Some("10.0.0.0/8".parse().expect("net")));
+        assert_eq!(private.outbound, Failsafes::calico_defaults().outbound, "unset list keeps Calico's default");
+        let e = only_error("apiVersion: projectcalico.org/v3\nkind: FelixConfiguration\nmetadata: {name: default}\nspec: {logSeverityScreen: Info}\n");
+        assert!(e.message.contains("only the failsafe port fields"), "{e}");
+    }
+}
