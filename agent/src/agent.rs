@@ -33,7 +33,11 @@ pub fn default_node_name() -> String {
 }
 
 /// Loads `dir`, reports every invalid resource, and compiles the rest.
-pub fn load_and_compile(dir: &std::path::Path, node: &str, ifaces: &[String]) -> anyhow::Result<Compiled> {
+pub fn load_and_compile(
+    dir: &std::path::Path,
+    node: &str,
+    ifaces: &[String],
+) -> anyhow::Result<Compiled> {
     let loaded = policy::load_dir(dir)?;
     for e in &loaded.errors {
         error!("rejected: {e}");
@@ -56,7 +60,8 @@ pub fn load_and_compile(dir: &std::path::Path, node: &str, ifaces: &[String]) ->
 }
 
 fn ifindex(name: &str) -> anyhow::Result<u32> {
-    nix::net::if_::if_nametoindex(name).with_context(|| format!("no interface named {name} in this network namespace"))
+    nix::net::if_::if_nametoindex(name)
+        .with_context(|| format!("no interface named {name} in this network namespace"))
 }
 
 fn describe(iface: &CompiledIface) -> String {
@@ -78,7 +83,11 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         bail!("no --iface given: name the interfaces to enforce, e.g. --iface eth1 --iface eth0");
     }
     let support = preflight::check()?;
-    info!("kernel {}: ring buffer, LRU hash, XDP and TC available{}", support.version, if support.tcx { ", TCX attach" } else { "" });
+    info!(
+        "kernel {}: ring buffer, LRU hash, XDP and TC available{}",
+        support.version,
+        if support.tcx { ", TCX attach" } else { "" }
+    );
 
     let compiled = load_and_compile(&cfg.policies, &cfg.node, &cfg.ifaces)?;
     let mut names = BTreeMap::new();
@@ -91,7 +100,10 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         }
     }
     for iface in &compiled.unenforced {
-        warn!("{iface}: no HostEndpoint of node {} names it, so it is attached but not enforced", cfg.node);
+        warn!(
+            "{iface}: no HostEndpoint of node {} names it, so it is attached but not enforced",
+            cfg.node
+        );
     }
 
     let mut dataplane = Dataplane::load().context("loading the eBPF programs")?;
@@ -104,9 +116,14 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     for c in compiled.ifaces.values() {
         info!("enforcing {}", describe(c));
     }
-    info!("ready: policy generation {generation} enforced on {}", cfg.ifaces.join(", "));
+    info!(
+        "ready: policy generation {generation} enforced on {}",
+        cfg.ifaces.join(", ")
+    );
 
-    let ring = dataplane.take_events().context("event ring buffer already taken")?;
+    let ring = dataplane
+        .take_events()
+        .context("event ring buffer already taken")?;
     // SAFETY: the ring buffer owns its map fd and keeps it open, unchanged,
     // for as long as it lives, which is as long as the AsyncFd.
     let mut ring = unsafe { AsyncFd::register(ring) }
@@ -142,7 +159,14 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             .filter(|(_, v)| **v > 0)
             .map(|(i, v)| format!("{}={v}", moat_common::counter::NAMES[i]))
             .collect();
-        info!("{dir} counters: {}", if nonzero.is_empty() { "none".into() } else { nonzero.join(" ") });
+        info!(
+            "{dir} counters: {}",
+            if nonzero.is_empty() {
+                "none".into()
+            } else {
+                nonzero.join(" ")
+            }
+        );
     }
     drop(dataplane);
     info!("detached from {}", cfg.ifaces.join(", "));

@@ -33,20 +33,37 @@ pub struct Measurement {
 fn cases() -> Vec<(&'static str, Vec<u8>)> {
     vec![
         ("non-IP (ARP): pass", arp_request()),
-        ("deny by the first policy's rule (tcp from a watched net)", Packet::tcp("198.18.66.7", 40000, "198.18.1.1", 52311, 0x02).frame()),
-        ("deny after every rule: default deny (tcp :22)", Packet::tcp("198.18.1.2", 40000, "198.18.1.1", 22, 0x02).frame()),
-        ("allow by policy, untracked (ICMPv6 neighbour solicitation)", Packet::icmp("2001:db8:1::2", "2001:db8:1::1", 135, 0).frame()),
-        ("allow, established flow (tcp :52311, conntrack hit)", Packet::tcp("198.18.1.2", 40000, "198.18.1.1", 52311, 0x10).frame()),
+        (
+            "deny by the first policy's rule (tcp from a watched net)",
+            Packet::tcp("198.18.66.7", 40000, "198.18.1.1", 52311, 0x02).frame(),
+        ),
+        (
+            "deny after every rule: default deny (tcp :22)",
+            Packet::tcp("198.18.1.2", 40000, "198.18.1.1", 22, 0x02).frame(),
+        ),
+        (
+            "allow by policy, untracked (ICMPv6 neighbour solicitation)",
+            Packet::icmp("2001:db8:1::2", "2001:db8:1::1", 135, 0).frame(),
+        ),
+        (
+            "allow, established flow (tcp :52311, conntrack hit)",
+            Packet::tcp("198.18.1.2", 40000, "198.18.1.1", 52311, 0x10).frame(),
+        ),
     ]
 }
 
 /// Measures every case against `set` compiled for `iface` of `node`.
-pub fn run(set: &PolicySet, node: &str, iface: &str, repeat: u32, runs: u32) -> anyhow::Result<Vec<Measurement>> {
+pub fn run(
+    set: &PolicySet,
+    node: &str,
+    iface: &str,
+    repeat: u32,
+    runs: u32,
+) -> anyhow::Result<Vec<Measurement>> {
     let compiled = compile(set, node, &[iface.to_string()])?;
-    let table = compiled
-        .ifaces
-        .get(iface)
-        .with_context(|| format!("no HostEndpoint of node {node} names {iface}: nothing to measure"))?;
+    let table = compiled.ifaces.get(iface).with_context(|| {
+        format!("no HostEndpoint of node {node} names {iface}: nothing to measure")
+    })?;
     let mut dataplane = Dataplane::load()?;
     // BPF_PROG_TEST_RUN runs as if on the loopback device, ifindex 1.
     dataplane.apply(&BTreeMap::from([(1, table.clone())]), 1)?;

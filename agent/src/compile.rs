@@ -9,9 +9,7 @@
 use std::collections::BTreeMap;
 
 use ipnet::IpNet;
-use moat_common::{
-    direction, reason, rule_match, table, verdict, RuleEntry, NO_POLICY_ID,
-};
+use moat_common::{direction, reason, rule_match, table, verdict, RuleEntry, NO_POLICY_ID};
 
 use crate::policy::{Action, FailsafePort, HostEndpoint, PolicySet, PortRange, Rule};
 
@@ -36,7 +34,12 @@ pub struct CompiledIface {
 
 impl CompiledIface {
     pub fn tables(&self) -> [&TableSpec; direction::COUNT * table::KINDS] {
-        [&self.tables[0], &self.tables[1], &self.tables[2], &self.tables[3]]
+        [
+            &self.tables[0],
+            &self.tables[1],
+            &self.tables[2],
+            &self.tables[3],
+        ]
     }
 
     pub fn table(&self, dir: u8, kind: usize) -> &TableSpec {
@@ -58,14 +61,20 @@ pub struct Compiled {
 impl Compiled {
     /// Name of the policy behind `policy_id`, if any.
     pub fn policy_name(&self, policy_id: u32) -> Option<&str> {
-        self.policy_names.get(policy_id as usize).map(String::as_str)
+        self.policy_names
+            .get(policy_id as usize)
+            .map(String::as_str)
     }
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CompileError {
     #[error("interface {iface} of node {node} is named by several HostEndpoints: {names}")]
-    AmbiguousEndpoint { node: String, iface: String, names: String },
+    AmbiguousEndpoint {
+        node: String,
+        iface: String,
+        names: String,
+    },
     #[error("{0}")]
     Failsafe(String),
 }
@@ -87,7 +96,11 @@ pub fn endpoint_for<'a>(
         many => Err(CompileError::AmbiguousEndpoint {
             node: node.into(),
             iface: iface.into(),
-            names: many.iter().map(|h| h.name.as_str()).collect::<Vec<_>>().join(", "),
+            names: many
+                .iter()
+                .map(|h| h.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
         }),
     }
 }
@@ -104,10 +117,18 @@ pub fn compile(set: &PolicySet, node: &str, ifaces: &[String]) -> Result<Compile
             continue;
         };
         let failsafes = set.failsafes_for(hep).map_err(CompileError::Failsafe)?;
-        let profile = if hep.default_allow { verdict::ALLOW } else { verdict::DENY };
+        let profile = if hep.default_allow {
+            verdict::ALLOW
+        } else {
+            verdict::DENY
+        };
         let mut tables: [TableSpec; 4] = Default::default();
         for dir in [direction::INGRESS, direction::EGRESS] {
-            let ports = if dir == direction::INGRESS { &failsafes.inbound } else { &failsafes.outbound };
+            let ports = if dir == direction::INGRESS {
+                &failsafes.inbound
+            } else {
+                &failsafes.outbound
+            };
             tables[table::index(dir, table::FAILSAFE)] = TableSpec {
                 rules: ports
                     .iter()
@@ -142,7 +163,11 @@ pub fn compile(set: &PolicySet, node: &str, ifaces: &[String]) -> Result<Compile
                 // Policies applied and none decided: Calico's end-of-tier
                 // drop. None applied: the profiles decide.
                 end_verdict: if applies { verdict::DENY } else { profile },
-                end_reason: if applies { reason::END_OF_POLICIES } else { reason::NO_PROFILE },
+                end_reason: if applies {
+                    reason::END_OF_POLICIES
+                } else {
+                    reason::NO_PROFILE
+                },
                 pass_verdict: profile,
             };
         }
@@ -161,10 +186,17 @@ pub fn compile(set: &PolicySet, node: &str, ifaces: &[String]) -> Result<Compile
 /// IPv4 nets live in `::ffff:0:0/96`.
 pub fn net_bytes(net: &IpNet) -> ([u8; 16], [u8; 16]) {
     let (addr, bits) = match net {
-        IpNet::V4(n) => (n.network().to_ipv6_mapped().octets(), 96 + n.prefix_len() as u32),
+        IpNet::V4(n) => (
+            n.network().to_ipv6_mapped().octets(),
+            96 + n.prefix_len() as u32,
+        ),
         IpNet::V6(n) => (n.network().octets(), n.prefix_len() as u32),
     };
-    let mask = if bits == 0 { 0u128 } else { u128::MAX << (128 - bits) };
+    let mask = if bits == 0 {
+        0u128
+    } else {
+        u128::MAX << (128 - bits)
+    };
     let mask = mask.to_be_bytes();
     let mut masked = addr;
     for (b, m) in masked.iter_mut().zip(mask) {
@@ -209,11 +241,19 @@ fn action_code(a: Action) -> u8 {
 }
 
 fn nets_or_any(nets: &[IpNet]) -> Vec<Option<&IpNet>> {
-    if nets.is_empty() { vec![None] } else { nets.iter().map(Some).collect() }
+    if nets.is_empty() {
+        vec![None]
+    } else {
+        nets.iter().map(Some).collect()
+    }
 }
 
 fn ports_or_any(ports: &[PortRange]) -> Vec<Option<PortRange>> {
-    if ports.is_empty() { vec![None] } else { ports.iter().copied().map(Some).collect() }
+    if ports.is_empty() {
+        vec![None]
+    } else {
+        ports.iter().copied().map(Some).collect()
+    }
 }
 
 fn version_of(net: Option<&IpNet>) -> Option<u8> {
@@ -263,15 +303,18 @@ pub fn expand(rule: &Rule, policy_id: u32, rule_index: u32, out: &mut Vec<RuleEn
             let same_type = rule.icmp.is_some_and(|m| m.icmp_type == i.icmp_type);
             if same_type {
                 match (rule.icmp.and_then(|m| m.code), i.code) {
-                    (_, None) => return,                    // never matches
+                    (_, None) => return,                      // never matches
                     (Some(c), Some(nc)) if c == nc => return, // never matches
-                    (Some(_), Some(_)) => {}                // implied
+                    (Some(_), Some(_)) => {}                  // implied
                     (None, Some(_)) => {
                         // Needs "type T and code != C": one entry per code.
                         let nc = i.code.unwrap_or(0);
                         for code in (0..=255u8).filter(|c| *c != nc) {
                             let mut r = rule.clone();
-                            r.icmp = Some(crate::policy::IcmpMatch { icmp_type: i.icmp_type, code: Some(code) });
+                            r.icmp = Some(crate::policy::IcmpMatch {
+                                icmp_type: i.icmp_type,
+                                code: Some(code),
+                            });
                             r.not_icmp = None;
                             expand(&r, policy_id, rule_index, out);
                         }
@@ -354,11 +397,21 @@ mod tests {
         let t = c.ifaces["eth1"].table(direction::INGRESS, table::POLICY);
         // The IPv6 source cannot meet the IPv4 destination: 1 x 1 x 2 entries.
         assert_eq!(t.rules.len(), 2);
-        assert!(t.rules.iter().all(|r| r.ip_version == 4 && r.policy_id == 0 && r.rule_index == 0));
+        assert!(t
+            .rules
+            .iter()
+            .all(|r| r.ip_version == 4 && r.policy_id == 0 && r.rule_index == 0));
         assert_eq!((t.rules[1].dst_port_lo, t.rules[1].dst_port_hi), (80, 90));
-        assert_eq!((t.end_verdict, t.end_reason), (verdict::DENY, reason::END_OF_POLICIES));
+        assert_eq!(
+            (t.end_verdict, t.end_reason),
+            (verdict::DENY, reason::END_OF_POLICIES)
+        );
         let e = c.ifaces["eth1"].table(direction::EGRESS, table::POLICY);
-        assert_eq!((e.rules.len(), e.end_verdict, e.end_reason), (0, verdict::DENY, reason::NO_PROFILE), "no egress policy: profiles decide");
+        assert_eq!(
+            (e.rules.len(), e.end_verdict, e.end_reason),
+            (0, verdict::DENY, reason::NO_PROFILE),
+            "no egress policy: profiles decide"
+        );
     }
 
     #[test]
@@ -388,7 +441,12 @@ mod tests {
             if rotation % 2 == 1 {
                 order.reverse();
             }
-            let c = compile(&set(&format!("{HEP}{}", order.join("---\n"))), "n", &["eth1".into()]).expect("compiles");
+            let c = compile(
+                &set(&format!("{HEP}{}", order.join("---\n"))),
+                "n",
+                &["eth1".into()],
+            )
+            .expect("compiles");
             assert_eq!(c.policy_names, ["a", "allow-x", "allow", "z"]);
             match &reference {
                 None => reference = Some(c),
@@ -400,7 +458,8 @@ mod tests {
     #[test]
     fn two_endpoints_for_one_interface_is_an_error() {
         let dup = "apiVersion: projectcalico.org/v3\nkind: HostEndpoint\nmetadata: {name: h2}\nspec: {node: n, interfaceName: eth1}\n";
-        let err = compile(&set(&format!("{HEP}{dup}")), "n", &["eth1".into()]).expect_err("ambiguous");
+        let err =
+            compile(&set(&format!("{HEP}{dup}")), "n", &["eth1".into()]).expect_err("ambiguous");
         assert!(err.to_string().contains("h, h2"), "{err}");
     }
 }

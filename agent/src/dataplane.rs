@@ -13,8 +13,7 @@ use aya::{
 };
 use moat_common::{
     counter, direction, map_names, program_names, DenyEvent, FlowKey, FlowState, FragKey,
-    FragmentL4, IfaceConfig,
-    RuleEntry, RuleTable, IFACE_ENFORCED, MAX_TABLE_RULES, RULE_BANK_SIZE,
+    FragmentL4, IfaceConfig, RuleEntry, RuleTable, IFACE_ENFORCED, MAX_TABLE_RULES, RULE_BANK_SIZE,
 };
 
 use crate::compile::{CompiledIface, TableSpec};
@@ -27,7 +26,10 @@ pub enum DataplaneError {
     #[error("loading the eBPF object into the kernel failed: {0}")]
     Load(#[source] aya::EbpfError),
     #[error("the eBPF object has no {kind} named {name}")]
-    Missing { kind: &'static str, name: &'static str },
+    Missing {
+        kind: &'static str,
+        name: &'static str,
+    },
     #[error("map {name}: {source}")]
     Map {
         name: &'static str,
@@ -118,7 +120,9 @@ fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
     ebpf: &mut Ebpf,
     name: &'static str,
 ) -> Result<T, DataplaneError> {
-    let map = ebpf.take_map(name).ok_or(DataplaneError::Missing { kind: "map", name })?;
+    let map = ebpf
+        .take_map(name)
+        .ok_or(DataplaneError::Missing { kind: "map", name })?;
     T::try_from(map).map_err(|source| DataplaneError::Map { name, source })
 }
 
@@ -129,13 +133,19 @@ impl Dataplane {
             .load(EBPF_OBJECT)
             .map_err(DataplaneError::Load)?;
         for name in [program_names::INGRESS, program_names::EGRESS] {
-            let program = ebpf
-                .program_mut(name)
-                .ok_or(DataplaneError::Missing { kind: "program", name })?;
+            let program = ebpf.program_mut(name).ok_or(DataplaneError::Missing {
+                kind: "program",
+                name,
+            })?;
             let result = match program {
                 aya::programs::Program::Xdp(p) => p.load(),
                 aya::programs::Program::SchedClassifier(p) => p.load(),
-                _ => return Err(DataplaneError::Missing { kind: "XDP or TC program", name }),
+                _ => {
+                    return Err(DataplaneError::Missing {
+                        kind: "XDP or TC program",
+                        name,
+                    })
+                }
             };
             result.map_err(|source| DataplaneError::Program { name, source })?;
         }
@@ -155,10 +165,10 @@ impl Dataplane {
 
     fn xdp(&mut self) -> Result<&mut Xdp, DataplaneError> {
         let name = program_names::INGRESS;
-        let program = self
-            .ebpf
-            .program_mut(name)
-            .ok_or(DataplaneError::Missing { kind: "program", name })?;
+        let program = self.ebpf.program_mut(name).ok_or(DataplaneError::Missing {
+            kind: "program",
+            name,
+        })?;
         program
             .try_into()
             .map_err(|source| DataplaneError::Program { name, source })
@@ -166,10 +176,10 @@ impl Dataplane {
 
     fn tc(&mut self) -> Result<&mut SchedClassifier, DataplaneError> {
         let name = program_names::EGRESS;
-        let program = self
-            .ebpf
-            .program_mut(name)
-            .ok_or(DataplaneError::Missing { kind: "program", name })?;
+        let program = self.ebpf.program_mut(name).ok_or(DataplaneError::Missing {
+            kind: "program",
+            name,
+        })?;
         program
             .try_into()
             .map_err(|source| DataplaneError::Program { name, source })
@@ -247,9 +257,7 @@ impl Dataplane {
                         } else {
                             "egress"
                         },
-                        table: if slot % moat_common::table::KINDS
-                            == moat_common::table::FAILSAFE
-                        {
+                        table: if slot % moat_common::table::KINDS == moat_common::table::FAILSAFE {
                             "failsafe"
                         } else {
                             "policy"
@@ -285,11 +293,7 @@ impl Dataplane {
                     source,
                 })?;
         }
-        for stale in self
-            .configured
-            .iter()
-            .filter(|i| !compiled.contains_key(i))
-        {
+        for stale in self.configured.iter().filter(|i| !compiled.contains_key(i)) {
             self.ifaces
                 .remove(stale)
                 .map_err(|source| DataplaneError::Map {
@@ -365,7 +369,11 @@ impl Dataplane {
     /// Runs the XDP program on `frame` through `BPF_PROG_TEST_RUN`, as if it
     /// arrived on the current network namespace's loopback (ifindex 1).
     /// Returns the XDP action and the mean time per run.
-    pub fn test_ingress(&mut self, frame: &[u8], repeat: u32) -> Result<(u32, Duration), DataplaneError> {
+    pub fn test_ingress(
+        &mut self,
+        frame: &[u8],
+        repeat: u32,
+    ) -> Result<(u32, Duration), DataplaneError> {
         let opts = TestRunOptions {
             data_in: Some(frame),
             repeat,
@@ -383,7 +391,11 @@ impl Dataplane {
 
     /// Runs the TC egress program on `frame` through `BPF_PROG_TEST_RUN`
     /// (skb on loopback, ifindex 1). Returns the TC action as `i32`.
-    pub fn test_egress(&mut self, frame: &[u8], repeat: u32) -> Result<(i32, Duration), DataplaneError> {
+    pub fn test_egress(
+        &mut self,
+        frame: &[u8],
+        repeat: u32,
+    ) -> Result<(i32, Duration), DataplaneError> {
         let opts = TestRunOptions {
             data_in: Some(frame),
             repeat,

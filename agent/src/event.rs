@@ -106,8 +106,16 @@ pub fn resolve(
     ResolvedEvent {
         time: rfc3339(wall),
         iface: iface_name(e.ifindex),
-        direction: if e.direction == direction::INGRESS { "ingress" } else { "egress" },
-        verdict: if e.verdict == verdict::LOG { "log" } else { "deny" },
+        direction: if e.direction == direction::INGRESS {
+            "ingress"
+        } else {
+            "egress"
+        },
+        verdict: if e.verdict == verdict::LOG {
+            "log"
+        } else {
+            "deny"
+        },
         reason: reason_name(e.reason),
         rule: policy.as_ref().map(|_| e.rule_index),
         policy,
@@ -136,8 +144,16 @@ pub fn tcp_flags(f: u8) -> String {
         (0x40, "ECE"),
         (0x80, "CWR"),
     ];
-    let set: Vec<&str> = NAMES.iter().filter(|(b, _)| f & b != 0).map(|(_, n)| *n).collect();
-    if set.is_empty() { "none".into() } else { set.join(",") }
+    let set: Vec<&str> = NAMES
+        .iter()
+        .filter(|(b, _)| f & b != 0)
+        .map(|(_, n)| *n)
+        .collect();
+    if set.is_empty() {
+        "none".into()
+    } else {
+        set.join(",")
+    }
 }
 
 fn endpoint(addr: IpAddr, port: Option<u16>) -> String {
@@ -229,7 +245,10 @@ mod tests {
     fn rfc3339_known_instants() {
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000Z");
         assert_eq!(rfc3339(951_782_400_123_000_000), "2000-02-29T00:00:00.123Z");
-        assert_eq!(rfc3339(1_795_392_000_000_000_000), "2026-11-23T00:00:00.000Z");
+        assert_eq!(
+            rfc3339(1_795_392_000_000_000_000),
+            "2026-11-23T00:00:00.000Z"
+        );
     }
 
     #[test]

@@ -5,16 +5,37 @@ use std::net::IpAddr;
 /// The transport part of a packet.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Transport {
-    Tcp { sport: u16, dport: u16, flags: u8 },
-    Udp { sport: u16, dport: u16 },
-    Sctp { sport: u16, dport: u16 },
+    Tcp {
+        sport: u16,
+        dport: u16,
+        flags: u8,
+    },
+    Udp {
+        sport: u16,
+        dport: u16,
+    },
+    Sctp {
+        sport: u16,
+        dport: u16,
+    },
     /// ICMP or ICMPv6 (by the address family). `rest` is bytes 4..8.
-    Icmp { icmp_type: u8, code: u8, rest: [u8; 4] },
+    Icmp {
+        icmp_type: u8,
+        code: u8,
+        rest: [u8; 4],
+    },
     /// An ICMP error quoting the start of `quoted` (an IP packet, no
     /// Ethernet header).
-    IcmpError { icmp_type: u8, code: u8, quoted: Box<Packet> },
+    IcmpError {
+        icmp_type: u8,
+        code: u8,
+        quoted: Box<Packet>,
+    },
     /// Any other IP protocol, with `len` payload bytes.
-    Other { protocol: u8, len: usize },
+    Other {
+        protocol: u8,
+        len: usize,
+    },
 }
 
 /// IP fragmentation of a packet.
@@ -64,7 +85,15 @@ impl Packet {
     }
 
     pub fn tcp(src: &str, sport: u16, dst: &str, dport: u16, flags: u8) -> Self {
-        Packet::new(ip(src), ip(dst), Transport::Tcp { sport, dport, flags })
+        Packet::new(
+            ip(src),
+            ip(dst),
+            Transport::Tcp {
+                sport,
+                dport,
+                flags,
+            },
+        )
     }
 
     pub fn udp(src: &str, sport: u16, dst: &str, dport: u16) -> Self {
@@ -72,7 +101,15 @@ impl Packet {
     }
 
     pub fn icmp(src: &str, dst: &str, icmp_type: u8, code: u8) -> Self {
-        Packet::new(ip(src), ip(dst), Transport::Icmp { icmp_type, code, rest: [0x12, 0x34, 0, 1] })
+        Packet::new(
+            ip(src),
+            ip(dst),
+            Transport::Icmp {
+                icmp_type,
+                code,
+                rest: [0x12, 0x34, 0, 1],
+            },
+        )
     }
 
     /// The Ethernet frame.
@@ -96,7 +133,11 @@ impl Packet {
             Transport::Udp { .. } => 17,
             Transport::Sctp { .. } => 132,
             Transport::Icmp { .. } | Transport::IcmpError { .. } => {
-                if self.src.is_ipv4() { 1 } else { 58 }
+                if self.src.is_ipv4() {
+                    1
+                } else {
+                    58
+                }
             }
             Transport::Other { protocol, .. } => *protocol,
         }
@@ -105,7 +146,11 @@ impl Packet {
     fn transport_bytes(&self) -> Vec<u8> {
         let mut t = Vec::new();
         match &self.transport {
-            Transport::Tcp { sport, dport, flags } => {
+            Transport::Tcp {
+                sport,
+                dport,
+                flags,
+            } => {
                 t.extend_from_slice(&sport.to_be_bytes());
                 t.extend_from_slice(&dport.to_be_bytes());
                 t.extend_from_slice(&1u32.to_be_bytes()); // seq
@@ -126,11 +171,19 @@ impl Packet {
                 t.extend_from_slice(&dport.to_be_bytes());
                 t.extend_from_slice(&[0; 8]);
             }
-            Transport::Icmp { icmp_type, code, rest } => {
+            Transport::Icmp {
+                icmp_type,
+                code,
+                rest,
+            } => {
                 t.extend_from_slice(&[*icmp_type, *code, 0, 0]);
                 t.extend_from_slice(rest);
             }
-            Transport::IcmpError { icmp_type, code, quoted } => {
+            Transport::IcmpError {
+                icmp_type,
+                code,
+                quoted,
+            } => {
                 t.extend_from_slice(&[*icmp_type, *code, 0, 0, 0, 0, 0, 0]);
                 let inner = quoted.ip_bytes();
                 t.extend_from_slice(&inner[..inner.len().min(96)]);
@@ -153,7 +206,10 @@ impl Packet {
                 h[0] = 0x40 | (ihl / 4) as u8;
                 h[2..4].copy_from_slice(&(total as u16).to_be_bytes());
                 let (id, frag) = match self.fragment {
-                    Some(fr) => (fr.id as u16, (fr.offset & 0x1fff) | if fr.more { 0x2000 } else { 0 }),
+                    Some(fr) => (
+                        fr.id as u16,
+                        (fr.offset & 0x1fff) | if fr.more { 0x2000 } else { 0 },
+                    ),
                     None => (0x1234, 0x4000), // DF
                 };
                 h[4..6].copy_from_slice(&id.to_be_bytes());
@@ -178,7 +234,9 @@ impl Packet {
                 let mut next = self.protocol();
                 if let Some(fr) = self.fragment {
                     let mut e = vec![next, 0];
-                    e.extend_from_slice(&(((fr.offset & 0x1fff) << 3) | u16::from(fr.more)).to_be_bytes());
+                    e.extend_from_slice(
+                        &(((fr.offset & 0x1fff) << 3) | u16::from(fr.more)).to_be_bytes(),
+                    );
                     e.extend_from_slice(&fr.id.to_be_bytes());
                     ext = e;
                     next = 44;
@@ -209,7 +267,8 @@ impl Packet {
 
 /// Parses an address literal; panics on a bad one (test input).
 pub fn ip(s: &str) -> IpAddr {
-    s.parse().unwrap_or_else(|_| panic!("{s:?} is not an IP address"))
+    s.parse()
+        .unwrap_or_else(|_| panic!("{s:?} is not an IP address"))
 }
 
 /// The Internet checksum of `bytes`.

@@ -11,7 +11,11 @@ use moat::{
 };
 
 #[derive(Parser)]
-#[command(name = "moat", version, about = "eBPF host firewall enforcing Calico host endpoint policy")]
+#[command(
+    name = "moat",
+    version,
+    about = "eBPF host firewall enforcing Calico host endpoint policy"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -80,7 +84,13 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Agent { policies, ifaces, node, output, xdp_mode } => {
+        Command::Agent {
+            policies,
+            ifaces,
+            node,
+            output,
+            xdp_mode,
+        } => {
             let cfg = AgentConfig {
                 policies,
                 ifaces,
@@ -96,10 +106,20 @@ fn main() -> ExitCode {
                 .and_then(|rt| rt.block_on(agent::run(cfg)))
                 .map(|()| ExitCode::SUCCESS)
         }
-        Command::Check { policies, ifaces, node, output } => check(&policies, ifaces, node, output),
-        Command::Bench { policies, iface, node, repeat, runs, output } => {
-            bench(&policies, &iface, node, repeat, runs, output)
-        }
+        Command::Check {
+            policies,
+            ifaces,
+            node,
+            output,
+        } => check(&policies, ifaces, node, output),
+        Command::Bench {
+            policies,
+            iface,
+            node,
+            repeat,
+            runs,
+            output,
+        } => bench(&policies, &iface, node, repeat, runs, output),
     };
     match result {
         Ok(code) => code,
@@ -110,7 +130,12 @@ fn main() -> ExitCode {
     }
 }
 
-fn check(dir: &std::path::Path, ifaces: Vec<String>, node: Option<String>, output: OutputFormat) -> anyhow::Result<ExitCode> {
+fn check(
+    dir: &std::path::Path,
+    ifaces: Vec<String>,
+    node: Option<String>,
+    output: OutputFormat,
+) -> anyhow::Result<ExitCode> {
     let node = node.unwrap_or_else(agent::default_node_name);
     let loaded = policy::load_dir(dir)?;
     let ifaces = if ifaces.is_empty() {
@@ -190,7 +215,11 @@ fn check(dir: &std::path::Path, ifaces: Vec<String>, node: Option<String>, outpu
             }
         }
     }
-    Ok(if errors.is_empty() && compile_error.is_none() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if errors.is_empty() && compile_error.is_none() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 fn bench(
@@ -205,7 +234,11 @@ fn bench(
     let node = node.unwrap_or_else(agent::default_node_name);
     let loaded = policy::load_dir(dir)?;
     if let Some(e) = loaded.errors.first() {
-        anyhow::bail!("{} invalid resource(s) in {}, first: {e}", loaded.errors.len(), dir.display());
+        anyhow::bail!(
+            "{} invalid resource(s) in {}, first: {e}",
+            loaded.errors.len(),
+            dir.display()
+        );
     }
     let results = moat::bench::run(&loaded.set, &node, iface, repeat, runs)?;
     match output {
@@ -213,7 +246,10 @@ fn bench(
         OutputFormat::Text => {
             println!("XDP program, BPF_PROG_TEST_RUN, repeat {repeat}, median of {runs} runs ({} {iface}):", dir.display());
             for r in &results {
-                println!("  {:<62} {:<4} {:>7.1} ns/packet  (min {:.1}, max {:.1})", r.case, r.verdict, r.median_ns, r.min_ns, r.max_ns);
+                println!(
+                    "  {:<62} {:<4} {:>7.1} ns/packet  (min {:.1}, max {:.1})",
+                    r.case, r.verdict, r.median_ns, r.min_ns, r.max_ns
+                );
             }
         }
     }

@@ -378,13 +378,22 @@ fn load_value(file: &Path, index: &mut usize, value: Value, loaded: &mut Loaded)
         loaded.errors.push(err(
             "",
             "",
-            format!("document {} is not a resource (a mapping with apiVersion and kind)", origin.document + 1),
+            format!(
+                "document {} is not a resource (a mapping with apiVersion and kind)",
+                origin.document + 1
+            ),
         ));
         return;
     };
     let get = |k: &str| map.get(Value::String(k.into()));
-    let kind = get("kind").and_then(Value::as_str).unwrap_or_default().to_string();
-    let api = get("apiVersion").and_then(Value::as_str).unwrap_or_default().to_string();
+    let kind = get("kind")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string();
+    let api = get("apiVersion")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string();
     if kind == "List" {
         match get("items") {
             Some(Value::Sequence(items)) => {
@@ -393,7 +402,11 @@ fn load_value(file: &Path, index: &mut usize, value: Value, loaded: &mut Loaded)
                     load_value(file, index, item, loaded);
                 }
             }
-            _ => loaded.errors.push(err("List", "items", "a List needs a sequence of items".into())),
+            _ => loaded.errors.push(err(
+                "List",
+                "items",
+                "a List needs a sequence of items".into(),
+            )),
         }
         return;
     }
@@ -401,7 +414,11 @@ fn load_value(file: &Path, index: &mut usize, value: Value, loaded: &mut Loaded)
     let meta: Metadata = match serde_path_to_error::deserialize(metadata) {
         Ok(m) => m,
         Err(e) => {
-            loaded.errors.push(err(&kind, &format!("metadata.{}", e.path()), e.inner().to_string()));
+            loaded.errors.push(err(
+                &kind,
+                &format!("metadata.{}", e.path()),
+                e.inner().to_string(),
+            ));
             return;
         }
     };
@@ -410,18 +427,32 @@ fn load_value(file: &Path, index: &mut usize, value: Value, loaded: &mut Loaded)
         None => format!("{kind}/{}", meta.name),
     };
     if kind.is_empty() || api.is_empty() {
-        loaded.errors.push(err(&resource, if kind.is_empty() { "kind" } else { "apiVersion" }, "missing".into()));
+        loaded.errors.push(err(
+            &resource,
+            if kind.is_empty() {
+                "kind"
+            } else {
+                "apiVersion"
+            },
+            "missing".into(),
+        ));
         return;
     }
     for key in map.keys() {
         let key = key.as_str().unwrap_or_default();
         if !matches!(key, "apiVersion" | "kind" | "metadata" | "spec" | "status") {
-            loaded.errors.push(err(&resource, key, unknown_field(key, &["apiVersion", "kind", "metadata", "spec"])));
+            loaded.errors.push(err(
+                &resource,
+                key,
+                unknown_field(key, &["apiVersion", "kind", "metadata", "spec"]),
+            ));
             return;
         }
     }
     if meta.name.is_empty() {
-        loaded.errors.push(err(&resource, "metadata.name", "missing".into()));
+        loaded
+            .errors
+            .push(err(&resource, "metadata.name", "missing".into()));
         return;
     }
     if let Err(message) = check_name(&meta.name) {
@@ -519,7 +550,11 @@ fn spec_error(e: serde_path_to_error::Error<serde_yaml_ng::Error>) -> (String, S
         }
         None => inner,
     };
-    let field = if path == "." { "spec".into() } else { format!("spec.{path}") };
+    let field = if path == "." {
+        "spec".into()
+    } else {
+        format!("spec.{path}")
+    };
     (field, message)
 }
 
@@ -640,8 +675,15 @@ fn policy(meta: &Metadata, spec: Value, origin: Origin) -> FieldResult<Policy> {
         return field_err("spec.preDNAT", "preDNAT and doNotTrack cannot both be true");
     }
     if (pre_dnat || do_not_track) && !apply_on_forward {
-        let f = if pre_dnat { "spec.preDNAT" } else { "spec.doNotTrack" };
-        return field_err(f, "preDNAT and doNotTrack policies need applyOnForward: true");
+        let f = if pre_dnat {
+            "spec.preDNAT"
+        } else {
+            "spec.doNotTrack"
+        };
+        return field_err(
+            f,
+            "preDNAT and doNotTrack policies need applyOnForward: true",
+        );
     }
     if pre_dnat && raw.egress.as_ref().is_some_and(|e| !e.is_empty()) {
         return field_err("spec.egress", "a preDNAT policy cannot have egress rules");
@@ -684,9 +726,13 @@ fn policy(meta: &Metadata, spec: Value, origin: Origin) -> FieldResult<Policy> {
         }
     }
     let selector_text = raw.selector.unwrap_or_default();
-    let selector = Selector::parse(&selector_text).map_err(|e| ("spec.selector".to_string(), e.to_string()))?;
+    let selector = Selector::parse(&selector_text)
+        .map_err(|e| ("spec.selector".to_string(), e.to_string()))?;
     if selector.uses_global() {
-        return field_err("spec.selector", "global() is only valid alone in a rule's namespaceSelector");
+        return field_err(
+            "spec.selector",
+            "global() is only valid alone in a rule's namespaceSelector",
+        );
     }
     let ingress = rules(raw.ingress.unwrap_or_default(), "spec.ingress")?;
     let egress = rules(raw.egress.unwrap_or_default(), "spec.egress")?;
@@ -712,7 +758,10 @@ fn policy(meta: &Metadata, spec: Value, origin: Origin) -> FieldResult<Policy> {
     if let Some(hints) = raw.performance_hints {
         for (i, h) in hints.iter().enumerate() {
             if h != "AssumeNeededOnEveryNode" {
-                return field_err(format!("spec.performanceHints[{i}]"), format!("unknown hint {h:?}"));
+                return field_err(
+                    format!("spec.performanceHints[{i}]"),
+                    format!("unknown hint {h:?}"),
+                );
             }
         }
     }
@@ -753,12 +802,22 @@ fn parse_protocol(raw: &NumOrString, field: &str) -> FieldResult<u8> {
             if let Ok(n) = s.parse::<i64>() {
                 return parse_protocol(&NumOrString::Num(n), field);
             }
-            if let Some((_, n)) = PROTOCOL_NAMES.iter().find(|(name, _)| name.eq_ignore_ascii_case(s)) {
+            if let Some((_, n)) = PROTOCOL_NAMES
+                .iter()
+                .find(|(name, _)| name.eq_ignore_ascii_case(s))
+            {
                 return Ok(*n);
             }
             let names: Vec<&str> = PROTOCOL_NAMES.iter().map(|(n, _)| *n).collect();
-            let hint = did_you_mean(s, &names).map(|n| format!(", did you mean {n}?")).unwrap_or_default();
-            field_err(field, format!("unknown protocol {s:?} (TCP, UDP, ICMP, ICMPv6, SCTP, UDPLite or 1-255){hint}"))
+            let hint = did_you_mean(s, &names)
+                .map(|n| format!(", did you mean {n}?"))
+                .unwrap_or_default();
+            field_err(
+                field,
+                format!(
+                    "unknown protocol {s:?} (TCP, UDP, ICMP, ICMPv6, SCTP, UDPLite or 1-255){hint}"
+                ),
+            )
         }
     }
 }
@@ -771,14 +830,25 @@ fn icmp(raw: &RawIcmp, field: &str) -> FieldResult<IcmpMatch> {
         return field_err(format!("{field}.type"), "missing");
     };
     if !(0..=254).contains(&t) {
-        return field_err(format!("{field}.type"), format!("ICMP type {t} is out of range 0-254"));
+        return field_err(
+            format!("{field}.type"),
+            format!("ICMP type {t} is out of range 0-254"),
+        );
     }
     let code = match raw.code {
         Some(c) if (0..=255).contains(&c) => Some(c as u8),
-        Some(c) => return field_err(format!("{field}.code"), format!("ICMP code {c} is out of range 0-255")),
+        Some(c) => {
+            return field_err(
+                format!("{field}.code"),
+                format!("ICMP code {c} is out of range 0-255"),
+            )
+        }
         None => None,
     };
-    Ok(IcmpMatch { icmp_type: t as u8, code })
+    Ok(IcmpMatch {
+        icmp_type: t as u8,
+        code,
+    })
 }
 
 fn port_range(raw: &NumOrString, field: &str) -> FieldResult<PortRange> {
@@ -805,7 +875,12 @@ fn port_range(raw: &NumOrString, field: &str) -> FieldResult<PortRange> {
     }
 }
 
-fn entity(raw: Option<RawEntity>, field: &str, ports_allowed: bool, ip_version: Option<u8>) -> FieldResult<EntityMatch> {
+fn entity(
+    raw: Option<RawEntity>,
+    field: &str,
+    ports_allowed: bool,
+    ip_version: Option<u8>,
+) -> FieldResult<EntityMatch> {
     let raw = raw.unwrap_or_default();
     let mut nets = Vec::new();
     for (i, n) in raw.nets.unwrap_or_default().iter().enumerate() {
@@ -813,21 +888,33 @@ fn entity(raw: Option<RawEntity>, field: &str, ports_allowed: bool, ip_version: 
         let net = parse_net(n).map_err(|m| (f.clone(), m))?;
         let v = if net.addr().is_ipv4() { 4 } else { 6 };
         if ip_version.is_some_and(|want| want != v) {
-            return field_err(f, format!("IPv{v} net {n} in a rule with ipVersion {}", ip_version.unwrap_or(0)));
+            return field_err(
+                f,
+                format!(
+                    "IPv{v} net {n} in a rule with ipVersion {}",
+                    ip_version.unwrap_or(0)
+                ),
+            );
         }
         nets.push(net);
     }
     let mut ports = Vec::new();
     let raw_ports = raw.ports.unwrap_or_default();
     if !raw_ports.is_empty() && !ports_allowed {
-        return field_err(format!("{field}.ports"), "ports need protocol TCP, UDP or SCTP");
+        return field_err(
+            format!("{field}.ports"),
+            "ports need protocol TCP, UDP or SCTP",
+        );
     }
     for (i, p) in raw_ports.iter().enumerate() {
         ports.push(port_range(p, &format!("{field}.ports[{i}]"))?);
     }
     if let Some(not_ports) = &raw.not_ports {
         if !not_ports.is_empty() && !ports_allowed {
-            return field_err(format!("{field}.notPorts"), "notPorts need protocol TCP, UDP or SCTP");
+            return field_err(
+                format!("{field}.notPorts"),
+                "notPorts need protocol TCP, UDP or SCTP",
+            );
         }
     }
     for (i, n) in raw.not_nets.iter().flatten().enumerate() {
@@ -839,9 +926,13 @@ fn entity(raw: Option<RawEntity>, field: &str, ports_allowed: bool, ip_version: 
         ("namespaceSelector", &raw.namespace_selector),
     ] {
         if let Some(text) = value {
-            let sel = Selector::parse(text).map_err(|e| (format!("{field}.{name}"), e.to_string()))?;
+            let sel =
+                Selector::parse(text).map_err(|e| (format!("{field}.{name}"), e.to_string()))?;
             if sel.uses_global() && (name != "namespaceSelector" || sel != Selector::Global) {
-                return field_err(format!("{field}.{name}"), "global() is only valid alone in a rule's namespaceSelector");
+                return field_err(
+                    format!("{field}.{name}"),
+                    "global() is only valid alone in a rule's namespaceSelector",
+                );
             }
         }
     }
@@ -886,33 +977,83 @@ fn rule(raw: RawRule, field: &str) -> FieldResult<Rule> {
             let hint = did_you_mean(other, &["Allow", "Deny", "Log", "Pass"])
                 .map(|s| format!(", did you mean {s}?"))
                 .unwrap_or_default();
-            return field_err(format!("{field}.action"), format!("unknown action {other:?} (Allow, Deny, Log or Pass){hint}"));
+            return field_err(
+                format!("{field}.action"),
+                format!("unknown action {other:?} (Allow, Deny, Log or Pass){hint}"),
+            );
         }
     };
-    let protocol = raw.protocol.as_ref().map(|p| parse_protocol(p, &format!("{field}.protocol"))).transpose()?;
-    let not_protocol = raw.not_protocol.as_ref().map(|p| parse_protocol(p, &format!("{field}.notProtocol"))).transpose()?;
+    let protocol = raw
+        .protocol
+        .as_ref()
+        .map(|p| parse_protocol(p, &format!("{field}.protocol")))
+        .transpose()?;
+    let not_protocol = raw
+        .not_protocol
+        .as_ref()
+        .map(|p| parse_protocol(p, &format!("{field}.notProtocol")))
+        .transpose()?;
     let ip_version = match raw.ip_version {
         None => None,
         Some(v @ (4 | 6)) => Some(v as u8),
-        Some(v) => return field_err(format!("{field}.ipVersion"), format!("ipVersion {v} is neither 4 nor 6")),
+        Some(v) => {
+            return field_err(
+                format!("{field}.ipVersion"),
+                format!("ipVersion {v} is neither 4 nor 6"),
+            )
+        }
     };
     let icmp_proto = matches!(protocol, Some(1 | 58));
-    let icmp_m = raw.icmp.as_ref().map(|i| icmp(i, &format!("{field}.icmp"))).transpose()?;
-    let not_icmp = raw.not_icmp.as_ref().map(|i| icmp(i, &format!("{field}.notICMP"))).transpose()?;
+    let icmp_m = raw
+        .icmp
+        .as_ref()
+        .map(|i| icmp(i, &format!("{field}.icmp")))
+        .transpose()?;
+    let not_icmp = raw
+        .not_icmp
+        .as_ref()
+        .map(|i| icmp(i, &format!("{field}.notICMP")))
+        .transpose()?;
     if (icmp_m.is_some() || not_icmp.is_some()) && !icmp_proto {
         let f = if icmp_m.is_some() { "icmp" } else { "notICMP" };
-        return field_err(format!("{field}.{f}"), "ICMP fields need protocol ICMP or ICMPv6");
+        return field_err(
+            format!("{field}.{f}"),
+            "ICMP fields need protocol ICMP or ICMPv6",
+        );
     }
     match (protocol, ip_version) {
-        (Some(1), Some(6)) => return field_err(format!("{field}.protocol"), "protocol ICMP with ipVersion 6 (use ICMPv6)"),
-        (Some(58), Some(4)) => return field_err(format!("{field}.protocol"), "protocol ICMPv6 with ipVersion 4 (use ICMP)"),
+        (Some(1), Some(6)) => {
+            return field_err(
+                format!("{field}.protocol"),
+                "protocol ICMP with ipVersion 6 (use ICMPv6)",
+            )
+        }
+        (Some(58), Some(4)) => {
+            return field_err(
+                format!("{field}.protocol"),
+                "protocol ICMPv6 with ipVersion 4 (use ICMP)",
+            )
+        }
         _ => {}
     }
     let ports_allowed = matches!(protocol, Some(6 | 17 | 132));
-    let source = entity(raw.source, &format!("{field}.source"), ports_allowed, ip_version)?;
-    let destination = entity(raw.destination, &format!("{field}.destination"), ports_allowed, ip_version)?;
+    let source = entity(
+        raw.source,
+        &format!("{field}.source"),
+        ports_allowed,
+        ip_version,
+    )?;
+    let destination = entity(
+        raw.destination,
+        &format!("{field}.destination"),
+        ports_allowed,
+        ip_version,
+    )?;
     if raw.http.is_some() {
-        return not_yet(&format!("{field}.http"), "an HTTP match (it needs an application layer proxy)");
+        return not_yet(
+            &format!("{field}.http"),
+            "an HTTP match (it needs an application layer proxy)",
+        );
     }
     Ok(Rule {
         action,
@@ -944,13 +1085,18 @@ fn host_endpoint(meta: &Metadata, spec: Value, origin: Origin) -> FieldResult<Ho
     };
     let mut expected_ips = Vec::new();
     for (i, ip) in raw.expected_ips.iter().flatten().enumerate() {
-        expected_ips.push(
-            ip.parse()
-                .map_err(|_| (format!("spec.expectedIPs[{i}]"), format!("{ip:?} is not an IP address")))?,
-        );
+        expected_ips.push(ip.parse().map_err(|_| {
+            (
+                format!("spec.expectedIPs[{i}]"),
+                format!("{ip:?} is not an IP address"),
+            )
+        })?);
     }
     let Some(interface_name) = raw.interface_name.filter(|n| !n.is_empty()) else {
-        return not_yet("spec.interfaceName", "a HostEndpoint without interfaceName (matched by expectedIPs)");
+        return not_yet(
+            "spec.interfaceName",
+            "a HostEndpoint without interfaceName (matched by expectedIPs)",
+        );
     };
     if interface_name == "*" {
         return not_yet("spec.interfaceName", "interfaceName \"*\" (all interfaces)");
@@ -960,7 +1106,10 @@ fn host_endpoint(meta: &Metadata, spec: Value, origin: Origin) -> FieldResult<Ho
         if p == DEFAULT_ALLOW_PROFILE {
             default_allow = true;
         } else {
-            return not_yet(&format!("spec.profiles[{i}]"), &format!("profile {p:?} (only {DEFAULT_ALLOW_PROFILE} is known)"));
+            return not_yet(
+                &format!("spec.profiles[{i}]"),
+                &format!("profile {p:?} (only {DEFAULT_ALLOW_PROFILE} is known)"),
+            );
         }
     }
     if raw.ports.as_ref().is_some_and(|p| !p.is_empty()) {
@@ -990,17 +1139,39 @@ fn failsafe_ports(raw: &[RawFailsafePort], field: &str) -> FieldResult<Vec<Fails
         .enumerate()
         .map(|(i, p)| {
             let f = format!("{field}[{i}]");
-            let protocol = match p.protocol.as_deref().map(str::to_ascii_lowercase).as_deref() {
+            let protocol = match p
+                .protocol
+                .as_deref()
+                .map(str::to_ascii_lowercase)
+                .as_deref()
+            {
                 None | Some("tcp") => 6,
                 Some("udp") => 17,
                 Some("sctp") => 132,
-                Some(other) => return field_err(format!("{f}.protocol"), format!("{other:?} is not tcp, udp or sctp")),
+                Some(other) => {
+                    return field_err(
+                        format!("{f}.protocol"),
+                        format!("{other:?} is not tcp, udp or sctp"),
+                    )
+                }
             };
             if !(0..=65535).contains(&p.port) {
-                return field_err(format!("{f}.port"), format!("port {} is out of range 0-65535", p.port));
+                return field_err(
+                    format!("{f}.port"),
+                    format!("port {} is out of range 0-65535", p.port),
+                );
             }
-            let net = p.net.as_deref().map(parse_net).transpose().map_err(|m| (format!("{f}.net"), m))?;
-            Ok(FailsafePort { protocol, port: p.port as u16, net })
+            let net = p
+                .net
+                .as_deref()
+                .map(parse_net)
+                .transpose()
+                .map_err(|m| (format!("{f}.net"), m))?;
+            Ok(FailsafePort {
+                protocol,
+                port: p.port as u16,
+                net,
+            })
         })
         .collect()
 }
@@ -1015,10 +1186,16 @@ struct RawFelixSpec {
 fn felix_configuration(meta: &Metadata, spec: Value) -> FieldResult<Option<Failsafes>> {
     let raw: RawFelixSpec = serde_path_to_error::deserialize(spec).map_err(|e| {
         let (field, message) = spec_error(e);
-        (field, format!("{message} (moat reads only the failsafe port fields of FelixConfiguration)"))
+        (
+            field,
+            format!("{message} (moat reads only the failsafe port fields of FelixConfiguration)"),
+        )
     })?;
     if meta.name != "default" {
-        return not_yet("metadata.name", "a per-node FelixConfiguration (only `default` is read)");
+        return not_yet(
+            "metadata.name",
+            "a per-node FelixConfiguration (only `default` is read)",
+        );
     }
     let defaults = Failsafes::calico_defaults();
     Ok(Some(Failsafes {
@@ -1043,7 +1220,8 @@ struct RawFailsafeProfileSpec {
 
 fn failsafe_profile(meta: &Metadata, spec: Value, origin: Origin) -> FieldResult<FailsafeProfile> {
     let raw: RawFailsafeProfileSpec = serde_path_to_error::deserialize(spec).map_err(spec_error)?;
-    let selector = Selector::parse(&raw.selector).map_err(|e| ("spec.selector".to_string(), e.to_string()))?;
+    let selector =
+        Selector::parse(&raw.selector).map_err(|e| ("spec.selector".to_string(), e.to_string()))?;
     Ok(FailsafeProfile {
         name: meta.name.clone(),
         selector,
@@ -1089,7 +1267,10 @@ mod tests {
         assert_eq!(names, ["q", "p"], "order 10 first, no order last");
         assert_eq!(l.set.host_endpoints[0].labels["ibm.role"], "worker_public");
         let q = &l.set.policies[0];
-        assert!(!q.ingress_applies && q.egress_applies, "egress rules only: types [Egress]");
+        assert!(
+            !q.ingress_applies && q.egress_applies,
+            "egress rules only: types [Egress]"
+        );
         let p = &l.set.policies[1];
         assert!(p.ingress_applies && !p.egress_applies);
     }
@@ -1099,16 +1280,28 @@ mod tests {
         let cases = [
             ("  ingress: [{action: Allow}]\n", true, false),
             ("  egress: [{action: Allow}]\n", false, true),
-            ("  ingress: [{action: Allow}]\n  egress: [{action: Allow}]\n", true, true),
+            (
+                "  ingress: [{action: Allow}]\n  egress: [{action: Allow}]\n",
+                true,
+                true,
+            ),
             ("  selector: all()\n", true, false),
             ("  types: [Egress]\n", false, true),
-            ("  types: [Ingress, Egress]\n  ingress: [{action: Allow}]\n", true, true),
+            (
+                "  types: [Ingress, Egress]\n  ingress: [{action: Allow}]\n",
+                true,
+                true,
+            ),
         ];
         for (spec, ingress, egress) in cases {
             let l = load(&gnp(spec));
             assert!(l.errors.is_empty(), "{spec}: {:#?}", l.errors);
             let p = &l.set.policies[0];
-            assert_eq!((p.ingress_applies, p.egress_applies), (ingress, egress), "{spec}");
+            assert_eq!(
+                (p.ingress_applies, p.egress_applies),
+                (ingress, egress),
+                "{spec}"
+            );
         }
     }
 
@@ -1131,11 +1324,38 @@ mod tests {
         ));
         assert!(l.errors.is_empty(), "{:#?}", l.errors);
         let r = &l.set.policies[0].ingress;
-        assert_eq!((r[0].action, r[0].protocol, r[0].not_protocol, r[0].ip_version), (Action::Log, Some(6), Some(17), Some(4)));
+        assert_eq!(
+            (
+                r[0].action,
+                r[0].protocol,
+                r[0].not_protocol,
+                r[0].ip_version
+            ),
+            (Action::Log, Some(6), Some(17), Some(4))
+        );
         assert_eq!(r[0].source.nets.len(), 2);
-        assert_eq!(r[0].source.ports, [PortRange { lo: 22, hi: 22 }, PortRange { lo: 8000, hi: 8080 }, PortRange { lo: 53, hi: 53 }]);
-        assert_eq!(r[1].icmp, Some(IcmpMatch { icmp_type: 128, code: Some(0) }));
-        assert_eq!(r[1].not_icmp, Some(IcmpMatch { icmp_type: 1, code: None }));
+        assert_eq!(
+            r[0].source.ports,
+            [
+                PortRange { lo: 22, hi: 22 },
+                PortRange { lo: 8000, hi: 8080 },
+                PortRange { lo: 53, hi: 53 }
+            ]
+        );
+        assert_eq!(
+            r[1].icmp,
+            Some(IcmpMatch {
+                icmp_type: 128,
+                code: Some(0)
+            })
+        );
+        assert_eq!(
+            r[1].not_icmp,
+            Some(IcmpMatch {
+                icmp_type: 1,
+                code: None
+            })
+        );
     }
 
     #[test]
@@ -1182,21 +1402,42 @@ mod tests {
     fn valid_calico_not_enforced_yet_is_rejected_not_ignored() {
         let cases: &[(&str, &str)] = &[
             ("  preDNAT: true\n  applyOnForward: true\n", "spec.preDNAT"),
-            ("  doNotTrack: true\n  applyOnForward: true\n", "spec.doNotTrack"),
+            (
+                "  doNotTrack: true\n  applyOnForward: true\n",
+                "spec.doNotTrack",
+            ),
             ("  applyOnForward: true\n", "spec.applyOnForward"),
-            ("  ingress: [{action: Deny, source: {notNets: [10.0.0.0/8]}}]\n", "spec.ingress[0].source.notNets"),
-            ("  ingress: [{action: Deny, protocol: TCP, destination: {notPorts: [22]}}]\n", "spec.ingress[0].destination.notPorts"),
-            ("  ingress: [{action: Deny, source: {selector: \"app == 'x'\"}}]\n", "spec.ingress[0].source.selector"),
-            ("  ingress: [{action: Deny, protocol: TCP, destination: {ports: [http]}}]\n", "spec.ingress[0].destination.ports[0]"),
+            (
+                "  ingress: [{action: Deny, source: {notNets: [10.0.0.0/8]}}]\n",
+                "spec.ingress[0].source.notNets",
+            ),
+            (
+                "  ingress: [{action: Deny, protocol: TCP, destination: {notPorts: [22]}}]\n",
+                "spec.ingress[0].destination.notPorts",
+            ),
+            (
+                "  ingress: [{action: Deny, source: {selector: \"app == 'x'\"}}]\n",
+                "spec.ingress[0].source.selector",
+            ),
+            (
+                "  ingress: [{action: Deny, protocol: TCP, destination: {ports: [http]}}]\n",
+                "spec.ingress[0].destination.ports[0]",
+            ),
         ];
         for (spec, field) in cases {
             let e = only_error(&gnp(spec));
             assert_eq!(e.field, *field, "{spec}: {e}");
-            assert!(e.message.contains("not enforced by this version"), "{spec}: {e}");
+            assert!(
+                e.message.contains("not enforced by this version"),
+                "{spec}: {e}"
+            );
         }
         for kind in ["NetworkPolicy", "GlobalNetworkSet", "NetworkSet"] {
             let e = only_error(&format!("apiVersion: projectcalico.org/v3\nkind: {kind}\nmetadata: {{name: x, namespace: ns}}\nspec: {{}}\n"));
-            assert!(e.message.contains("not enforced by this version"), "{kind}: {e}");
+            assert!(
+                e.message.contains("not enforced by this version"),
+                "{kind}: {e}"
+            );
             assert_eq!(e.resource, format!("{kind}/ns/x"));
         }
         let e = only_error("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: x, namespace: ns}\nspec: {}\n");
@@ -1210,7 +1451,9 @@ mod tests {
         assert!(e.message.contains("placeholder"), "{e}");
         let e = only_error("apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: x}\nSpec: {}\n");
         assert!(e.message.contains("did you mean `spec`"), "{e}");
-        let e = only_error("apiVersion: projectcalico.org/v2\nkind: GlobalNetworkPolicy\nmetadata: {name: x}\n");
+        let e = only_error(
+            "apiVersion: projectcalico.org/v2\nkind: GlobalNetworkPolicy\nmetadata: {name: x}\n",
+        );
         assert_eq!(e.field, "apiVersion");
         let e = only_error("- a\n- b\n");
         assert!(e.message.contains("not a resource"), "{e}");
@@ -1250,13 +1493,26 @@ mod tests {
             "apiVersion: projectcalico.org/v3\nkind: FelixConfiguration\nmetadata: {name: default}\nspec:\n  failsafeInboundHostPorts: [{protocol: tcp, port: 22, net: 10.0.0.0/8}]\n---\napiVersion: moat.dev/v1alpha1\nkind: FailsafeProfile\nmetadata: {name: pub}\nspec: {selector: \"ibm.role == 'worker_public'\", inbound: [], outbound: []}\n---\napiVersion: projectcalico.org/v3\nkind: HostEndpoint\nmetadata: {name: pub, labels: {ibm.role: worker_public}}\nspec: {node: n, interfaceName: eth1}\n---\napiVersion: projectcalico.org/v3\nkind: HostEndpoint\nmetadata: {name: priv, labels: {ibm.role: worker_private}}\nspec: {node: n, interfaceName: eth0}\n",
         );
         assert!(l.errors.is_empty(), "{:#?}", l.errors);
-        let by_name = |n: &str| l.set.host_endpoints.iter().find(|h| h.name == n).expect("hep");
+        let by_name = |n: &str| {
+            l.set
+                .host_endpoints
+                .iter()
+                .find(|h| h.name == n)
+                .expect("hep")
+        };
         let public = l.set.failsafes_for(by_name("pub")).expect("failsafes");
         assert!(public.inbound.is_empty() && public.outbound.is_empty());
         let private = l.set.failsafes_for(by_name("priv")).expect("failsafes");
         assert_eq!(private.inbound.len(), 1);
-        assert_eq!(private.inbound[0].net, Some("10.0.0.0/8".parse().expect("net")));
-        assert_eq!(private.outbound, Failsafes::calico_defaults().outbound, "unset list keeps Calico's default");
+        assert_eq!(
+            private.inbound[0].net,
+            Some("10.0.0.0/8".parse().expect("net"))
+        );
+        assert_eq!(
+            private.outbound,
+            Failsafes::calico_defaults().outbound,
+            "unset list keeps Calico's default"
+        );
         let e = only_error("apiVersion: projectcalico.org/v3\nkind: FelixConfiguration\nmetadata: {name: default}\nspec: {logSeverityScreen: Info}\n");
         assert!(e.message.contains("only the failsafe port fields"), "{e}");
     }

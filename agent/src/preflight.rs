@@ -17,9 +17,16 @@ pub enum PreflightError {
     #[error("moat needs root (CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON); run it as root or in a privileged DaemonSet")]
     NotRoot,
     #[error("the kernel lacks {feature} (Linux >= {min} needed; this is {running})")]
-    Missing { feature: &'static str, min: &'static str, running: String },
+    Missing {
+        feature: &'static str,
+        min: &'static str,
+        running: String,
+    },
     #[error("could not probe the kernel for {feature}: {detail}")]
-    Probe { feature: &'static str, detail: String },
+    Probe {
+        feature: &'static str,
+        detail: String,
+    },
 }
 
 /// What the kernel offers, for the start-up log line.
@@ -38,15 +45,37 @@ pub fn check() -> Result<KernelSupport, PreflightError> {
         .map(|v| v.to_string())
         .unwrap_or_else(|e| format!("unknown ({e})"));
     let probes: [(&'static str, &'static str, Result<bool, String>); 4] = [
-        ("BPF ring buffers", "5.8", is_map_supported(MapType::RingBuf).map_err(|e| e.to_string())),
-        ("LRU hash maps", "4.10", is_map_supported(MapType::LruHash).map_err(|e| e.to_string())),
-        ("XDP programs", "4.8", is_program_supported(ProgramType::Xdp).map_err(|e| e.to_string())),
-        ("TC classifier programs", "4.1", is_program_supported(ProgramType::SchedClassifier).map_err(|e| e.to_string())),
+        (
+            "BPF ring buffers",
+            "5.8",
+            is_map_supported(MapType::RingBuf).map_err(|e| e.to_string()),
+        ),
+        (
+            "LRU hash maps",
+            "4.10",
+            is_map_supported(MapType::LruHash).map_err(|e| e.to_string()),
+        ),
+        (
+            "XDP programs",
+            "4.8",
+            is_program_supported(ProgramType::Xdp).map_err(|e| e.to_string()),
+        ),
+        (
+            "TC classifier programs",
+            "4.1",
+            is_program_supported(ProgramType::SchedClassifier).map_err(|e| e.to_string()),
+        ),
     ];
     for (feature, min, result) in probes {
         match result {
             Ok(true) => {}
-            Ok(false) => return Err(PreflightError::Missing { feature, min, running: running.clone() }),
+            Ok(false) => {
+                return Err(PreflightError::Missing {
+                    feature,
+                    min,
+                    running: running.clone(),
+                })
+            }
             Err(detail) => return Err(PreflightError::Probe { feature, detail }),
         }
     }
@@ -60,5 +89,8 @@ pub fn check() -> Result<KernelSupport, PreflightError> {
             running,
         });
     }
-    Ok(KernelSupport { version: running, tcx: at_least(6, 6) })
+    Ok(KernelSupport {
+        version: running,
+        tcx: at_least(6, 6),
+    })
 }

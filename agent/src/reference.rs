@@ -69,7 +69,8 @@ impl Fields {
     }
 
     fn is_icmp(&self) -> bool {
-        (self.protocol == 1 && self.ip_version == 4) || (self.protocol == 58 && self.ip_version == 6)
+        (self.protocol == 1 && self.ip_version == 4)
+            || (self.protocol == 58 && self.ip_version == 6)
     }
 }
 
@@ -179,7 +180,11 @@ fn ipv6(frame: &[u8], l3: usize) -> Frame {
             let (Some(&nh), Some(&len)) = (frame.get(off), frame.get(off + 1)) else {
                 return Frame::Unparsable(f);
             };
-            off += if next == 51 { (len as usize + 2) * 4 } else { (len as usize + 1) * 8 };
+            off += if next == 51 {
+                (len as usize + 2) * 4
+            } else {
+                (len as usize + 1) * 8
+            };
             next = nh;
         }
         if off > MAX_L4_OFFSET {
@@ -218,7 +223,10 @@ fn l4(frame: &[u8], off: usize, l3_end: usize, mut f: Fields) -> Frame {
         };
         f.icmp_type = i[0];
         f.icmp_code = i[1];
-        if matches!(icmp_class(f.ip_version, i[0]), IcmpClass::Query | IcmpClass::Reply) {
+        if matches!(
+            icmp_class(f.ip_version, i[0]),
+            IcmpClass::Query | IcmpClass::Reply
+        ) {
             f.sport = u16::from_be_bytes([i[4], i[5]]);
         }
     }
@@ -254,7 +262,18 @@ pub fn tcp_flags_valid(flags: u8) -> bool {
     const ACK: u8 = 16;
     const URG: u8 = 32;
     let f = flags & !(8 | 0xc0);
-    [SYN, SYN | URG, SYN | ACK, RST, RST | ACK, FIN | ACK, FIN | ACK | URG, ACK, ACK | URG].contains(&f)
+    [
+        SYN,
+        SYN | URG,
+        SYN | ACK,
+        RST,
+        RST | ACK,
+        FIN | ACK,
+        FIN | ACK | URG,
+        ACK,
+        ACK | URG,
+    ]
+    .contains(&f)
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -272,13 +291,23 @@ pub enum DecidedBy {
     Unenforced,
     Unparsable,
     UnknownFragment,
-    ConntrackInvalid { why: &'static str },
-    Failsafe { index: usize },
-    Rule { policy: String, rule: usize, action: Action },
+    ConntrackInvalid {
+        why: &'static str,
+    },
+    Failsafe {
+        index: usize,
+    },
+    Rule {
+        policy: String,
+        rule: usize,
+        action: Action,
+    },
     /// Policies applied in this direction and none decided.
     EndOfPolicies,
     /// No policy applied (or one said Pass) and the profiles decided.
-    Profile { allowed: bool },
+    Profile {
+        allowed: bool,
+    },
 }
 
 /// A verdict and how it came about.
@@ -292,7 +321,11 @@ pub struct Judgement {
 
 impl Judgement {
     fn new(verdict: Verdict, by: DecidedBy) -> Self {
-        Judgement { verdict, by, logged: Vec::new() }
+        Judgement {
+            verdict,
+            by,
+            logged: Vec::new(),
+        }
     }
 
     /// The kernel's `reason` code for a deny, 0 for an allow.
@@ -301,9 +334,17 @@ impl Judgement {
             (Verdict::Allow, _) => 0,
             (_, DecidedBy::Unparsable) => reason::UNPARSABLE,
             (_, DecidedBy::UnknownFragment) => reason::FRAGMENT_UNKNOWN,
-            (_, DecidedBy::ConntrackInvalid { why }) if *why == TCP_FLAGS => reason::TCP_FLAGS_INVALID,
+            (_, DecidedBy::ConntrackInvalid { why }) if *why == TCP_FLAGS => {
+                reason::TCP_FLAGS_INVALID
+            }
             (_, DecidedBy::ConntrackInvalid { .. }) => reason::CONNTRACK_INVALID,
-            (_, DecidedBy::Rule { action: Action::Pass, .. }) => reason::NO_PROFILE,
+            (
+                _,
+                DecidedBy::Rule {
+                    action: Action::Pass,
+                    ..
+                },
+            ) => reason::NO_PROFILE,
             (_, DecidedBy::Rule { .. }) => reason::RULE,
             (_, DecidedBy::EndOfPolicies) => reason::END_OF_POLICIES,
             _ => reason::NO_PROFILE,
@@ -331,7 +372,10 @@ pub fn judge_fields(set: &PolicySet, hep: &HostEndpoint, dir: u8, f: &Fields) ->
         return Judgement::new(Verdict::Deny, DecidedBy::UnknownFragment);
     }
     if f.protocol == 6 && !tcp_flags_valid(f.tcp_flags) {
-        return Judgement::new(Verdict::Deny, DecidedBy::ConntrackInvalid { why: TCP_FLAGS });
+        return Judgement::new(
+            Verdict::Deny,
+            DecidedBy::ConntrackInvalid { why: TCP_FLAGS },
+        );
     }
     if f.is_icmp() {
         let why = match icmp_class(f.ip_version, f.icmp_type) {
@@ -349,13 +393,23 @@ pub fn judge_fields(set: &PolicySet, hep: &HostEndpoint, dir: u8, f: &Fields) ->
         // An ambiguous failsafe setup compiles to an error; judge closed.
         Err(_) => return Judgement::new(Verdict::Deny, DecidedBy::EndOfPolicies),
     };
-    let ports = if dir == direction::INGRESS { &failsafes.inbound } else { &failsafes.outbound };
+    let ports = if dir == direction::INGRESS {
+        &failsafes.inbound
+    } else {
+        &failsafes.outbound
+    };
     if let Some(index) = ports.iter().position(|p| failsafe_matches(p, dir, f)) {
         return Judgement::new(Verdict::Allow, DecidedBy::Failsafe { index });
     }
     let profile = Judgement::new(
-        if hep.default_allow { Verdict::Allow } else { Verdict::Deny },
-        DecidedBy::Profile { allowed: hep.default_allow },
+        if hep.default_allow {
+            Verdict::Allow
+        } else {
+            Verdict::Deny
+        },
+        DecidedBy::Profile {
+            allowed: hep.default_allow,
+        },
     );
     let mut logged = Vec::new();
     let mut applies = false;
@@ -373,25 +427,55 @@ pub fn judge_fields(set: &PolicySet, hep: &HostEndpoint, dir: u8, f: &Fields) ->
             if !rule_matches(rule, f) {
                 continue;
             }
-            let by = DecidedBy::Rule { policy: policy.name.clone(), rule: index, action: rule.action };
+            let by = DecidedBy::Rule {
+                policy: policy.name.clone(),
+                rule: index,
+                action: rule.action,
+            };
             match rule.action {
-                Action::Allow => return Judgement { verdict: Verdict::Allow, by, logged },
-                Action::Deny => return Judgement { verdict: Verdict::Deny, by, logged },
+                Action::Allow => {
+                    return Judgement {
+                        verdict: Verdict::Allow,
+                        by,
+                        logged,
+                    }
+                }
+                Action::Deny => {
+                    return Judgement {
+                        verdict: Verdict::Deny,
+                        by,
+                        logged,
+                    }
+                }
                 Action::Log => logged.push((policy.name.clone(), index)),
                 // Pass: the profiles decide, and the Pass rule is why.
-                Action::Pass => return Judgement { verdict: profile.verdict, by, logged },
+                Action::Pass => {
+                    return Judgement {
+                        verdict: profile.verdict,
+                        by,
+                        logged,
+                    }
+                }
             }
         }
     }
     if applies {
-        Judgement { verdict: Verdict::Deny, by: DecidedBy::EndOfPolicies, logged }
+        Judgement {
+            verdict: Verdict::Deny,
+            by: DecidedBy::EndOfPolicies,
+            logged,
+        }
     } else {
         Judgement { logged, ..profile }
     }
 }
 
 fn failsafe_matches(p: &FailsafePort, dir: u8, f: &Fields) -> bool {
-    let peer = if dir == direction::INGRESS { f.src } else { f.dst };
+    let peer = if dir == direction::INGRESS {
+        f.src
+    } else {
+        f.dst
+    };
     f.protocol == p.protocol
         && has_ports(f.protocol)
         && f.dport == p.port

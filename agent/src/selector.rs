@@ -247,7 +247,12 @@ impl Parser<'_> {
 
     fn string(&mut self) -> Result<String, SelectorError> {
         self.skip_ws();
-        let Some(q) = self.rest().chars().next().filter(|c| *c == '\'' || *c == '"') else {
+        let Some(q) = self
+            .rest()
+            .chars()
+            .next()
+            .filter(|c| *c == '\'' || *c == '"')
+        else {
             return Err(self.error("expected a quoted string"));
         };
         let start = self.pos;
@@ -339,9 +344,8 @@ impl Parser<'_> {
             self.pos = save;
         }
         self.skip_ws();
-        Err(self.error(
-            "expected an operator (==, !=, in, not in, contains, starts with, ends with)",
-        ))
+        Err(self
+            .error("expected an operator (==, !=, in, not in, contains, starts with, ends with)"))
     }
 }
 
@@ -388,13 +392,17 @@ mod tests {
             ("has(zone) && zone == 'dal10'", true, false),
             ("has(x) || zone == 'dal10'", true, false),
             ("has(x) || has(y) && has(zone)", false, false),
-            ("(has(x) || has(zone)) && ibm.role == 'worker_public'", true, false),
+            (
+                "(has(x) || has(zone)) && ibm.role == 'worker_public'",
+                true,
+                false,
+            ),
             ("zone == \"it's\"", false, false),
             ("global()", true, true),
         ];
         for (text, on_public, on_bare) in cases {
-            let sel = Selector::parse(text)
-                .unwrap_or_else(|e| panic!("{text:?} should parse: {e}"));
+            let sel =
+                Selector::parse(text).unwrap_or_else(|e| panic!("{text:?} should parse: {e}"));
             assert_eq!(sel.matches(&public), *on_public, "{text:?} on public");
             assert_eq!(sel.matches(&bare), *on_bare, "{text:?} on no labels");
             // Printing and re-parsing gives the same expression.

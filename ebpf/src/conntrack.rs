@@ -200,8 +200,8 @@ pub fn track(pkt: &Packet) {
     };
     // A full LRU map evicts the least recently used flow, never fails open;
     // an insert error leaves the flow untracked and its next packet judged.
-    let _ = CONNTRACK.insert(&key, &state, 0);
-    let _ = CONNTRACK.insert(&reverse(&key, is_icmp(pkt)), &state, 0);
+    let _ = CONNTRACK.insert(key, state, 0);
+    let _ = CONNTRACK.insert(reverse(&key, is_icmp(pkt)), state, 0);
 }
 
 /// Whether the ICMP error `pkt` quotes a packet of a tracked flow (RELATED).

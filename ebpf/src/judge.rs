@@ -108,7 +108,10 @@ pub fn judge(data: usize, data_end: usize, ifindex: u32, direction: u8, packet_l
     }
     w.generation = iface.generation;
     if parsed == Parsed::Unparsable {
-        return deny(w, &Decision::without_rule(verdict::DENY, reason::UNPARSABLE));
+        return deny(
+            w,
+            &Decision::without_rule(verdict::DENY, reason::UNPARSABLE),
+        );
     }
     let fragment_known = fragment_l4(&mut w.pkt);
     if !moat_common::has_ports(w.pkt.protocol) {
@@ -134,7 +137,7 @@ pub fn judge(data: usize, data_end: usize, ifindex: u32, direction: u8, packet_l
 fn fragment_l4(pkt: &mut Packet) -> bool {
     if pkt.fragment == FRAG_LATER {
         // SAFETY: read-only copy of a map value.
-        match unsafe { FRAGMENTS.get(&frag_key(pkt)) } {
+        match unsafe { FRAGMENTS.get(frag_key(pkt)) } {
             Some(l4) => {
                 pkt.sport = l4.sport;
                 pkt.dport = l4.dport;
@@ -154,7 +157,7 @@ fn fragment_l4(pkt: &mut Packet) -> bool {
             _pad: 0,
         };
         // If the map cannot take it, later fragments are denied: closed.
-        let _ = FRAGMENTS.insert(&frag_key(pkt), &l4, 0);
+        let _ = FRAGMENTS.insert(frag_key(pkt), l4, 0);
     }
     true
 }
@@ -343,7 +346,12 @@ fn outside(port: u16, lo: u16, hi: u16) -> u32 {
 #[inline(always)]
 fn matches(r: &RuleEntry, p: &Packet) -> bool {
     let f = r.match_flags;
-    let (sn, sm, dn, dm) = (words(&r.src_net), words(&r.src_mask), words(&r.dst_net), words(&r.dst_mask));
+    let (sn, sm, dn, dm) = (
+        words(&r.src_net),
+        words(&r.src_mask),
+        words(&r.dst_net),
+        words(&r.dst_mask),
+    );
     let mut diff = 0u32;
     for w in 0..4 {
         diff |= (p.src[w] & sm[w]) ^ sn[w];

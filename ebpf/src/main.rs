@@ -35,7 +35,11 @@ pub fn moat_ingress(ctx: XdpContext) -> u32 {
 #[classifier]
 pub fn moat_egress(ctx: TcContext) -> i32 {
     let len = ctx.len();
-    let want = if len < EGRESS_HEADER_BYTES { len } else { EGRESS_HEADER_BYTES };
+    let want = if len < EGRESS_HEADER_BYTES {
+        len
+    } else {
+        EGRESS_HEADER_BYTES
+    };
     if ((ctx.data_end() - ctx.data()) as u32) < want {
         // A failed pull leaves the headers partly outside the linear area;
         // the parser then sees a short packet and denies it: closed.
@@ -46,7 +50,7 @@ pub fn moat_egress(ctx: TcContext) -> i32 {
     match judge::judge(ctx.data(), ctx.data_end(), ifindex, direction::EGRESS, len) {
         // UNSPEC: let any program after ours (TCX chain) have its say.
         verdict::ALLOW => TC_ACT_UNSPEC,
-        _ => TC_ACT_SHOT as i32,
+        _ => TC_ACT_SHOT,
     }
 }
 

@@ -27,9 +27,13 @@ pub fn fixtures() -> PathBuf {
 
 /// Loads a fixture directory; panics on any invalid resource.
 pub fn load_fixture(name: &str) -> PolicySet {
-    let loaded = policy::load_dir(&fixtures().join(name))
-        .unwrap_or_else(|e| panic!("fixture {name}: {e}"));
-    assert!(loaded.errors.is_empty(), "fixture {name}: {:?}", loaded.errors);
+    let loaded =
+        policy::load_dir(&fixtures().join(name)).unwrap_or_else(|e| panic!("fixture {name}: {e}"));
+    assert!(
+        loaded.errors.is_empty(),
+        "fixture {name}: {:?}",
+        loaded.errors
+    );
     loaded.set
 }
 
@@ -46,7 +50,8 @@ impl Kernel {
     pub fn new(set: PolicySet, iface: &str) -> Self {
         let compiled = compile(&set, NODE, &[iface.to_string()])
             .unwrap_or_else(|e| panic!("compiling for {iface}: {e}"));
-        let mut dataplane = Dataplane::load().unwrap_or_else(|e| panic!("loading the eBPF object: {e:?}"));
+        let mut dataplane =
+            Dataplane::load().unwrap_or_else(|e| panic!("loading the eBPF object: {e:?}"));
         let mut by_index = BTreeMap::new();
         if let Some(c) = compiled.ifaces.get(iface) {
             by_index.insert(TEST_RUN_IFINDEX, c.clone());
@@ -54,7 +59,12 @@ impl Kernel {
         dataplane
             .apply(&by_index, 1)
             .unwrap_or_else(|e| panic!("applying the policy: {e}"));
-        Kernel { dataplane, compiled, set, iface: iface.to_string() }
+        Kernel {
+            dataplane,
+            compiled,
+            set,
+            iface: iface.to_string(),
+        }
     }
 
     pub fn host_endpoint(&self) -> Option<&HostEndpoint> {
@@ -90,8 +100,12 @@ impl Kernel {
     /// Forgets tracked flows and fragments, so the next packet is judged
     /// as the first of its connection.
     pub fn forget_flows(&mut self) {
-        self.dataplane.clear_conntrack().expect("clearing conntrack");
-        self.dataplane.clear_fragments().expect("clearing fragments");
+        self.dataplane
+            .clear_conntrack()
+            .expect("clearing conntrack");
+        self.dataplane
+            .clear_fragments()
+            .expect("clearing fragments");
     }
 }
 
@@ -99,7 +113,11 @@ static NEXT: AtomicU32 = AtomicU32::new(0);
 
 /// A name unique to this process and call, for namespaces and links.
 pub fn unique(prefix: &str) -> String {
-    format!("{prefix}{}-{}", std::process::id() % 100_000, NEXT.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{prefix}{}-{}",
+        std::process::id() % 100_000,
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// Runs a command, panicking with its output when it fails.
@@ -149,7 +167,9 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
     }
 }
 
@@ -157,7 +177,10 @@ impl Drop for Netns {
 /// veth pair and gives each side an address (CIDR notation).
 pub fn veth(a: &Netns, a_if: &str, a_addr: &str, b: &Netns, b_if: &str, b_addr: &str) {
     let (ta, tb) = (unique("mv"), unique("mv"));
-    run("ip", &["link", "add", &ta, "type", "veth", "peer", "name", &tb]);
+    run(
+        "ip",
+        &["link", "add", &ta, "type", "veth", "peer", "name", &tb],
+    );
     run("ip", &["link", "set", &ta, "netns", &a.name]);
     run("ip", &["link", "set", &tb, "netns", &b.name]);
     a.exec("ip", &["link", "set", &ta, "name", a_if]);
@@ -179,7 +202,10 @@ pub fn moat_bin() -> PathBuf {
         return PathBuf::from(p);
     }
     let exe = std::env::current_exe().expect("test executable path");
-    let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>");
     let bin = profile_dir.join("moat");
     assert!(
         bin.exists(),
@@ -205,5 +231,7 @@ pub fn spawn_in<T: Send + 'static>(
 
 /// Runs `f` inside network namespace `ns` and returns its result.
 pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    spawn_in(ns, f).join().expect("thread inside the namespace panicked")
+    spawn_in(ns, f)
+        .join()
+        .expect("thread inside the namespace panicked")
 }

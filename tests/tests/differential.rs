@@ -11,21 +11,42 @@ use ipnet::IpNet;
 use moat::{
     frame::{Fragmentation, Packet, Transport},
     policy::{
-        Action, EntityMatch, FailsafePort, Failsafes, FailsafeProfile, HostEndpoint, IcmpMatch,
+        Action, EntityMatch, FailsafePort, FailsafeProfile, Failsafes, HostEndpoint, IcmpMatch,
         Origin, Policy, PolicySet, PortRange, Rule,
     },
-    reference::{self, DecidedBy, Frame, Fragment, Verdict},
+    reference::{self, DecidedBy, Fragment, Frame, Verdict},
     selector::Selector,
 };
 use moat_common::{direction, verdict};
 use moat_tests::{Kernel, NODE};
 use rand::{rngs::SmallRng, seq::SliceRandom, Rng, SeedableRng};
 
-const ADDRS_V4: [&str; 6] = ["198.18.1.1", "198.18.1.2", "198.18.2.9", "198.18.66.7", "198.19.0.1", "198.19.255.255"];
-const ADDRS_V6: [&str; 5] = ["2001:db8:1::1", "2001:db8:1::2", "2001:db8:2::9", "2001:db8:ffff::1", "::ffff:198.18.1.2"];
+const ADDRS_V4: [&str; 6] = [
+    "198.18.1.1",
+    "198.18.1.2",
+    "198.18.2.9",
+    "198.18.66.7",
+    "198.19.0.1",
+    "198.19.255.255",
+];
+const ADDRS_V6: [&str; 5] = [
+    "2001:db8:1::1",
+    "2001:db8:1::2",
+    "2001:db8:2::9",
+    "2001:db8:ffff::1",
+    "::ffff:198.18.1.2",
+];
 const NETS: [&str; 10] = [
-    "198.18.0.0/15", "198.18.1.0/24", "198.18.1.2/32", "198.18.66.0/24", "198.19.0.0/16", "0.0.0.0/0",
-    "2001:db8::/32", "2001:db8:1::/64", "2001:db8:2::9/128", "::/0",
+    "198.18.0.0/15",
+    "198.18.1.0/24",
+    "198.18.1.2/32",
+    "198.18.66.0/24",
+    "198.19.0.0/16",
+    "0.0.0.0/0",
+    "2001:db8::/32",
+    "2001:db8:1::/64",
+    "2001:db8:2::9/128",
+    "::/0",
 ];
 const PORTS: [u16; 9] = [0, 1, 22, 53, 80, 443, 8080, 52311, 65535];
 const PROTOCOLS: [u8; 8] = [6, 17, 1, 58, 132, 136, 112, 47];
@@ -42,7 +63,10 @@ fn port_range(rng: &mut SmallRng) -> PortRange {
         PortRange { lo: a, hi: a }
     } else {
         let b = *PORTS.choose(rng).expect("ports");
-        PortRange { lo: a.min(b), hi: a.max(b) }
+        PortRange {
+            lo: a.min(b),
+            hi: a.max(b),
+        }
     }
 }
 
@@ -71,19 +95,27 @@ fn icmp(rng: &mut SmallRng) -> IcmpMatch {
 
 /// A random rule Calico's validation would accept.
 fn rule(rng: &mut SmallRng) -> Rule {
-    let action = *[Action::Allow, Action::Deny, Action::Log, Action::Pass].choose(rng).expect("actions");
-    let protocol = rng.gen_bool(0.7).then(|| *PROTOCOLS.choose(rng).expect("protocols"));
+    let action = *[Action::Allow, Action::Deny, Action::Log, Action::Pass]
+        .choose(rng)
+        .expect("actions");
+    let protocol = rng
+        .gen_bool(0.7)
+        .then(|| *PROTOCOLS.choose(rng).expect("protocols"));
     let ip_version = match protocol {
         Some(1) => rng.gen_bool(0.3).then_some(4),
         Some(58) => rng.gen_bool(0.3).then_some(6),
-        _ => rng.gen_bool(0.2).then(|| if rng.gen_bool(0.5) { 4 } else { 6 }),
+        _ => rng
+            .gen_bool(0.2)
+            .then(|| if rng.gen_bool(0.5) { 4 } else { 6 }),
     };
     let ports_ok = matches!(protocol, Some(6 | 17 | 132));
     let icmp_ok = matches!(protocol, Some(1 | 58));
     Rule {
         action,
         protocol,
-        not_protocol: rng.gen_bool(0.15).then(|| *PROTOCOLS.choose(rng).expect("protocols")),
+        not_protocol: rng
+            .gen_bool(0.15)
+            .then(|| *PROTOCOLS.choose(rng).expect("protocols")),
         icmp: (icmp_ok && rng.gen_bool(0.5)).then(|| icmp(rng)),
         not_icmp: (icmp_ok && rng.gen_bool(0.3)).then(|| icmp(rng)),
         ip_version,
@@ -93,7 +125,10 @@ fn rule(rng: &mut SmallRng) -> Rule {
 }
 
 fn origin() -> Origin {
-    Origin { file: PathBuf::from("generated"), document: 0 }
+    Origin {
+        file: PathBuf::from("generated"),
+        document: 0,
+    }
 }
 
 fn failsafes(rng: &mut SmallRng) -> Vec<FailsafePort> {
@@ -109,15 +144,26 @@ fn failsafes(rng: &mut SmallRng) -> Vec<FailsafePort> {
 /// A random policy set with one host endpoint, `eth1` of `NODE`.
 fn policy_set(rng: &mut SmallRng) -> PolicySet {
     let labels = BTreeMap::from([("ibm.role".to_string(), "worker_public".to_string())]);
-    let selectors = ["ibm.role == 'worker_public'", "all()", "ibm.role == 'worker_private'", "has(ibm.role) && zone != 'x'"];
+    let selectors = [
+        "ibm.role == 'worker_public'",
+        "all()",
+        "ibm.role == 'worker_private'",
+        "has(ibm.role) && zone != 'x'",
+    ];
     let policies = (0..rng.gen_range(1..6))
         .map(|i| {
             let ingress: Vec<Rule> = (0..rng.gen_range(0..5)).map(|_| rule(rng)).collect();
             let egress: Vec<Rule> = (0..rng.gen_range(0..4)).map(|_| rule(rng)).collect();
             Policy {
-                name: format!("p{i}-{}", ["a", "b", "allow", "allow-x"][rng.gen_range(0..4)]),
-                order: rng.gen_bool(0.8).then(|| f64::from(rng.gen_range(0..4)) * 100.0),
-                selector: Selector::parse(selectors.choose(rng).expect("selectors")).expect("selector"),
+                name: format!(
+                    "p{i}-{}",
+                    ["a", "b", "allow", "allow-x"][rng.gen_range(0..4)]
+                ),
+                order: rng
+                    .gen_bool(0.8)
+                    .then(|| f64::from(rng.gen_range(0..4)) * 100.0),
+                selector: Selector::parse(selectors.choose(rng).expect("selectors"))
+                    .expect("selector"),
                 ingress_applies: rng.gen_bool(0.8),
                 egress_applies: rng.gen_bool(0.6),
                 ingress,
@@ -141,7 +187,10 @@ fn policy_set(rng: &mut SmallRng) -> PolicySet {
         failsafe_profiles: vec![FailsafeProfile {
             name: "random".into(),
             selector: Selector::All,
-            failsafes: Failsafes { inbound: failsafes(rng), outbound: failsafes(rng) },
+            failsafes: Failsafes {
+                inbound: failsafes(rng),
+                outbound: failsafes(rng),
+            },
             origin: origin(),
         }],
     };
@@ -150,7 +199,11 @@ fn policy_set(rng: &mut SmallRng) -> PolicySet {
 }
 
 fn addr(rng: &mut SmallRng, v6: bool) -> IpAddr {
-    let s = if v6 { ADDRS_V6.choose(rng) } else { ADDRS_V4.choose(rng) };
+    let s = if v6 {
+        ADDRS_V6.choose(rng)
+    } else {
+        ADDRS_V4.choose(rng)
+    };
     s.expect("addrs").parse().expect("addr")
 }
 
@@ -158,18 +211,48 @@ fn addr(rng: &mut SmallRng, v6: bool) -> IpAddr {
 fn frame(rng: &mut SmallRng) -> Vec<u8> {
     let v6 = rng.gen_bool(0.35);
     let (src, dst) = (addr(rng, v6), addr(rng, v6));
-    let port = |rng: &mut SmallRng| if rng.gen_bool(0.8) { *PORTS.choose(rng).expect("ports") } else { rng.gen() };
+    let port = |rng: &mut SmallRng| {
+        if rng.gen_bool(0.8) {
+            *PORTS.choose(rng).expect("ports")
+        } else {
+            rng.gen()
+        }
+    };
     let transport = match rng.gen_range(0..8) {
-        0 | 1 => Transport::Tcp { sport: port(rng), dport: port(rng), flags: *TCP_FLAGS.choose(rng).expect("flags") },
-        2 | 3 => Transport::Udp { sport: port(rng), dport: port(rng) },
-        4 => Transport::Sctp { sport: port(rng), dport: port(rng) },
-        5 => Transport::Icmp { icmp_type: *ICMP_TYPES.choose(rng).expect("types"), code: rng.gen_range(0..3), rest: rng.gen() },
+        0 | 1 => Transport::Tcp {
+            sport: port(rng),
+            dport: port(rng),
+            flags: *TCP_FLAGS.choose(rng).expect("flags"),
+        },
+        2 | 3 => Transport::Udp {
+            sport: port(rng),
+            dport: port(rng),
+        },
+        4 => Transport::Sctp {
+            sport: port(rng),
+            dport: port(rng),
+        },
+        5 => Transport::Icmp {
+            icmp_type: *ICMP_TYPES.choose(rng).expect("types"),
+            code: rng.gen_range(0..3),
+            rest: rng.gen(),
+        },
         6 => Transport::IcmpError {
             icmp_type: if v6 { 1 } else { 3 },
             code: 3,
-            quoted: Box::new(Packet::new(dst, src, Transport::Udp { sport: port(rng), dport: port(rng) })),
+            quoted: Box::new(Packet::new(
+                dst,
+                src,
+                Transport::Udp {
+                    sport: port(rng),
+                    dport: port(rng),
+                },
+            )),
         },
-        _ => Transport::Other { protocol: *[112u8, 47, 50, 59, 136].choose(rng).expect("protocols"), len: rng.gen_range(0..24) },
+        _ => Transport::Other {
+            protocol: *[112u8, 47, 50, 59, 136].choose(rng).expect("protocols"),
+            len: rng.gen_range(0..24),
+        },
     };
     let mut p = Packet::new(src, dst, transport);
     p.payload = rng.gen_range(0..16);
@@ -183,7 +266,15 @@ fn frame(rng: &mut SmallRng) -> Vec<u8> {
         p.ipv6_ext_headers = rng.gen_range(1..9);
     }
     if rng.gen_bool(0.08) {
-        p.fragment = Some(Fragmentation { offset: if rng.gen_bool(0.5) { 0 } else { rng.gen_range(1..100) }, more: rng.gen_bool(0.7), id: rng.gen() });
+        p.fragment = Some(Fragmentation {
+            offset: if rng.gen_bool(0.5) {
+                0
+            } else {
+                rng.gen_range(1..100)
+            },
+            more: rng.gen_bool(0.7),
+            id: rng.gen(),
+        });
     }
     let mut f = p.frame();
     // Adversarial damage: truncation anywhere, a flipped byte anywhere,
@@ -219,7 +310,10 @@ fn path_name(by: &DecidedBy, v: Verdict) -> &'static str {
         DecidedBy::UnknownFragment => "unknown-fragment",
         DecidedBy::ConntrackInvalid { .. } => "conntrack-invalid",
         DecidedBy::Failsafe { .. } => "failsafe",
-        DecidedBy::Rule { action: Action::Pass, .. } => "pass",
+        DecidedBy::Rule {
+            action: Action::Pass,
+            ..
+        } => "pass",
         DecidedBy::Rule { .. } if v == Verdict::Allow => "rule-allow",
         DecidedBy::Rule { .. } => "rule-deny",
         DecidedBy::EndOfPolicies => "end-of-policies",
@@ -252,15 +346,24 @@ fn describe(set: &PolicySet) -> String {
             s += &format!("  egress[{i}] {r:?}\n");
         }
     }
-    s += &format!("host endpoint default_allow={}\n", set.host_endpoints[0].default_allow);
+    s += &format!(
+        "host endpoint default_allow={}\n",
+        set.host_endpoints[0].default_allow
+    );
     s += &format!("failsafes {:?}\n", set.failsafe_profiles[0].failsafes);
     s
 }
 
 #[test]
 fn kernel_agrees_with_reference() {
-    let seed: u64 = std::env::var("MOAT_DIFF_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x6d6f6174);
-    let per_set: usize = std::env::var("MOAT_DIFF_PACKETS").ok().and_then(|s| s.parse().ok()).unwrap_or(8400);
+    let seed: u64 = std::env::var("MOAT_DIFF_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0x6d6f6174);
+    let per_set: usize = std::env::var("MOAT_DIFF_PACKETS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(8400);
     let sets = 12;
     let mut rng = SmallRng::seed_from_u64(seed);
     let mut judged = 0;
@@ -272,13 +375,21 @@ fn kernel_agrees_with_reference() {
         k.forget_flows();
         for _ in 0..per_set {
             let f = frame(&mut rng);
-            let mut dir = if rng.gen_bool(0.5) { direction::INGRESS } else { direction::EGRESS };
+            let mut dir = if rng.gen_bool(0.5) {
+                direction::INGRESS
+            } else {
+                direction::EGRESS
+            };
             if dir == direction::EGRESS && skb_test_run_refuses(&f) {
                 // The kernel's skb test run refuses an IP frame shorter than
                 // its IP header (EINVAL); such frames are judged on ingress.
                 dir = direction::INGRESS;
             }
-            let passed = if dir == direction::INGRESS { k.ingress(&f) } else { k.egress(&f) };
+            let passed = if dir == direction::INGRESS {
+                k.ingress(&f)
+            } else {
+                k.egress(&f)
+            };
             let events = k.dataplane.drain_events();
             let want = reference::judge(&set, set.host_endpoints.first(), dir, &f);
             let context = || {
@@ -290,26 +401,49 @@ fn kernel_agrees_with_reference() {
                     reference::parse(&f)
                 )
             };
-            assert_eq!(passed, want.verdict == Verdict::Allow, "verdicts differ\n{}", context());
+            assert_eq!(
+                passed,
+                want.verdict == Verdict::Allow,
+                "verdicts differ\n{}",
+                context()
+            );
             // Events: every Log rule hit, in order, then the deny.
             let logs: Vec<(Option<&str>, u32)> = events
                 .iter()
                 .filter(|e| e.verdict == verdict::LOG)
                 .map(|e| (k.compiled.policy_name(e.policy_id), e.rule_index))
                 .collect();
-            let want_logs: Vec<(Option<&str>, u32)> =
-                want.logged.iter().map(|(p, r)| (Some(p.as_str()), *r as u32)).collect();
+            let want_logs: Vec<(Option<&str>, u32)> = want
+                .logged
+                .iter()
+                .map(|(p, r)| (Some(p.as_str()), *r as u32))
+                .collect();
             assert_eq!(logs, want_logs, "Log events differ\n{}", context());
-            let denies: Vec<_> = events.iter().filter(|e| e.verdict == verdict::DENY).collect();
+            let denies: Vec<_> = events
+                .iter()
+                .filter(|e| e.verdict == verdict::DENY)
+                .collect();
             if passed {
-                assert!(denies.is_empty(), "deny event for a passed packet\n{}", context());
+                assert!(
+                    denies.is_empty(),
+                    "deny event for a passed packet\n{}",
+                    context()
+                );
             } else {
                 denied += 1;
                 assert_eq!(denies.len(), 1, "one deny event\n{}", context());
-                assert_eq!(denies[0].reason, want.reason(), "deny reasons differ\n{}", context());
+                assert_eq!(
+                    denies[0].reason,
+                    want.reason(),
+                    "deny reasons differ\n{}",
+                    context()
+                );
                 if let DecidedBy::Rule { policy, rule, .. } = &want.by {
                     assert_eq!(
-                        (k.compiled.policy_name(denies[0].policy_id), denies[0].rule_index),
+                        (
+                            k.compiled.policy_name(denies[0].policy_id),
+                            denies[0].rule_index
+                        ),
                         (Some(policy.as_str()), *rule as u32),
                         "deciding rule differs\n{}",
                         context()
@@ -319,20 +453,36 @@ fn kernel_agrees_with_reference() {
             judged += 1;
             paths.insert(path_name(&want.by, want.verdict));
             // The next packet is judged as the first of its connection.
-            let first_fragment = matches!(reference::parse(&f), Frame::Ip(ref x) if x.fragment == Fragment::First);
+            let first_fragment =
+                matches!(reference::parse(&f), Frame::Ip(ref x) if x.fragment == Fragment::First);
             if passed || first_fragment {
                 k.forget_flows();
             }
         }
     }
     eprintln!("{judged} packets over {sets} random policy sets agreed with the reference ({denied} denied); seed {seed}");
-    assert!(denied > judged / 20 && denied < judged * 19 / 20, "the random mix should both pass and deny plenty: {denied}/{judged}");
+    assert!(
+        denied > judged / 20 && denied < judged * 19 / 20,
+        "the random mix should both pass and deny plenty: {denied}/{judged}"
+    );
     // Every way a packet can be decided was exercised.
     let all = [
-        "non-ip", "unparsable", "unknown-fragment", "conntrack-invalid", "failsafe", "rule-allow",
-        "rule-deny", "pass", "end-of-policies", "profile-allow", "profile-deny",
+        "non-ip",
+        "unparsable",
+        "unknown-fragment",
+        "conntrack-invalid",
+        "failsafe",
+        "rule-allow",
+        "rule-deny",
+        "pass",
+        "end-of-policies",
+        "profile-allow",
+        "profile-deny",
     ];
     for path in all {
-        assert!(paths.contains(path), "no packet took the {path} path; took {paths:?}");
+        assert!(
+            paths.contains(path),
+            "no packet took the {path} path; took {paths:?}"
+        );
     }
 }

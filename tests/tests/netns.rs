@@ -16,7 +16,9 @@ use moat_tests::{fixtures, in_netns, spawn_in, veth, Netns};
 fn connect(ns: &Netns, to: &str) -> Result<(), std::io::ErrorKind> {
     let to: SocketAddr = to.parse().expect("address");
     in_netns(&ns.name, move || {
-        TcpStream::connect_timeout(&to, Duration::from_millis(1500)).map(drop).map_err(|e| e.kind())
+        TcpStream::connect_timeout(&to, Duration::from_millis(1500))
+            .map(drop)
+            .map_err(|e| e.kind())
     })
 }
 
@@ -32,7 +34,8 @@ fn listen(ns: &Netns, addr: &str) {
             drop(stream);
         }
     });
-    rx.recv_timeout(Duration::from_secs(5)).expect("listener bound");
+    rx.recv_timeout(Duration::from_secs(5))
+        .expect("listener bound");
 }
 
 fn ping(ns: &Netns, to: &str) -> bool {
@@ -56,7 +59,9 @@ impl Agent {
             .command(moat_tests::moat_bin().to_str().expect("utf-8 path"))
             .args(["agent", "--policies"])
             .arg(fixtures().join("public"))
-            .args(["--iface", "eth1", "--iface", "eth0", "--node", "worker-1", "-o", "json"])
+            .args([
+                "--iface", "eth1", "--iface", "eth0", "--node", "worker-1", "-o", "json",
+            ])
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -75,8 +80,9 @@ impl Agent {
         let stdout = child.stdout.take().expect("stdout");
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let value = serde_json::from_str(&line)
-                    .unwrap_or_else(|e| panic!("agent printed a line that is not JSON ({e}): {line}"));
+                let value = serde_json::from_str(&line).unwrap_or_else(|e| {
+                    panic!("agent printed a line that is not JSON ({e}): {line}")
+                });
                 if tx.send(value).is_err() {
                     break;
                 }
@@ -90,7 +96,11 @@ impl Agent {
     }
 
     /// Waits for an event satisfying `want`.
-    fn expect_event(&self, what: &str, want: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    fn expect_event(
+        &self,
+        what: &str,
+        want: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
         let deadline = Instant::now() + Duration::from_secs(10);
         let mut seen = Vec::new();
         while let Some(left) = deadline.checked_duration_since(Instant::now()) {
@@ -104,8 +114,11 @@ impl Agent {
     }
 
     fn stop(mut self) {
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), nix::sys::signal::Signal::SIGTERM)
-            .expect("SIGTERM");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .expect("SIGTERM");
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             if let Some(status) = self.child.try_wait().expect("wait") {
@@ -130,8 +143,22 @@ fn public_client_and_private_peer_through_the_agent() {
     let worker = Netns::new("mw");
     let client = Netns::new("mc");
     let peer = Netns::new("mp");
-    veth(&worker, "eth1", "198.18.1.1/24", &client, "eth0", "198.18.1.2/24");
-    veth(&worker, "eth0", "198.18.0.1/24", &peer, "eth0", "198.18.0.2/24");
+    veth(
+        &worker,
+        "eth1",
+        "198.18.1.1/24",
+        &client,
+        "eth0",
+        "198.18.1.2/24",
+    );
+    veth(
+        &worker,
+        "eth0",
+        "198.18.0.1/24",
+        &peer,
+        "eth0",
+        "198.18.0.2/24",
+    );
     listen(&worker, "0.0.0.0:22");
     listen(&worker, "0.0.0.0:52311");
 
@@ -146,8 +173,14 @@ fn public_client_and_private_peer_through_the_agent() {
     // Public side: ICMP passes, ssh is dropped, BigFix passes.
     assert!(ping(&client, "198.18.1.1"), "allow-icmp");
     let ssh = connect(&client, "198.18.1.1:22");
-    assert_eq!(ssh, Err(std::io::ErrorKind::TimedOut), "ssh on the public side must be dropped, not refused");
-    let e = agent.expect_event("the dropped ssh SYN", |e| e["dport"] == 22 && e["iface"] == "eth1");
+    assert_eq!(
+        ssh,
+        Err(std::io::ErrorKind::TimedOut),
+        "ssh on the public side must be dropped, not refused"
+    );
+    let e = agent.expect_event("the dropped ssh SYN", |e| {
+        e["dport"] == 22 && e["iface"] == "eth1"
+    });
     assert_eq!(e["verdict"], "deny");
     assert_eq!(e["direction"], "ingress");
     assert_eq!(e["protocol"], "tcp");
@@ -155,15 +188,32 @@ fn public_client_and_private_peer_through_the_agent() {
     assert_eq!(e["dst"], "198.18.1.1");
     assert_eq!(e["reason"], "end-of-policies");
     assert_eq!(e["tcp_flags"], "SYN");
-    assert_eq!(connect(&client, "198.18.1.1:52311"), Ok(()), "allow-bigfix-port, reply through conntrack");
+    assert_eq!(
+        connect(&client, "198.18.1.1:52311"),
+        Ok(()),
+        "allow-bigfix-port, reply through conntrack"
+    );
 
     // Private side: no policy selects it, so only failsafes (ssh) pass.
-    assert_eq!(connect(&peer, "198.18.0.1:22"), Ok(()), "ssh failsafe on the private side");
-    assert!(!ping(&peer, "198.18.0.1"), "ping on the private side is denied");
-    agent.expect_event("the private ping", |e| e["iface"] == "eth0" && e["protocol"] == "icmp" && e["reason"] == "no-profile");
+    assert_eq!(
+        connect(&peer, "198.18.0.1:22"),
+        Ok(()),
+        "ssh failsafe on the private side"
+    );
+    assert!(
+        !ping(&peer, "198.18.0.1"),
+        "ping on the private side is denied"
+    );
+    agent.expect_event("the private ping", |e| {
+        e["iface"] == "eth0" && e["protocol"] == "icmp" && e["reason"] == "no-profile"
+    });
 
     agent.stop();
     let after = worker.exec("ip", &["-d", "link", "show", "eth1"]);
     assert!(!after.contains("prog/xdp"), "XDP detached on exit: {after}");
-    assert_eq!(connect(&client, "198.18.1.1:22"), Ok(()), "nothing enforced after exit");
+    assert_eq!(
+        connect(&client, "198.18.1.1:22"),
+        Ok(()),
+        "nothing enforced after exit"
+    );
 }

@@ -32,7 +32,11 @@ struct Case {
 }
 
 fn case(name: &'static str, packet: Packet, expect: Expect) -> Case {
-    Case { name, frame: packet.frame(), expect }
+    Case {
+        name,
+        frame: packet.frame(),
+        expect,
+    }
 }
 
 fn with<F: FnOnce(&mut Packet)>(mut p: Packet, f: F) -> Packet {
@@ -57,15 +61,29 @@ fn run_ingress(k: &mut Kernel, cases: &[Case]) {
             .into_iter()
             .filter(|e| e.verdict == verdict::DENY)
             .collect();
-        let got = if passed { Expect::Pass } else { Expect::Deny(events.first().map_or(0, |e| e.reason)) };
+        let got = if passed {
+            Expect::Pass
+        } else {
+            Expect::Deny(events.first().map_or(0, |e| e.reason))
+        };
         assert_eq!(got, c.expect, "{}: kernel (events {events:?})", c.name);
-        assert_eq!(events.len(), usize::from(!passed), "{}: one deny event per denied packet", c.name);
+        assert_eq!(
+            events.len(),
+            usize::from(!passed),
+            "{}: one deny event per denied packet",
+            c.name
+        );
         let r = reference::judge(&k.set, k.host_endpoint(), direction::INGRESS, &c.frame);
         let want = match c.expect {
             Expect::Pass => (Verdict::Allow, 0),
             Expect::Deny(why) => (Verdict::Deny, why),
         };
-        assert_eq!((r.verdict, r.reason()), want, "{}: reference says {r:?}", c.name);
+        assert_eq!(
+            (r.verdict, r.reason()),
+            want,
+            "{}: reference says {r:?}",
+            c.name
+        );
     }
 }
 
@@ -75,40 +93,211 @@ fn public_interface_ingress() {
     let bigfix = Packet::tcp(CLIENT, 40000, WORKER, 52311, SYN);
     let cases = vec![
         case("ping", Packet::icmp(CLIENT, WORKER, 8, 0), Expect::Pass),
-        case("ssh is blocked on the public side", Packet::tcp(CLIENT, 40000, WORKER, 22, SYN), Expect::Deny(reason::END_OF_POLICIES)),
+        case(
+            "ssh is blocked on the public side",
+            Packet::tcp(CLIENT, 40000, WORKER, 22, SYN),
+            Expect::Deny(reason::END_OF_POLICIES),
+        ),
         case("bigfix tcp", bigfix.clone(), Expect::Pass),
-        case("bigfix udp", Packet::udp(CLIENT, 40000, WORKER, 52311), Expect::Pass),
-        case("bigfix port is tcp/udp only", Packet::new(ip(CLIENT), ip(WORKER), Transport::Sctp { sport: 1, dport: 52311 }), Expect::Deny(reason::END_OF_POLICIES)),
-        case("vrrp", Packet::new(ip(CLIENT), ip(WORKER), Transport::Other { protocol: 112, len: 20 }), Expect::Pass),
-        case("unknown protocol", Packet::new(ip(CLIENT), ip(WORKER), Transport::Other { protocol: 47, len: 20 }), Expect::Deny(reason::END_OF_POLICIES)),
-        case("management network, any port", Packet::tcp("198.19.128.77", 40000, WORKER, 22, SYN), Expect::Pass),
-        case("next to the management network", Packet::tcp("198.19.129.1", 40000, WORKER, 22, SYN), Expect::Deny(reason::END_OF_POLICIES)),
-        case("watched network denied before bigfix", Packet::tcp("198.18.66.7", 40000, WORKER, 52311, SYN), Expect::Deny(reason::RULE)),
-        case("web client, port 80", Packet::tcp("198.18.2.9", 40000, WORKER, 80, SYN), Expect::Pass),
-        case("web client, range start", Packet::tcp("198.18.2.9", 40000, WORKER, 8000, SYN), Expect::Pass),
-        case("web client, range end", Packet::tcp("198.18.2.9", 40000, WORKER, 8080, SYN), Expect::Pass),
-        case("web client, past the range", Packet::tcp("198.18.2.9", 40000, WORKER, 8081, SYN), Expect::Deny(reason::END_OF_POLICIES)),
-        case("web port from elsewhere", Packet::tcp(CLIENT, 40000, WORKER, 443, SYN), Expect::Deny(reason::END_OF_POLICIES)),
-        case("web client over udp", Packet::udp("198.18.2.9", 40000, WORKER, 443), Expect::Deny(reason::END_OF_POLICIES)),
-        case("ipv6 web client", Packet::tcp("2001:db8:2::5", 40000, WORKER6, 443, SYN), Expect::Pass),
-        case("ipv6 other client", Packet::tcp("2001:db8:3::5", 40000, WORKER6, 443, SYN), Expect::Deny(reason::END_OF_POLICIES)),
-        case("ipv6 management network", Packet::tcp("2001:db8:99:1::5", 40000, WORKER6, 22, SYN), Expect::Pass),
-        case("ipv4-mapped source is not the ipv4 management net", Packet::tcp("::ffff:198.19.128.77", 40000, WORKER6, 22, SYN), Expect::Deny(reason::END_OF_POLICIES)),
-        case("icmpv6 echo", Packet::icmp("2001:db8:5::5", WORKER6, 128, 0), Expect::Pass),
-        case("neighbour solicitation (untracked, allowed by allow-icmp)", Packet::icmp("2001:db8:5::5", WORKER6, 135, 0), Expect::Pass),
-        case("unsolicited echo reply", Packet::icmp(CLIENT, WORKER, 0, 0), Expect::Deny(reason::CONNTRACK_INVALID)),
-        case("unsolicited icmpv6 echo reply", Packet::icmp("2001:db8:5::5", WORKER6, 129, 0), Expect::Deny(reason::CONNTRACK_INVALID)),
-        case("router advertisement v4 (conntrack refuses the type)", Packet::icmp(CLIENT, WORKER, 9, 0), Expect::Deny(reason::CONNTRACK_INVALID)),
-        case("syn+fin", Packet::tcp(CLIENT, 40000, WORKER, 52311, SYN | 0x01), Expect::Deny(reason::TCP_FLAGS_INVALID)),
-        case("no tcp flags", Packet::tcp(CLIENT, 40000, WORKER, 52311, 0), Expect::Deny(reason::TCP_FLAGS_INVALID)),
-        case("mid-flow ack to bigfix (loose pickup)", Packet::tcp(CLIENT, 40000, WORKER, 52311, ACK), Expect::Pass),
-        case("vlan tagged ssh", with(Packet::tcp(CLIENT, 40000, WORKER, 22, SYN), |p| p.vlans = 1), Expect::Deny(reason::END_OF_POLICIES)),
-        case("double tagged bigfix", with(bigfix.clone(), |p| p.vlans = 2), Expect::Pass),
-        case("ipv4 options", with(bigfix.clone(), |p| p.ipv4_option_words = 10), Expect::Pass),
-        case("ipv6 extension headers", with(Packet::tcp("2001:db8:2::5", 1, WORKER6, 443, SYN), |p| p.ipv6_ext_headers = 6), Expect::Pass),
-        case("too many ipv6 extension headers", with(Packet::tcp("2001:db8:2::5", 1, WORKER6, 443, SYN), |p| p.ipv6_ext_headers = 7), Expect::Deny(reason::UNPARSABLE)),
-        case("later fragment, first unseen", with(bigfix.clone(), |p| p.fragment = Some(Fragmentation { offset: 3, more: false, id: 7 })), Expect::Deny(reason::FRAGMENT_UNKNOWN)),
-        case("icmp error about nothing", Packet::new(ip(CLIENT), ip(WORKER), Transport::IcmpError { icmp_type: 3, code: 3, quoted: Box::new(Packet::udp(WORKER, 5353, CLIENT, 53)) }), Expect::Deny(reason::CONNTRACK_INVALID)),
+        case(
+            "bigfix udp",
+            Packet::udp(CLIENT, 40000, WORKER, 52311),
+            Expect::Pass,
+        ),
+        case(
+            "bigfix port is tcp/udp only",
+            Packet::new(
+                ip(CLIENT),
+                ip(WORKER),
+                Transport::Sctp {
+                    sport: 1,
+                    dport: 52311,
+                },
+            ),
+            Expect::Deny(reason::END_OF_POLICIES),
+        ),
+        case(
+            "vrrp",
+            Packet::new(
+                ip(CLIENT),
+                ip(WORKER),
+                Transport::Other {
+                    protocol: 112,
+                    len: 20,
+                },
+            ),
+            Expect::Pass,
+        ),
+        case(
+            "unknown protocol",
+            Packet::new(
+                ip(CLIENT),
+                ip(WORKER),
+                Transport::Other {
+                    protocol: 47,
+                    len: 20,
+                },
+            ),
+            Expect::Deny(reason::END_OF_POLICIES),
+        ),
+        case(
+            "management network, any port",
+            Packet::tcp("198.19.128.77", 40000, WORKER, 22, SYN),
+            Expect::Pass,
+        ),
+        case(
+            "next to the management network",
+            Packet::tcp("198.19.129.1", 40000, WORKER, 22, SYN),
+            Expect::Deny(reason::END_OF_POLICIES),
+        ),
+        case(
+            "watched network denied before bigfix",
+            Packet::tcp("198.18.66.7", 40000, WORKER, 52311, SYN),
+            Expect::Deny(reason::RULE),
+        ),
+        case(
+            "web client, port 80",
+            Packet::tcp("198.18.2.9", 40000, WORKER, 80, SYN),
+            Expect::Pass,
+        ),
+        case(
+            "web client, range start",
+            Packet::tcp("198.18.2.9", 40000, WORKER, 8000, SYN),
+            Expect::Pass,
+        ),
+        case(
+            "web client, range end",
+            Packet::tcp("198.18.2.9", 40000, WORKER, 8080, SYN),
+            Expect::Pass,
+        ),
+        case(
+            "web client, past the range",
+            Packet::tcp("198.18.2.9", 40000, WORKER, 8081, SYN),
+            Expect::Deny(reason::END_OF_POLICIES),
+        ),
+        case(
+            "web port from elsewhere",
+            Packet::tcp(CLIENT, 40000, WORKER, 443, SYN),
+            Expect::Deny(reason::END_OF_POLICIES),
+        ),
+        case(
+            "web client over udp",
+            Packet::udp("198.18.2.9", 40000, WORKER, 443),
+            Expect::Deny(reason::END_OF_POLICIES),
+        ),
+        case(
+            "ipv6 web client",
+            Packet::tcp("2001:db8:2::5", 40000, WORKER6, 443, SYN),
+            Expect::Pass,
+        ),
+        case(
+            "ipv6 other client",
+            Packet::tcp("2001:db8:3::5", 40000, WORKER6, 443, SYN),
+            Expect::Deny(reason::END_OF_POLICIES),
+        ),
+        case(
+            "ipv6 management network",
+            Packet::tcp("2001:db8:99:1::5", 40000, WORKER6, 22, SYN),
+            Expect::Pass,
+        ),
+        case(
+            "ipv4-mapped source is not the ipv4 management net",
+            Packet::tcp("::ffff:198.19.128.77", 40000, WORKER6, 22, SYN),
+            Expect::Deny(reason::END_OF_POLICIES),
+        ),
+        case(
+            "icmpv6 echo",
+            Packet::icmp("2001:db8:5::5", WORKER6, 128, 0),
+            Expect::Pass,
+        ),
+        case(
+            "neighbour solicitation (untracked, allowed by allow-icmp)",
+            Packet::icmp("2001:db8:5::5", WORKER6, 135, 0),
+            Expect::Pass,
+        ),
+        case(
+            "unsolicited echo reply",
+            Packet::icmp(CLIENT, WORKER, 0, 0),
+            Expect::Deny(reason::CONNTRACK_INVALID),
+        ),
+        case(
+            "unsolicited icmpv6 echo reply",
+            Packet::icmp("2001:db8:5::5", WORKER6, 129, 0),
+            Expect::Deny(reason::CONNTRACK_INVALID),
+        ),
+        case(
+            "router advertisement v4 (conntrack refuses the type)",
+            Packet::icmp(CLIENT, WORKER, 9, 0),
+            Expect::Deny(reason::CONNTRACK_INVALID),
+        ),
+        case(
+            "syn+fin",
+            Packet::tcp(CLIENT, 40000, WORKER, 52311, SYN | 0x01),
+            Expect::Deny(reason::TCP_FLAGS_INVALID),
+        ),
+        case(
+            "no tcp flags",
+            Packet::tcp(CLIENT, 40000, WORKER, 52311, 0),
+            Expect::Deny(reason::TCP_FLAGS_INVALID),
+        ),
+        case(
+            "mid-flow ack to bigfix (loose pickup)",
+            Packet::tcp(CLIENT, 40000, WORKER, 52311, ACK),
+            Expect::Pass,
+        ),
+        case(
+            "vlan tagged ssh",
+            with(Packet::tcp(CLIENT, 40000, WORKER, 22, SYN), |p| p.vlans = 1),
+            Expect::Deny(reason::END_OF_POLICIES),
+        ),
+        case(
+            "double tagged bigfix",
+            with(bigfix.clone(), |p| p.vlans = 2),
+            Expect::Pass,
+        ),
+        case(
+            "ipv4 options",
+            with(bigfix.clone(), |p| p.ipv4_option_words = 10),
+            Expect::Pass,
+        ),
+        case(
+            "ipv6 extension headers",
+            with(Packet::tcp("2001:db8:2::5", 1, WORKER6, 443, SYN), |p| {
+                p.ipv6_ext_headers = 6
+            }),
+            Expect::Pass,
+        ),
+        case(
+            "too many ipv6 extension headers",
+            with(Packet::tcp("2001:db8:2::5", 1, WORKER6, 443, SYN), |p| {
+                p.ipv6_ext_headers = 7
+            }),
+            Expect::Deny(reason::UNPARSABLE),
+        ),
+        case(
+            "later fragment, first unseen",
+            with(bigfix.clone(), |p| {
+                p.fragment = Some(Fragmentation {
+                    offset: 3,
+                    more: false,
+                    id: 7,
+                })
+            }),
+            Expect::Deny(reason::FRAGMENT_UNKNOWN),
+        ),
+        case(
+            "icmp error about nothing",
+            Packet::new(
+                ip(CLIENT),
+                ip(WORKER),
+                Transport::IcmpError {
+                    icmp_type: 3,
+                    code: 3,
+                    quoted: Box::new(Packet::udp(WORKER, 5353, CLIENT, 53)),
+                },
+            ),
+            Expect::Deny(reason::CONNTRACK_INVALID),
+        ),
     ];
     run_ingress(&mut k, &cases);
 }
@@ -126,10 +315,17 @@ fn non_ip_passes_and_truncated_ip_is_denied_at_every_length() {
         Packet::tcp(CLIENT, 40000, WORKER, 52311, SYN),
         Packet::udp(CLIENT, 40000, WORKER, 52311),
         Packet::icmp(CLIENT, WORKER, 8, 0),
-        with(Packet::tcp(CLIENT, 40000, WORKER, 52311, SYN), |p| p.vlans = 1),
-        with(Packet::tcp(CLIENT, 40000, WORKER, 52311, SYN), |p| p.ipv4_option_words = 3),
+        with(Packet::tcp(CLIENT, 40000, WORKER, 52311, SYN), |p| {
+            p.vlans = 1
+        }),
+        with(Packet::tcp(CLIENT, 40000, WORKER, 52311, SYN), |p| {
+            p.ipv4_option_words = 3
+        }),
         Packet::tcp("2001:db8:2::5", 40000, WORKER6, 443, SYN),
-        with(Packet::tcp("2001:db8:2::5", 40000, WORKER6, 443, SYN), |p| p.ipv6_ext_headers = 2),
+        with(
+            Packet::tcp("2001:db8:2::5", 40000, WORKER6, 443, SYN),
+            |p| p.ipv6_ext_headers = 2,
+        ),
         Packet::icmp("2001:db8:5::5", WORKER6, 128, 0),
     ];
     for p in whole {
@@ -152,7 +348,10 @@ fn non_ip_passes_and_truncated_ip_is_denied_at_every_length() {
         }
         // A cut inside the VLAN tags leaves no IP packet to judge.
         for len in 14..l3 {
-            assert!(k.ingress(&frame[..len]), "{p:?} cut to {len} inside the VLAN tags");
+            assert!(
+                k.ingress(&frame[..len]),
+                "{p:?} cut to {len} inside the VLAN tags"
+            );
         }
     }
     let counters = k.dataplane.counters().expect("counters");
@@ -167,14 +366,24 @@ fn malformed_headers_are_denied() {
     let mut bad = |name: &'static str, edit: &dyn Fn(&mut Vec<u8>)| {
         let mut f = good.clone();
         edit(&mut f);
-        cases.push(Case { name, frame: f, expect: Expect::Deny(reason::UNPARSABLE) });
+        cases.push(Case {
+            name,
+            frame: f,
+            expect: Expect::Deny(reason::UNPARSABLE),
+        });
     };
     bad("ihl below 5", &|f| f[14] = 0x44);
     bad("ihl past the packet", &|f| f[14] = 0x4f);
     bad("ip version 5 in an ipv4 frame", &|f| f[14] = 0x55);
-    bad("total length below the header", &|f| f[16..18].copy_from_slice(&19u16.to_be_bytes()));
-    bad("total length past the frame", &|f| f[16..18].copy_from_slice(&200u16.to_be_bytes()));
-    bad("total length cuts the tcp header", &|f| f[16..18].copy_from_slice(&30u16.to_be_bytes()));
+    bad("total length below the header", &|f| {
+        f[16..18].copy_from_slice(&19u16.to_be_bytes())
+    });
+    bad("total length past the frame", &|f| {
+        f[16..18].copy_from_slice(&200u16.to_be_bytes())
+    });
+    bad("total length cuts the tcp header", &|f| {
+        f[16..18].copy_from_slice(&30u16.to_be_bytes())
+    });
     bad("tcp data offset below 5", &|f| f[14 + 20 + 12] = 0x40);
     run_ingress(&mut k, &cases);
     // Ethernet padding after the datagram is fine.
@@ -194,9 +403,24 @@ fn deny_and_log_events_name_what_decided() {
     assert_eq!(events.len(), 3, "{events:?}");
 
     let ssh = &events[0];
-    assert_eq!((ssh.verdict, ssh.reason, ssh.policy_id), (verdict::DENY, reason::END_OF_POLICIES, NO_POLICY_ID));
-    assert_eq!((ssh.ifindex, ssh.direction, ssh.generation), (TEST_RUN_IFINDEX, direction::INGRESS, 1));
-    assert_eq!((ssh.protocol, ssh.sport, ssh.dport, ssh.tcp_flags, ssh.ip_version), (6, 40001, 22, SYN, 4));
+    assert_eq!(
+        (ssh.verdict, ssh.reason, ssh.policy_id),
+        (verdict::DENY, reason::END_OF_POLICIES, NO_POLICY_ID)
+    );
+    assert_eq!(
+        (ssh.ifindex, ssh.direction, ssh.generation),
+        (TEST_RUN_IFINDEX, direction::INGRESS, 1)
+    );
+    assert_eq!(
+        (
+            ssh.protocol,
+            ssh.sport,
+            ssh.dport,
+            ssh.tcp_flags,
+            ssh.ip_version
+        ),
+        (6, 40001, 22, SYN, 4)
+    );
     assert_eq!(event::address(ssh.src, 4), ip(CLIENT));
     assert_eq!(event::address(ssh.dst, 4), ip(WORKER));
     assert_eq!(ssh.packet_len, 54);
@@ -211,8 +435,15 @@ fn deny_and_log_events_name_what_decided() {
     let resolved = event::resolve(deny, &|_| "eth1".into(), &k.compiled, 0);
     assert_eq!(resolved.policy.as_deref(), Some("deny-watched"));
     let line = resolved.line();
-    assert!(line.contains("eth1") && line.contains("ingress") && line.contains("DENY"), "{line}");
-    assert!(line.contains("198.18.66.7:40002 -> 198.18.1.1:52311") && line.contains("by deny-watched rule 1"), "{line}");
+    assert!(
+        line.contains("eth1") && line.contains("ingress") && line.contains("DENY"),
+        "{line}"
+    );
+    assert!(
+        line.contains("198.18.66.7:40002 -> 198.18.1.1:52311")
+            && line.contains("by deny-watched rule 1"),
+        "{line}"
+    );
 }
 
 #[test]
@@ -221,23 +452,56 @@ fn return_traffic_of_allowed_connections_passes() {
     k.forget_flows();
     // Outbound connection (allow-all-outbound), then its SYN-ACK comes in.
     let syn_ack = Packet::tcp("198.18.5.5", 443, WORKER, 50000, SYN_ACK).frame();
-    assert!(!k.ingress(&syn_ack), "an unsolicited SYN-ACK to a closed port is denied");
+    assert!(
+        !k.ingress(&syn_ack),
+        "an unsolicited SYN-ACK to a closed port is denied"
+    );
     assert!(k.egress(&Packet::tcp(WORKER, 50000, "198.18.5.5", 443, SYN).frame()));
-    assert!(k.ingress(&syn_ack), "the reply of an allowed connection passes");
+    assert!(
+        k.ingress(&syn_ack),
+        "the reply of an allowed connection passes"
+    );
     // Echo: request out, reply in; another identifier is still invalid.
     assert!(k.egress(&Packet::icmp(WORKER, "198.18.5.5", 8, 0).frame()));
-    assert!(k.ingress(&Packet::icmp("198.18.5.5", WORKER, 0, 0).frame()), "echo reply");
+    assert!(
+        k.ingress(&Packet::icmp("198.18.5.5", WORKER, 0, 0).frame()),
+        "echo reply"
+    );
     let mut other_id = Packet::icmp("198.18.5.5", WORKER, 0, 0);
-    other_id.transport = Transport::Icmp { icmp_type: 0, code: 0, rest: [0x99, 0x99, 0, 1] };
-    assert!(!k.ingress(&other_id.frame()), "echo reply with another identifier");
+    other_id.transport = Transport::Icmp {
+        icmp_type: 0,
+        code: 0,
+        rest: [0x99, 0x99, 0, 1],
+    };
+    assert!(
+        !k.ingress(&other_id.frame()),
+        "echo reply with another identifier"
+    );
     // A UDP query out; the port-unreachable error quoting it is RELATED.
     let query = Packet::udp(WORKER, 5353, "198.18.5.5", 53);
     assert!(k.egress(&query.frame()));
-    let error = Packet::new(ip("198.18.5.5"), ip(WORKER), Transport::IcmpError { icmp_type: 3, code: 3, quoted: Box::new(query) });
-    assert!(k.ingress(&error.frame()), "ICMP error related to a tracked flow");
+    let error = Packet::new(
+        ip("198.18.5.5"),
+        ip(WORKER),
+        Transport::IcmpError {
+            icmp_type: 3,
+            code: 3,
+            quoted: Box::new(query),
+        },
+    );
+    assert!(
+        k.ingress(&error.frame()),
+        "ICMP error related to a tracked flow"
+    );
     let counters = k.dataplane.counters().expect("counters");
-    assert_eq!(counters[0][moat_common::counter::CONNTRACK_ALLOWED as usize], 2);
-    assert_eq!(counters[0][moat_common::counter::RELATED_ALLOWED as usize], 1);
+    assert_eq!(
+        counters[0][moat_common::counter::CONNTRACK_ALLOWED as usize],
+        2
+    );
+    assert_eq!(
+        counters[0][moat_common::counter::RELATED_ALLOWED as usize],
+        1
+    );
     // Ingress-allowed flows are tracked too: the worker's reply goes out
     // even where egress policy would deny it (private side, no policy).
 }
@@ -248,7 +512,11 @@ fn later_fragments_are_judged_like_their_first() {
     k.forget_flows();
     let frag = |dport, offset, more| {
         with(Packet::udp(CLIENT, 40000, WORKER, dport), |p| {
-            p.fragment = Some(Fragmentation { offset, more, id: 4242 });
+            p.fragment = Some(Fragmentation {
+                offset,
+                more,
+                id: 4242,
+            });
             p.payload = 16;
         })
         .frame()
@@ -256,13 +524,23 @@ fn later_fragments_are_judged_like_their_first() {
     assert!(k.ingress(&frag(52311, 0, true)), "first fragment to bigfix");
     assert!(k.ingress(&frag(52311, 3, false)), "its later fragment");
     k.forget_flows();
-    assert!(!k.ingress(&frag(22, 0, true)), "first fragment to a closed port");
+    assert!(
+        !k.ingress(&frag(22, 0, true)),
+        "first fragment to a closed port"
+    );
     let before = k.dataplane.drain_events().len();
-    assert!(!k.ingress(&frag(22, 3, false)), "its later fragment is denied too");
+    assert!(
+        !k.ingress(&frag(22, 3, false)),
+        "its later fragment is denied too"
+    );
     let events = k.dataplane.drain_events();
     assert_eq!(before, 1);
     assert_eq!(events.len(), 1);
-    assert_eq!(events[0].reason, reason::END_OF_POLICIES, "judged by policy, with the first fragment's ports");
+    assert_eq!(
+        events[0].reason,
+        reason::END_OF_POLICIES,
+        "judged by policy, with the first fragment's ports"
+    );
     assert_eq!(events[0].dport, 22);
 }
 
@@ -270,22 +548,54 @@ fn later_fragments_are_judged_like_their_first() {
 fn private_interface_failsafes_and_default_deny() {
     let mut k = Kernel::new(load_fixture("public"), "eth0");
     let cases = vec![
-        case("ssh failsafe", Packet::tcp("198.18.0.9", 40000, "198.18.0.1", 22, SYN), Expect::Pass),
-        case("bgp failsafe", Packet::tcp("198.18.0.9", 40000, "198.18.0.1", 179, SYN), Expect::Pass),
-        case("dhcp failsafe", Packet::udp("198.18.0.9", 67, "198.18.0.1", 68), Expect::Pass),
-        case("no policy, no profile: deny", Packet::tcp("198.18.0.9", 40000, "198.18.0.1", 80, SYN), Expect::Deny(reason::NO_PROFILE)),
-        case("ping denied too", Packet::icmp("198.18.0.9", "198.18.0.1", 8, 0), Expect::Deny(reason::NO_PROFILE)),
+        case(
+            "ssh failsafe",
+            Packet::tcp("198.18.0.9", 40000, "198.18.0.1", 22, SYN),
+            Expect::Pass,
+        ),
+        case(
+            "bgp failsafe",
+            Packet::tcp("198.18.0.9", 40000, "198.18.0.1", 179, SYN),
+            Expect::Pass,
+        ),
+        case(
+            "dhcp failsafe",
+            Packet::udp("198.18.0.9", 67, "198.18.0.1", 68),
+            Expect::Pass,
+        ),
+        case(
+            "no policy, no profile: deny",
+            Packet::tcp("198.18.0.9", 40000, "198.18.0.1", 80, SYN),
+            Expect::Deny(reason::NO_PROFILE),
+        ),
+        case(
+            "ping denied too",
+            Packet::icmp("198.18.0.9", "198.18.0.1", 8, 0),
+            Expect::Deny(reason::NO_PROFILE),
+        ),
     ];
     run_ingress(&mut k, &cases);
     k.forget_flows();
-    assert!(k.egress(&Packet::udp("198.18.0.1", 40000, "198.18.0.53", 53).frame()), "dns failsafe out");
-    assert!(!k.egress(&Packet::tcp("198.18.0.1", 40000, "198.18.0.9", 80, SYN).frame()), "other egress denied");
+    assert!(
+        k.egress(&Packet::udp("198.18.0.1", 40000, "198.18.0.53", 53).frame()),
+        "dns failsafe out"
+    );
+    assert!(
+        !k.egress(&Packet::tcp("198.18.0.1", 40000, "198.18.0.9", 80, SYN).frame()),
+        "other egress denied"
+    );
     let events = k.dataplane.drain_events();
-    assert_eq!(events.last().map(|e| (e.direction, e.reason)), Some((direction::EGRESS, reason::NO_PROFILE)));
+    assert_eq!(
+        events.last().map(|e| (e.direction, e.reason)),
+        Some((direction::EGRESS, reason::NO_PROFILE))
+    );
     // The reply of a failsafe-allowed ssh connection leaves.
     k.forget_flows();
     assert!(k.ingress(&Packet::tcp("198.18.0.9", 40000, "198.18.0.1", 22, SYN).frame()));
-    assert!(k.egress(&Packet::tcp("198.18.0.1", 22, "198.18.0.9", 40000, SYN_ACK).frame()), "ssh reply");
+    assert!(
+        k.egress(&Packet::tcp("198.18.0.1", 22, "198.18.0.9", 40000, SYN_ACK).frame()),
+        "ssh reply"
+    );
 }
 
 #[test]
@@ -295,6 +605,12 @@ fn unenforced_interface_passes_everything() {
     assert!(k.ingress(&Packet::tcp(CLIENT, 1, WORKER, 22, SYN).frame()));
     assert!(k.egress(&Packet::tcp(WORKER, 1, CLIENT, 22, SYN).frame()));
     let counters = k.dataplane.counters().expect("counters");
-    assert_eq!(counters[0][moat_common::counter::UNENFORCED_PASSED as usize], 1);
-    assert_eq!(counters[1][moat_common::counter::UNENFORCED_PASSED as usize], 1);
+    assert_eq!(
+        counters[0][moat_common::counter::UNENFORCED_PASSED as usize],
+        1
+    );
+    assert_eq!(
+        counters[1][moat_common::counter::UNENFORCED_PASSED as usize],
+        1
+    );
 }

@@ -39,7 +39,10 @@ fn in_ns(ns: &str, args: &[&str]) -> Result<()> {
 
 fn remove_lab() {
     for ns in NAMESPACES {
-        let _ = Command::new("ip").args(["netns", "del", ns]).stderr(Stdio::null()).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", ns])
+            .stderr(Stdio::null())
+            .status();
     }
 }
 
@@ -69,12 +72,37 @@ impl Lab {
             // The demo speaks IPv4; without this, IPv6 router solicitations
             // and MLD reports from link-local addresses (which the private
             // side, having no policy, rightly denies) crowd the output.
-            in_ns(ns, &["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1"])?;
+            in_ns(
+                ns,
+                &[
+                    "sysctl",
+                    "-qw",
+                    "net.ipv6.conf.all.disable_ipv6=1",
+                    "net.ipv6.conf.default.disable_ipv6=1",
+                ],
+            )?;
         }
-        link(WORKER, "eth1", "198.18.1.1/24", PUBLIC, "eth0", "198.18.1.2/24")?;
-        link(WORKER, "eth0", "198.18.0.1/24", PRIVATE, "eth0", "198.18.0.2/24")?;
+        link(
+            WORKER,
+            "eth1",
+            "198.18.1.1/24",
+            PUBLIC,
+            "eth0",
+            "198.18.1.2/24",
+        )?;
+        link(
+            WORKER,
+            "eth0",
+            "198.18.0.1/24",
+            PRIVATE,
+            "eth0",
+            "198.18.0.2/24",
+        )?;
         // A second client address, inside the network the demo policy watches.
-        in_ns(PUBLIC, &["ip", "addr", "add", "198.18.66.7/32", "dev", "eth0"])?;
+        in_ns(
+            PUBLIC,
+            &["ip", "addr", "add", "198.18.66.7/32", "dev", "eth0"],
+        )?;
         Ok(lab)
     }
 }
@@ -88,7 +116,10 @@ impl Drop for Lab {
 }
 
 fn link(a: &str, a_if: &str, a_addr: &str, b: &str, b_if: &str, b_addr: &str) -> Result<()> {
-    let (ta, tb) = (format!("md{}", std::process::id() % 10000), format!("me{}", std::process::id() % 10000));
+    let (ta, tb) = (
+        format!("md{}", std::process::id() % 10000),
+        format!("me{}", std::process::id() % 10000),
+    );
     ip(&["link", "add", &ta, "type", "veth", "peer", "name", &tb])?;
     ip(&["link", "set", &ta, "netns", a])?;
     ip(&["link", "set", &tb, "netns", b])?;
@@ -112,7 +143,10 @@ struct Step {
 
 enum Action {
     Ping(&'static str),
-    Connect { to: &'static str, from: Option<&'static str> },
+    Connect {
+        to: &'static str,
+        from: Option<&'static str>,
+    },
 }
 
 fn attempt(xtask: &Path, ns: &str, action: &Action) -> Result<bool> {
@@ -126,7 +160,9 @@ fn attempt(xtask: &Path, ns: &str, action: &Action) -> Result<bool> {
             .success()),
         Action::Connect { to, from } => {
             let mut cmd = Command::new("ip");
-            cmd.args(["netns", "exec", ns]).arg(xtask).args(["probe", "connect", to]);
+            cmd.args(["netns", "exec", ns])
+                .arg(xtask)
+                .args(["probe", "connect", to]);
             if let Some(src) = from {
                 cmd.args(["--from", src]);
             }
@@ -135,7 +171,10 @@ fn attempt(xtask: &Path, ns: &str, action: &Action) -> Result<bool> {
             match word.as_str() {
                 "accepted" => Ok(true),
                 "timed out" => Ok(false),
-                other => bail!("connect to {to}: {other} {}", String::from_utf8_lossy(&out.stderr)),
+                other => bail!(
+                    "connect to {to}: {other} {}",
+                    String::from_utf8_lossy(&out.stderr)
+                ),
             }
         }
     }
@@ -159,13 +198,22 @@ pub fn run(root: &Path) -> Result<()> {
     let listener = Command::new("ip")
         .args(["netns", "exec", WORKER])
         .arg(&xtask)
-        .args(["probe", "listen", "0.0.0.0:22", "0.0.0.0:52311", "0.0.0.0:80"])
+        .args([
+            "probe",
+            "listen",
+            "0.0.0.0:22",
+            "0.0.0.0:52311",
+            "0.0.0.0:80",
+        ])
         .stdout(Stdio::null())
         .spawn()
         .context("starting listeners on the worker")?;
     LISTENER_PID.store(listener.id() as i32, Ordering::SeqCst);
 
-    println!("demo: starting: moat agent --policies {} --iface eth1 --iface eth0 --node worker-1", policies.display());
+    println!(
+        "demo: starting: moat agent --policies {} --iface eth1 --iface eth0 --node worker-1",
+        policies.display()
+    );
     println!("demo: denied packets appear below as the agent reports them\n");
     let mut agent = Command::new("ip")
         .args(["netns", "exec", WORKER])
@@ -180,13 +228,70 @@ pub fn run(root: &Path) -> Result<()> {
     wait_ready(&mut agent)?;
 
     let steps = [
-        Step { from: PUBLIC, what: "ping 198.18.1.1", why: "allow-icmp", expect_pass: true, action: Action::Ping("198.18.1.1") },
-        Step { from: PUBLIC, what: "ssh 198.18.1.1:22", why: "no public policy allows ssh: default deny", expect_pass: false, action: Action::Connect { to: "198.18.1.1:22", from: None } },
-        Step { from: PUBLIC, what: "tcp 198.18.1.1:52311", why: "allow-bigfix-port", expect_pass: true, action: Action::Connect { to: "198.18.1.1:52311", from: None } },
-        Step { from: PUBLIC, what: "tcp 198.18.1.1:80", why: "allow-web admits only 198.18.2.0/24", expect_pass: false, action: Action::Connect { to: "198.18.1.1:80", from: None } },
-        Step { from: PUBLIC, what: "tcp 198.18.1.1:52311 from 198.18.66.7", why: "deny-watched logs, then denies, before the defaults", expect_pass: false, action: Action::Connect { to: "198.18.1.1:52311", from: Some("198.18.66.7") } },
-        Step { from: PRIVATE, what: "ssh 198.18.0.1:22", why: "failsafe port on the private side", expect_pass: true, action: Action::Connect { to: "198.18.0.1:22", from: None } },
-        Step { from: PRIVATE, what: "ping 198.18.0.1", why: "no policy selects worker_private: no profile, deny", expect_pass: false, action: Action::Ping("198.18.0.1") },
+        Step {
+            from: PUBLIC,
+            what: "ping 198.18.1.1",
+            why: "allow-icmp",
+            expect_pass: true,
+            action: Action::Ping("198.18.1.1"),
+        },
+        Step {
+            from: PUBLIC,
+            what: "ssh 198.18.1.1:22",
+            why: "no public policy allows ssh: default deny",
+            expect_pass: false,
+            action: Action::Connect {
+                to: "198.18.1.1:22",
+                from: None,
+            },
+        },
+        Step {
+            from: PUBLIC,
+            what: "tcp 198.18.1.1:52311",
+            why: "allow-bigfix-port",
+            expect_pass: true,
+            action: Action::Connect {
+                to: "198.18.1.1:52311",
+                from: None,
+            },
+        },
+        Step {
+            from: PUBLIC,
+            what: "tcp 198.18.1.1:80",
+            why: "allow-web admits only 198.18.2.0/24",
+            expect_pass: false,
+            action: Action::Connect {
+                to: "198.18.1.1:80",
+                from: None,
+            },
+        },
+        Step {
+            from: PUBLIC,
+            what: "tcp 198.18.1.1:52311 from 198.18.66.7",
+            why: "deny-watched logs, then denies, before the defaults",
+            expect_pass: false,
+            action: Action::Connect {
+                to: "198.18.1.1:52311",
+                from: Some("198.18.66.7"),
+            },
+        },
+        Step {
+            from: PRIVATE,
+            what: "ssh 198.18.0.1:22",
+            why: "failsafe port on the private side",
+            expect_pass: true,
+            action: Action::Connect {
+                to: "198.18.0.1:22",
+                from: None,
+            },
+        },
+        Step {
+            from: PRIVATE,
+            what: "ping 198.18.0.1",
+            why: "no policy selects worker_private: no profile, deny",
+            expect_pass: false,
+            action: Action::Ping("198.18.0.1"),
+        },
     ];
     let mut wrong = 0;
     for step in &steps {
@@ -199,7 +304,11 @@ pub fn run(root: &Path) -> Result<()> {
             step.what,
             if passed { "passed" } else { "dropped" },
             step.why,
-            if ok { "" } else { "  <-- NOT WHAT MOAT SHOULD DO" }
+            if ok {
+                ""
+            } else {
+                "  <-- NOT WHAT MOAT SHOULD DO"
+            }
         );
         // Let the agent's event line land before the next step's line.
         std::thread::sleep(Duration::from_millis(200));

@@ -51,7 +51,9 @@ fn main() -> ExitCode {
         Cmd::Setup => setup(),
         Cmd::Build => setup().and_then(|()| build()),
         Cmd::Test => setup().and_then(|()| test()),
-        Cmd::Demo => setup().and_then(|()| build()).and_then(|()| demo::run(&root())),
+        Cmd::Demo => setup()
+            .and_then(|()| build())
+            .and_then(|()| demo::run(&root())),
         Cmd::Bench => setup().and_then(|()| bench()),
         Cmd::Probe { probe } => probe::run(probe),
     };
@@ -140,13 +142,22 @@ fn step_packages() -> Result<()> {
 
 fn step_bpf_linker() -> Result<()> {
     let have = output(Command::new("bpf-linker").arg("--version"));
-    if have.as_deref().is_some_and(|v| v.contains(BPF_LINKER_VERSION)) {
+    if have
+        .as_deref()
+        .is_some_and(|v| v.contains(BPF_LINKER_VERSION))
+    {
         println!("setup: bpf-linker {BPF_LINKER_VERSION} (LLVM 22): present");
         return Ok(());
     }
     println!("setup: bpf-linker {BPF_LINKER_VERSION}: building against LLVM 22 (about a minute)");
     run(cargo()
-        .args(["install", "bpf-linker", "--locked", "--version", BPF_LINKER_VERSION])
+        .args([
+            "install",
+            "bpf-linker",
+            "--locked",
+            "--version",
+            BPF_LINKER_VERSION,
+        ])
         .args(["--no-default-features", "--features", "llvm-22"])
         .env("LLVM_PREFIX", "/usr/lib/llvm-22"))
 }
@@ -163,7 +174,10 @@ fn step_toolchain() -> Result<()> {
 
 fn step_bpffs() -> Result<()> {
     let mounts = std::fs::read_to_string("/proc/mounts").context("reading /proc/mounts")?;
-    if mounts.lines().any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf")) {
+    if mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf"))
+    {
         println!("setup: bpffs at /sys/fs/bpf: mounted");
         return Ok(());
     }
@@ -194,15 +208,38 @@ fn test() -> Result<()> {
         .args(["+nightly", "fmt", "--all", "--check"])
         .current_dir(root()))?;
     println!("test: clippy (host crates)");
-    run(cargo().args(["clippy", "--workspace", "--exclude", "moat-ebpf", "--all-targets", "--", "-D", "warnings"]))?;
+    run(cargo().args([
+        "clippy",
+        "--workspace",
+        "--exclude",
+        "moat-ebpf",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
     println!("test: clippy (eBPF crate, BPF target)");
     run(Command::new("rustup")
-        .args(["run", BPF_TOOLCHAIN, "cargo", "clippy", "--release", "--target", "bpfel-unknown-none", "--", "-D", "warnings"])
+        .args([
+            "run",
+            BPF_TOOLCHAIN,
+            "cargo",
+            "clippy",
+            "--release",
+            "--target",
+            "bpfel-unknown-none",
+            "--",
+            "-D",
+            "warnings",
+        ])
         .current_dir(root().join("ebpf")))?;
     build()?;
     println!("test: cargo test");
     run(cargo().args(["test", "--workspace", "--exclude", "moat-ebpf"]))?;
-    println!("test: all passed in {:.0}s", started.elapsed().as_secs_f64());
+    println!(
+        "test: all passed in {:.0}s",
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 

@@ -42,7 +42,11 @@ pub fn run(probe: Probe) -> Result<()> {
             }
             Ok(())
         }
-        Probe::Connect { to, from, timeout_ms } => {
+        Probe::Connect {
+            to,
+            from,
+            timeout_ms,
+        } => {
             let timeout = Duration::from_millis(timeout_ms);
             let result = match from {
                 None => TcpStream::connect_timeout(&to, timeout).map(drop),
@@ -51,7 +55,12 @@ pub fn run(probe: Probe) -> Result<()> {
             let word = match result {
                 Ok(()) => "accepted",
                 Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => "refused",
-                Err(e) if e.kind() == std::io::ErrorKind::TimedOut || e.kind() == std::io::ErrorKind::WouldBlock => "timed out",
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::TimedOut
+                        || e.kind() == std::io::ErrorKind::WouldBlock =>
+                {
+                    "timed out"
+                }
                 Err(e) => return Err(e).with_context(|| format!("connect {to}")),
             };
             println!("{word}");
@@ -62,7 +71,11 @@ pub fn run(probe: Probe) -> Result<()> {
 
 /// A connect from a chosen source address, with a timeout.
 fn connect_from(src: std::net::IpAddr, to: SocketAddr, timeout: Duration) -> std::io::Result<()> {
-    let socket = socket2::Socket::new(socket2::Domain::for_address(to), socket2::Type::STREAM, None)?;
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(to),
+        socket2::Type::STREAM,
+        None,
+    )?;
     socket.bind(&SocketAddr::new(src, 0).into())?;
     socket.connect_timeout(&to.into(), timeout)
 }
