@@ -110,14 +110,35 @@ const PACKAGES: &[&str] = &[
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const BPF_TOOLCHAIN: &str = "debian-bpf";
 
+/// What a setup step found.
+enum Step {
+    /// Already there: the short name of what was checked.
+    Present(String),
+    /// Installed just now.
+    Done,
+}
+
 fn setup() -> Result<()> {
     let started = Instant::now();
-    step_packages()?;
-    step_bpf_linker()?;
-    step_toolchain()?;
-    step_bpffs()?;
-    step_nightly_rustfmt()?;
-    println!("setup: done in {:.1}s", started.elapsed().as_secs_f64());
+    let steps = [
+        step_packages()?,
+        step_bpf_linker()?,
+        step_toolchain()?,
+        step_bpffs()?,
+        step_nightly_rustfmt()?,
+    ];
+    let present: Vec<String> = steps
+        .iter()
+        .filter_map(|s| match s {
+            Step::Present(what) => Some(what.clone()),
+            Step::Done => None,
+        })
+        .collect();
+    if present.len() == steps.len() {
+        println!("setup: everything present ({}), nothing to do", present.join(", "));
+    } else {
+        println!("setup: done in {:.0}s", started.elapsed().as_secs_f64());
+    }
     Ok(())
 }
 
@@ -126,70 +147,57 @@ fn installed(package: &str) -> bool {
         .is_some_and(|s| s.contains("install ok installed"))
 }
 
-fn step_packages() -> Result<()> {
+fn step_packages() -> Result<Step> {
     let missing: Vec<&str> = PACKAGES.iter().copied().filter(|p| !installed(p)).collect();
     if missing.is_empty() {
-        println!("setup: Debian packages: all {} present", PACKAGES.len());
-        return Ok(());
+        return Ok(Step::Present(format!("{} Debian packages", PACKAGES.len())));
     }
     println!("setup: Debian packages: installing {}", missing.join(" "));
     run(Command::new("apt-get").args(["update", "-qq"]))?;
     run(Command::new("apt-get")
         .args(["install", "-y", "-qq", "--no-install-recommends"])
         .args(&missing)
-        .env("DEBIAN_FRONTEND", "noninteractive"))
+        .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    Ok(Step::Done)
 }
 
-fn step_bpf_linker() -> Result<()> {
+fn step_bpf_linker() -> Result<Step> {
     let have = output(Command::new("bpf-linker").arg("--version"));
-    if have
-        .as_deref()
-        .is_some_and(|v| v.contains(BPF_LINKER_VERSION))
-    {
-        println!("setup: bpf-linker {BPF_LINKER_VERSION} (LLVM 22): present");
-        return Ok(());
+    if have.as_deref().is_some_and(|v| v.contains(BPF_LINKER_VERSION)) {
+        return Ok(Step::Present(format!("bpf-linker {BPF_LINKER_VERSION}")));
     }
-    println!("setup: bpf-linker {BPF_LINKER_VERSION}: building against LLVM 22 (about a minute)");
+    println!("setup: bpf-linker {BPF_LINKER_VERSION}: building against LLVM 22 (a minute or two)");
     run(cargo()
-        .args([
-            "install",
-            "bpf-linker",
-            "--locked",
-            "--version",
-            BPF_LINKER_VERSION,
-        ])
+        .args(["install", "bpf-linker", "--locked", "--version", BPF_LINKER_VERSION])
         .args(["--no-default-features", "--features", "llvm-22"])
-        .env("LLVM_PREFIX", "/usr/lib/llvm-22"))
+        .env("LLVM_PREFIX", "/usr/lib/llvm-22"))?;
+    Ok(Step::Done)
 }
 
-fn step_toolchain() -> Result<()> {
+fn step_toolchain() -> Result<Step> {
     let list = output(Command::new("rustup").args(["toolchain", "list"])).unwrap_or_default();
     if list.lines().any(|l| l.starts_with(BPF_TOOLCHAIN)) {
-        println!("setup: rustup toolchain {BPF_TOOLCHAIN} (Debian rustc for BPF): present");
-        return Ok(());
+        return Ok(Step::Present(format!("toolchain {BPF_TOOLCHAIN}")));
     }
-    println!("setup: rustup toolchain {BPF_TOOLCHAIN}: linking /usr");
-    run(Command::new("rustup").args(["toolchain", "link", BPF_TOOLCHAIN, "/usr"]))
+    println!("setup: rustup toolchain {BPF_TOOLCHAIN}: linking Debian's rustc (/usr)");
+    run(Command::new("rustup").args(["toolchain", "link", BPF_TOOLCHAIN, "/usr"]))?;
+    Ok(Step::Done)
 }
 
-fn step_bpffs() -> Result<()> {
+fn step_bpffs() -> Result<Step> {
     let mounts = std::fs::read_to_string("/proc/mounts").context("reading /proc/mounts")?;
-    if mounts
-        .lines()
-        .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf"))
-    {
-        println!("setup: bpffs at /sys/fs/bpf: mounted");
-        return Ok(());
+    if mounts.lines().any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf")) {
+        return Ok(Step::Present("bpffs".into()));
     }
     println!("setup: bpffs: mounting at /sys/fs/bpf");
-    run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))
+    run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))?;
+    Ok(Step::Done)
 }
 
-fn step_nightly_rustfmt() -> Result<()> {
+fn step_nightly_rustfmt() -> Result<Step> {
     // rustfmt.toml uses group_imports/imports_granularity, nightly options.
     if output(Command::new("rustfmt").args(["+nightly", "--version"])).is_some() {
-        println!("setup: nightly rustfmt (for rustfmt.toml's import grouping): present");
-        Ok(())
+        Ok(Step::Present("nightly rustfmt".into()))
     } else {
         bail!("the nightly toolchain's rustfmt is missing (rustup toolchain list should show nightly); this machine kind ships it")
     }
