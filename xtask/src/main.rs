@@ -84,6 +84,21 @@ pub fn run(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
+/// Runs `cmd` with its output captured, showing it only if it fails.
+fn quiet(cmd: &mut Command) -> Result<()> {
+    let shown = format!("{cmd:?}");
+    let out = cmd.output().with_context(|| format!("starting {shown}"))?;
+    if !out.status.success() {
+        eprintln!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        bail!("{shown} failed ({})", out.status);
+    }
+    Ok(())
+}
+
 fn output(cmd: &mut Command) -> Option<String> {
     let out = cmd.output().ok()?;
     out.status
@@ -135,7 +150,10 @@ fn setup() -> Result<()> {
         })
         .collect();
     if present.len() == steps.len() {
-        println!("setup: everything present ({}), nothing to do", present.join(", "));
+        println!(
+            "setup: everything present ({}), nothing to do",
+            present.join(", ")
+        );
     } else {
         println!("setup: done in {:.0}s", started.elapsed().as_secs_f64());
     }
@@ -153,22 +171,33 @@ fn step_packages() -> Result<Step> {
         return Ok(Step::Present(format!("{} Debian packages", PACKAGES.len())));
     }
     println!("setup: Debian packages: installing {}", missing.join(" "));
-    run(Command::new("apt-get").args(["update", "-qq"]))?;
-    run(Command::new("apt-get")
-        .args(["install", "-y", "-qq", "--no-install-recommends"])
-        .args(&missing)
-        .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    quiet(Command::new("apt-get").args(["update", "-qq"]))?;
+    quiet(
+        Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )?;
     Ok(Step::Done)
 }
 
 fn step_bpf_linker() -> Result<Step> {
     let have = output(Command::new("bpf-linker").arg("--version"));
-    if have.as_deref().is_some_and(|v| v.contains(BPF_LINKER_VERSION)) {
+    if have
+        .as_deref()
+        .is_some_and(|v| v.contains(BPF_LINKER_VERSION))
+    {
         return Ok(Step::Present(format!("bpf-linker {BPF_LINKER_VERSION}")));
     }
     println!("setup: bpf-linker {BPF_LINKER_VERSION}: building against LLVM 22 (a minute or two)");
     run(cargo()
-        .args(["install", "bpf-linker", "--locked", "--version", BPF_LINKER_VERSION])
+        .args([
+            "install",
+            "bpf-linker",
+            "--locked",
+            "--version",
+            BPF_LINKER_VERSION,
+        ])
         .args(["--no-default-features", "--features", "llvm-22"])
         .env("LLVM_PREFIX", "/usr/lib/llvm-22"))?;
     Ok(Step::Done)
@@ -186,7 +215,10 @@ fn step_toolchain() -> Result<Step> {
 
 fn step_bpffs() -> Result<Step> {
     let mounts = std::fs::read_to_string("/proc/mounts").context("reading /proc/mounts")?;
-    if mounts.lines().any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf")) {
+    if mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf"))
+    {
         return Ok(Step::Present("bpffs".into()));
     }
     println!("setup: bpffs: mounting at /sys/fs/bpf");
