@@ -145,14 +145,9 @@ pub fn compile(set: &PolicySet, node: &str, ifaces: &[String]) -> Result<Compile
                 if !policy.selector.matches(&hep.labels) {
                     continue;
                 }
-                let (on, list) = if dir == direction::INGRESS {
-                    (policy.ingress_applies, &policy.ingress)
-                } else {
-                    (policy.egress_applies, &policy.egress)
-                };
-                if !on {
+                let Some(list) = policy.rules(dir) else {
                     continue;
-                }
+                };
                 applies = true;
                 for (index, rule) in list.iter().enumerate() {
                     expand(rule, id as u32, index as u32, &mut rules);

@@ -374,19 +374,7 @@ impl Dataplane {
         frame: &[u8],
         repeat: u32,
     ) -> Result<(u32, Duration), DataplaneError> {
-        let opts = TestRunOptions {
-            data_in: Some(frame),
-            repeat,
-            ..TestRunOptions::default()
-        };
-        let result = self
-            .xdp()?
-            .test_run(opts)
-            .map_err(|source| DataplaneError::Program {
-                name: program_names::INGRESS,
-                source,
-            })?;
-        Ok((result.return_value, result.duration))
+        test_run(self.xdp()?, program_names::INGRESS, frame, repeat)
     }
 
     /// Runs the TC egress program on `frame` through `BPF_PROG_TEST_RUN`
@@ -396,20 +384,30 @@ impl Dataplane {
         frame: &[u8],
         repeat: u32,
     ) -> Result<(i32, Duration), DataplaneError> {
-        let opts = TestRunOptions {
-            data_in: Some(frame),
-            repeat,
-            ..TestRunOptions::default()
-        };
-        let result = self
-            .tc()?
-            .test_run(opts)
-            .map_err(|source| DataplaneError::Program {
-                name: program_names::EGRESS,
-                source,
-            })?;
-        Ok((result.return_value as i32, result.duration))
+        let (action, mean) = test_run(self.tc()?, program_names::EGRESS, frame, repeat)?;
+        Ok((action as i32, mean))
     }
+}
+
+/// One `BPF_PROG_TEST_RUN` of `program` on `frame`: action, mean time.
+fn test_run<P>(
+    program: &P,
+    name: &'static str,
+    frame: &[u8],
+    repeat: u32,
+) -> Result<(u32, Duration), DataplaneError>
+where
+    P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = aya::programs::TestRunResult>,
+{
+    let opts = TestRunOptions {
+        data_in: Some(frame),
+        repeat,
+        ..TestRunOptions::default()
+    };
+    let result = program
+        .test_run(opts)
+        .map_err(|source| DataplaneError::Program { name, source })?;
+    Ok((result.return_value, result.duration))
 }
 
 fn table_for(spec: &TableSpec, start: u32) -> RuleTable {

@@ -113,6 +113,16 @@ pub struct Policy {
 }
 
 impl Policy {
+    /// The rules for direction `dir` (`moat_common::direction`), or `None`
+    /// when the policy does not apply in that direction (its `types`).
+    pub fn rules(&self, dir: u8) -> Option<&[Rule]> {
+        if dir == moat_common::direction::INGRESS {
+            self.ingress_applies.then_some(self.ingress.as_slice())
+        } else {
+            self.egress_applies.then_some(self.egress.as_slice())
+        }
+    }
+
     /// Calico's tie-break key for equal orders: "name/namespace/kind".
     fn sort_key(&self) -> String {
         format!("{}//GlobalNetworkPolicy", self.name)

@@ -414,14 +414,9 @@ pub fn judge_fields(set: &PolicySet, hep: &HostEndpoint, dir: u8, f: &Fields) ->
     let mut logged = Vec::new();
     let mut applies = false;
     for policy in set.policies_for(hep) {
-        let (on, rules) = if dir == direction::INGRESS {
-            (policy.ingress_applies, &policy.ingress)
-        } else {
-            (policy.egress_applies, &policy.egress)
-        };
-        if !on {
+        let Some(rules) = policy.rules(dir) else {
             continue;
-        }
+        };
         applies = true;
         for (index, rule) in rules.iter().enumerate() {
             if !rule_matches(rule, f) {
