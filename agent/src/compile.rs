@@ -56,6 +56,12 @@ pub struct Compiled {
     pub policy_names: Vec<String>,
     /// Interfaces asked for that no HostEndpoint of this node names.
     pub unenforced: Vec<String>,
+    /// Policies left out because they use what the dataplane does not
+    /// enforce yet: (resource, field, what).
+    pub rejected: Vec<(String, String, String)>,
+    /// Policies that govern pods, not host interfaces (namespaced ones and
+    /// those with a namespaceSelector): valid, not enforced by moat.
+    pub pod_policies: Vec<String>,
 }
 
 impl Compiled {
@@ -111,6 +117,16 @@ pub fn compile(set: &PolicySet, node: &str, ifaces: &[String]) -> Result<Compile
         policy_names: set.policies.iter().map(|p| p.name.clone()).collect(),
         ..Default::default()
     };
+    let mut enforced = vec![true; set.policies.len()];
+    for (i, p) in set.policies.iter().enumerate() {
+        if !p.can_select_host_endpoints() {
+            out.pod_policies.push(p.resource());
+            enforced[i] = false;
+        } else if let Some((field, what)) = p.unenforceable() {
+            out.rejected.push((p.resource(), field, what));
+            enforced[i] = false;
+        }
+    }
     for iface in ifaces {
         let Some(hep) = endpoint_for(set, node, iface)? else {
             out.unenforced.push(iface.clone());
@@ -142,7 +158,7 @@ pub fn compile(set: &PolicySet, node: &str, ifaces: &[String]) -> Result<Compile
             let mut rules = Vec::new();
             let mut applies = false;
             for (id, policy) in set.policies.iter().enumerate() {
-                if !policy.selector.matches(&hep.labels) {
+                if !enforced[id] || !policy.selector.matches(&hep.labels) {
                     continue;
                 }
                 let Some(list) = policy.rules(dir) else {

@@ -8,6 +8,7 @@ pub mod compile;
 pub mod dataplane;
 pub mod event;
 pub mod frame;
+pub mod kubernetes;
 pub mod policy;
 pub mod preflight;
 pub mod reference;

@@ -84,8 +84,39 @@ pub struct IcmpMatch {
 pub struct EntityMatch {
     /// Empty: any address.
     pub nets: Vec<IpNet>,
+    /// The address must be in none of these.
+    pub not_nets: Vec<IpNet>,
     /// Empty: any port.
     pub ports: Vec<PortRange>,
+    /// The port must be in none of these.
+    pub not_ports: Vec<PortRange>,
+    /// Addresses of the endpoints and network sets it selects.
+    pub selector: Option<Selector>,
+    /// The address must not belong to what this selects.
+    pub not_selector: Option<Selector>,
+    /// Namespaces whose endpoints `selector` picks from (`global()`: the
+    /// non-namespaced ones).
+    pub namespace_selector: Option<Selector>,
+}
+
+impl EntityMatch {
+    /// Whether it uses a field the kernel dataplane does not enforce yet;
+    /// returns the field's name.
+    pub fn unenforceable_field(&self) -> Option<&'static str> {
+        if !self.not_nets.is_empty() {
+            Some("notNets")
+        } else if !self.not_ports.is_empty() {
+            Some("notPorts")
+        } else if self.selector.is_some() {
+            Some("selector")
+        } else if self.not_selector.is_some() {
+            Some("notSelector")
+        } else if self.namespace_selector.is_some() {
+            Some("namespaceSelector")
+        } else {
+            None
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -100,11 +131,42 @@ pub struct Rule {
     pub destination: EntityMatch,
 }
 
+/// Which resource a policy came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub enum PolicyKind {
+    GlobalNetworkPolicy,
+    /// Calico `NetworkPolicy`: applies to workload endpoints (pods) of its
+    /// namespace only.
+    NetworkPolicy,
+    /// Kubernetes `networking.k8s.io/v1 NetworkPolicy`, converted as Calico
+    /// does (order 1000, selecting the pods of its namespace).
+    KubernetesNetworkPolicy,
+}
+
+impl PolicyKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PolicyKind::GlobalNetworkPolicy => "GlobalNetworkPolicy",
+            PolicyKind::NetworkPolicy => "NetworkPolicy",
+            PolicyKind::KubernetesNetworkPolicy => "KubernetesNetworkPolicy",
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct Policy {
+    pub kind: PolicyKind,
     pub name: String,
+    /// For namespaced policies.
+    pub namespace: Option<String>,
     pub order: Option<f64>,
     pub selector: Selector,
+    /// GlobalNetworkPolicy `namespaceSelector`: the policy applies to the
+    /// workload endpoints of matching namespaces (never to host endpoints).
+    pub namespace_selector: Option<Selector>,
+    pub pre_dnat: bool,
+    pub do_not_track: bool,
+    pub apply_on_forward: bool,
     pub ingress_applies: bool,
     pub egress_applies: bool,
     pub ingress: Vec<Rule>,
@@ -125,7 +187,62 @@ impl Policy {
 
     /// Calico's tie-break key for equal orders: "name/namespace/kind".
     fn sort_key(&self) -> String {
-        format!("{}//GlobalNetworkPolicy", self.name)
+        let kind = match self.kind {
+            PolicyKind::GlobalNetworkPolicy => "GlobalNetworkPolicy",
+            _ => "NetworkPolicy",
+        };
+        format!(
+            "{}/{}/{kind}",
+            self.name,
+            self.namespace.as_deref().unwrap_or("")
+        )
+    }
+
+    /// `Kind/name` or `Kind/namespace/name`.
+    pub fn resource(&self) -> String {
+        match &self.namespace {
+            Some(ns) => format!("{}/{ns}/{}", self.kind.as_str(), self.name),
+            None => format!("{}/{}", self.kind.as_str(), self.name),
+        }
+    }
+
+    /// Whether the policy can select host endpoints at all: namespaced
+    /// policies and those with a `namespaceSelector` govern pods only.
+    pub fn can_select_host_endpoints(&self) -> bool {
+        self.kind == PolicyKind::GlobalNetworkPolicy && self.namespace_selector.is_none()
+    }
+
+    /// The first field the kernel dataplane does not enforce yet, as a
+    /// (field path, what) pair.
+    pub fn unenforceable(&self) -> Option<(String, String)> {
+        if self.pre_dnat {
+            return Some(("spec.preDNAT".into(), "preDNAT policy".into()));
+        }
+        if self.do_not_track {
+            return Some((
+                "spec.doNotTrack".into(),
+                "doNotTrack (untracked) policy".into(),
+            ));
+        }
+        if self.apply_on_forward {
+            return Some((
+                "spec.applyOnForward".into(),
+                "applyOnForward (forwarded traffic)".into(),
+            ));
+        }
+        for (list, name) in [(&self.ingress, "ingress"), (&self.egress, "egress")] {
+            for (i, r) in list.iter().enumerate() {
+                for (e, side) in [(&r.source, "source"), (&r.destination, "destination")] {
+                    if let Some(f) = e.unenforceable_field() {
+                        return Some((
+                            format!("spec.{name}[{i}].{side}.{f}"),
+                            format!("a rule {f}"),
+                        ));
+                    }
+                }
+            }
+        }
+        None
     }
 }
 
@@ -198,6 +315,70 @@ pub struct PolicySet {
     /// From FelixConfiguration `default`; `None` means Calico's defaults.
     pub failsafes: Option<Failsafes>,
     pub failsafe_profiles: Vec<FailsafeProfile>,
+    pub network_sets: Vec<NetworkSet>,
+    /// Namespaces, pods, nodes and services that selectors and
+    /// `allow-node-port-dnat` resolve against.
+    pub objects: Vec<crate::kubernetes::Object>,
+}
+
+/// A GlobalNetworkSet (no namespace) or NetworkSet: labelled nets that rule
+/// selectors can pick.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetworkSet {
+    pub name: String,
+    pub namespace: Option<String>,
+    pub labels: BTreeMap<String, String>,
+    pub nets: Vec<IpNet>,
+    pub origin: Origin,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawNetworkSetSpec {
+    #[serde(default)]
+    nets: Vec<String>,
+    allowed_egress_domains: Option<Vec<String>>,
+}
+
+impl NetworkSet {
+    pub fn resource(&self) -> String {
+        match &self.namespace {
+            Some(ns) => format!("NetworkSet/{ns}/{}", self.name),
+            None => format!("GlobalNetworkSet/{}", self.name),
+        }
+    }
+}
+
+fn network_set(
+    meta: &Metadata,
+    spec: Value,
+    origin: Origin,
+    namespaced: bool,
+) -> FieldResult<NetworkSet> {
+    let raw: RawNetworkSetSpec = if spec.is_null() {
+        RawNetworkSetSpec {
+            nets: Vec::new(),
+            allowed_egress_domains: None,
+        }
+    } else {
+        serde_path_to_error::deserialize(spec).map_err(spec_error)?
+    };
+    if raw.allowed_egress_domains.is_some_and(|d| !d.is_empty()) {
+        return not_yet("spec.allowedEgressDomains", "DNS-based network sets");
+    }
+    let nets = raw
+        .nets
+        .iter()
+        .enumerate()
+        .map(|(i, n)| parse_net(n).map_err(|m| (format!("spec.nets[{i}]"), m)))
+        .collect::<FieldResult<Vec<_>>>()?;
+    Ok(NetworkSet {
+        name: meta.name.clone(),
+        namespace: namespaced.then(|| meta.namespace.clone().unwrap_or_else(|| "default".into())),
+        labels: meta.labels.clone(),
+        nets,
+        origin,
+    })
 }
 
 impl PolicySet {
@@ -226,7 +407,7 @@ impl PolicySet {
     pub fn policies_for<'a>(&'a self, hep: &'a HostEndpoint) -> impl Iterator<Item = &'a Policy> {
         self.policies
             .iter()
-            .filter(move |p| p.selector.matches(&hep.labels))
+            .filter(move |p| p.can_select_host_endpoints() && p.selector.matches(&hep.labels))
     }
 
     /// Puts policies in Calico's evaluation order (and the rest by name).
@@ -251,6 +432,8 @@ pub struct Loaded {
     pub errors: Vec<PolicyError>,
     /// Files read.
     pub files: usize,
+    /// Files skipped as unfilled templates (also reported in `errors`).
+    pub placeholder_files: Vec<PathBuf>,
 }
 
 /// Reads every `.yaml`, `.yml` and `.json` file under `dir` (recursively,
@@ -308,31 +491,37 @@ fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Two resources of the same kind and name: both are rejected, since which
-/// one the user meant cannot be known.
+/// Two resources of the same kind, namespace and name: both are rejected,
+/// since which one the user meant cannot be known.
 fn check_duplicates(loaded: &mut Loaded) {
     let mut seen: BTreeMap<String, Vec<Origin>> = BTreeMap::new();
-    for p in &loaded.set.policies {
-        seen.entry(format!("GlobalNetworkPolicy/{}", p.name))
-            .or_default()
-            .push(p.origin.clone());
+    let set = &loaded.set;
+    let resources = set
+        .policies
+        .iter()
+        .map(|p| (p.resource(), &p.origin))
+        .chain(
+            set.host_endpoints
+                .iter()
+                .map(|h| (format!("HostEndpoint/{}", h.name), &h.origin)),
+        )
+        .chain(
+            set.failsafe_profiles
+                .iter()
+                .map(|f| (format!("FailsafeProfile/{}", f.name), &f.origin)),
+        )
+        .chain(set.network_sets.iter().map(|n| (n.resource(), &n.origin)));
+    for (resource, origin) in resources {
+        seen.entry(resource).or_default().push(origin.clone());
     }
-    for h in &loaded.set.host_endpoints {
-        seen.entry(format!("HostEndpoint/{}", h.name))
-            .or_default()
-            .push(h.origin.clone());
-    }
-    for f in &loaded.set.failsafe_profiles {
-        seen.entry(format!("FailsafeProfile/{}", f.name))
-            .or_default()
-            .push(f.origin.clone());
-    }
-    for (resource, origins) in seen.into_iter().filter(|(_, o)| o.len() > 1) {
+    let duplicated: Vec<(String, Vec<Origin>)> =
+        seen.into_iter().filter(|(_, o)| o.len() > 1).collect();
+    for (resource, origins) in &duplicated {
         let places: Vec<String> = origins
             .iter()
             .map(|o| format!("{} document {}", o.file.display(), o.document + 1))
             .collect();
-        for origin in &origins {
+        for origin in origins {
             loaded.errors.push(PolicyError {
                 file: origin.file.clone(),
                 resource: resource.clone(),
@@ -340,16 +529,59 @@ fn check_duplicates(loaded: &mut Loaded) {
                 message: format!("defined more than once ({})", places.join(", ")),
             });
         }
-        let (kind, name) = resource.split_once('/').unwrap_or(("", ""));
-        match kind {
-            "GlobalNetworkPolicy" => loaded.set.policies.retain(|p| p.name != name),
-            "HostEndpoint" => loaded.set.host_endpoints.retain(|h| h.name != name),
-            _ => loaded.set.failsafe_profiles.retain(|f| f.name != name),
+    }
+    let dup = |r: &str| duplicated.iter().any(|(d, _)| d == r);
+    loaded.set.policies.retain(|p| !dup(&p.resource()));
+    loaded
+        .set
+        .host_endpoints
+        .retain(|h| !dup(&format!("HostEndpoint/{}", h.name)));
+    loaded
+        .set
+        .failsafe_profiles
+        .retain(|f| !dup(&format!("FailsafeProfile/{}", f.name)));
+    loaded.set.network_sets.retain(|n| !dup(&n.resource()));
+}
+
+/// Placeholders such as `<worker-node-name>` outside comments: a template
+/// the user has not filled in yet.
+pub fn placeholders(text: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for line in text.lines() {
+        let code = line.split('#').next().unwrap_or_default();
+        let mut rest = code;
+        while let Some(start) = rest.find('<') {
+            let after = &rest[start + 1..];
+            let len = after
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '-' || c == '_'))
+                .unwrap_or(after.len());
+            if len > 0 && after[len..].starts_with('>') {
+                let p = format!("<{}>", &after[..len]);
+                if !found.contains(&p) {
+                    found.push(p);
+                }
+            }
+            rest = after;
         }
     }
+    found
 }
 
 fn load_text(file: &Path, text: &str, loaded: &mut Loaded) {
+    let holes = placeholders(text);
+    if !holes.is_empty() {
+        loaded.placeholder_files.push(file.to_path_buf());
+        loaded.errors.push(PolicyError {
+            file: file.to_path_buf(),
+            resource: String::new(),
+            field: String::new(),
+            message: format!(
+                "placeholder file: fill in {} before applying it; nothing in it is applied",
+                holes.join(", ")
+            ),
+        });
+        return;
+    }
     let mut index = 0;
     for document in serde_yaml_ng::Deserializer::from_str(text) {
         let value = match Value::deserialize(document) {
@@ -472,7 +704,24 @@ fn load_value(file: &Path, index: &mut usize, value: Value, loaded: &mut Loaded)
     let spec = get("spec").cloned().unwrap_or(Value::Null);
     let result = match (kind.as_str(), api.as_str()) {
         ("GlobalNetworkPolicy", a) if CALICO_API_VERSIONS.contains(&a) => {
-            policy(&meta, spec, origin).map(|p| loaded.set.policies.push(p))
+            policy(&meta, spec, origin, PolicyKind::GlobalNetworkPolicy)
+                .map(|p| loaded.set.policies.push(p))
+        }
+        ("NetworkPolicy", a) if CALICO_API_VERSIONS.contains(&a) => {
+            policy(&meta, spec, origin, PolicyKind::NetworkPolicy)
+                .map(|p| loaded.set.policies.push(p))
+        }
+        ("NetworkPolicy", "networking.k8s.io/v1") => {
+            crate::kubernetes::network_policy(&meta.name, meta.namespace.as_deref(), spec, origin)
+                .map(|p| loaded.set.policies.push(p))
+        }
+        ("GlobalNetworkSet" | "NetworkSet", a) if CALICO_API_VERSIONS.contains(&a) => {
+            network_set(&meta, spec, origin, kind == "NetworkSet")
+                .map(|n| loaded.set.network_sets.push(n))
+        }
+        ("Namespace" | "Pod" | "Node" | "Service", "v1") => {
+            crate::kubernetes::object(&kind, &meta.name, meta.namespace.as_deref(), &meta.labels, spec, value.get("status").cloned())
+                .map(|o| loaded.set.objects.push(o))
         }
         ("HostEndpoint", a) if CALICO_API_VERSIONS.contains(&a) => {
             host_endpoint(&meta, spec, origin).map(|h| loaded.set.host_endpoints.push(h))
@@ -488,10 +737,10 @@ fn load_value(file: &Path, index: &mut usize, value: Value, loaded: &mut Loaded)
             failsafe_profile(&meta, spec, origin).map(|f| loaded.set.failsafe_profiles.push(f))
         }
         (
-            "NetworkPolicy" | "GlobalNetworkSet" | "NetworkSet" | "Profile" | "Tier"
-            | "StagedNetworkPolicy" | "StagedGlobalNetworkPolicy",
+            "Profile" | "Tier" | "StagedNetworkPolicy" | "StagedGlobalNetworkPolicy"
+            | "StagedKubernetesNetworkPolicy",
             a,
-        ) if CALICO_API_VERSIONS.contains(&a) || a == "networking.k8s.io/v1" => Err((
+        ) if CALICO_API_VERSIONS.contains(&a) => Err((
             String::new(),
             format!(
                 "{kind} ({api}) is not enforced by this version of moat yet; it is rejected rather than silently ignored"
@@ -499,7 +748,7 @@ fn load_value(file: &Path, index: &mut usize, value: Value, loaded: &mut Loaded)
         )),
         (k, a) => Err((
             if CALICO_API_VERSIONS.contains(&a) || a == MOAT_API_VERSION { "kind" } else { "apiVersion" }.into(),
-            format!("unknown resource {a} {k} (moat reads projectcalico.org/v3 or crd.projectcalico.org/v1 GlobalNetworkPolicy, HostEndpoint, FelixConfiguration, and {MOAT_API_VERSION} FailsafeProfile)"),
+            format!("unknown resource {a} {k} (moat reads projectcalico.org/v3 or crd.projectcalico.org/v1 GlobalNetworkPolicy, NetworkPolicy, HostEndpoint, GlobalNetworkSet, NetworkSet, FelixConfiguration; networking.k8s.io/v1 NetworkPolicy; v1 Namespace, Pod, Node, Service; {MOAT_API_VERSION} FailsafeProfile)"),
         )),
     };
     if let Err((field, message)) = result {
@@ -671,7 +920,27 @@ fn not_yet<T>(field: &str, what: &str) -> FieldResult<T> {
     )
 }
 
-fn policy(meta: &Metadata, spec: Value, origin: Origin) -> FieldResult<Policy> {
+fn policy(meta: &Metadata, spec: Value, origin: Origin, kind: PolicyKind) -> FieldResult<Policy> {
+    let namespaced = kind == PolicyKind::NetworkPolicy;
+    if namespaced {
+        // Fields of GlobalNetworkPolicy only: a NetworkPolicy naming them is
+        // invalid, as in Calico.
+        if let Value::Mapping(m) = &spec {
+            for f in [
+                "preDNAT",
+                "doNotTrack",
+                "applyOnForward",
+                "namespaceSelector",
+            ] {
+                if m.contains_key(Value::String(f.into())) {
+                    return field_err(
+                        format!("spec.{f}"),
+                        "valid in a GlobalNetworkPolicy only, not in a NetworkPolicy",
+                    );
+                }
+            }
+        }
+    }
     let raw: RawPolicySpec = if spec.is_null() {
         RawPolicySpec::default()
     } else {
@@ -746,21 +1015,14 @@ fn policy(meta: &Metadata, spec: Value, origin: Origin) -> FieldResult<Policy> {
     }
     let ingress = rules(raw.ingress.unwrap_or_default(), "spec.ingress")?;
     let egress = rules(raw.egress.unwrap_or_default(), "spec.egress")?;
-    // Valid Calico that this version does not enforce yet.
-    if pre_dnat {
-        return not_yet("spec.preDNAT", "preDNAT policy");
-    }
-    if do_not_track {
-        return not_yet("spec.doNotTrack", "doNotTrack (untracked) policy");
-    }
-    if apply_on_forward {
-        return not_yet("spec.applyOnForward", "applyOnForward (forwarded traffic)");
-    }
+    let namespace_selector = raw
+        .namespace_selector
+        .as_deref()
+        .map(|t| parse_selector(t, "spec.namespaceSelector"))
+        .transpose()?;
+    // Valid Calico that this version does not read yet.
     if let Some(tier) = raw.tier.filter(|t| t != "default") {
         return not_yet("spec.tier", &format!("tier {tier:?}"));
-    }
-    if raw.namespace_selector.is_some() {
-        return not_yet("spec.namespaceSelector", "a policy namespaceSelector");
     }
     if raw.service_account_selector.is_some() {
         return not_yet("spec.serviceAccountSelector", "serviceAccountSelector");
@@ -776,15 +1038,32 @@ fn policy(meta: &Metadata, spec: Value, origin: Origin) -> FieldResult<Policy> {
         }
     }
     Ok(Policy {
+        kind,
         name: meta.name.clone(),
+        namespace: namespaced.then(|| meta.namespace.clone().unwrap_or_else(|| "default".into())),
         order: raw.order,
         selector,
+        namespace_selector,
+        pre_dnat,
+        do_not_track,
+        apply_on_forward,
         ingress_applies,
         egress_applies,
         ingress,
         egress,
         origin,
     })
+}
+
+fn parse_selector(text: &str, field: &str) -> FieldResult<Selector> {
+    let sel = Selector::parse(text).map_err(|e| (field.to_string(), e.to_string()))?;
+    if sel.uses_global() {
+        return field_err(
+            field,
+            "global() is only valid alone in a rule's namespaceSelector",
+        );
+    }
+    Ok(sel)
 }
 
 fn rules(raw: Vec<RawRule>, field: &str) -> FieldResult<Vec<Rule>> {
@@ -919,22 +1198,27 @@ fn entity(
     for (i, p) in raw_ports.iter().enumerate() {
         ports.push(port_range(p, &format!("{field}.ports[{i}]"))?);
     }
-    if let Some(not_ports) = &raw.not_ports {
-        if !not_ports.is_empty() && !ports_allowed {
-            return field_err(
-                format!("{field}.notPorts"),
-                "notPorts need protocol TCP, UDP or SCTP",
-            );
-        }
+    let raw_not_ports = raw.not_ports.unwrap_or_default();
+    if !raw_not_ports.is_empty() && !ports_allowed {
+        return field_err(
+            format!("{field}.notPorts"),
+            "notPorts need protocol TCP, UDP or SCTP",
+        );
     }
+    let mut not_ports = Vec::new();
+    for (i, p) in raw_not_ports.iter().enumerate() {
+        not_ports.push(port_range(p, &format!("{field}.notPorts[{i}]"))?);
+    }
+    let mut not_nets = Vec::new();
     for (i, n) in raw.not_nets.iter().flatten().enumerate() {
-        parse_net(n).map_err(|m| (format!("{field}.notNets[{i}]"), m))?;
+        not_nets.push(parse_net(n).map_err(|m| (format!("{field}.notNets[{i}]"), m))?);
     }
-    for (name, value) in [
+    let mut selectors = [None, None, None];
+    for (slot, (name, value)) in selectors.iter_mut().zip([
         ("selector", &raw.selector),
         ("notSelector", &raw.not_selector),
         ("namespaceSelector", &raw.namespace_selector),
-    ] {
+    ]) {
         if let Some(text) = value {
             let sel =
                 Selector::parse(text).map_err(|e| (format!("{field}.{name}"), e.to_string()))?;
@@ -944,18 +1228,10 @@ fn entity(
                     "global() is only valid alone in a rule's namespaceSelector",
                 );
             }
+            *slot = Some(sel);
         }
     }
-    if raw.not_nets.as_ref().is_some_and(|n| !n.is_empty()) {
-        return not_yet(&format!("{field}.notNets"), "notNets");
-    }
-    if raw.not_ports.as_ref().is_some_and(|n| !n.is_empty()) {
-        return not_yet(&format!("{field}.notPorts"), "notPorts");
-    }
     for (name, present) in [
-        ("selector", raw.selector.is_some()),
-        ("notSelector", raw.not_selector.is_some()),
-        ("namespaceSelector", raw.namespace_selector.is_some()),
         ("serviceAccounts", raw.service_accounts.is_some()),
         ("services", raw.services.is_some()),
     ] {
@@ -963,7 +1239,16 @@ fn entity(
             return not_yet(&format!("{field}.{name}"), &format!("a rule {name}"));
         }
     }
-    Ok(EntityMatch { nets, ports })
+    let [selector, not_selector, namespace_selector] = selectors;
+    Ok(EntityMatch {
+        nets,
+        not_nets,
+        ports,
+        not_ports,
+        selector,
+        not_selector,
+        namespace_selector,
+    })
 }
 
 /// A CIDR, or a bare address meaning a single host.
@@ -1409,7 +1694,7 @@ mod tests {
     }
 
     #[test]
-    fn valid_calico_not_enforced_yet_is_rejected_not_ignored() {
+    fn valid_calico_the_dataplane_lacks_loads_and_says_what_it_lacks() {
         let cases: &[(&str, &str)] = &[
             ("  preDNAT: true\n  applyOnForward: true\n", "spec.preDNAT"),
             (
@@ -1430,35 +1715,104 @@ mod tests {
                 "spec.ingress[0].source.selector",
             ),
             (
-                "  ingress: [{action: Deny, protocol: TCP, destination: {ports: [http]}}]\n",
-                "spec.ingress[0].destination.ports[0]",
+                "  egress: [{action: Allow, destination: {namespaceSelector: global()}}]\n",
+                "spec.egress[0].destination.namespaceSelector",
             ),
         ];
         for (spec, field) in cases {
-            let e = only_error(&gnp(spec));
-            assert_eq!(e.field, *field, "{spec}: {e}");
-            assert!(
-                e.message.contains("not enforced by this version"),
-                "{spec}: {e}"
-            );
+            let l = load(&gnp(spec));
+            assert!(l.errors.is_empty(), "{spec}: {:#?}", l.errors);
+            let (f, _) = l.set.policies[0].unenforceable().expect("unenforceable");
+            assert_eq!(f, *field, "{spec}");
         }
-        for kind in ["NetworkPolicy", "GlobalNetworkSet", "NetworkSet"] {
-            let e = only_error(&format!("apiVersion: projectcalico.org/v3\nkind: {kind}\nmetadata: {{name: x, namespace: ns}}\nspec: {{}}\n"));
-            assert!(
-                e.message.contains("not enforced by this version"),
-                "{kind}: {e}"
-            );
-            assert_eq!(e.resource, format!("{kind}/ns/x"));
-        }
-        let e = only_error("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: x, namespace: ns}\nspec: {}\n");
+        // Named ports stay unread, and say so.
+        let e = only_error(&gnp(
+            "  ingress: [{action: Deny, protocol: TCP, destination: {ports: [http]}}]\n",
+        ));
+        assert_eq!(e.field, "spec.ingress[0].destination.ports[0]");
         assert!(e.message.contains("not enforced by this version"), "{e}");
     }
 
     #[test]
+    fn namespaced_and_kubernetes_policies_and_sets() {
+        let l = load(concat!(
+            "apiVersion: projectcalico.org/v3\nkind: NetworkPolicy\nmetadata: {name: np, namespace: prod}\n",
+            "spec: {selector: \"app == 'db'\", ingress: [{action: Allow, source: {selector: \"app == 'api'\"}}]}\n---\n",
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: finance, namespace: prod}\n",
+            "spec:\n  podSelector: {matchLabels: {tier: backend}}\n  ingress:\n    - from: [{namespaceSelector: {matchLabels: {usage: finance}}, podSelector: {}}]\n      ports: [{port: 3111}, {protocol: UDP, port: 53, endPort: 54}]\n    - from: [{ipBlock: {cidr: 10.0.0.0/8, except: [10.1.0.0/16]}}]\n---\n",
+            "apiVersion: projectcalico.org/v3\nkind: GlobalNetworkSet\nmetadata: {name: mgmt, labels: {role: mgmt}}\nspec: {nets: [198.19.128.0/24]}\n---\n",
+            "apiVersion: projectcalico.org/v3\nkind: NetworkPolicy\nmetadata: {name: bad, namespace: prod}\nspec: {preDNAT: true}\n",
+        ));
+        assert_eq!(l.errors.len(), 1, "{:#?}", l.errors);
+        assert_eq!(l.errors[0].field, "spec.preDNAT");
+        assert!(l.errors[0].message.contains("GlobalNetworkPolicy only"));
+        let knp = l
+            .set
+            .policies
+            .iter()
+            .find(|p| p.kind == PolicyKind::KubernetesNetworkPolicy)
+            .expect("knp");
+        assert_eq!(
+            (knp.name.as_str(), knp.namespace.as_deref(), knp.order),
+            ("knp.default.finance", Some("prod"), Some(1000.0))
+        );
+        assert_eq!(
+            knp.ingress.len(),
+            3,
+            "one rule per peer and protocol: {:#?}",
+            knp.ingress
+        );
+        assert_eq!(
+            knp.ingress[0].destination.ports,
+            [PortRange { lo: 3111, hi: 3111 }]
+        );
+        assert_eq!(
+            knp.ingress[1].destination.ports,
+            [PortRange { lo: 53, hi: 54 }]
+        );
+        assert!(
+            knp.ingress[0].source.namespace_selector.is_some()
+                && knp.ingress[0].source.selector.is_some(),
+            "both selectors: AND"
+        );
+        assert_eq!(
+            knp.ingress[2].source.not_nets,
+            ["10.1.0.0/16".parse::<IpNet>().expect("net")]
+        );
+        let pod = BTreeMap::from([
+            ("tier".to_string(), "backend".to_string()),
+            (
+                "projectcalico.org/orchestrator".to_string(),
+                "k8s".to_string(),
+            ),
+            (
+                "projectcalico.org/namespace".to_string(),
+                "prod".to_string(),
+            ),
+        ]);
+        assert!(knp.selector.matches(&pod));
+        assert!(
+            l.set
+                .policies
+                .iter()
+                .all(|p| !p.can_select_host_endpoints()),
+            "pod policies"
+        );
+        assert_eq!(l.set.network_sets[0].nets.len(), 1);
+    }
+
+    #[test]
     fn bad_documents_and_names() {
-        let e = only_error("apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: <policy-name>}\nspec: {}\n");
+        let e = only_error("apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: <policy-name>}\nspec: {}\n# <not-this-one>\n");
+        assert_eq!(e.field, "");
+        assert!(
+            e.message
+                .starts_with("placeholder file: fill in <policy-name> before"),
+            "{e}"
+        );
+        let e = only_error("apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: Policy_1}\nspec: {}\n");
         assert_eq!(e.field, "metadata.name");
-        assert!(e.message.contains("placeholder"), "{e}");
+        assert!(e.message.contains("not a valid name"), "{e}");
         let e = only_error("apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: x}\nSpec: {}\n");
         assert!(e.message.contains("did you mean `spec`"), "{e}");
         let e = only_error(
@@ -1470,7 +1824,7 @@ mod tests {
         let e = only_error("key: [unclosed\n");
         assert!(e.message.contains("not valid YAML"), "{e}");
         // A HostEndpoint placeholder from the corpus (interface left blank).
-        let e = only_error("apiVersion: projectcalico.org/v3\nkind: HostEndpoint\nmetadata: {name: h}\nspec: {node: n, interfaceName: eth1, expectedIPs: [\"<ip>\"]}\n");
+        let e = only_error("apiVersion: projectcalico.org/v3\nkind: HostEndpoint\nmetadata: {name: h}\nspec: {node: n, interfaceName: eth1, expectedIPs: [\"300.1.1.1\"]}\n");
         assert_eq!(e.field, "spec.expectedIPs[0]");
     }
 

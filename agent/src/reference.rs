@@ -4,8 +4,10 @@
 //! against it; `moat check` answers with it.
 //!
 //! This version models a node whose connection tracking holds no flow yet
-//! (every packet is the first of its connection), which is what the
-//! foundation's tests and `check` need.
+//! (every packet is the first of its connection), host traffic only (the
+//! normal stage), and leaves out the policies the dataplane does not
+//! enforce yet (pre-DNAT, untracked, applyOnForward, negated or
+//! selector-based rule matches), exactly as the agent does.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -413,7 +415,12 @@ pub fn judge_fields(set: &PolicySet, hep: &HostEndpoint, dir: u8, f: &Fields) ->
     );
     let mut logged = Vec::new();
     let mut applies = false;
-    for policy in set.policies_for(hep) {
+    // Policies the dataplane does not enforce yet are left out, as the
+    // agent leaves them out (and reports them).
+    for policy in set
+        .policies_for(hep)
+        .filter(|p| p.unenforceable().is_none())
+    {
         let Some(rules) = policy.rules(dir) else {
             continue;
         };

@@ -12,7 +12,7 @@ use moat::{
     frame::{Fragmentation, Packet, Transport},
     policy::{
         Action, EntityMatch, FailsafePort, FailsafeProfile, Failsafes, HostEndpoint, IcmpMatch,
-        Origin, Policy, PolicySet, PortRange, Rule,
+        Origin, Policy, PolicyKind, PolicySet, PortRange, Rule,
     },
     reference::{self, DecidedBy, Fragment, Frame, Verdict},
     selector::Selector,
@@ -155,6 +155,12 @@ fn policy_set(rng: &mut SmallRng) -> PolicySet {
             let ingress: Vec<Rule> = (0..rng.gen_range(0..5)).map(|_| rule(rng)).collect();
             let egress: Vec<Rule> = (0..rng.gen_range(0..4)).map(|_| rule(rng)).collect();
             Policy {
+                kind: PolicyKind::GlobalNetworkPolicy,
+                namespace: None,
+                namespace_selector: None,
+                pre_dnat: false,
+                do_not_track: false,
+                apply_on_forward: false,
                 name: format!(
                     "p{i}-{}",
                     ["a", "b", "allow", "allow-x"][rng.gen_range(0..4)]
@@ -193,6 +199,8 @@ fn policy_set(rng: &mut SmallRng) -> PolicySet {
             },
             origin: origin(),
         }],
+        network_sets: Vec::new(),
+        objects: Vec::new(),
     };
     set.sort();
     set

@@ -1,0 +1,83 @@
+//! Every policy file IBM publishes for this platform (../shared/corpus)
+//! parses and validates; templates with unfilled placeholders are reported
+//! as such. Each region's folder is one policy set (their names repeat
+//! across regions); each Kubernetes example file is one set (two of them
+//! are alternative versions of the same policy).
+
+use std::path::{Path, PathBuf};
+
+use moat::{compile::compile, policy};
+
+fn corpus() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/corpus/kube-samples")
+}
+
+fn dirs(root: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(root).unwrap_or_else(|e| panic!("{}: {e}", root.display())) {
+        let path = entry.expect("entry").path();
+        if path.is_dir() {
+            out.push(path);
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn every_corpus_policy_parses_validates_and_compiles() {
+    let root = corpus();
+    let mut sets: Vec<PathBuf> = Vec::new();
+    for group in ["private-network-isolation", "public-network-isolation"] {
+        sets.extend(dirs(&root.join("calico-policies").join(group)));
+    }
+    let k8s = root.join("k8s-network-policies");
+    let mut k8s_files: Vec<PathBuf> = std::fs::read_dir(&k8s)
+        .unwrap_or_else(|e| panic!("{}: {e}", k8s.display()))
+        .map(|e| e.expect("entry").path())
+        .collect();
+    k8s_files.sort();
+    sets.extend(k8s_files);
+    assert!(sets.len() >= 25, "corpus sets: {sets:?}");
+    let (mut files, mut resources, mut templates, mut not_yet, mut pods) = (0, 0, 0, 0, 0);
+    for dir in &sets {
+        let loaded = if dir.is_dir() {
+            policy::load_dir(dir).unwrap_or_else(|e| panic!("{e}"))
+        } else {
+            let text =
+                std::fs::read_to_string(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+            policy::load_str(dir, &text)
+        };
+        let real: Vec<_> = loaded
+            .errors
+            .iter()
+            .filter(|e| !loaded.placeholder_files.contains(&e.file))
+            .collect();
+        assert!(real.is_empty(), "{}: {real:#?}", dir.display());
+        for f in &loaded.placeholder_files {
+            let name = f.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            assert!(
+                name.starts_with("generic-"),
+                "only the generic-* templates hold placeholders: {}",
+                f.display()
+            );
+        }
+        files += loaded.files;
+        templates += loaded.placeholder_files.len();
+        resources += loaded.set.policies.len()
+            + loaded.set.host_endpoints.len()
+            + loaded.set.network_sets.len();
+        // Compile for a worker's private and public interfaces.
+        let compiled = compile(&loaded.set, "worker", &["eth0".into(), "eth1".into()])
+            .unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+        not_yet += compiled.rejected.len();
+        pods += compiled.pod_policies.len();
+    }
+    eprintln!(
+        "corpus: {files} files in {} sets: {resources} resources valid, {templates} placeholder templates; \
+         {not_yet} policies use what the dataplane does not enforce yet, {pods} govern pods",
+        sets.len()
+    );
+    assert_eq!(files, 214);
+    assert_eq!(templates, 9);
+}
