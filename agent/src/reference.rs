@@ -14,7 +14,10 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use moat_common::{direction, has_ports, reason};
 use serde::Serialize;
 
-use crate::policy::{Action, EntityMatch, FailsafePort, HostEndpoint, PolicySet, Rule};
+use crate::{
+    policy::{Action, EntityMatch, FailsafePort, HostEndpoint, Policy, PolicySet, Rule},
+    selector::Selector,
+};
 
 /// What the parser makes of a frame.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -310,6 +313,11 @@ pub enum DecidedBy {
     Profile {
         allowed: bool,
     },
+    /// Part of a connection already allowed (ESTABLISHED).
+    Conntrack,
+    /// Forwarded traffic with no applyOnForward policy for this endpoint
+    /// and direction: allowed.
+    ForwardedWithoutPolicy,
 }
 
 /// A verdict and how it came about.
@@ -317,8 +325,12 @@ pub enum DecidedBy {
 pub struct Judgement {
     pub verdict: Verdict,
     pub by: DecidedBy,
+    /// The stage that decided.
+    pub stage: Stage,
     /// Log rules hit on the way, as (policy, rule index).
     pub logged: Vec<(String, usize)>,
+    /// Every policy walked, in order.
+    pub trace: Vec<Step>,
 }
 
 impl Judgement {
@@ -326,7 +338,9 @@ impl Judgement {
         Judgement {
             verdict,
             by,
+            stage: Stage::Parse,
             logged: Vec::new(),
+            trace: Vec::new(),
         }
     }
 
@@ -369,14 +383,193 @@ pub fn judge(set: &PolicySet, hep: Option<&HostEndpoint>, dir: u8, frame: &[u8])
 
 /// Judges parsed header fields on `hep`, with empty connection tracking.
 pub fn judge_fields(set: &PolicySet, hep: &HostEndpoint, dir: u8, f: &Fields) -> Judgement {
-    if f.fragment == Fragment::Later {
-        // With no first fragment seen, a later one cannot be judged.
-        return Judgement::new(Verdict::Deny, DecidedBy::UnknownFragment);
+    evaluate(set, hep, dir, f, Query::default())
+}
+
+/// What is known about a packet besides its headers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Query {
+    /// Forwarded through the node (to or from a pod, or between
+    /// interfaces) rather than to or from the host itself.
+    pub forwarded: bool,
+    /// Part of a connection connection tracking already allowed.
+    pub established: bool,
+}
+
+/// The stage that decided (SEMANTICS.md, "How a packet is judged").
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Stage {
+    Parse,
+    Untracked,
+    Conntrack,
+    PreDnat,
+    Failsafe,
+    Normal,
+}
+
+/// One policy walked, in a trace.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Step {
+    pub stage: Stage,
+    pub policy: String,
+    /// What came of it: "allow by rule 2", "no rule matched", ...
+    pub outcome: String,
+}
+
+/// The end of one stage's walk.
+enum StageEnd {
+    Decided(Verdict, DecidedBy),
+    /// A Pass rule: the stage ends (normal stage: the profiles decide).
+    Passed(DecidedBy),
+    /// No rule decided; whether any policy applied.
+    Undecided {
+        applied: bool,
+    },
+}
+
+/// Walks `policies` (already in order) for `dir`, recording the trace and
+/// the Log rules hit.
+fn walk_stage<'a>(
+    set: &PolicySet,
+    policies: impl Iterator<Item = &'a Policy>,
+    dir: u8,
+    f: &Fields,
+    stage: Stage,
+    trace: &mut Vec<Step>,
+    logged: &mut Vec<(String, usize)>,
+) -> StageEnd {
+    let mut applied = false;
+    for policy in policies {
+        let Some(rules) = policy.rules(dir) else {
+            continue;
+        };
+        applied = true;
+        let mut outcome = "no rule decided".to_string();
+        let mut end = None;
+        for (index, rule) in rules.iter().enumerate() {
+            if !rule_matches_in(set, policy, rule, f) {
+                continue;
+            }
+            let by = DecidedBy::Rule {
+                policy: policy.name.clone(),
+                rule: index,
+                action: rule.action,
+            };
+            match rule.action {
+                Action::Log => {
+                    logged.push((policy.name.clone(), index));
+                    continue;
+                }
+                Action::Allow => {
+                    outcome = format!("allow by rule {index}");
+                    end = Some(StageEnd::Decided(Verdict::Allow, by));
+                }
+                Action::Deny => {
+                    outcome = format!("deny by rule {index}");
+                    end = Some(StageEnd::Decided(Verdict::Deny, by));
+                }
+                Action::Pass => {
+                    outcome = format!("pass by rule {index}");
+                    end = Some(StageEnd::Passed(by));
+                }
+            }
+            break;
+        }
+        trace.push(Step {
+            stage,
+            policy: policy.resource(),
+            outcome,
+        });
+        if let Some(end) = end {
+            return end;
+        }
     }
+    StageEnd::Undecided { applied }
+}
+
+/// Judges parsed header fields on `hep`: untracked, conntrack, pre-DNAT,
+/// failsafe and normal stages, as Calico does.
+pub fn evaluate(set: &PolicySet, hep: &HostEndpoint, dir: u8, f: &Fields, q: Query) -> Judgement {
+    let mut trace = Vec::new();
+    let mut logged = Vec::new();
+    let done = |verdict, by, stage, trace: Vec<Step>, logged: Vec<(String, usize)>| Judgement {
+        verdict,
+        by,
+        stage,
+        logged,
+        trace,
+    };
+    if f.fragment == Fragment::Later && !q.established {
+        // With no first fragment seen, a later one cannot be judged.
+        return done(
+            Verdict::Deny,
+            DecidedBy::UnknownFragment,
+            Stage::Parse,
+            trace,
+            logged,
+        );
+    }
+    let failsafes = match set.failsafes_for(hep) {
+        Ok(f) => f,
+        // An ambiguous failsafe setup compiles to an error; judge closed.
+        Err(_) => {
+            return done(
+                Verdict::Deny,
+                DecidedBy::EndOfPolicies,
+                Stage::Failsafe,
+                trace,
+                logged,
+            )
+        }
+    };
+    let ports = if dir == direction::INGRESS {
+        &failsafes.inbound
+    } else {
+        &failsafes.outbound
+    };
+    let failsafe = if q.forwarded {
+        None
+    } else {
+        ports.iter().position(|p| failsafe_matches(p, dir, f))
+    };
+    let host_policies = || set.policies_for(hep);
+
+    // 1. Untracked (raw table): failsafe traffic skips it; for forwarded
+    // traffic only ingress rules count.
+    if failsafe.is_none() && !(q.forwarded && dir == direction::EGRESS) {
+        let untracked = host_policies().filter(|p| p.do_not_track);
+        match walk_stage(
+            set,
+            untracked,
+            dir,
+            f,
+            Stage::Untracked,
+            &mut trace,
+            &mut logged,
+        ) {
+            StageEnd::Decided(v, by) => return done(v, by, Stage::Untracked, trace, logged),
+            StageEnd::Passed(_) | StageEnd::Undecided { .. } => {}
+        }
+    }
+
+    // 2. Connection tracking: INVALID is dropped, ESTABLISHED accepted.
     if f.protocol == 6 && !tcp_flags_valid(f.tcp_flags) {
-        return Judgement::new(
+        return done(
             Verdict::Deny,
             DecidedBy::ConntrackInvalid { why: TCP_FLAGS },
+            Stage::Conntrack,
+            trace,
+            logged,
+        );
+    }
+    if q.established {
+        return done(
+            Verdict::Allow,
+            DecidedBy::Conntrack,
+            Stage::Conntrack,
+            trace,
+            logged,
         );
     }
     if f.is_icmp() {
@@ -387,88 +580,85 @@ pub fn judge_fields(set: &PolicySet, hep: &HostEndpoint, dir: u8, f: &Fields) ->
             IcmpClass::Invalid => Some("ICMP type connection tracking refuses"),
         };
         if let Some(why) = why {
-            return Judgement::new(Verdict::Deny, DecidedBy::ConntrackInvalid { why });
+            return done(
+                Verdict::Deny,
+                DecidedBy::ConntrackInvalid { why },
+                Stage::Conntrack,
+                trace,
+                logged,
+            );
         }
     }
-    let failsafes = match set.failsafes_for(hep) {
-        Ok(f) => f,
-        // An ambiguous failsafe setup compiles to an error; judge closed.
-        Err(_) => return Judgement::new(Verdict::Deny, DecidedBy::EndOfPolicies),
-    };
-    let ports = if dir == direction::INGRESS {
-        &failsafes.inbound
-    } else {
-        &failsafes.outbound
-    };
-    if let Some(index) = ports.iter().position(|p| failsafe_matches(p, dir, f)) {
-        return Judgement::new(Verdict::Allow, DecidedBy::Failsafe { index });
-    }
-    let profile = Judgement::new(
-        if hep.default_allow {
-            Verdict::Allow
-        } else {
-            Verdict::Deny
-        },
-        DecidedBy::Profile {
-            allowed: hep.default_allow,
-        },
-    );
-    let mut logged = Vec::new();
-    let mut applies = false;
-    // Policies the dataplane does not enforce yet are left out, as the
-    // agent leaves them out (and reports them).
-    for policy in set
-        .policies_for(hep)
-        .filter(|p| p.unenforceable().is_none())
-    {
-        let Some(rules) = policy.rules(dir) else {
-            continue;
-        };
-        applies = true;
-        for (index, rule) in rules.iter().enumerate() {
-            if !rule_matches(rule, f) {
-                continue;
+
+    // 3. Pre-DNAT (ingress only, new connections, host and forwarded).
+    if failsafe.is_none() && dir == direction::INGRESS {
+        let pre_dnat = host_policies().filter(|p| p.pre_dnat);
+        match walk_stage(
+            set,
+            pre_dnat,
+            dir,
+            f,
+            Stage::PreDnat,
+            &mut trace,
+            &mut logged,
+        ) {
+            StageEnd::Decided(Verdict::Deny, by) => {
+                return done(Verdict::Deny, by, Stage::PreDnat, trace, logged)
             }
-            let by = DecidedBy::Rule {
-                policy: policy.name.clone(),
-                rule: index,
-                action: rule.action,
-            };
-            match rule.action {
-                Action::Allow => {
-                    return Judgement {
-                        verdict: Verdict::Allow,
-                        by,
-                        logged,
-                    }
-                }
-                Action::Deny => {
-                    return Judgement {
-                        verdict: Verdict::Deny,
-                        by,
-                        logged,
-                    }
-                }
-                Action::Log => logged.push((policy.name.clone(), index)),
-                // Pass: the profiles decide, and the Pass rule is why.
-                Action::Pass => {
-                    return Judgement {
-                        verdict: profile.verdict,
-                        by,
-                        logged,
-                    }
-                }
+            // Allow skips normal policy.
+            StageEnd::Decided(Verdict::Allow, by) => {
+                return done(Verdict::Allow, by, Stage::PreDnat, trace, logged)
             }
+            StageEnd::Passed(_) | StageEnd::Undecided { .. } => {}
         }
     }
-    if applies {
-        Judgement {
-            verdict: Verdict::Deny,
-            by: DecidedBy::EndOfPolicies,
+
+    // 4. Failsafe (filter table).
+    if let Some(index) = failsafe {
+        return done(
+            Verdict::Allow,
+            DecidedBy::Failsafe { index },
+            Stage::Failsafe,
+            trace,
             logged,
-        }
+        );
+    }
+
+    // 5. Normal: host traffic, or forwarded traffic with applyOnForward.
+    let normal = host_policies()
+        .filter(|p| !p.pre_dnat && !p.do_not_track && (!q.forwarded || p.apply_on_forward));
+    let profile = if hep.default_allow {
+        Verdict::Allow
     } else {
-        Judgement { logged, ..profile }
+        Verdict::Deny
+    };
+    match walk_stage(set, normal, dir, f, Stage::Normal, &mut trace, &mut logged) {
+        StageEnd::Decided(v, by) => done(v, by, Stage::Normal, trace, logged),
+        // Pass: the profiles decide, and the Pass rule is why.
+        StageEnd::Passed(by) => done(profile, by, Stage::Normal, trace, logged),
+        StageEnd::Undecided { applied: true } => done(
+            Verdict::Deny,
+            DecidedBy::EndOfPolicies,
+            Stage::Normal,
+            trace,
+            logged,
+        ),
+        StageEnd::Undecided { applied: false } if q.forwarded => done(
+            Verdict::Allow,
+            DecidedBy::ForwardedWithoutPolicy,
+            Stage::Normal,
+            trace,
+            logged,
+        ),
+        StageEnd::Undecided { applied: false } => done(
+            profile,
+            DecidedBy::Profile {
+                allowed: hep.default_allow,
+            },
+            Stage::Normal,
+            trace,
+            logged,
+        ),
     }
 }
 
@@ -484,14 +674,137 @@ fn failsafe_matches(p: &FailsafePort, dir: u8, f: &Fields) -> bool {
         && p.net.is_none_or(|n| n.contains(&peer))
 }
 
-fn entity_matches(e: &EntityMatch, addr: IpAddr, port: u16, protocol: u8) -> bool {
-    (e.nets.is_empty() || e.nets.iter().any(|n| n.contains(&addr)))
-        && (e.ports.is_empty()
-            || (has_ports(protocol) && e.ports.iter().any(|r| (r.lo..=r.hi).contains(&port))))
+/// An endpoint or network set a rule selector can pick: its labels, its
+/// namespace (none for host endpoints and global sets) and its addresses.
+struct Selectable {
+    labels: std::collections::BTreeMap<String, String>,
+    namespace: Option<String>,
+    nets: Vec<ipnet::IpNet>,
 }
 
-/// Whether `rule` matches the packet `f` (Calico's rule semantics).
-pub fn rule_matches(rule: &Rule, f: &Fields) -> bool {
+fn selectables(set: &PolicySet) -> Vec<Selectable> {
+    use crate::kubernetes::Object;
+    let mut out = Vec::new();
+    for h in &set.host_endpoints {
+        out.push(Selectable {
+            labels: h.labels.clone(),
+            namespace: None,
+            nets: h
+                .expected_ips
+                .iter()
+                .map(|ip| ipnet::IpNet::from(*ip))
+                .collect(),
+        });
+    }
+    for n in &set.network_sets {
+        let mut labels = n.labels.clone();
+        if let Some(ns) = &n.namespace {
+            labels.insert("projectcalico.org/namespace".into(), ns.clone());
+        }
+        out.push(Selectable {
+            labels,
+            namespace: n.namespace.clone(),
+            nets: n.nets.clone(),
+        });
+    }
+    for o in &set.objects {
+        if let Object::Pod {
+            namespace,
+            labels,
+            ips,
+            ..
+        } = o
+        {
+            let mut labels = labels.clone();
+            labels.insert("projectcalico.org/namespace".into(), namespace.clone());
+            labels.insert("projectcalico.org/orchestrator".into(), "k8s".into());
+            out.push(Selectable {
+                labels,
+                namespace: Some(namespace.clone()),
+                nets: ips.iter().map(|ip| ipnet::IpNet::from(*ip)).collect(),
+            });
+        }
+    }
+    out
+}
+
+/// Labels of namespace `ns` (its Namespace object's, or just its name).
+fn namespace_labels(set: &PolicySet, ns: &str) -> std::collections::BTreeMap<String, String> {
+    use crate::kubernetes::Object;
+    set.objects
+        .iter()
+        .find_map(|o| match o {
+            Object::Namespace { name, labels } if name == ns => Some(labels.clone()),
+            _ => None,
+        })
+        .unwrap_or_else(|| {
+            std::collections::BTreeMap::from([(
+                "projectcalico.org/name".to_string(),
+                ns.to_string(),
+            )])
+        })
+}
+
+/// Whether `addr` belongs to what `selector` picks within the namespaces
+/// `namespace_selector` picks (SEMANTICS.md: a rule selector stands for
+/// the addresses of the endpoints and network sets it selects; in a
+/// namespaced policy only within its namespace unless namespaceSelector
+/// says otherwise; an empty result matches nothing).
+fn selected(
+    set: &PolicySet,
+    policy: &Policy,
+    selector: &Selector,
+    namespace_selector: Option<&Selector>,
+    addr: IpAddr,
+) -> bool {
+    selectables(set).iter().any(|s| {
+        let in_scope = match namespace_selector {
+            Some(Selector::Global) => s.namespace.is_none(),
+            Some(ns_sel) => s
+                .namespace
+                .as_deref()
+                .is_some_and(|ns| ns_sel.matches(&namespace_labels(set, ns))),
+            None => match &policy.namespace {
+                Some(own) => s.namespace.as_deref() == Some(own.as_str()),
+                None => true,
+            },
+        };
+        in_scope && selector.matches(&s.labels) && s.nets.iter().any(|n| n.contains(&addr))
+    })
+}
+
+fn entity_matches(
+    set: &PolicySet,
+    policy: &Policy,
+    e: &EntityMatch,
+    addr: IpAddr,
+    port: u16,
+    protocol: u8,
+) -> bool {
+    let in_ranges = |ranges: &[crate::policy::PortRange]| {
+        has_ports(protocol) && ranges.iter().any(|r| (r.lo..=r.hi).contains(&port))
+    };
+    (e.nets.is_empty() || e.nets.iter().any(|n| n.contains(&addr)))
+        && !e.not_nets.iter().any(|n| n.contains(&addr))
+        && (e.ports.is_empty() || in_ranges(&e.ports))
+        && !(in_ranges(&e.not_ports))
+        && (e.selector.is_none() && e.namespace_selector.is_none()
+            || selected(
+                set,
+                policy,
+                e.selector.as_ref().unwrap_or(&Selector::All),
+                e.namespace_selector.as_ref(),
+                addr,
+            ))
+        && !e
+            .not_selector
+            .as_ref()
+            .is_some_and(|ns| selected(set, policy, ns, e.namespace_selector.as_ref(), addr))
+}
+
+/// Whether `rule` of `policy` matches the packet `f` (Calico's rule
+/// semantics; selectors resolve against `set`).
+pub fn rule_matches_in(set: &PolicySet, policy: &Policy, rule: &Rule, f: &Fields) -> bool {
     if rule.ip_version.is_some_and(|v| v != f.ip_version) {
         return false;
     }
@@ -514,6 +827,6 @@ pub fn rule_matches(rule: &Rule, f: &Fields) -> bool {
             return false;
         }
     }
-    entity_matches(&rule.source, f.src, f.sport, f.protocol)
-        && entity_matches(&rule.destination, f.dst, f.dport, f.protocol)
+    entity_matches(set, policy, &rule.source, f.src, f.sport, f.protocol)
+        && entity_matches(set, policy, &rule.destination, f.dst, f.dport, f.protocol)
 }

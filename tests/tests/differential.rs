@@ -327,6 +327,8 @@ fn path_name(by: &DecidedBy, v: Verdict) -> &'static str {
         DecidedBy::EndOfPolicies => "end-of-policies",
         DecidedBy::Profile { allowed: true } => "profile-allow",
         DecidedBy::Profile { allowed: false } => "profile-deny",
+        DecidedBy::Conntrack => "conntrack",
+        DecidedBy::ForwardedWithoutPolicy => "forwarded",
     }
 }
 
