@@ -9,6 +9,7 @@ pub mod dataplane;
 pub mod event;
 pub mod frame;
 pub mod kubernetes;
+pub mod packet_spec;
 pub mod policy;
 pub mod preflight;
 pub mod reference;
