@@ -4,6 +4,7 @@
 
 pub mod agent;
 pub mod bench;
+pub mod check;
 pub mod compile;
 pub mod dataplane;
 pub mod event;

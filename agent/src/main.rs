@@ -70,6 +70,20 @@ enum Command {
         ifaces: Vec<String>,
         #[arg(long)]
         node: Option<String>,
+        /// A packet arriving on the (one) --iface, e.g.
+        /// 'tcp 203.0.113.7:40000 -> 198.51.100.10:22'.
+        #[arg(long, value_name = "PACKET", conflicts_with = "egress")]
+        ingress: Option<String>,
+        /// A packet leaving through the (one) --iface.
+        #[arg(long, value_name = "PACKET")]
+        egress: Option<String>,
+        /// The packet is forwarded (to or from a pod, or between
+        /// interfaces), not to or from the host.
+        #[arg(long)]
+        forwarded: bool,
+        /// The packet belongs to a connection already allowed.
+        #[arg(long)]
+        established: bool,
         #[arg(short, long, value_enum, default_value_t)]
         output: OutputFormat,
     },
@@ -112,8 +126,27 @@ fn main() -> ExitCode {
             policies,
             ifaces,
             node,
+            ingress,
+            egress,
+            forwarded,
+            established,
             output,
-        } => check(&policies, ifaces, node, output),
+        } => match (ingress, egress) {
+            (None, None) => check(&policies, ifaces, node, output),
+            (ingress, egress) => check_packet(
+                &policies,
+                &ifaces,
+                node,
+                ingress
+                    .map(|p| (moat_common::direction::INGRESS, p))
+                    .or(egress.map(|p| (moat_common::direction::EGRESS, p))),
+                moat::reference::Query {
+                    forwarded,
+                    established,
+                },
+                output,
+            ),
+        },
         Command::Bench {
             policies,
             iface,
@@ -256,4 +289,35 @@ fn bench(
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn check_packet(
+    dir_path: &std::path::Path,
+    ifaces: &[String],
+    node: Option<String>,
+    packet: Option<(u8, String)>,
+    query: moat::reference::Query,
+    output: OutputFormat,
+) -> anyhow::Result<ExitCode> {
+    let [iface] = ifaces else {
+        anyhow::bail!(
+            "a packet query needs exactly one --iface (the interface it arrives on or leaves by)"
+        );
+    };
+    let (dir, packet) = packet.ok_or_else(|| anyhow::anyhow!("--ingress or --egress PACKET"))?;
+    let node = node.unwrap_or_else(agent::default_node_name);
+    let loaded = policy::load_dir(dir_path)?;
+    for e in &loaded.errors {
+        eprintln!("error: {e} (left out of the answer)");
+    }
+    let answer = moat::check::answer(&loaded.set, &node, iface, dir, &packet, query)?;
+    match output {
+        OutputFormat::Json => println!("{}", serde_json::to_string(&answer)?),
+        OutputFormat::Text => print!("{}", answer.text()),
+    }
+    Ok(if loaded.errors.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }

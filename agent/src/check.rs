@@ -1,0 +1,214 @@
+//! `moat check` with a packet: what would happen to it, and why, answered
+//! offline from the policy files by the reference semantics.
+
+use serde::Serialize;
+
+use crate::{
+    compile::endpoint_for,
+    packet_spec,
+    policy::PolicySet,
+    reference::{evaluate, DecidedBy, Query, Stage, Step, Verdict},
+};
+
+/// The answer, also the JSON form (`-o json`); field names are stable.
+#[derive(Debug, Serialize)]
+pub struct Answer {
+    pub packet: String,
+    pub iface: String,
+    pub direction: &'static str,
+    pub forwarded: bool,
+    pub established: bool,
+    /// `allow` or `deny`.
+    pub verdict: Verdict,
+    /// `parse`, `untracked`, `conntrack`, `pre-dnat`, `failsafe`, `normal`,
+    /// or `none` for an interface no HostEndpoint names.
+    pub stage: String,
+    /// The deciding policy (`Kind/name`), if a rule decided.
+    pub policy: Option<String>,
+    /// Index of the deciding rule in that policy's list.
+    pub rule: Option<usize>,
+    /// What decided, in words.
+    pub decided_by: String,
+    /// Log rules hit, in order.
+    pub logged: Vec<Logged>,
+    /// Every policy walked, in order.
+    pub trace: Vec<Step>,
+    /// What the answer does not say by itself (policies moat's dataplane
+    /// does not enforce yet, pod policies).
+    pub notes: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Logged {
+    pub policy: String,
+    pub rule: usize,
+}
+
+/// Judges `packet` (the packet grammar) on `iface` of `node`.
+pub fn answer(
+    set: &PolicySet,
+    node: &str,
+    iface: &str,
+    dir: u8,
+    packet: &str,
+    query: Query,
+) -> anyhow::Result<Answer> {
+    let fields = packet_spec::parse(packet)?;
+    let direction = if dir == moat_common::direction::INGRESS {
+        "ingress"
+    } else {
+        "egress"
+    };
+    let mut notes = Vec::new();
+    let pods: Vec<String> = set
+        .policies
+        .iter()
+        .filter(|p| !p.can_select_host_endpoints())
+        .map(|p| p.resource())
+        .collect();
+    if !pods.is_empty() {
+        notes.push(format!(
+            "{} policies govern pods, not host interfaces, and are not enforced by moat: {}",
+            pods.len(),
+            pods.join(", ")
+        ));
+    }
+    let Some(hep) = endpoint_for(set, node, iface)? else {
+        return Ok(Answer {
+            packet: packet.into(),
+            iface: iface.into(),
+            direction,
+            forwarded: query.forwarded,
+            established: query.established,
+            verdict: Verdict::Allow,
+            stage: "none".into(),
+            policy: None,
+            rule: None,
+            decided_by: format!(
+                "no HostEndpoint of node {node} names {iface}: the interface is not enforced"
+            ),
+            logged: Vec::new(),
+            trace: Vec::new(),
+            notes,
+        });
+    };
+    let j = evaluate(set, hep, dir, &fields, query);
+    for step in &j.trace {
+        if let Some(p) = set.policies.iter().find(|p| p.resource() == step.policy) {
+            if let Some((field, what)) = p.unenforceable() {
+                notes.push(format!(
+                    "{}: {what} ({field}) is Calico semantics the reference answers with, but this version of moat's dataplane does not enforce it and leaves the policy out",
+                    step.policy
+                ));
+            }
+        }
+    }
+    let (policy, rule) = match &j.by {
+        DecidedBy::Rule { policy, rule, .. } => {
+            let resource = set
+                .policies
+                .iter()
+                .find(|p| &p.name == policy)
+                .map(|p| p.resource())
+                .unwrap_or_else(|| policy.clone());
+            (Some(resource), Some(*rule))
+        }
+        _ => (None, None),
+    };
+    let decided_by = match &j.by {
+        DecidedBy::Rule { rule, action, .. } => format!(
+            "rule {rule} ({action:?}) of {}",
+            policy.as_deref().unwrap_or("?")
+        ),
+        DecidedBy::Failsafe { index } => format!("failsafe port #{index} of {}", hep.name),
+        DecidedBy::EndOfPolicies => format!(
+            "default deny: policies apply to {direction} on {iface} and none allowed the packet"
+        ),
+        DecidedBy::Profile { allowed } => format!(
+            "no policy applies to {direction} on {iface}; the profiles {}",
+            if *allowed {
+                "allow (projectcalico-default-allow)"
+            } else {
+                "deny (none allows)"
+            }
+        ),
+        DecidedBy::Conntrack => "part of a connection already allowed (ESTABLISHED)".into(),
+        DecidedBy::ForwardedWithoutPolicy => format!(
+            "forwarded traffic and no applyOnForward policy applies to {direction} on {iface}"
+        ),
+        DecidedBy::ConntrackInvalid { why } => format!("connection tracking: INVALID ({why})"),
+        DecidedBy::UnknownFragment => "a later fragment whose first was not seen".into(),
+        other => format!("{other:?}"),
+    };
+    Ok(Answer {
+        packet: packet.into(),
+        iface: iface.into(),
+        direction,
+        forwarded: query.forwarded,
+        established: query.established,
+        verdict: j.verdict,
+        stage: stage_name(j.stage).into(),
+        policy,
+        rule,
+        decided_by,
+        logged: j
+            .logged
+            .into_iter()
+            .map(|(policy, rule)| Logged { policy, rule })
+            .collect(),
+        trace: j.trace,
+        notes,
+    })
+}
+
+fn stage_name(s: Stage) -> &'static str {
+    match s {
+        Stage::Parse => "parse",
+        Stage::Untracked => "untracked",
+        Stage::Conntrack => "conntrack",
+        Stage::PreDnat => "pre-dnat",
+        Stage::Failsafe => "failsafe",
+        Stage::Normal => "normal",
+    }
+}
+
+impl Answer {
+    /// The text form: verdict first, then the path.
+    pub fn text(&self) -> String {
+        let mut s = format!(
+            "{} {} {}{}{}\nverdict: {}\nstage:   {}\nreason:  {}\n",
+            self.iface,
+            self.direction,
+            self.packet,
+            if self.forwarded { " (forwarded)" } else { "" },
+            if self.established {
+                " (established)"
+            } else {
+                ""
+            },
+            match self.verdict {
+                Verdict::Allow => "ALLOW",
+                Verdict::Deny => "DENY",
+            },
+            self.stage,
+            self.decided_by
+        );
+        if !self.trace.is_empty() {
+            s.push_str("path:\n");
+            for t in &self.trace {
+                let stage = serde_json::to_value(t.stage)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_string))
+                    .unwrap_or_default();
+                s.push_str(&format!("  {stage:<10} {:<50} {}\n", t.policy, t.outcome));
+            }
+        }
+        for l in &self.logged {
+            s.push_str(&format!("logged:  {} rule {}\n", l.policy, l.rule));
+        }
+        for n in &self.notes {
+            s.push_str(&format!("note:    {n}\n"));
+        }
+        s
+    }
+}
