@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use ipnet::IpNet;
 use moat_common::{direction, reason, rule_match, table, verdict, RuleEntry, NO_POLICY_ID};
 
-use crate::policy::{Action, FailsafePort, HostEndpoint, PolicySet, PortRange, Rule};
+use crate::policy::{Action, FailsafePort, HostEndpoint, Policy, PolicySet, PortRange, Rule};
 
 /// One table as the dataplane will hold it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -166,7 +166,7 @@ pub fn compile(set: &PolicySet, node: &str, ifaces: &[String]) -> Result<Compile
                 };
                 applies = true;
                 for (index, rule) in list.iter().enumerate() {
-                    expand(rule, id as u32, index as u32, &mut rules);
+                    expand(set, policy, rule, id as u32, index as u32, &mut rules);
                 }
             }
             tables[table::index(dir, table::POLICY)] = TableSpec {
@@ -272,7 +272,101 @@ fn version_of(net: Option<&IpNet>) -> Option<u8> {
 }
 
 /// Appends the entries of `rule` to `out`.
-pub fn expand(rule: &Rule, policy_id: u32, rule_index: u32, out: &mut Vec<RuleEntry>) {
+/// The intersection of two prefixes: the longer one when one holds the
+/// other, else nothing.
+fn intersect(a: &IpNet, b: &IpNet) -> Option<IpNet> {
+    if a.contains(b) {
+        Some(*b)
+    } else if b.contains(a) {
+        Some(*a)
+    } else {
+        None
+    }
+}
+
+/// `nets` narrowed to `within` (an empty `nets` means any address).
+fn narrow(nets: &[IpNet], within: &[IpNet]) -> Vec<IpNet> {
+    if nets.is_empty() {
+        return within.to_vec();
+    }
+    let mut out: Vec<IpNet> = nets
+        .iter()
+        .flat_map(|n| within.iter().filter_map(move |w| intersect(n, w)))
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// Appends the entries of `rule` (of `policy`, in `set`) to `out`. Rule
+/// selectors become the nets they resolve to, Service frontends become one
+/// entry per address, protocol and port; an empty resolution adds nothing
+/// (it matches nothing).
+pub fn expand(
+    set: &PolicySet,
+    policy: &Policy,
+    rule: &Rule,
+    policy_id: u32,
+    rule_index: u32,
+    out: &mut Vec<RuleEntry>,
+) {
+    if rule.destination.service_frontends {
+        for f in crate::resolve::service_frontends(set) {
+            let port_ok = rule.destination.ports.is_empty()
+                || rule
+                    .destination
+                    .ports
+                    .iter()
+                    .any(|r| (r.lo..=r.hi).contains(&f.port));
+            if rule.protocol.is_some_and(|p| p != f.protocol)
+                || rule.not_protocol == Some(f.protocol)
+                || !port_ok
+            {
+                continue;
+            }
+            let nets = narrow(&rule.destination.nets, &[IpNet::from(f.addr)]);
+            if nets.is_empty() {
+                continue;
+            }
+            let mut r = rule.clone();
+            r.destination.service_frontends = false;
+            r.protocol = Some(f.protocol);
+            r.destination.ports = vec![PortRange {
+                lo: f.port,
+                hi: f.port,
+            }];
+            r.destination.nets = nets;
+            expand(set, policy, &r, policy_id, rule_index, out);
+        }
+        return;
+    }
+    for side in 0..2 {
+        let e = if side == 0 {
+            &rule.source
+        } else {
+            &rule.destination
+        };
+        if e.selector.is_some() || e.namespace_selector.is_some() {
+            let sel = e.selector.clone().unwrap_or(crate::selector::Selector::All);
+            let resolved =
+                crate::resolve::selected_nets(set, policy, &sel, e.namespace_selector.as_ref());
+            let nets = narrow(&e.nets, &resolved);
+            if nets.is_empty() {
+                return; // selects nothing: the rule matches nothing
+            }
+            let mut r = rule.clone();
+            let e = if side == 0 {
+                &mut r.source
+            } else {
+                &mut r.destination
+            };
+            e.nets = nets;
+            e.selector = None;
+            e.namespace_selector = None;
+            expand(set, policy, &r, policy_id, rule_index, out);
+            return;
+        }
+    }
     let mut base = RuleEntry {
         action: action_code(rule.action),
         policy_id,
@@ -327,7 +421,7 @@ pub fn expand(rule: &Rule, policy_id: u32, rule_index: u32, out: &mut Vec<RuleEn
                                 code: Some(code),
                             });
                             r.not_icmp = None;
-                            expand(&r, policy_id, rule_index, out);
+                            expand(set, policy, &r, policy_id, rule_index, out);
                         }
                         return;
                     }
@@ -472,5 +566,72 @@ mod tests {
         let err =
             compile(&set(&format!("{HEP}{dup}")), "n", &["eth1".into()]).expect_err("ambiguous");
         assert!(err.to_string().contains("h, h2"), "{err}");
+    }
+}
+
+#[cfg(test)]
+mod resolve_tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::policy::load_str;
+
+    #[test]
+    fn selectors_and_service_frontends_become_nets_and_ports() {
+        let l = load_str(
+            Path::new("t.yaml"),
+            r#"
+apiVersion: projectcalico.org/v3
+kind: HostEndpoint
+metadata: {name: h, labels: {ibm.role: worker_private}}
+spec: {node: n, interfaceName: eth0, expectedIPs: [10.0.0.10]}
+---
+apiVersion: projectcalico.org/v3
+kind: HostEndpoint
+metadata: {name: h2, labels: {ibm.role: worker_private}}
+spec: {node: m, interfaceName: eth0, expectedIPs: [10.0.0.11, "2001:db8::11"]}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: n}
+status: {addresses: [{type: InternalIP, address: 10.0.0.10}, {type: Hostname, address: n}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec: {type: LoadBalancer, ports: [{port: 443, nodePort: 31443, protocol: TCP}], externalIPs: [192.0.2.80]}
+status: {loadBalancer: {ingress: [{ip: 192.0.2.81}]}}
+---
+apiVersion: projectcalico.org/v3
+kind: GlobalNetworkPolicy
+metadata: {name: p}
+spec:
+  selector: ibm.role == 'worker_private'
+  ingress:
+    - {action: Allow, source: {selector: "ibm.role == 'worker_private'", nets: [10.0.0.0/8]}}
+    - {action: Allow, source: {selector: "ibm.role == 'nobody'"}}
+    - {action: Allow, destination: {moatServiceFrontends: true}}
+"#,
+        );
+        assert!(l.errors.is_empty(), "{:#?}", l.errors);
+        let c = compile(&l.set, "n", &["eth0".into()]).expect("compiles");
+        assert!(c.rejected.is_empty(), "{:?}", c.rejected);
+        let t = c.ifaces["eth0"].table(direction::INGRESS, table::POLICY);
+        let by_rule = |i: u32| t.rules.iter().filter(|r| r.rule_index == i).count();
+        // 10.0.0.10 and 10.0.0.11 (the IPv6 address is outside 10.0.0.0/8).
+        assert_eq!(by_rule(0), 2);
+        assert_eq!(by_rule(1), 0, "a selector matching nothing matches nothing");
+        // Node 10.0.0.10 x nodePort 31443, LB ingress and external IP x 443.
+        assert_eq!(by_rule(2), 3);
+        let frontends: Vec<(u16, u8)> = t
+            .rules
+            .iter()
+            .filter(|r| r.rule_index == 2)
+            .map(|r| (r.dst_port_lo, r.protocol))
+            .collect();
+        assert!(
+            frontends.contains(&(31443, 6)) && frontends.contains(&(443, 6)),
+            "{frontends:?}"
+        );
     }
 }

@@ -14,6 +14,7 @@ pub mod packet_spec;
 pub mod policy;
 pub mod preflight;
 pub mod reference;
+pub mod resolve;
 pub mod selector;
 
 /// `-o/--output` of every subcommand.

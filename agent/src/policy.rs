@@ -97,6 +97,10 @@ pub struct EntityMatch {
     /// Namespaces whose endpoints `selector` picks from (`global()`: the
     /// non-namespaced ones).
     pub namespace_selector: Option<Selector>,
+    /// moat's `moatServiceFrontends: true` (destination only): the address
+    /// and port must be a frontend a Service exposes on the node, resolved
+    /// from the Services (what `allow-node-port-dnat` allows before DNAT).
+    pub service_frontends: bool,
 }
 
 impl EntityMatch {
@@ -107,12 +111,8 @@ impl EntityMatch {
             Some("notNets")
         } else if !self.not_ports.is_empty() {
             Some("notPorts")
-        } else if self.selector.is_some() {
-            Some("selector")
         } else if self.not_selector.is_some() {
             Some("notSelector")
-        } else if self.namespace_selector.is_some() {
-            Some("namespaceSelector")
         } else {
             None
         }
@@ -905,6 +905,8 @@ struct RawEntity {
     namespace_selector: Option<String>,
     service_accounts: Option<Value>,
     services: Option<Value>,
+    /// moat's extension: the destination is a Service frontend.
+    moat_service_frontends: Option<bool>,
 }
 
 type FieldResult<T> = Result<T, (String, String)>;
@@ -1240,7 +1242,15 @@ fn entity(
         }
     }
     let [selector, not_selector, namespace_selector] = selectors;
+    let service_frontends = raw.moat_service_frontends.unwrap_or(false);
+    if service_frontends && !field.ends_with("destination") {
+        return field_err(
+            format!("{field}.moatServiceFrontends"),
+            "valid in a rule's destination only",
+        );
+    }
     Ok(EntityMatch {
+        service_frontends,
         nets,
         not_nets,
         ports,
@@ -1711,12 +1721,8 @@ mod tests {
                 "spec.ingress[0].destination.notPorts",
             ),
             (
-                "  ingress: [{action: Deny, source: {selector: \"app == 'x'\"}}]\n",
-                "spec.ingress[0].source.selector",
-            ),
-            (
-                "  egress: [{action: Allow, destination: {namespaceSelector: global()}}]\n",
-                "spec.egress[0].destination.namespaceSelector",
+                "  ingress: [{action: Deny, source: {notSelector: \"app == 'x'\"}}]\n",
+                "spec.ingress[0].source.notSelector",
             ),
         ];
         for (spec, field) in cases {

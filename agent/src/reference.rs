@@ -16,6 +16,7 @@ use serde::Serialize;
 
 use crate::{
     policy::{Action, EntityMatch, FailsafePort, HostEndpoint, Policy, PolicySet, Rule},
+    resolve,
     selector::Selector,
 };
 
@@ -674,103 +675,8 @@ fn failsafe_matches(p: &FailsafePort, dir: u8, f: &Fields) -> bool {
         && p.net.is_none_or(|n| n.contains(&peer))
 }
 
-/// An endpoint or network set a rule selector can pick: its labels, its
-/// namespace (none for host endpoints and global sets) and its addresses.
-struct Selectable {
-    labels: std::collections::BTreeMap<String, String>,
-    namespace: Option<String>,
-    nets: Vec<ipnet::IpNet>,
-}
-
-fn selectables(set: &PolicySet) -> Vec<Selectable> {
-    use crate::kubernetes::Object;
-    let mut out = Vec::new();
-    for h in &set.host_endpoints {
-        out.push(Selectable {
-            labels: h.labels.clone(),
-            namespace: None,
-            nets: h
-                .expected_ips
-                .iter()
-                .map(|ip| ipnet::IpNet::from(*ip))
-                .collect(),
-        });
-    }
-    for n in &set.network_sets {
-        let mut labels = n.labels.clone();
-        if let Some(ns) = &n.namespace {
-            labels.insert("projectcalico.org/namespace".into(), ns.clone());
-        }
-        out.push(Selectable {
-            labels,
-            namespace: n.namespace.clone(),
-            nets: n.nets.clone(),
-        });
-    }
-    for o in &set.objects {
-        if let Object::Pod {
-            namespace,
-            labels,
-            ips,
-            ..
-        } = o
-        {
-            let mut labels = labels.clone();
-            labels.insert("projectcalico.org/namespace".into(), namespace.clone());
-            labels.insert("projectcalico.org/orchestrator".into(), "k8s".into());
-            out.push(Selectable {
-                labels,
-                namespace: Some(namespace.clone()),
-                nets: ips.iter().map(|ip| ipnet::IpNet::from(*ip)).collect(),
-            });
-        }
-    }
-    out
-}
-
-/// Labels of namespace `ns` (its Namespace object's, or just its name).
-fn namespace_labels(set: &PolicySet, ns: &str) -> std::collections::BTreeMap<String, String> {
-    use crate::kubernetes::Object;
-    set.objects
-        .iter()
-        .find_map(|o| match o {
-            Object::Namespace { name, labels } if name == ns => Some(labels.clone()),
-            _ => None,
-        })
-        .unwrap_or_else(|| {
-            std::collections::BTreeMap::from([(
-                "projectcalico.org/name".to_string(),
-                ns.to_string(),
-            )])
-        })
-}
-
-/// Whether `addr` belongs to what `selector` picks within the namespaces
-/// `namespace_selector` picks (SEMANTICS.md: a rule selector stands for
-/// the addresses of the endpoints and network sets it selects; in a
-/// namespaced policy only within its namespace unless namespaceSelector
-/// says otherwise; an empty result matches nothing).
-fn selected(
-    set: &PolicySet,
-    policy: &Policy,
-    selector: &Selector,
-    namespace_selector: Option<&Selector>,
-    addr: IpAddr,
-) -> bool {
-    selectables(set).iter().any(|s| {
-        let in_scope = match namespace_selector {
-            Some(Selector::Global) => s.namespace.is_none(),
-            Some(ns_sel) => s
-                .namespace
-                .as_deref()
-                .is_some_and(|ns| ns_sel.matches(&namespace_labels(set, ns))),
-            None => match &policy.namespace {
-                Some(own) => s.namespace.as_deref() == Some(own.as_str()),
-                None => true,
-            },
-        };
-        in_scope && selector.matches(&s.labels) && s.nets.iter().any(|n| n.contains(&addr))
-    })
+fn contains(nets: &[ipnet::IpNet], addr: IpAddr) -> bool {
+    nets.iter().any(|n| n.contains(&addr))
 }
 
 fn entity_matches(
@@ -784,22 +690,23 @@ fn entity_matches(
     let in_ranges = |ranges: &[crate::policy::PortRange]| {
         has_ports(protocol) && ranges.iter().any(|r| (r.lo..=r.hi).contains(&port))
     };
-    (e.nets.is_empty() || e.nets.iter().any(|n| n.contains(&addr)))
-        && !e.not_nets.iter().any(|n| n.contains(&addr))
+    let selected = |sel: &Selector| {
+        contains(
+            &resolve::selected_nets(set, policy, sel, e.namespace_selector.as_ref()),
+            addr,
+        )
+    };
+    (e.nets.is_empty() || contains(&e.nets, addr))
+        && !contains(&e.not_nets, addr)
         && (e.ports.is_empty() || in_ranges(&e.ports))
-        && !(in_ranges(&e.not_ports))
+        && !in_ranges(&e.not_ports)
         && (e.selector.is_none() && e.namespace_selector.is_none()
-            || selected(
-                set,
-                policy,
-                e.selector.as_ref().unwrap_or(&Selector::All),
-                e.namespace_selector.as_ref(),
-                addr,
-            ))
-        && !e
-            .not_selector
-            .as_ref()
-            .is_some_and(|ns| selected(set, policy, ns, e.namespace_selector.as_ref(), addr))
+            || selected(e.selector.as_ref().unwrap_or(&Selector::All)))
+        && !e.not_selector.as_ref().is_some_and(selected)
+        && (!e.service_frontends
+            || resolve::service_frontends(set)
+                .iter()
+                .any(|f| f.protocol == protocol && f.port == port && f.addr == addr))
 }
 
 /// Whether `rule` of `policy` matches the packet `f` (Calico's rule
