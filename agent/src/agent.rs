@@ -18,6 +18,8 @@ use crate::{
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
     pub policies: PathBuf,
+    /// Bundled profile used when the directory holds no policy of its own.
+    pub profile: Option<String>,
     pub ifaces: Vec<String>,
     pub node: String,
     pub output: OutputFormat,
@@ -32,13 +34,43 @@ pub fn default_node_name() -> String {
         .unwrap_or_else(|| "localhost".into())
 }
 
-/// Loads `dir`, reports every invalid resource, and compiles the rest.
+/// Loads `dir` and, when it holds no policy of its own, the bundled
+/// `profile` (`None`: no profile).
+pub fn load_policies(
+    dir: &std::path::Path,
+    profile: Option<&str>,
+) -> anyhow::Result<policy::Loaded> {
+    let mut loaded = policy::load_dir(dir)?;
+    if let Some(name) = profile {
+        let p = crate::profiles::find(name).ok_or_else(|| {
+            let known: Vec<&str> = crate::profiles::PROFILES.iter().map(|p| p.name).collect();
+            anyhow::anyhow!(
+                "no bundled profile {name:?} (known: {}, or none)",
+                known.join(", ")
+            )
+        })?;
+        if loaded.set.policies.is_empty() {
+            info!(
+                "{} holds no policy of its own: using the bundled profile {} ({})",
+                dir.display(),
+                p.name,
+                p.applies_to
+            );
+            crate::profiles::add_to(&mut loaded.set, p);
+        }
+    }
+    Ok(loaded)
+}
+
+/// Loads `dir` (and the profile), reports every invalid resource, and
+/// compiles the rest.
 pub fn load_and_compile(
     dir: &std::path::Path,
+    profile: Option<&str>,
     node: &str,
     ifaces: &[String],
 ) -> anyhow::Result<Compiled> {
-    let loaded = policy::load_dir(dir)?;
+    let loaded = load_policies(dir, profile)?;
     for e in &loaded.errors {
         error!("rejected: {e}");
     }
@@ -100,7 +132,12 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         if support.tcx { ", TCX attach" } else { "" }
     );
 
-    let compiled = load_and_compile(&cfg.policies, &cfg.node, &cfg.ifaces)?;
+    let compiled = load_and_compile(
+        &cfg.policies,
+        cfg.profile.as_deref(),
+        &cfg.node,
+        &cfg.ifaces,
+    )?;
     let mut names = BTreeMap::new();
     let mut by_index = BTreeMap::new();
     for iface in &cfg.ifaces {

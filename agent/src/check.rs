@@ -138,6 +138,9 @@ pub fn answer(
         ),
         DecidedBy::ConntrackInvalid { why } => format!("connection tracking: INVALID ({why})"),
         DecidedBy::UnknownFragment => "a later fragment whose first was not seen".into(),
+        DecidedBy::Misconfigured { why } => {
+            format!("denied: the configuration cannot be enforced as written: {why}")
+        }
         other => format!("{other:?}"),
     };
     Ok(Answer {

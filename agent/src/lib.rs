@@ -13,6 +13,7 @@ pub mod kubernetes;
 pub mod packet_spec;
 pub mod policy;
 pub mod preflight;
+pub mod profiles;
 pub mod reference;
 pub mod resolve;
 pub mod selector;

@@ -31,6 +31,10 @@ enum Command {
         /// Interface to attach to (repeat for several).
         #[arg(long = "iface", value_name = "NAME", required = true)]
         ifaces: Vec<String>,
+        /// Bundled profile to use when DIR holds no policy of its own
+        /// (iks-2019, iks-2017, or none).
+        #[arg(long, default_value = "iks-2019")]
+        profile: String,
         /// Calico node name the HostEndpoints name (default: host name).
         #[arg(long)]
         node: Option<String>,
@@ -68,6 +72,10 @@ enum Command {
         /// of the node names).
         #[arg(long = "iface", value_name = "NAME")]
         ifaces: Vec<String>,
+        /// Bundled profile to use when DIR holds no policy of its own
+        /// (iks-2019, iks-2017, or none).
+        #[arg(long, default_value = "iks-2019")]
+        profile: String,
         #[arg(long)]
         node: Option<String>,
         /// A packet arriving on the (one) --iface, e.g.
@@ -103,12 +111,14 @@ fn main() -> ExitCode {
         Command::Agent {
             policies,
             ifaces,
+            profile,
             node,
             output,
             xdp_mode,
         } => {
             let cfg = AgentConfig {
                 policies,
+                profile: profile_arg(&profile),
                 ifaces,
                 node: node.unwrap_or_else(agent::default_node_name),
                 output,
@@ -125,6 +135,7 @@ fn main() -> ExitCode {
         Command::Check {
             policies,
             ifaces,
+            profile,
             node,
             ingress,
             egress,
@@ -132,9 +143,16 @@ fn main() -> ExitCode {
             established,
             output,
         } => match (ingress, egress) {
-            (None, None) => check(&policies, ifaces, node, output),
+            (None, None) => check(
+                &policies,
+                profile_arg(&profile).as_deref(),
+                ifaces,
+                node,
+                output,
+            ),
             (ingress, egress) => check_packet(
                 &policies,
+                profile_arg(&profile).as_deref(),
                 &ifaces,
                 node,
                 ingress
@@ -165,14 +183,20 @@ fn main() -> ExitCode {
     }
 }
 
+/// `--profile none` means no profile.
+fn profile_arg(p: &str) -> Option<String> {
+    (p != "none").then(|| p.to_string())
+}
+
 fn check(
     dir: &std::path::Path,
+    profile: Option<&str>,
     ifaces: Vec<String>,
     node: Option<String>,
     output: OutputFormat,
 ) -> anyhow::Result<ExitCode> {
     let node = node.unwrap_or_else(agent::default_node_name);
-    let loaded = policy::load_dir(dir)?;
+    let loaded = agent::load_policies(dir, profile)?;
     let ifaces = if ifaces.is_empty() {
         let mut names: Vec<String> = loaded
             .set
@@ -293,6 +317,7 @@ fn bench(
 
 fn check_packet(
     dir_path: &std::path::Path,
+    profile: Option<&str>,
     ifaces: &[String],
     node: Option<String>,
     packet: Option<(u8, String)>,
@@ -306,7 +331,7 @@ fn check_packet(
     };
     let (dir, packet) = packet.ok_or_else(|| anyhow::anyhow!("--ingress or --egress PACKET"))?;
     let node = node.unwrap_or_else(agent::default_node_name);
-    let loaded = policy::load_dir(dir_path)?;
+    let loaded = agent::load_policies(dir_path, profile)?;
     for e in &loaded.errors {
         eprintln!("error: {e} (left out of the answer)");
     }

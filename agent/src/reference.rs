@@ -316,6 +316,11 @@ pub enum DecidedBy {
     },
     /// Part of a connection already allowed (ESTABLISHED).
     Conntrack,
+    /// The configuration cannot be enforced as written (the agent refuses
+    /// to compile it); judged closed.
+    Misconfigured {
+        why: String,
+    },
     /// Forwarded traffic with no applyOnForward policy for this endpoint
     /// and direction: allowed.
     ForwardedWithoutPolicy,
@@ -514,10 +519,10 @@ pub fn evaluate(set: &PolicySet, hep: &HostEndpoint, dir: u8, f: &Fields, q: Que
     let failsafes = match set.failsafes_for(hep) {
         Ok(f) => f,
         // An ambiguous failsafe setup compiles to an error; judge closed.
-        Err(_) => {
+        Err(why) => {
             return done(
                 Verdict::Deny,
-                DecidedBy::EndOfPolicies,
+                DecidedBy::Misconfigured { why },
                 Stage::Failsafe,
                 trace,
                 logged,

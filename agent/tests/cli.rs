@@ -134,3 +134,80 @@ fn check_validates_and_exits_non_zero_on_errors() {
     );
     std::fs::remove_dir_all(&dir).expect("cleanup");
 }
+
+#[test]
+fn bundled_profiles_apply_when_the_directory_has_no_policy() {
+    let dir = std::env::temp_dir().join(format!("moat-cli-profile-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    std::fs::copy(
+        Path::new(&fixtures()).join("hostendpoint.yaml"),
+        dir.join("hostendpoint.yaml"),
+    )
+    .expect("copy");
+    std::fs::write(
+        dir.join("cluster.yaml"),
+        "apiVersion: v1\nkind: Node\nmetadata: {name: worker-1}\nstatus: {addresses: [{type: InternalIP, address: 198.18.1.1}]}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\nspec: {type: NodePort, ports: [{port: 80, nodePort: 30080}]}\n",
+    )
+    .expect("write");
+    let d = dir.display().to_string();
+    let ask = |profile: &str, packet: &str| {
+        let (v, _) = json(&[
+            "check",
+            "--policies",
+            &d,
+            "--node",
+            "worker-1",
+            "--iface",
+            "eth1",
+            "--profile",
+            profile,
+            "--ingress",
+            packet,
+            "-o",
+            "json",
+        ]);
+        (
+            v["verdict"].as_str().unwrap_or_default().to_string(),
+            v["policy"].as_str().unwrap_or_default().to_string(),
+        )
+    };
+    assert_eq!(
+        ask("iks-2019", "tcp 203.0.113.7:4000 -> 198.18.1.1:52311"),
+        (
+            "allow".into(),
+            "GlobalNetworkPolicy/allow-bigfix-port".into()
+        )
+    );
+    assert_eq!(
+        ask("iks-2019", "tcp 203.0.113.7:4000 -> 198.18.1.1:10250").0,
+        "deny"
+    );
+    assert_eq!(
+        ask("iks-2017", "tcp 203.0.113.7:4000 -> 198.18.1.1:10250"),
+        (
+            "allow".into(),
+            "GlobalNetworkPolicy/allow-kubelet-port".into()
+        )
+    );
+    assert_eq!(
+        ask("iks-2019", "tcp 203.0.113.7:4000 -> 198.18.1.1:30080"),
+        (
+            "allow".into(),
+            "GlobalNetworkPolicy/allow-node-port-dnat".into()
+        )
+    );
+    assert_eq!(
+        ask("iks-2019", "tcp 203.0.113.7:4000 -> 198.18.1.1:30081").0,
+        "deny"
+    );
+    assert_eq!(
+        ask("iks-2019", "tcp 203.0.113.7:4000 -> 198.18.1.1:22").0,
+        "deny",
+        "no ssh on the public side"
+    );
+    assert_eq!(
+        ask("none", "tcp 203.0.113.7:4000 -> 198.18.1.1:52311"),
+        ("deny".into(), String::new())
+    );
+    std::fs::remove_dir_all(&dir).expect("cleanup");
+}

@@ -328,6 +328,7 @@ fn path_name(by: &DecidedBy, v: Verdict) -> &'static str {
         DecidedBy::Profile { allowed: true } => "profile-allow",
         DecidedBy::Profile { allowed: false } => "profile-deny",
         DecidedBy::Conntrack => "conntrack",
+        DecidedBy::Misconfigured { .. } => "misconfigured",
         DecidedBy::ForwardedWithoutPolicy => "forwarded",
     }
 }
