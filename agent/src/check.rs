@@ -164,6 +164,64 @@ pub fn answer(
     })
 }
 
+/// Judges `packet` to or from the pod `namespace/name` (found among the
+/// set's Pod objects): Calico's answer on the pod's interface, which moat
+/// does not enforce.
+pub fn answer_pod(
+    set: &PolicySet,
+    namespace: &str,
+    name: &str,
+    dir: u8,
+    packet: &str,
+    query: Query,
+) -> anyhow::Result<Answer> {
+    let fields = packet_spec::parse(packet)?;
+    let pod = crate::reference::Workload::find(set, namespace, name).ok_or_else(|| {
+        anyhow::anyhow!("no Pod {namespace}/{name} among the objects read (add its `kubectl get pod -o yaml` to the directory)")
+    })?;
+    let direction = if dir == moat_common::direction::INGRESS {
+        "ingress"
+    } else {
+        "egress"
+    };
+    let j = crate::reference::evaluate_workload(set, &pod, dir, &fields, query);
+    let (policy, rule) = match &j.by {
+        DecidedBy::Rule { policy, rule, .. } => (
+            set.policies
+                .iter()
+                .find(|p| &p.name == policy)
+                .map(|p| p.resource()),
+            Some(*rule),
+        ),
+        _ => (None, None),
+    };
+    let decided_by = match &j.by {
+        DecidedBy::Rule { rule, action, .. } => format!("rule {rule} ({action:?}) of {}", policy.as_deref().unwrap_or("?")),
+        DecidedBy::EndOfPolicies => format!("default deny: policies select pod {namespace}/{name} for {direction} and none allowed the packet"),
+        DecidedBy::Profile { .. } => format!("no policy selects pod {namespace}/{name} for {direction}: allowed (Kubernetes' default)"),
+        DecidedBy::Conntrack => "part of a connection already allowed (ESTABLISHED)".into(),
+        DecidedBy::ConntrackInvalid { why } => format!("connection tracking: INVALID ({why})"),
+        other => format!("{other:?}"),
+    };
+    Ok(Answer {
+        packet: packet.into(),
+        iface: format!("pod {namespace}/{name}"),
+        direction,
+        forwarded: query.forwarded,
+        established: query.established,
+        verdict: j.verdict,
+        stage: stage_name(j.stage).into(),
+        policy,
+        rule,
+        decided_by,
+        logged: j.logged.into_iter().map(|(policy, rule)| Logged { policy, rule }).collect(),
+        trace: j.trace,
+        notes: vec![
+            "this is Calico's verdict on the pod's interface; moat enforces host interfaces only and does not enforce pod policies".into(),
+        ],
+    })
+}
+
 fn stage_name(s: Stage) -> &'static str {
     match s {
         Stage::Parse => "parse",

@@ -85,6 +85,11 @@ enum Command {
         /// A packet leaving through the (one) --iface.
         #[arg(long, value_name = "PACKET")]
         egress: Option<String>,
+        /// Judge the packet at pod NAMESPACE/NAME (a Pod object in DIR)
+        /// instead of at an interface: Calico's answer for pod policies,
+        /// which moat does not enforce.
+        #[arg(long, value_name = "NAMESPACE/NAME", conflicts_with = "ifaces")]
+        pod: Option<String>,
         /// The packet is forwarded (to or from a pod, or between
         /// interfaces), not to or from the host.
         #[arg(long)]
@@ -139,10 +144,14 @@ fn main() -> ExitCode {
             node,
             ingress,
             egress,
+            pod,
             forwarded,
             established,
             output,
         } => match (ingress, egress) {
+            (None, None) if pod.is_some() => {
+                Err(anyhow::anyhow!("--pod needs --ingress or --egress PACKET"))
+            }
             (None, None) => check(
                 &policies,
                 profile_arg(&profile).as_deref(),

@@ -742,3 +742,114 @@ pub fn rule_matches_in(set: &PolicySet, policy: &Policy, rule: &Rule, f: &Fields
     entity_matches(set, policy, &rule.source, f.src, f.sport, f.protocol)
         && entity_matches(set, policy, &rule.destination, f.dst, f.dport, f.protocol)
 }
+
+/// A pod as policy sees it (a workload endpoint).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Workload {
+    pub namespace: String,
+    pub name: String,
+    /// Its labels plus `projectcalico.org/namespace` and
+    /// `projectcalico.org/orchestrator: k8s`, as Calico gives them.
+    pub labels: std::collections::BTreeMap<String, String>,
+}
+
+impl Workload {
+    /// The pod `namespace/name` among the set's objects.
+    pub fn find(set: &PolicySet, namespace: &str, name: &str) -> Option<Workload> {
+        set.objects.iter().find_map(|o| match o {
+            crate::kubernetes::Object::Pod {
+                namespace: ns,
+                name: n,
+                labels,
+                ..
+            } if ns == namespace && n == name => {
+                let mut labels = labels.clone();
+                labels.insert("projectcalico.org/namespace".into(), ns.clone());
+                labels.insert("projectcalico.org/orchestrator".into(), "k8s".into());
+                Some(Workload {
+                    namespace: ns.clone(),
+                    name: n.clone(),
+                    labels,
+                })
+            }
+            _ => None,
+        })
+    }
+}
+
+/// Judges a packet to (`dir` ingress) or from (egress) a pod, as Calico
+/// does on the pod's interface: connection tracking, then the policies
+/// selecting it (global ones, and namespaced ones of its namespace) in
+/// order; if any applies and none decides, deny; if none applies, the
+/// namespace's profile allows (Kubernetes' default). moat does not enforce
+/// this: it is the answer `moat check` gives about pod policies.
+pub fn evaluate_workload(
+    set: &PolicySet,
+    pod: &Workload,
+    dir: u8,
+    f: &Fields,
+    q: Query,
+) -> Judgement {
+    let mut trace = Vec::new();
+    let mut logged = Vec::new();
+    let done = |verdict, by, stage, trace: Vec<Step>, logged: Vec<(String, usize)>| Judgement {
+        verdict,
+        by,
+        stage,
+        logged,
+        trace,
+    };
+    if f.protocol == 6 && !tcp_flags_valid(f.tcp_flags) {
+        return done(
+            Verdict::Deny,
+            DecidedBy::ConntrackInvalid { why: TCP_FLAGS },
+            Stage::Conntrack,
+            trace,
+            logged,
+        );
+    }
+    if q.established {
+        return done(
+            Verdict::Allow,
+            DecidedBy::Conntrack,
+            Stage::Conntrack,
+            trace,
+            logged,
+        );
+    }
+    let policies = set.policies.iter().filter(|p| {
+        let in_scope = match (&p.namespace, &p.namespace_selector) {
+            (Some(ns), _) => ns == &pod.namespace,
+            (None, Some(sel)) => sel.matches(&resolve::namespace_labels(set, &pod.namespace)),
+            (None, None) => true,
+        };
+        in_scope && !p.pre_dnat && !p.do_not_track && p.selector.matches(&pod.labels)
+    });
+    match walk_stage(
+        set,
+        policies,
+        dir,
+        f,
+        Stage::Normal,
+        &mut trace,
+        &mut logged,
+    ) {
+        StageEnd::Decided(v, by) => done(v, by, Stage::Normal, trace, logged),
+        // Pass with a single tier: on to the profile, which allows.
+        StageEnd::Passed(by) => done(Verdict::Allow, by, Stage::Normal, trace, logged),
+        StageEnd::Undecided { applied: true } => done(
+            Verdict::Deny,
+            DecidedBy::EndOfPolicies,
+            Stage::Normal,
+            trace,
+            logged,
+        ),
+        StageEnd::Undecided { applied: false } => done(
+            Verdict::Allow,
+            DecidedBy::Profile { allowed: true },
+            Stage::Normal,
+            trace,
+            logged,
+        ),
+    }
+}

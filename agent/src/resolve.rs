@@ -63,7 +63,7 @@ fn selectables(set: &PolicySet) -> Vec<Selectable> {
 }
 
 /// Labels of namespace `ns` (its Namespace object's, or just its name).
-fn namespace_labels(set: &PolicySet, ns: &str) -> BTreeMap<String, String> {
+pub fn namespace_labels(set: &PolicySet, ns: &str) -> BTreeMap<String, String> {
     set.objects
         .iter()
         .find_map(|o| match o {

@@ -614,3 +614,126 @@ spec:
         ],
     );
 }
+
+#[test]
+fn kubernetes_network_policies_on_pods() {
+    use moat::reference::{evaluate_workload, Workload};
+    let l = load_str(
+        Path::new("k8s.yaml"),
+        r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: prod}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: finance, labels: {usage: finance}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: kube-system}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: ops, labels: {kubernetes-dashboard-policy: allow}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: backend, namespace: prod, labels: {tier: backend}}
+status: {podIP: 172.30.1.10}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: frontend, namespace: prod, labels: {tier: frontend}}
+status: {podIP: 172.30.1.11}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: other, namespace: prod, labels: {tier: other}}
+status: {podIP: 172.30.1.12}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: ledger, namespace: finance, labels: {app: ledger}}
+status: {podIP: 172.30.2.10}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: dashboard, namespace: kube-system, labels: {k8s-app: kubernetes-dashboard}}
+status: {podIP: 172.30.3.10}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: tool, namespace: ops}
+status: {podIP: 172.30.4.10}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: backend-from-frontend, namespace: prod}
+spec:
+  podSelector: {matchLabels: {tier: backend}}
+  ingress:
+    - from: [{podSelector: {matchLabels: {tier: frontend}}}]
+    - from: [{namespaceSelector: {matchLabels: {usage: finance}}}]
+      ports: [{port: 3111}]
+---
+apiVersion: projectcalico.org/v3
+kind: GlobalNetworkPolicy
+metadata: {name: dashboard}
+spec:
+  selector: k8s-app == 'kubernetes-dashboard'
+  order: 100
+  ingress:
+    - action: Allow
+      source: {namespaceSelector: "kubernetes-dashboard-policy == 'allow'"}
+    - action: Deny
+"#,
+    );
+    assert!(l.errors.is_empty(), "{:#?}", l.errors);
+    let s = l.set;
+    let pod = |ns: &str, name: &str| Workload::find(&s, ns, name).expect("pod");
+    let judge = |p: &Workload, packet: &str| {
+        let j = evaluate_workload(
+            &s,
+            p,
+            INGRESS,
+            &packet_spec::parse(packet).expect("packet"),
+            NEW,
+        );
+        (j.verdict, by_name(&j.by))
+    };
+    let backend = pod("prod", "backend");
+    assert_eq!(
+        judge(&backend, "tcp 172.30.1.11:4000 -> 172.30.1.10:80"),
+        (Allow, "knp.default.backend-from-frontend#0".into())
+    );
+    assert_eq!(
+        judge(&backend, "tcp 172.30.1.12:4000 -> 172.30.1.10:80"),
+        (Deny, "end-of-policies".into())
+    );
+    assert_eq!(
+        judge(&backend, "tcp 172.30.2.10:4000 -> 172.30.1.10:3111"),
+        (Allow, "knp.default.backend-from-frontend#1".into())
+    );
+    assert_eq!(
+        judge(&backend, "tcp 172.30.2.10:4000 -> 172.30.1.10:3112"),
+        (Deny, "end-of-policies".into())
+    );
+    // No policy selects `other`: Kubernetes' default allows.
+    assert_eq!(
+        judge(
+            &pod("prod", "other"),
+            "tcp 172.30.1.12:4000 -> 172.30.1.12:80"
+        ),
+        (Allow, "profile".into())
+    );
+    let dashboard = pod("kube-system", "dashboard");
+    assert_eq!(
+        judge(&dashboard, "tcp 172.30.4.10:4000 -> 172.30.3.10:8443"),
+        (Allow, "dashboard#0".into())
+    );
+    assert_eq!(
+        judge(&dashboard, "tcp 172.30.1.11:4000 -> 172.30.3.10:8443"),
+        (Deny, "dashboard#1".into())
+    );
+}
