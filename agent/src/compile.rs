@@ -284,6 +284,62 @@ fn intersect(a: &IpNet, b: &IpNet) -> Option<IpNet> {
     }
 }
 
+/// `a` without `b`: the prefixes of `a` outside `b`.
+fn subtract_net(a: &IpNet, b: &IpNet) -> Vec<IpNet> {
+    if !a.contains(&b.network()) && !b.contains(&a.network()) {
+        return vec![*a]; // disjoint
+    }
+    if b.contains(a) {
+        return Vec::new();
+    }
+    // `a` holds `b`: keep the half that does not, split the one that does.
+    let halves: Vec<IpNet> = a
+        .subnets(a.prefix_len() + 1)
+        .map(Iterator::collect)
+        .unwrap_or_default();
+    halves.iter().flat_map(|h| subtract_net(h, b)).collect()
+}
+
+/// The prefixes of `nets` outside every one of `minus`.
+fn subtract_nets(nets: &[IpNet], minus: &[IpNet]) -> Vec<IpNet> {
+    let mut out = nets.to_vec();
+    for m in minus {
+        out = out.iter().flat_map(|n| subtract_net(n, m)).collect();
+    }
+    out
+}
+
+/// The ports of `ranges` outside every one of `minus`.
+fn subtract_ports(ranges: &[PortRange], minus: &[PortRange]) -> Vec<PortRange> {
+    let mut out = ranges.to_vec();
+    for m in minus {
+        out = out
+            .iter()
+            .flat_map(|r| {
+                let mut parts = Vec::new();
+                if r.hi < m.lo || r.lo > m.hi {
+                    parts.push(*r);
+                } else {
+                    if r.lo < m.lo {
+                        parts.push(PortRange {
+                            lo: r.lo,
+                            hi: m.lo - 1,
+                        });
+                    }
+                    if r.hi > m.hi {
+                        parts.push(PortRange {
+                            lo: m.hi + 1,
+                            hi: r.hi,
+                        });
+                    }
+                }
+                parts
+            })
+            .collect();
+    }
+    out
+}
+
 /// `nets` narrowed to `within` (an empty `nets` means any address).
 fn narrow(nets: &[IpNet], within: &[IpNet]) -> Vec<IpNet> {
     if nets.is_empty() {
@@ -338,6 +394,65 @@ pub fn expand(
             r.destination.nets = nets;
             expand(set, policy, &r, policy_id, rule_index, out);
         }
+        return;
+    }
+    // Negations become positive matches: the complement of notSelector's
+    // and notNets' prefixes within nets, of notPorts' ranges within ports.
+    for side in 0..2 {
+        let e = if side == 0 {
+            &rule.source
+        } else {
+            &rule.destination
+        };
+        if e.not_selector.is_none() && e.not_nets.is_empty() && e.not_ports.is_empty() {
+            continue;
+        }
+        let mut r = rule.clone();
+        let m = if side == 0 {
+            &mut r.source
+        } else {
+            &mut r.destination
+        };
+        if let Some(sel) = m.not_selector.take() {
+            m.not_nets.extend(crate::resolve::selected_nets(
+                set,
+                policy,
+                &sel,
+                m.namespace_selector.as_ref(),
+            ));
+            // Keep namespace_selector: it scopes `selector` too (handled next).
+            if m.selector.is_none() && m.namespace_selector.is_some() {
+                m.selector = Some(crate::selector::Selector::All);
+            }
+        }
+        if !m.not_nets.is_empty() {
+            let base: Vec<IpNet> = if m.nets.is_empty() {
+                vec![
+                    "0.0.0.0/0".parse().expect("v4 any"),
+                    "::/0".parse().expect("v6 any"),
+                ]
+            } else {
+                m.nets.clone()
+            };
+            let nets = subtract_nets(&base, &std::mem::take(&mut m.not_nets));
+            if nets.is_empty() {
+                return; // nothing left: the rule matches nothing
+            }
+            m.nets = nets;
+        }
+        if !m.not_ports.is_empty() {
+            let base = if m.ports.is_empty() {
+                vec![PortRange { lo: 0, hi: 65535 }]
+            } else {
+                m.ports.clone()
+            };
+            let ports = subtract_ports(&base, &std::mem::take(&mut m.not_ports));
+            if ports.is_empty() {
+                return;
+            }
+            m.ports = ports;
+        }
+        expand(set, policy, &r, policy_id, rule_index, out);
         return;
     }
     for side in 0..2 {

@@ -107,15 +107,9 @@ impl EntityMatch {
     /// Whether it uses a field the kernel dataplane does not enforce yet;
     /// returns the field's name.
     pub fn unenforceable_field(&self) -> Option<&'static str> {
-        if !self.not_nets.is_empty() {
-            Some("notNets")
-        } else if !self.not_ports.is_empty() {
-            Some("notPorts")
-        } else if self.not_selector.is_some() {
-            Some("notSelector")
-        } else {
-            None
-        }
+        // Every field compiles to kernel entries: selectors and negations
+        // to the prefixes and ranges they stand for.
+        None
     }
 }
 
@@ -1712,18 +1706,6 @@ mod tests {
                 "spec.doNotTrack",
             ),
             ("  applyOnForward: true\n", "spec.applyOnForward"),
-            (
-                "  ingress: [{action: Deny, source: {notNets: [10.0.0.0/8]}}]\n",
-                "spec.ingress[0].source.notNets",
-            ),
-            (
-                "  ingress: [{action: Deny, protocol: TCP, destination: {notPorts: [22]}}]\n",
-                "spec.ingress[0].destination.notPorts",
-            ),
-            (
-                "  ingress: [{action: Deny, source: {notSelector: \"app == 'x'\"}}]\n",
-                "spec.ingress[0].source.notSelector",
-            ),
         ];
         for (spec, field) in cases {
             let l = load(&gnp(spec));
