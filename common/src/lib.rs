@@ -45,9 +45,13 @@ pub const RULE_BANK_SIZE: u32 = 8192;
 /// Capacity of the `RULES` array: two banks, one in force while the agent
 /// writes the other, then switched by rewriting `IfaceConfig` entries.
 pub const MAX_RULES: u32 = 2 * RULE_BANK_SIZE;
-/// Most rules one table (one interface, one direction, one kind) may hold;
-/// it bounds the loop the verifier unrolls.
-pub const MAX_TABLE_RULES: u32 = 512;
+/// Entries one call of the walk function covers; it bounds the loop the
+/// verifier unrolls (more feasible branches than 8,192 pending is refused).
+pub const WALK_CHUNK: u32 = 512;
+/// Calls of the walk function per table.
+pub const WALK_CHUNKS: u32 = 4;
+/// Most rules one table (one interface, one direction, one kind) may hold.
+pub const MAX_TABLE_RULES: u32 = WALK_CHUNK * WALK_CHUNKS;
 /// Capacity of `IFACES`.
 pub const MAX_IFACES: u32 = 64;
 /// Capacity of `CONNTRACK` (LRU: the least recently used flow is evicted).

@@ -14,7 +14,7 @@
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use moat_common::{
     counter, reason, rule_match, table, verdict, DenyEvent, FragKey, FragmentL4, IfaceConfig,
-    RuleEntry, RuleTable, MAX_TABLE_RULES, NO_POLICY_ID, NO_RULE_INDEX,
+    RuleEntry, RuleTable, NO_POLICY_ID, NO_RULE_INDEX, WALK_CHUNK, WALK_CHUNKS,
 };
 
 use crate::{
@@ -29,6 +29,8 @@ use crate::{
 pub struct Walk {
     pub pkt: Packet,
     table: RuleTable,
+    /// First entry of `table` the next `moat_walk` call looks at.
+    offset: u32,
     ifindex: u32,
     generation: u32,
     packet_len: u32,
@@ -238,21 +240,35 @@ fn frag_key(pkt: &Packet) -> FragKey {
     }
 }
 
-/// Walks table `t` for the packet in `w`.
+/// Walks table `t` for the packet in `w`, `WALK_CHUNK` entries per call
+/// of `moat_walk`, until a rule decides or the table ends.
 #[inline(always)]
 fn walk_table(t: &RuleTable, w: &mut Walk) -> Decision {
     w.table = *t;
-    moat_walk(w);
-    Decision {
-        verdict: w.verdict,
-        reason: w.reason,
-        policy_id: w.policy_id,
-        rule_index: w.rule_index,
+    w.logged_policy = NO_POLICY_ID;
+    w.logged_rule = NO_RULE_INDEX;
+    let len = t.len as u32;
+    for chunk in 0..WALK_CHUNKS {
+        w.offset = chunk * WALK_CHUNK;
+        if w.offset >= len {
+            break;
+        }
+        moat_walk(w);
+        if w.verdict != verdict::NONE {
+            return Decision {
+                verdict: w.verdict,
+                reason: w.reason,
+                policy_id: w.policy_id,
+                rule_index: w.rule_index,
+            };
+        }
     }
+    Decision::without_rule(t.end_verdict, t.end_reason)
 }
 
-/// Walks `w.table` in order and writes the first decision into `w`; `Log`
-/// rules report and go on.
+/// Walks `WALK_CHUNK` entries of `w.table` from `w.offset` in order and
+/// writes the first decision into `w` (`verdict::NONE`: none in this
+/// chunk); `Log` rules report and go on.
 ///
 /// Verifier note: this is a global function (exported, BTF linkage global),
 /// so the verifier checks it once on its own, with every input unknown,
@@ -267,8 +283,6 @@ pub extern "C" fn moat_walk(w: *mut Walk) -> u32 {
     }
     // SAFETY: non-null, and callers pass the live per-CPU `Walk`.
     let w = unsafe { &mut *w };
-    w.logged_policy = NO_POLICY_ID;
-    w.logged_rule = NO_RULE_INDEX;
     let d = walk(w);
     w.verdict = d.verdict;
     w.reason = d.reason;
@@ -281,7 +295,9 @@ pub extern "C" fn moat_walk(w: *mut Walk) -> u32 {
 fn walk(w: &mut Walk) -> Decision {
     let t = w.table;
     let len = t.len as u32;
-    for i in 0..MAX_TABLE_RULES {
+    let first = w.offset;
+    for j in 0..WALK_CHUNK {
+        let i = first + j;
         if i >= len {
             break;
         }
@@ -311,7 +327,7 @@ fn walk(w: &mut Walk) -> Decision {
             }
         }
     }
-    Decision::without_rule(t.end_verdict, t.end_reason)
+    Decision::without_rule(verdict::NONE, 0)
 }
 
 #[inline(always)]

@@ -40,6 +40,7 @@ fn every_corpus_policy_parses_validates_and_compiles() {
     sets.extend(k8s_files);
     assert!(sets.len() >= 25, "corpus sets: {sets:?}");
     let (mut files, mut resources, mut templates, mut not_yet, mut pods) = (0, 0, 0, 0, 0);
+    let mut largest = 0;
     for dir in &sets {
         let loaded = if dir.is_dir() {
             policy::load_dir(dir).unwrap_or_else(|e| panic!("{e}"))
@@ -67,16 +68,45 @@ fn every_corpus_policy_parses_validates_and_compiles() {
         resources += loaded.set.policies.len()
             + loaded.set.host_endpoints.len()
             + loaded.set.network_sets.len();
-        // Compile for a worker's private and public interfaces.
-        let compiled = compile(&loaded.set, "worker", &["eth0".into(), "eth1".into()])
+        // Compile for a worker's private and public interfaces, as the
+        // filled-in templates would describe them.
+        let mut set = loaded.set.clone();
+        for (iface, role, ip) in [
+            ("eth0", "worker_private", "10.0.0.10"),
+            ("eth1", "worker_public", "198.51.100.10"),
+        ] {
+            set.host_endpoints.push(moat::policy::HostEndpoint {
+                name: format!("worker-{iface}"),
+                labels: [("ibm.role".to_string(), role.to_string())].into(),
+                node: "worker".into(),
+                interface_name: iface.into(),
+                expected_ips: vec![ip.parse().expect("ip")],
+                default_allow: false,
+                origin: moat::policy::Origin {
+                    file: dir.clone(),
+                    document: 0,
+                },
+            });
+        }
+        let compiled = compile(&set, "worker", &["eth0".into(), "eth1".into()])
             .unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
         not_yet += compiled.rejected.len();
+        for i in compiled.ifaces.values() {
+            for t in i.tables() {
+                largest = largest.max(t.rules.len());
+            }
+        }
         pods += compiled.pod_policies.len();
     }
     eprintln!(
         "corpus: {files} files in {} sets: {resources} resources valid, {templates} placeholder templates; \
-         {not_yet} policies use what the dataplane does not enforce yet, {pods} govern pods",
+         {not_yet} policies use what the dataplane does not enforce yet, {pods} govern pods; \
+         largest kernel table {largest} entries",
         sets.len()
+    );
+    assert!(
+        largest <= moat_common::MAX_TABLE_RULES as usize,
+        "every corpus set fits the kernel tables: largest {largest}"
     );
     assert_eq!(files, 214);
     assert_eq!(templates, 9);

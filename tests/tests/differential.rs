@@ -493,8 +493,8 @@ fn kernel_agrees_with_reference() {
     }
     eprintln!("{judged} packets over {sets} random policy sets agreed with the reference ({denied} denied); seed {seed}");
     assert!(
-        denied > judged / 20 && denied < judged * 19 / 20,
-        "the random mix should both pass and deny plenty: {denied}/{judged}"
+        denied > 1000 && judged - denied > 1000,
+        "the random mix should both pass and deny plenty: {denied} of {judged} denied"
     );
     // Every way a packet can be decided was exercised (checked for the
     // default seed; a replay with another seed only checks agreement).
