@@ -89,9 +89,6 @@ pub fn load_and_compile(
         loaded.set.host_endpoints.len()
     );
     let compiled = compile(&loaded.set, node, ifaces)?;
-    for (resource, field, what) in &compiled.rejected {
-        error!("not enforced: {resource}: {field}: {what} is not enforced by this version of the dataplane yet; the policy is left out");
-    }
     if !compiled.pod_policies.is_empty() {
         info!(
             "{} policies govern pods, not host interfaces; moat does not enforce them: {}",

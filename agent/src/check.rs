@@ -93,15 +93,10 @@ pub fn answer(
         });
     };
     let j = evaluate(set, hep, dir, &fields, query);
-    for step in &j.trace {
-        if let Some(p) = set.policies.iter().find(|p| p.resource() == step.policy) {
-            if let Some((field, what)) = p.unenforceable() {
-                notes.push(format!(
-                    "{}: {what} ({field}) is Calico semantics the reference answers with, but this version of moat's dataplane does not enforce it and leaves the policy out",
-                    step.policy
-                ));
-            }
-        }
+    if query.forwarded {
+        notes.push(
+            "moat's dataplane does not tell forwarded traffic apart yet: it judges it as host traffic, by the host policies (stricter than this answer, never more open)".into(),
+        );
     }
     let (policy, rule) = match &j.by {
         DecidedBy::Rule { policy, rule, .. } => {

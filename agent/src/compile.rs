@@ -34,12 +34,7 @@ pub struct CompiledIface {
 
 impl CompiledIface {
     pub fn tables(&self) -> [&TableSpec; direction::COUNT * table::KINDS] {
-        [
-            &self.tables[0],
-            &self.tables[1],
-            &self.tables[2],
-            &self.tables[3],
-        ]
+        std::array::from_fn(|i| &self.tables[i])
     }
 
     pub fn table(&self, dir: u8, kind: usize) -> &TableSpec {
@@ -56,9 +51,6 @@ pub struct Compiled {
     pub policy_names: Vec<String>,
     /// Interfaces asked for that no HostEndpoint of this node names.
     pub unenforced: Vec<String>,
-    /// Policies left out because they use what the dataplane does not
-    /// enforce yet: (resource, field, what).
-    pub rejected: Vec<(String, String, String)>,
     /// Policies that govern pods, not host interfaces (namespaced ones and
     /// those with a namespaceSelector): valid, not enforced by moat.
     pub pod_policies: Vec<String>,
@@ -122,9 +114,6 @@ pub fn compile(set: &PolicySet, node: &str, ifaces: &[String]) -> Result<Compile
         if !p.can_select_host_endpoints() {
             out.pod_policies.push(p.resource());
             enforced[i] = false;
-        } else if let Some((field, what)) = p.unenforceable() {
-            out.rejected.push((p.resource(), field, what));
-            enforced[i] = false;
         }
     }
     for iface in ifaces {
@@ -138,7 +127,7 @@ pub fn compile(set: &PolicySet, node: &str, ifaces: &[String]) -> Result<Compile
         } else {
             verdict::DENY
         };
-        let mut tables: [TableSpec; 4] = Default::default();
+        let mut tables: [TableSpec; direction::COUNT * table::KINDS] = Default::default();
         for dir in [direction::INGRESS, direction::EGRESS] {
             let ports = if dir == direction::INGRESS {
                 &failsafes.inbound
@@ -155,20 +144,45 @@ pub fn compile(set: &PolicySet, node: &str, ifaces: &[String]) -> Result<Compile
                 end_reason: 0,
                 pass_verdict: verdict::NONE,
             };
-            let mut rules = Vec::new();
-            let mut applies = false;
-            for (id, policy) in set.policies.iter().enumerate() {
-                if !enforced[id] || !policy.selector.matches(&hep.labels) {
-                    continue;
+            // The rules of the policies of one stage that select `hep`, in
+            // order; and whether any applied in this direction.
+            let stage_rules = |in_stage: &dyn Fn(&Policy) -> bool| {
+                let mut rules = Vec::new();
+                let mut applies = false;
+                for (id, policy) in set.policies.iter().enumerate() {
+                    if !enforced[id] || !in_stage(policy) || !policy.selector.matches(&hep.labels) {
+                        continue;
+                    }
+                    let Some(list) = policy.rules(dir) else {
+                        continue;
+                    };
+                    applies = true;
+                    for (index, rule) in list.iter().enumerate() {
+                        expand(set, policy, rule, id as u32, index as u32, &mut rules);
+                    }
                 }
-                let Some(list) = policy.rules(dir) else {
-                    continue;
-                };
-                applies = true;
-                for (index, rule) in list.iter().enumerate() {
-                    expand(set, policy, rule, id as u32, index as u32, &mut rules);
-                }
-            }
+                (rules, applies)
+            };
+            // Untracked and pre-DNAT stages have no default deny: a packet
+            // no rule decided (or a Pass) goes on to the next stage.
+            // A Pass ends the stage: the walk reports `PASS`, which the
+            // program treats as "go on", like no decision.
+            let (untracked, _) = stage_rules(&|p| p.do_not_track);
+            tables[table::index(dir, table::UNTRACKED)] = TableSpec {
+                rules: untracked,
+                end_verdict: verdict::NONE,
+                end_reason: 0,
+                pass_verdict: verdict::PASS,
+            };
+            // Pre-DNAT policies have ingress rules only (validation).
+            let (pre_dnat, _) = stage_rules(&|p| p.pre_dnat);
+            tables[table::index(dir, table::PRE_DNAT)] = TableSpec {
+                rules: pre_dnat,
+                end_verdict: verdict::NONE,
+                end_reason: 0,
+                pass_verdict: verdict::PASS,
+            };
+            let (rules, applies) = stage_rules(&|p| !p.pre_dnat && !p.do_not_track);
             tables[table::index(dir, table::POLICY)] = TableSpec {
                 rules,
                 // Policies applied and none decided: Calico's end-of-tier
@@ -730,7 +744,6 @@ spec:
         );
         assert!(l.errors.is_empty(), "{:#?}", l.errors);
         let c = compile(&l.set, "n", &["eth0".into()]).expect("compiles");
-        assert!(c.rejected.is_empty(), "{:?}", c.rejected);
         let t = c.ifaces["eth0"].table(direction::INGRESS, table::POLICY);
         let by_rule = |i: u32| t.rules.iter().filter(|r| r.rule_index == i).count();
         // 10.0.0.10 and 10.0.0.11 (the IPv6 address is outside 10.0.0.0/8).

@@ -103,16 +103,6 @@ pub struct EntityMatch {
     pub service_frontends: bool,
 }
 
-impl EntityMatch {
-    /// Whether it uses a field the kernel dataplane does not enforce yet;
-    /// returns the field's name.
-    pub fn unenforceable_field(&self) -> Option<&'static str> {
-        // Every field compiles to kernel entries: selectors and negations
-        // to the prefixes and ranges they stand for.
-        None
-    }
-}
-
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Rule {
     pub action: Action,
@@ -204,39 +194,6 @@ impl Policy {
     /// policies and those with a `namespaceSelector` govern pods only.
     pub fn can_select_host_endpoints(&self) -> bool {
         self.kind == PolicyKind::GlobalNetworkPolicy && self.namespace_selector.is_none()
-    }
-
-    /// The first field the kernel dataplane does not enforce yet, as a
-    /// (field path, what) pair.
-    pub fn unenforceable(&self) -> Option<(String, String)> {
-        if self.pre_dnat {
-            return Some(("spec.preDNAT".into(), "preDNAT policy".into()));
-        }
-        if self.do_not_track {
-            return Some((
-                "spec.doNotTrack".into(),
-                "doNotTrack (untracked) policy".into(),
-            ));
-        }
-        if self.apply_on_forward {
-            return Some((
-                "spec.applyOnForward".into(),
-                "applyOnForward (forwarded traffic)".into(),
-            ));
-        }
-        for (list, name) in [(&self.ingress, "ingress"), (&self.egress, "egress")] {
-            for (i, r) in list.iter().enumerate() {
-                for (e, side) in [(&r.source, "source"), (&r.destination, "destination")] {
-                    if let Some(f) = e.unenforceable_field() {
-                        return Some((
-                            format!("spec.{name}[{i}].{side}.{f}"),
-                            format!("a rule {f}"),
-                        ));
-                    }
-                }
-            }
-        }
-        None
     }
 }
 
@@ -1698,21 +1655,12 @@ mod tests {
     }
 
     #[test]
-    fn valid_calico_the_dataplane_lacks_loads_and_says_what_it_lacks() {
-        let cases: &[(&str, &str)] = &[
-            ("  preDNAT: true\n  applyOnForward: true\n", "spec.preDNAT"),
-            (
-                "  doNotTrack: true\n  applyOnForward: true\n",
-                "spec.doNotTrack",
-            ),
-            ("  applyOnForward: true\n", "spec.applyOnForward"),
-        ];
-        for (spec, field) in cases {
-            let l = load(&gnp(spec));
-            assert!(l.errors.is_empty(), "{spec}: {:#?}", l.errors);
-            let (f, _) = l.set.policies[0].unenforceable().expect("unenforceable");
-            assert_eq!(f, *field, "{spec}");
-        }
+    fn stages_and_negations_load_into_the_model() {
+        let l = load(&gnp("  preDNAT: true\n  applyOnForward: true\n  ingress: [{action: Deny, source: {notNets: [10.0.0.0/8]}}]\n"));
+        assert!(l.errors.is_empty(), "{:#?}", l.errors);
+        let p = &l.set.policies[0];
+        assert!(p.pre_dnat && p.apply_on_forward && !p.do_not_track);
+        assert_eq!(p.ingress[0].source.not_nets.len(), 1);
         // Named ports stay unread, and say so.
         let e = only_error(&gnp(
             "  ingress: [{action: Deny, protocol: TCP, destination: {ports: [http]}}]\n",

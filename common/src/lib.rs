@@ -16,7 +16,7 @@ use core::mem::size_of;
 pub mod map_names {
     /// `HashMap<u32 ifindex, IfaceConfig>`: which interfaces are enforced and
     /// where their rule tables start. Written by the agent.
-    pub const IFACES: &str = "MOAT_IFACES_V1";
+    pub const IFACES: &str = "MOAT_IFACES_V2";
     /// `Array<RuleEntry>`: every compiled rule of every table, two banks.
     /// Written by the agent.
     pub const RULES: &str = "MOAT_RULES_V1";
@@ -127,8 +127,12 @@ pub mod counter {
     pub const EVENTS_EMITTED: u32 = 13;
     pub const EVENTS_LOST: u32 = 14;
     pub const RELATED_ALLOWED: u32 = 15;
+    /// Accepted by an untracked (doNotTrack) policy: no conntrack entry.
+    pub const UNTRACKED_ALLOWED: u32 = 16;
+    /// Accepted by a pre-DNAT policy.
+    pub const PRE_DNAT_ALLOWED: u32 = 17;
     /// Number of counters per direction.
-    pub const COUNT: u32 = 16;
+    pub const COUNT: u32 = 18;
     /// Total entries of the `COUNTERS` array.
     pub const ENTRIES: u32 = COUNT * super::direction::COUNT as u32;
 
@@ -156,6 +160,8 @@ pub mod counter {
         "events_emitted",
         "events_lost",
         "related_allowed",
+        "untracked_allowed",
+        "pre_dnat_allowed",
     ];
 }
 
@@ -187,11 +193,20 @@ pub mod rule_match {
 
 /// Position of a table in `IfaceConfig::tables`.
 pub mod table {
-    /// Failsafe rules: evaluated first, `ALLOW` only.
+    /// Failsafe rules: `ALLOW` only; a hit skips the untracked and pre-DNAT
+    /// stages and, after connection tracking, accepts.
     pub const FAILSAFE: usize = 0;
+    /// Untracked stage (`doNotTrack` policies): Allow accepts with no
+    /// connection tracking, Deny drops, Pass or no decision goes on.
+    pub const UNTRACKED: usize = 1;
+    /// Pre-DNAT stage (ingress only, new connections): Allow skips normal
+    /// policy, Deny drops, Pass or no decision goes on.
+    pub const PRE_DNAT: usize = 2;
     /// Normal-stage policy rules, in policy order then rule order.
-    pub const POLICY: usize = 1;
-    pub const KINDS: usize = 2;
+    pub const POLICY: usize = 3;
+    pub const KINDS: usize = 4;
+    /// Names, in index order (for errors and metrics).
+    pub const NAMES: [&str; KINDS] = ["failsafe", "untracked", "pre-dnat", "policy"];
 
     /// Index of the table of `kind` for `direction`.
     #[inline(always)]
@@ -213,7 +228,9 @@ pub struct RuleTable {
     pub end_verdict: u8,
     /// `reason` reported when `end_verdict` is `DENY`.
     pub end_reason: u8,
-    /// Verdict after a `PASS` rule: what the endpoint's profiles decide.
+    /// Verdict after a `PASS` rule: what the endpoint's profiles decide
+    /// (normal stage), or `PASS` itself: the stage ends and the packet goes
+    /// on (untracked and pre-DNAT stages).
     pub pass_verdict: u8,
     pub _pad: [u8; 3],
 }
@@ -233,7 +250,7 @@ pub struct IfaceConfig {
     /// Policy generation these tables were compiled from.
     pub generation: u32,
 }
-const _: () = assert!(size_of::<IfaceConfig>() == 56);
+const _: () = assert!(size_of::<IfaceConfig>() == 104);
 
 /// One compiled rule. Addresses are 16 bytes: IPv4 as `::ffff:a.b.c.d`.
 #[repr(C)]

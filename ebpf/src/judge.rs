@@ -174,6 +174,34 @@ fn decide(
     w: &mut Walk,
     direction: u8,
 ) -> Decision {
+    // `get`, not indexing: a failed bounds check would be a panic, which the
+    // verifier refuses as code that does not end in exit.
+    let (Some(failsafe_table), Some(untracked_table), Some(pre_dnat_table), Some(policy_table)) = (
+        iface.tables.get(table::index(direction, table::FAILSAFE)),
+        iface.tables.get(table::index(direction, table::UNTRACKED)),
+        iface.tables.get(table::index(direction, table::PRE_DNAT)),
+        iface.tables.get(table::index(direction, table::POLICY)),
+    ) else {
+        return Decision::without_rule(verdict::DENY, reason::END_OF_POLICIES);
+    };
+    // Failsafe traffic skips the untracked and pre-DNAT stages; it is still
+    // subject to connection tracking's INVALID, then accepted.
+    let failsafe = walk_table(failsafe_table, w);
+    let is_failsafe = failsafe.verdict == verdict::ALLOW;
+
+    // 1. Untracked: before connection tracking; an Allow creates no entry.
+    if !is_failsafe {
+        let untracked = walk_table(untracked_table, w);
+        if untracked.verdict == verdict::ALLOW {
+            count(direction, counter::UNTRACKED_ALLOWED);
+            return untracked;
+        }
+        if untracked.verdict == verdict::DENY {
+            return untracked;
+        }
+    }
+
+    // 2. Connection tracking: INVALID is dropped, ESTABLISHED accepted.
     let pkt = &w.pkt;
     if pkt.protocol == moat_common::ip_proto::TCP && !conntrack::tcp_flags_valid(pkt.tcp_flags) {
         return Decision::without_rule(verdict::DENY, reason::TCP_FLAGS_INVALID);
@@ -202,20 +230,28 @@ fn decide(
         }
     }
 
-    // `get`, not indexing: a failed bounds check would be a panic, which the
-    // verifier refuses as code that does not end in exit.
-    let (Some(failsafe_table), Some(policy_table)) = (
-        iface.tables.get(table::index(direction, table::FAILSAFE)),
-        iface.tables.get(table::index(direction, table::POLICY)),
-    ) else {
-        return Decision::without_rule(verdict::DENY, reason::END_OF_POLICIES);
-    };
-    let failsafe = walk_table(failsafe_table, w);
-    if failsafe.verdict == verdict::ALLOW {
+    // 3. Pre-DNAT (ingress only; the egress table is empty): new
+    // connections, on the destination as it arrived.
+    if !is_failsafe {
+        let pre_dnat = walk_table(pre_dnat_table, w);
+        if pre_dnat.verdict == verdict::ALLOW {
+            count(direction, counter::PRE_DNAT_ALLOWED);
+            conntrack::track(&w.pkt);
+            return pre_dnat;
+        }
+        if pre_dnat.verdict == verdict::DENY {
+            return pre_dnat;
+        }
+    }
+
+    // 4. Failsafe.
+    if is_failsafe {
         count(direction, counter::FAILSAFE_ALLOWED);
         conntrack::track(&w.pkt);
         return failsafe;
     }
+
+    // 5. Normal policy.
     let policy = walk_table(policy_table, w);
     if policy.verdict == verdict::ALLOW {
         if policy.policy_id == NO_POLICY_ID {

@@ -10,7 +10,7 @@ use moat_common::{
 };
 
 /// ifindex -> how the interface is enforced. Written by the agent.
-#[map(name = "MOAT_IFACES_V1")]
+#[map(name = "MOAT_IFACES_V2")]
 pub static IFACES: HashMap<u32, IfaceConfig> = HashMap::with_max_entries(MAX_IFACES, 0);
 
 /// Slot -> compiled rule, two banks. Written by the agent.

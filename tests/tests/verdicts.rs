@@ -614,3 +614,72 @@ fn unenforced_interface_passes_everything() {
         1
     );
 }
+
+#[test]
+fn untracked_and_pre_dnat_stages_in_the_kernel() {
+    let mut set = load_fixture("public");
+    let extra = moat::policy::load_str(
+        std::path::Path::new("stages.yaml"),
+        r#"
+apiVersion: projectcalico.org/v3
+kind: GlobalNetworkPolicy
+metadata: {name: deny-nodeports}
+spec:
+  selector: ibm.role=='worker_public'
+  order: 1100
+  preDNAT: true
+  applyOnForward: true
+  ingress:
+    - {action: Deny, protocol: TCP, destination: {ports: ["30000:32767"]}}
+---
+apiVersion: projectcalico.org/v3
+kind: GlobalNetworkPolicy
+metadata: {name: lb-whitelist}
+spec:
+  selector: ibm.role=='worker_public'
+  order: 500
+  doNotTrack: true
+  applyOnForward: true
+  ingress:
+    - {action: Allow, protocol: TCP, source: {nets: [198.18.9.9/32]}, destination: {ports: [30080]}}
+    - {action: Pass, protocol: TCP, destination: {ports: [30081]}}
+"#,
+    );
+    assert!(extra.errors.is_empty(), "{:#?}", extra.errors);
+    set.policies.extend(extra.set.policies);
+    set.sort();
+    let mut k = Kernel::new(set, "eth1");
+    let cases = vec![
+        case(
+            "node port: pre-DNAT deny",
+            Packet::tcp(CLIENT, 40000, WORKER, 30080, SYN),
+            Expect::Deny(reason::RULE),
+        ),
+        case(
+            "whitelisted client: untracked allow",
+            Packet::tcp("198.18.9.9", 40000, WORKER, 30080, SYN),
+            Expect::Pass,
+        ),
+        case(
+            "untracked Pass ends that stage only",
+            Packet::tcp("198.18.9.9", 40000, WORKER, 30081, SYN),
+            Expect::Deny(reason::RULE),
+        ),
+        case(
+            "below the node port range",
+            Packet::tcp(CLIENT, 40000, WORKER, 29999, SYN),
+            Expect::Deny(reason::END_OF_POLICIES),
+        ),
+    ];
+    run_ingress(&mut k, &cases);
+    // The untracked allow created no conntrack entry.
+    k.forget_flows();
+    assert!(k.ingress(&Packet::tcp("198.18.9.9", 40000, WORKER, 30080, SYN).frame()));
+    assert_eq!(
+        k.dataplane.conntrack_len(),
+        0,
+        "untracked traffic is not tracked"
+    );
+    let counters = k.dataplane.counters().expect("counters");
+    assert!(counters[0][moat_common::counter::UNTRACKED_ALLOWED as usize] >= 2);
+}
