@@ -1,7 +1,9 @@
 //! `cargo xtask demo`: a worker with a public `eth1` and a private `eth0`,
 //! a public client and a private peer, each in its own network namespace;
-//! the moat agent enforces `tests/fixtures/public` (the IKS public defaults
-//! plus two user policies) and prints every denied packet as it happens.
+//! the moat agent enforces `tests/fixtures/iks-node` (the worker's host
+//! endpoints, its management networks and a NodePort service, and no policy
+//! of its own, so the bundled IKS profile applies) and prints every denied
+//! packet as it happens.
 
 use std::{
     io::{BufRead, BufReader},
@@ -98,10 +100,15 @@ impl Lab {
             "eth0",
             "198.18.0.2/24",
         )?;
-        // A second client address, inside the network the demo policy watches.
+        // A second client address, in the management network iks-sys-mgmt
+        // names, and the worker's route back to it.
         in_ns(
             PUBLIC,
-            &["ip", "addr", "add", "198.18.66.7/32", "dev", "eth0"],
+            &["ip", "addr", "add", "198.19.128.7/32", "dev", "eth0"],
+        )?;
+        in_ns(
+            WORKER,
+            &["ip", "route", "add", "198.19.128.0/24", "dev", "eth1"],
         )?;
         Ok(lab)
     }
@@ -183,7 +190,7 @@ fn attempt(xtask: &Path, ns: &str, action: &Action) -> Result<bool> {
 pub fn run(root: &Path) -> Result<()> {
     let moat = root.join("target/debug/moat");
     let xtask = std::env::current_exe().context("xtask's own path")?;
-    let policies = root.join("tests/fixtures/public");
+    let policies = root.join("tests/fixtures/iks-node");
     ctrlc::set_handler(|| {
         eprintln!("\ndemo: interrupted, cleaning up");
         kill(&AGENT_PID, SIGKILL);
@@ -193,7 +200,7 @@ pub fn run(root: &Path) -> Result<()> {
     })
     .context("installing the Ctrl-C handler")?;
 
-    println!("demo: lab: {WORKER} (eth1 198.18.1.1 public, eth0 198.18.0.1 private), {PUBLIC} (198.18.1.2, 198.18.66.7), {PRIVATE} (198.18.0.2)");
+    println!("demo: lab: {WORKER} (eth1 198.18.1.1 public, eth0 198.18.0.1 private), {PUBLIC} (198.18.1.2, 198.19.128.7), {PRIVATE} (198.18.0.2)");
     let _lab = Lab::create()?;
     let listener = Command::new("ip")
         .args(["netns", "exec", WORKER])
@@ -204,6 +211,7 @@ pub fn run(root: &Path) -> Result<()> {
             "0.0.0.0:22",
             "0.0.0.0:52311",
             "0.0.0.0:80",
+            "0.0.0.0:30080",
         ])
         .stdout(Stdio::null())
         .spawn()
@@ -238,7 +246,7 @@ pub fn run(root: &Path) -> Result<()> {
         Step {
             from: PUBLIC,
             what: "ssh 198.18.1.1:22",
-            why: "no public policy allows ssh: default deny",
+            why: "nothing allows ssh on the public side: default deny",
             expect_pass: false,
             action: Action::Connect {
                 to: "198.18.1.1:22",
@@ -257,8 +265,18 @@ pub fn run(root: &Path) -> Result<()> {
         },
         Step {
             from: PUBLIC,
+            what: "tcp 198.18.1.1:30080",
+            why: "allow-node-port-dnat: NodePort of Service default/shop",
+            expect_pass: true,
+            action: Action::Connect {
+                to: "198.18.1.1:30080",
+                from: None,
+            },
+        },
+        Step {
+            from: PUBLIC,
             what: "tcp 198.18.1.1:80",
-            why: "allow-web admits only 198.18.2.0/24",
+            why: "no Service frontend there: default deny",
             expect_pass: false,
             action: Action::Connect {
                 to: "198.18.1.1:80",
@@ -267,12 +285,12 @@ pub fn run(root: &Path) -> Result<()> {
         },
         Step {
             from: PUBLIC,
-            what: "tcp 198.18.1.1:52311 from 198.18.66.7",
-            why: "deny-watched logs, then denies, before the defaults",
-            expect_pass: false,
+            what: "ssh 198.18.1.1:22 from 198.19.128.7",
+            why: "allow-sys-mgmt: the iks-sys-mgmt network set",
+            expect_pass: true,
             action: Action::Connect {
-                to: "198.18.1.1:52311",
-                from: Some("198.18.66.7"),
+                to: "198.18.1.1:22",
+                from: Some("198.19.128.7"),
             },
         },
         Step {
@@ -293,6 +311,7 @@ pub fn run(root: &Path) -> Result<()> {
             action: Action::Ping("198.18.0.1"),
         },
     ];
+
     let mut wrong = 0;
     for step in &steps {
         let passed = attempt(&xtask, step.from, &step.action)?;
