@@ -74,6 +74,9 @@ pub fn load_and_compile(
     for e in &loaded.errors {
         error!("rejected: {e}");
     }
+    for w in policy::label_key_warnings(&loaded.set) {
+        warn!("{w}");
+    }
     if !loaded.errors.is_empty() {
         warn!(
             "{} resource(s) rejected; they are NOT enforced. The {} valid ones are.",

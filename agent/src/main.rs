@@ -222,6 +222,10 @@ fn check(
     };
     let compiled = compile(&loaded.set, &node, &ifaces);
     let errors: Vec<String> = loaded.errors.iter().map(ToString::to_string).collect();
+    let warnings: Vec<String> = policy::label_key_warnings(&loaded.set)
+        .iter()
+        .map(ToString::to_string)
+        .collect();
     let compile_error = compiled.as_ref().err().map(ToString::to_string);
     match output {
         OutputFormat::Json => {
@@ -247,6 +251,7 @@ fn check(
                     "policies": loaded.set.policies.len(),
                     "host_endpoints": loaded.set.host_endpoints.len(),
                     "errors": errors,
+                    "warnings": warnings,
                     "compile_error": compile_error,
                     "node": node,
                     "enforced": tables,
@@ -256,6 +261,9 @@ fn check(
         OutputFormat::Text => {
             for e in &errors {
                 println!("error: {e}");
+            }
+            for w in &warnings {
+                println!("warning: {w}");
             }
             if let Some(e) = &compile_error {
                 println!("error: {e}");

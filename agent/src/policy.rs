@@ -387,6 +387,145 @@ pub struct Loaded {
     pub placeholder_files: Vec<PathBuf>,
 }
 
+/// Selector label keys that no known object carries but that are close to
+/// one that some object does (`ibm.rol` for `ibm.role`): likely typos. A
+/// key far from every known one is not reported (its objects may simply
+/// not be in the set).
+pub fn label_key_warnings(set: &PolicySet) -> Vec<PolicyError> {
+    use crate::kubernetes::Object;
+    let mut known: Vec<String> = [
+        "projectcalico.org/namespace",
+        "projectcalico.org/orchestrator",
+        "projectcalico.org/name",
+    ]
+    .iter()
+    .map(|k| k.to_string())
+    .collect();
+    let mut add = |labels: &BTreeMap<String, String>| known.extend(labels.keys().cloned());
+    set.host_endpoints.iter().for_each(|h| add(&h.labels));
+    set.network_sets.iter().for_each(|n| add(&n.labels));
+    for o in &set.objects {
+        match o {
+            Object::Namespace { labels, .. }
+            | Object::Pod { labels, .. }
+            | Object::Node { labels, .. } => add(labels),
+            Object::Service { .. } => {}
+        }
+    }
+    known.sort();
+    known.dedup();
+    let known_refs: Vec<&str> = known.iter().map(String::as_str).collect();
+    let mut out = Vec::new();
+    for p in &set.policies {
+        let mut selectors: Vec<(String, &Selector)> = vec![("spec.selector".into(), &p.selector)];
+        if let Some(ns) = &p.namespace_selector {
+            selectors.push(("spec.namespaceSelector".into(), ns));
+        }
+        for (list, name) in [(&p.ingress, "ingress"), (&p.egress, "egress")] {
+            for (i, r) in list.iter().enumerate() {
+                for (e, side) in [(&r.source, "source"), (&r.destination, "destination")] {
+                    for (sel, f) in [
+                        (&e.selector, "selector"),
+                        (&e.not_selector, "notSelector"),
+                        (&e.namespace_selector, "namespaceSelector"),
+                    ] {
+                        if let Some(sel) = sel {
+                            selectors.push((format!("spec.{name}[{i}].{side}.{f}"), sel));
+                        }
+                    }
+                }
+            }
+        }
+        for (field, sel) in selectors {
+            for key in sel.label_keys() {
+                if known.iter().any(|k| k == key) {
+                    continue;
+                }
+                if let Some(near) = did_you_mean(key, &known_refs) {
+                    out.push(PolicyError {
+                        file: p.origin.file.clone(),
+                        resource: p.resource(),
+                        field: field.clone(),
+                        message: format!(
+                            "label key `{key}` is on no known object, did you mean `{near}`?"
+                        ),
+                    });
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Keeps the policy in force safe through a bad edit: every object of
+/// `previous` (the last good set) whose new version is invalid, or whose
+/// file no longer parses, stays in `loaded.set` in its last good version;
+/// a new invalid object is not applied (it has no previous version). The
+/// errors stay reported. Returns one line per object kept.
+pub fn keep_last_good(previous: &PolicySet, loaded: &mut Loaded) -> Vec<String> {
+    let mut kept = Vec::new();
+    let failed = |resource: &str, file: &Path| {
+        loaded
+            .errors
+            .iter()
+            .any(|e| e.resource == resource || (e.resource.is_empty() && e.file == file))
+    };
+    let mut policies = Vec::new();
+    for p in &previous.policies {
+        let r = p.resource();
+        if failed(&r, &p.origin.file) && !loaded.set.policies.iter().any(|n| n.resource() == r) {
+            kept.push(format!(
+                "{r}: the new version is invalid; the last good one stays in force"
+            ));
+            policies.push(p.clone());
+        }
+    }
+    let mut heps = Vec::new();
+    for h in &previous.host_endpoints {
+        let r = format!("HostEndpoint/{}", h.name);
+        if failed(&r, &h.origin.file) && !loaded.set.host_endpoints.iter().any(|n| n.name == h.name)
+        {
+            kept.push(format!(
+                "{r}: the new version is invalid; the last good one stays in force"
+            ));
+            heps.push(h.clone());
+        }
+    }
+    let mut sets = Vec::new();
+    for n in &previous.network_sets {
+        let r = n.resource();
+        if failed(&r, &n.origin.file) && !loaded.set.network_sets.iter().any(|m| m.resource() == r)
+        {
+            kept.push(format!(
+                "{r}: the new version is invalid; the last good one stays in force"
+            ));
+            sets.push(n.clone());
+        }
+    }
+    let mut failsafes = Vec::new();
+    for f in &previous.failsafe_profiles {
+        let r = format!("FailsafeProfile/{}", f.name);
+        if failed(&r, &f.origin.file)
+            && !loaded
+                .set
+                .failsafe_profiles
+                .iter()
+                .any(|g| g.name == f.name)
+        {
+            kept.push(format!(
+                "{r}: the new version is invalid; the last good one stays in force"
+            ));
+            failsafes.push(f.clone());
+        }
+    }
+    loaded.set.policies.extend(policies);
+    loaded.set.host_endpoints.extend(heps);
+    loaded.set.network_sets.extend(sets);
+    loaded.set.failsafe_profiles.extend(failsafes);
+    loaded.set.sort();
+    kept
+}
+
 /// Reads every `.yaml`, `.yml` and `.json` file under `dir` (recursively,
 /// in name order). Invalid resources are reported in `errors` and left out;
 /// the valid rest is returned.
@@ -615,9 +754,17 @@ fn load_value(file: &Path, index: &mut usize, value: Value, loaded: &mut Loaded)
             return;
         }
     };
-    let resource = match &meta.namespace {
-        Some(ns) => format!("{kind}/{ns}/{}", meta.name),
-        None => format!("{kind}/{}", meta.name),
+    // Named as the model names it (`Policy::resource` and friends), so an
+    // error can be matched to the last good version of the same object.
+    let resource = match (&meta.namespace, kind.as_str(), api.as_str()) {
+        (ns, "NetworkPolicy", "networking.k8s.io/v1") => format!(
+            "KubernetesNetworkPolicy/{}/knp.default.{}",
+            ns.as_deref().unwrap_or("default"),
+            meta.name
+        ),
+        (Some(ns), _, _) => format!("{kind}/{ns}/{}", meta.name),
+        (None, "NetworkPolicy" | "NetworkSet", _) => format!("{kind}/default/{}", meta.name),
+        (None, _, _) => format!("{kind}/{}", meta.name),
     };
     if kind.is_empty() || api.is_empty() {
         loaded.errors.push(err(
@@ -1776,6 +1923,59 @@ mod tests {
         assert_eq!(l.errors[0].resource, "GlobalNetworkPolicy/broken");
         assert_eq!(l.set.policies.len(), 1);
         assert_eq!(l.set.policies[0].name, "p");
+    }
+
+    #[test]
+    fn an_invalid_new_version_keeps_the_last_good_one() {
+        let good = load(&format!(
+            "{}---\n{}",
+            gnp("  ingress: [{action: Deny, protocol: TCP, destination: {ports: [22]}}]\n"),
+            "apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: q}\nspec: {ingress: [{action: Allow}]}\n"
+        ));
+        assert!(good.errors.is_empty());
+        // p breaks, q is edited validly, r is new and invalid.
+        let mut next = load(&format!(
+            "{}---\n{}---\n{}",
+            gnp("  ingress: [{action: Deny, protocol: TCP, destination: {ports: [99999]}}]\n"),
+            "apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: q}\nspec: {order: 5, ingress: [{action: Allow}]}\n",
+            "apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: r}\nspec: {ingress: [{action: Nope}]}\n"
+        ));
+        let kept = keep_last_good(&good.set, &mut next);
+        assert_eq!(kept.len(), 1, "{kept:?}");
+        let names: Vec<(&str, Option<f64>)> = next
+            .set
+            .policies
+            .iter()
+            .map(|p| (p.name.as_str(), p.order))
+            .collect();
+        assert_eq!(
+            names,
+            [("q", Some(5.0)), ("p", None)],
+            "p kept as it was, q updated, r not applied"
+        );
+        assert_eq!(next.set.policies[1].ingress[0].destination.ports[0].lo, 22);
+        assert_eq!(next.errors.len(), 2, "both errors still reported");
+        // A file that no longer parses keeps everything it held.
+        let mut broken = load("key: [unclosed\n");
+        let kept = keep_last_good(&good.set, &mut broken);
+        assert_eq!((kept.len(), broken.set.policies.len()), (2, 2));
+        // An object removed from a valid file is removed.
+        let mut removed = load(&gnp("  ingress: [{action: Deny}]\n"));
+        assert!(keep_last_good(&good.set, &mut removed).is_empty());
+        assert_eq!(removed.set.policies.len(), 1);
+    }
+
+    #[test]
+    fn near_miss_label_keys_are_flagged() {
+        let l = load(concat!(
+            "apiVersion: projectcalico.org/v3\nkind: HostEndpoint\nmetadata: {name: h, labels: {ibm.role: worker_public}}\nspec: {node: n, interfaceName: eth1}\n---\n",
+            "apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: p}\n",
+            "spec: {selector: \"ibm.rol == 'worker_public'\", ingress: [{action: Allow, source: {selector: \"has(app)\"}}]}\n",
+        ));
+        let w = label_key_warnings(&l.set);
+        assert_eq!(w.len(), 1, "{w:#?}");
+        assert_eq!(w[0].field, "spec.selector");
+        assert!(w[0].message.contains("did you mean `ibm.role`"), "{}", w[0]);
     }
 
     #[test]
