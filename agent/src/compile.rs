@@ -662,29 +662,34 @@ mod tests {
 
     #[test]
     fn shuffled_input_compiles_to_identical_tables() {
+        use rand::{rngs::SmallRng, seq::SliceRandom, SeedableRng};
+        // Equal orders, names that sort "allow-x" before "allow", no order,
+        // every stage, a network set a selector resolves: split into one
+        // document each and shuffled.
         let docs = [
             "apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: a}\nspec: {order: 10, ingress: [{action: Deny, protocol: TCP, destination: {ports: [22]}}]}\n",
-            "apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: allow}\nspec: {order: 20, ingress: [{action: Allow}]}\n",
+            "apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: allow}\nspec: {order: 20, ingress: [{action: Allow, source: {selector: \"role == 'mgmt'\"}}]}\n",
             "apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: allow-x}\nspec: {order: 20, ingress: [{action: Log}]}\n",
             "apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: z}\nspec: {egress: [{action: Pass}]}\n",
+            "apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: pre}\nspec: {order: 20, preDNAT: true, applyOnForward: true, ingress: [{action: Deny, source: {notNets: [10.0.0.0/8]}}]}\n",
+            "apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: raw}\nspec: {order: 20, doNotTrack: true, applyOnForward: true, ingress: [{action: Allow, protocol: UDP, destination: {notPorts: [\"0:1023\"]}}]}\n",
+            "apiVersion: projectcalico.org/v3\nkind: GlobalNetworkSet\nmetadata: {name: mgmt, labels: {role: mgmt}}\nspec: {nets: [192.0.2.0/24, 198.51.100.0/24]}\n",
         ];
+        let mut rng = SmallRng::seed_from_u64(7);
         let mut reference = None;
-        for rotation in 0..docs.len() {
+        for round in 0..50 {
             let mut order: Vec<&str> = docs.to_vec();
-            order.rotate_left(rotation);
-            if rotation % 2 == 1 {
-                order.reverse();
-            }
+            order.shuffle(&mut rng);
             let c = compile(
                 &set(&format!("{HEP}{}", order.join("---\n"))),
                 "n",
                 &["eth1".into()],
             )
             .expect("compiles");
-            assert_eq!(c.policy_names, ["a", "allow-x", "allow", "z"]);
+            assert_eq!(c.policy_names, ["a", "allow-x", "allow", "pre", "raw", "z"]);
             match &reference {
                 None => reference = Some(c),
-                Some(r) => assert_eq!(&c, r, "rotation {rotation}"),
+                Some(r) => assert_eq!(&c, r, "shuffle {round}: {order:?}"),
             }
         }
     }

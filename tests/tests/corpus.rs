@@ -110,3 +110,147 @@ fn every_corpus_policy_parses_validates_and_compiles() {
     assert_eq!(files, 214);
     assert_eq!(templates, 9);
 }
+
+/// SEMANTICS.md's private network isolation, as IBM publishes it for
+/// us-south, on a worker's private interface: in the kernel and in the
+/// reference, which must agree.
+#[test]
+fn private_network_isolation_us_south_in_the_kernel() {
+    use moat::{
+        frame::Packet,
+        reference::{self, Verdict},
+    };
+    use moat_common::{direction, reason};
+    use moat_tests::Kernel;
+
+    let dir = corpus().join("calico-policies/private-network-isolation/us-south");
+    let mut loaded = policy::load_dir(&dir).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        loaded.placeholder_files.len(),
+        1,
+        "the HostEndpoint template"
+    );
+    for (node, ip) in [("worker-1", "10.0.0.10"), ("worker-2", "10.0.0.11")] {
+        loaded.set.host_endpoints.push(moat::policy::HostEndpoint {
+            name: format!("{node}-private"),
+            labels: [("ibm.role".to_string(), "worker_private".to_string())].into(),
+            node: node.into(),
+            interface_name: "eth0".into(),
+            expected_ips: vec![ip.parse().expect("ip")],
+            default_allow: false,
+            origin: moat::policy::Origin {
+                file: dir.clone(),
+                document: 0,
+            },
+        });
+    }
+    // No failsafes, so the policies alone decide.
+    loaded.set.failsafes = Some(moat::policy::Failsafes {
+        inbound: vec![],
+        outbound: vec![],
+    });
+    let set = loaded.set;
+    let mut k = Kernel::new(set.clone(), "eth0");
+    let hep = moat::compile::endpoint_for(&set, moat_tests::NODE, "eth0")
+        .expect("ok")
+        .expect("hep");
+    const SYN: u8 = 0x02;
+    // (what, direction, packet, passes, policy that decides or None)
+    let cases: Vec<(&str, u8, Packet, bool, Option<&str>)> = vec![
+        (
+            "from another worker, any port",
+            direction::INGRESS,
+            Packet::tcp("10.0.0.11", 4000, "10.0.0.10", 8080, SYN),
+            true,
+            Some("allow-all-workers-private"),
+        ),
+        (
+            "kubelet from anywhere private",
+            direction::INGRESS,
+            Packet::tcp("10.50.0.9", 4000, "10.0.0.10", 10250, SYN),
+            true,
+            Some("allow-ibm-ports-private"),
+        ),
+        (
+            "BigFix over UDP",
+            direction::INGRESS,
+            Packet::udp("10.50.0.9", 4000, "10.0.0.10", 52311),
+            true,
+            Some("allow-ibm-ports-private"),
+        ),
+        (
+            "ping",
+            direction::INGRESS,
+            Packet::icmp("10.50.0.9", "10.0.0.10", 8, 0),
+            true,
+            Some("allow-icmp-private"),
+        ),
+        (
+            "ssh from an unknown private host",
+            direction::INGRESS,
+            Packet::tcp("10.50.0.9", 4000, "10.0.0.10", 22, SYN),
+            false,
+            Some("deny-all-private-default"),
+        ),
+        (
+            "DNS out",
+            direction::EGRESS,
+            Packet::udp("10.0.0.10", 4000, "10.50.0.53", 53),
+            true,
+            Some("allow-ibm-ports-private"),
+        ),
+        (
+            "to another worker",
+            direction::EGRESS,
+            Packet::tcp("10.0.0.10", 4000, "10.0.0.11", 9999, SYN),
+            true,
+            Some("allow-all-workers-private"),
+        ),
+        (
+            "443 to an address not listed",
+            direction::EGRESS,
+            Packet::tcp("10.0.0.10", 4000, "10.50.0.80", 443, SYN),
+            false,
+            Some("deny-all-private-default"),
+        ),
+        (
+            "443 to a listed service address",
+            direction::EGRESS,
+            Packet::tcp("10.0.0.10", 4000, "166.9.90.41", 443, SYN),
+            true,
+            Some("allow-private-services"),
+        ),
+    ];
+    for (what, dir, packet, passes, by) in cases {
+        k.forget_flows();
+        k.dataplane.drain_events();
+        let frame = packet.frame();
+        let passed = if dir == direction::INGRESS {
+            k.ingress(&frame)
+        } else {
+            k.egress(&frame)
+        };
+        assert_eq!(passed, passes, "{what}: kernel");
+        let r = reference::judge(&set, Some(hep), dir, &frame);
+        assert_eq!(
+            r.verdict == Verdict::Allow,
+            passes,
+            "{what}: reference {r:#?}"
+        );
+        if let reference::DecidedBy::Rule { policy, .. } = &r.by {
+            assert_eq!(Some(policy.as_str()), by, "{what}: deciding policy");
+        } else {
+            panic!("{what}: decided by {:?}", r.by);
+        }
+        if !passes {
+            let events = k.dataplane.drain_events();
+            assert_eq!(
+                events
+                    .last()
+                    .map(|e| (e.reason, k.compiled.policy_name(e.policy_id))),
+                Some((reason::RULE, by)),
+                "{what}: event"
+            );
+        }
+    }
+}
