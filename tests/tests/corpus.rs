@@ -8,8 +8,24 @@ use std::path::{Path, PathBuf};
 
 use moat::{compile::compile, policy};
 
+/// The corpus: `MOAT_CORPUS`, or `shared/corpus/kube-samples` beside an
+/// ancestor of this crate (`../shared` of the checkout), or where these
+/// machines keep it (`/work/shared`).
 fn corpus() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/corpus/kube-samples")
+    if let Some(p) = std::env::var_os("MOAT_CORPUS") {
+        return PathBuf::from(p);
+    }
+    let beside = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .ancestors()
+        .map(|a| a.join("shared/corpus/kube-samples"))
+        .find(|p| p.is_dir());
+    let found = beside.unwrap_or_else(|| PathBuf::from("/work/shared/corpus/kube-samples"));
+    assert!(
+        found.is_dir(),
+        "the policy corpus is not at {} (set MOAT_CORPUS to the kube-samples folder)",
+        found.display()
+    );
+    found
 }
 
 fn dirs(root: &Path) -> Vec<PathBuf> {
