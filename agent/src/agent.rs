@@ -11,7 +11,7 @@ use crate::{
     compile::{compile, Compiled, CompiledIface},
     dataplane::{Dataplane, XdpAttachMode},
     event::{self, ResolvedEvent},
-    policy, preflight, OutputFormat,
+    policy, preflight, EventFormat,
 };
 
 /// What `moat agent` was asked to do.
@@ -22,7 +22,7 @@ pub struct AgentConfig {
     pub profile: Option<String>,
     pub ifaces: Vec<String>,
     pub node: String,
-    pub output: OutputFormat,
+    pub output: EventFormat,
     pub xdp_mode: XdpAttachMode,
 }
 
@@ -190,7 +190,10 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                 let ring = guard.get_inner_mut();
                 while let Some(item) = ring.next() {
                     match event::decode(&item) {
-                        Some(e) => print(&event::resolve(&e, &iface_name, &compiled, offset), cfg.output),
+                        Some(e) => match cfg.output {
+                            EventFormat::Iptables => println!("{}", event::iptables_line(&e, &iface_name(e.ifindex), "calico-packet: ")),
+                            format => print(&event::resolve(&e, &iface_name, &compiled, offset), format),
+                        },
                         None => warn!("skipped a short event record ({} bytes)", item.len()),
                     }
                 }
@@ -221,10 +224,10 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn print(e: &ResolvedEvent, output: OutputFormat) {
+fn print(e: &ResolvedEvent, output: EventFormat) {
     match output {
-        OutputFormat::Text => println!("{}", e.line()),
-        OutputFormat::Json => match serde_json::to_string(e) {
+        EventFormat::Text | EventFormat::Iptables => println!("{}", e.line()),
+        EventFormat::Json => match serde_json::to_string(e) {
             Ok(line) => println!("{line}"),
             Err(err) => error!("cannot encode event as JSON: {err}"),
         },

@@ -237,6 +237,124 @@ pub fn monotonic_to_wall_offset() -> i128 {
     now(nix::time::ClockId::CLOCK_REALTIME) - now(nix::time::ClockId::CLOCK_MONOTONIC)
 }
 
+/// `e` as the kernel's LOG target prints it (`iptables -j LOG
+/// --log-prefix PREFIX`, as Calico's `log-denied-packets` uses it), field
+/// for field: `IN=`/`OUT=`, the MAC header on ingress, the IP header
+/// fields, then the transport's. The addresses are the ones that arrived
+/// (before any DNAT). An ICMP error's quoted packet, which the kernel
+/// prints in brackets, is not carried by events and not printed.
+pub fn iptables_line(e: &DenyEvent, iface: &str, prefix: &str) -> String {
+    let d = &e.detail;
+    let mut s = String::from(prefix);
+    if e.direction == direction::INGRESS {
+        let _ = write!(s, "IN={iface} OUT= MAC=");
+        let mac: Vec<String> = d.mac.iter().map(|b| format!("{b:02x}")).collect();
+        let _ = write!(s, "{} ", mac.join(":"));
+    } else {
+        let _ = write!(s, "IN= OUT={iface} ");
+    }
+    let later_fragment = if e.ip_version == 6 {
+        let full = |a: [u8; 16]| {
+            a.chunks(2)
+                .map(|c| format!("{:02x}{:02x}", c[0], c[1]))
+                .collect::<Vec<_>>()
+                .join(":")
+        };
+        let _ = write!(
+            s,
+            "SRC={} DST={} LEN={} TC={} HOPLIMIT={} FLOWLBL={} ",
+            full(e.src),
+            full(e.dst),
+            d.ip_len,
+            d.tos,
+            d.ttl,
+            d.ip_id
+        );
+        false
+    } else {
+        let _ = write!(
+            s,
+            "SRC={} DST={} LEN={} TOS=0x{:02X} PREC=0x{:02X} TTL={} ID={} ",
+            address(e.src, 4),
+            address(e.dst, 4),
+            d.ip_len,
+            d.tos & 0x1e,
+            d.tos & 0xe0,
+            d.ttl,
+            d.ip_id
+        );
+        for (bit, name) in [(0x8000, "CE"), (0x4000, "DF"), (0x2000, "MF")] {
+            if d.frag_off & bit != 0 {
+                let _ = write!(s, "{name} ");
+            }
+        }
+        let offset = d.frag_off & 0x1fff;
+        if offset != 0 {
+            let _ = write!(s, "FRAG:{offset} ");
+        }
+        offset != 0
+    };
+    match (e.protocol, e.ip_version) {
+        (6, _) => {
+            s.push_str("PROTO=TCP ");
+            if !later_fragment {
+                let _ = write!(
+                    s,
+                    "SPT={} DPT={} WINDOW={} RES=0x{:02x} ",
+                    e.sport,
+                    e.dport,
+                    d.tcp_window,
+                    d.tcp_reserved << 2
+                );
+                for (bit, name) in [
+                    (0x80, "CWR"),
+                    (0x40, "ECE"),
+                    (0x20, "URG"),
+                    (0x10, "ACK"),
+                    (0x08, "PSH"),
+                    (0x04, "RST"),
+                    (0x02, "SYN"),
+                    (0x01, "FIN"),
+                ] {
+                    if e.tcp_flags & bit != 0 {
+                        let _ = write!(s, "{name} ");
+                    }
+                }
+                let _ = write!(s, "URGP={} ", d.tcp_urgent);
+            }
+        }
+        (17 | 136, _) => {
+            s.push_str(if e.protocol == 17 {
+                "PROTO=UDP "
+            } else {
+                "PROTO=UDPLITE "
+            });
+            if !later_fragment {
+                let _ = write!(s, "SPT={} DPT={} LEN={} ", e.sport, e.dport, d.udp_len);
+            }
+        }
+        (1, 4) => {
+            s.push_str("PROTO=ICMP ");
+            if !later_fragment {
+                let _ = write!(s, "TYPE={} CODE={} ", e.icmp_type, e.icmp_code);
+                if matches!(e.icmp_type, 0 | 8) {
+                    let _ = write!(s, "ID={} SEQ={} ", d.icmp_id, d.icmp_seq);
+                }
+            }
+        }
+        (58, 6) => {
+            let _ = write!(s, "PROTO=ICMPv6 TYPE={} CODE={} ", e.icmp_type, e.icmp_code);
+            if matches!(e.icmp_type, 128 | 129) {
+                let _ = write!(s, "ID={} SEQ={} ", d.icmp_id, d.icmp_seq);
+            }
+        }
+        (p, _) => {
+            let _ = write!(s, "PROTO={p} ");
+        }
+    }
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -18,7 +18,20 @@ pub mod reference;
 pub mod resolve;
 pub mod selector;
 
-/// `-o/--output` of every subcommand.
+/// `-o/--output` of `moat agent`: how each deny event is printed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum EventFormat {
+    /// One aligned line per event, for people.
+    #[default]
+    Text,
+    /// One JSON object per line, with stable field names.
+    Json,
+    /// The kernel LOG target's line, as `log-denied-packets` users grep it
+    /// (`calico-packet: IN=eth1 OUT= MAC=... SRC=... DST=... LEN=60 ...`).
+    Iptables,
+}
+
+/// `-o/--output` of every other subcommand.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum OutputFormat {
     /// One aligned line per item, for people.

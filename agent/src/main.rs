@@ -39,7 +39,7 @@ enum Command {
         #[arg(long)]
         node: Option<String>,
         #[arg(short, long, value_enum, default_value_t)]
-        output: OutputFormat,
+        output: moat::EventFormat,
         #[arg(long, value_enum, default_value_t)]
         xdp_mode: XdpAttachMode,
     },

@@ -352,6 +352,37 @@ pub struct FragmentL4 {
 }
 const _: () = assert!(size_of::<FragmentL4>() == 8);
 
+/// Header fields kept for SREs' tools (the kernel LOG target's line):
+/// link layer, IP and L4 details beyond what policy matches on. All in host
+/// byte order except `mac`, which is as on the wire.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HeaderDetail {
+    /// Destination MAC, source MAC, EtherType: the Ethernet header.
+    pub mac: [u8; 14],
+    /// IPv4 TTL or IPv6 hop limit.
+    pub ttl: u8,
+    /// IPv4 TOS byte or IPv6 traffic class.
+    pub tos: u8,
+    /// IPv4 identification or IPv6 flow label.
+    pub ip_id: u32,
+    /// IPv4 total length, or IPv6 payload length plus the 40-byte header.
+    pub ip_len: u16,
+    /// IPv4 flags and fragment offset (the 16-bit field).
+    pub frag_off: u16,
+    pub tcp_window: u16,
+    pub tcp_urgent: u16,
+    /// UDP / UDP-Lite length field.
+    pub udp_len: u16,
+    /// ICMP echo identifier and sequence.
+    pub icmp_id: u16,
+    pub icmp_seq: u16,
+    /// The 4 reserved bits after the TCP data offset.
+    pub tcp_reserved: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(size_of::<HeaderDetail>() == 36);
+
 /// One record of the `EVENTS` ring buffer: a denied packet or a Log hit.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -379,8 +410,10 @@ pub struct DenyEvent {
     pub icmp_type: u8,
     pub icmp_code: u8,
     pub tcp_flags: u8,
+    pub detail: HeaderDetail,
+    pub _pad: [u8; 4],
 }
-const _: () = assert!(size_of::<DenyEvent>() == 72);
+const _: () = assert!(size_of::<DenyEvent>() == 112);
 
 /// IP protocol numbers the programs look inside.
 pub mod ip_proto {
@@ -416,4 +449,5 @@ mod user {
     unsafe impl aya::Pod for FragKey {}
     unsafe impl aya::Pod for FragmentL4 {}
     unsafe impl aya::Pod for DenyEvent {}
+    unsafe impl aya::Pod for HeaderDetail {}
 }

@@ -20,7 +20,7 @@ use moat_common::{
 use crate::{
     conntrack::{self, IcmpClass},
     maps::{count, EVENTS, FRAGMENTS, IFACES, RULES, SCRATCH},
-    packet::{parse, Packet, Parsed, FRAG_FIRST, FRAG_LATER},
+    packet::{parse, read_l4_detail, Packet, Parsed, FRAG_FIRST, FRAG_LATER},
 };
 
 /// The packet in judgement, where it was seen, and (after `moat_walk`) the
@@ -114,6 +114,9 @@ pub fn judge(data: usize, data_end: usize, ifindex: u32, direction: u8, packet_l
             w,
             &Decision::without_rule(verdict::DENY, reason::UNPARSABLE),
         );
+    }
+    if w.pkt.fragment != FRAG_LATER {
+        read_l4_detail(data, data_end, &mut w.pkt);
     }
     let fragment_known = fragment_l4(&mut w.pkt);
     if !moat_common::has_ports(w.pkt.protocol) {
@@ -482,6 +485,8 @@ fn emit(w: &Walk, d: &Decision) {
         (*e).icmp_type = p.icmp_type;
         (*e).icmp_code = p.icmp_code;
         (*e).tcp_flags = p.tcp_flags;
+        (*e).detail = p.detail;
+        (*e)._pad = [0; 4];
     }
     entry.submit(0);
     count(w.direction, counter::EVENTS_EMITTED);

@@ -235,3 +235,98 @@ pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'sta
         .join()
         .expect("thread inside the namespace panicked")
 }
+
+/// Sends `frame` as is out of `ifname` in namespace `ns` (AF_PACKET), so
+/// the peer receives exactly these bytes.
+pub fn send_frame(ns: &str, ifname: &str, frame: Vec<u8>) {
+    let ifname = ifname.to_string();
+    in_netns(ns, move || {
+        let index = nix::net::if_::if_nametoindex(ifname.as_str())
+            .unwrap_or_else(|e| panic!("{ifname}: {e}"));
+        // SAFETY: plain socket(2); the descriptor is closed below.
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
+        assert!(
+            fd >= 0,
+            "AF_PACKET socket: {}",
+            std::io::Error::last_os_error()
+        );
+        // SAFETY: sockaddr_ll is plain data; every field the kernel reads is set.
+        let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        addr.sll_family = libc::AF_PACKET as u16;
+        addr.sll_ifindex = index as i32;
+        addr.sll_halen = 6;
+        addr.sll_addr[..6].copy_from_slice(&frame[..6]);
+        // SAFETY: valid descriptor, buffer and address of the sizes given.
+        let sent = unsafe {
+            libc::sendto(
+                fd,
+                frame.as_ptr().cast(),
+                frame.len(),
+                0,
+                (&addr as *const libc::sockaddr_ll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        let err = std::io::Error::last_os_error();
+        // SAFETY: closing the descriptor opened above.
+        unsafe { libc::close(fd) };
+        assert_eq!(sent, frame.len() as isize, "send on {ifname}: {err}");
+    });
+}
+
+/// The MAC address of `ifname` in namespace `ns`.
+pub fn mac_of(ns: &Netns, ifname: &str) -> [u8; 6] {
+    let text = ns.exec("cat", &[&format!("/sys/class/net/{ifname}/address")]);
+    let bytes: Vec<u8> = text
+        .trim()
+        .split(':')
+        .map(|h| u8::from_str_radix(h, 16).unwrap_or_else(|e| panic!("MAC {text:?}: {e}")))
+        .collect();
+    bytes
+        .try_into()
+        .unwrap_or_else(|b| panic!("MAC of 6 bytes, got {b:?}"))
+}
+
+/// Reads the kernel log from now on (`/dev/kmsg`).
+pub struct KernelLog {
+    fd: std::os::fd::OwnedFd,
+}
+
+impl KernelLog {
+    pub fn open() -> Self {
+        use std::os::fd::FromRawFd;
+        // SAFETY: open(2) of a path; the descriptor is owned right away.
+        let fd = unsafe { libc::open(c"/dev/kmsg".as_ptr(), libc::O_RDONLY | libc::O_NONBLOCK) };
+        assert!(fd >= 0, "/dev/kmsg: {}", std::io::Error::last_os_error());
+        // SAFETY: a fresh descriptor nobody else owns.
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+        // SAFETY: lseek on the descriptor just opened: skip what was logged.
+        unsafe { libc::lseek(std::os::fd::AsRawFd::as_raw_fd(&fd), 0, libc::SEEK_END) };
+        KernelLog { fd }
+    }
+
+    /// The next message containing `needle`, waiting up to 5 s.
+    pub fn find(&self, needle: &str) -> Option<String> {
+        use std::os::fd::AsRawFd;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let mut buf = vec![0u8; 8192];
+        while std::time::Instant::now() < deadline {
+            // SAFETY: reading into a buffer of the size given.
+            let n = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+            if n <= 0 {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+                continue;
+            }
+            let record = String::from_utf8_lossy(&buf[..n as usize]).into_owned();
+            // "priority,sequence,timestamp,flags;message\n"
+            let message = record
+                .split_once(';')
+                .map(|(_, m)| m.trim_end().to_string())
+                .unwrap_or_default();
+            if message.contains(needle) {
+                return Some(message);
+            }
+        }
+        None
+    }
+}

@@ -51,16 +51,23 @@ fn ping(ns: &Netns, to: &str) -> bool {
 struct Agent {
     child: Child,
     events: mpsc::Receiver<serde_json::Value>,
+    lines: mpsc::Receiver<String>,
 }
 
 impl Agent {
     fn start(worker: &Netns) -> Self {
+        Self::start_with(worker, "json")
+    }
+
+    /// Starts the agent with `-o output`; JSON lines arrive as `events`,
+    /// others as `lines`.
+    fn start_with(worker: &Netns, output: &str) -> Self {
         let mut child = worker
             .command(moat_tests::moat_bin().to_str().expect("utf-8 path"))
             .args(["agent", "--policies"])
             .arg(fixtures().join("public"))
             .args([
-                "--iface", "eth1", "--iface", "eth0", "--node", "worker-1", "-o", "json",
+                "--iface", "eth1", "--iface", "eth0", "--node", "worker-1", "-o", output,
             ])
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -77,13 +84,20 @@ impl Agent {
             }
         });
         let (tx, events) = mpsc::channel();
+        let (line_tx, lines) = mpsc::channel();
         let stdout = child.stdout.take().expect("stdout");
+        let json = output == "json";
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let value = serde_json::from_str(&line).unwrap_or_else(|e| {
-                    panic!("agent printed a line that is not JSON ({e}): {line}")
-                });
-                if tx.send(value).is_err() {
+                let sent = if json {
+                    let value = serde_json::from_str(&line).unwrap_or_else(|e| {
+                        panic!("agent printed a line that is not JSON ({e}): {line}")
+                    });
+                    tx.send(value).is_ok()
+                } else {
+                    line_tx.send(line).is_ok()
+                };
+                if !sent {
                     break;
                 }
             }
@@ -92,7 +106,18 @@ impl Agent {
             let _ = child.kill();
             panic!("the agent did not become ready: {:?}", child.wait());
         }
-        Agent { child, events }
+        Agent {
+            child,
+            events,
+            lines,
+        }
+    }
+
+    /// The next line the agent prints (non-JSON output).
+    fn expect_line(&mut self, what: &str) -> String {
+        self.lines
+            .recv_timeout(Duration::from_secs(10))
+            .unwrap_or_else(|_| panic!("no line from the agent for {what}"))
     }
 
     /// Waits for an event satisfying `want`.
@@ -216,4 +241,161 @@ fn public_client_and_private_peer_through_the_agent() {
         Ok(()),
         "nothing enforced after exit"
     );
+}
+
+/// Restores a sysctl when dropped.
+struct Sysctl {
+    path: &'static str,
+    before: String,
+}
+
+impl Sysctl {
+    fn set(path: &'static str, value: &str) -> Self {
+        let before = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        std::fs::write(path, value).unwrap_or_else(|e| panic!("{path}: {e}"));
+        Sysctl { path, before }
+    }
+}
+
+impl Drop for Sysctl {
+    fn drop(&mut self) {
+        let _ = std::fs::write(self.path, self.before.trim());
+    }
+}
+
+#[test]
+fn iptables_lines_match_the_kernel_log_target_field_for_field() {
+    use moat::frame::Packet;
+    use moat_tests::{mac_of, send_frame, KernelLog};
+
+    let worker = Netns::new("mw");
+    let client = Netns::new("mc");
+    let peer = Netns::new("mp");
+    veth(
+        &worker,
+        "eth1",
+        "198.18.1.1/24",
+        &client,
+        "eth0",
+        "198.18.1.2/24",
+    );
+    veth(
+        &worker,
+        "eth0",
+        "198.18.0.1/24",
+        &peer,
+        "eth0",
+        "198.18.0.2/24",
+    );
+    worker.exec(
+        "ip",
+        &[
+            "-6",
+            "addr",
+            "add",
+            "2001:db8:1::1/64",
+            "dev",
+            "eth1",
+            "nodad",
+        ],
+    );
+    client.exec(
+        "ip",
+        &[
+            "-6",
+            "addr",
+            "add",
+            "2001:db8:1::2/64",
+            "dev",
+            "eth0",
+            "nodad",
+        ],
+    );
+    // The kernel's LOG target prints from a namespace only with this.
+    let _log_all = Sysctl::set("/proc/sys/net/netfilter/nf_log_all_netns", "1");
+    for tool in ["iptables", "ip6tables"] {
+        worker.exec(
+            tool,
+            &[
+                "-I",
+                "INPUT",
+                "-j",
+                "LOG",
+                "--log-prefix",
+                "calico-packet: ",
+            ],
+        );
+    }
+
+    // The same bytes go in twice: once to the kernel's LOG target, once
+    // to moat, which drops them.
+    let frames: Vec<(&str, &Netns, &str, Vec<u8>)> = {
+        let with_macs = |p: Packet, to: [u8; 6], from: [u8; 6]| {
+            let mut f = p.frame();
+            f[..6].copy_from_slice(&to);
+            f[6..12].copy_from_slice(&from);
+            f
+        };
+        let (w1, w0, c, p) = (
+            mac_of(&worker, "eth1"),
+            mac_of(&worker, "eth0"),
+            mac_of(&client, "eth0"),
+            mac_of(&peer, "eth0"),
+        );
+        let mut udp = Packet::udp("198.18.1.2", 5353, "198.18.1.1", 53);
+        udp.payload = 12;
+        vec![
+            (
+                "tcp syn to ssh",
+                &client,
+                "eth0",
+                with_macs(
+                    Packet::tcp("198.18.1.2", 40000, "198.18.1.1", 22, 0x02),
+                    w1,
+                    c,
+                ),
+            ),
+            ("udp to dns", &client, "eth0", with_macs(udp, w1, c)),
+            (
+                "ping on the private side",
+                &peer,
+                "eth0",
+                with_macs(Packet::icmp("198.18.0.2", "198.18.0.1", 8, 0), w0, p),
+            ),
+            (
+                "ipv6 tcp to ssh",
+                &client,
+                "eth0",
+                with_macs(
+                    Packet::tcp("2001:db8:1::2", 40000, "2001:db8:1::1", 22, 0x02),
+                    w1,
+                    c,
+                ),
+            ),
+        ]
+    };
+    let log = KernelLog::open();
+    let mut kernel_lines = Vec::new();
+    for (what, from, ifname, frame) in &frames {
+        send_frame(&from.name, ifname, frame.clone());
+        let line = log
+            .find("calico-packet:")
+            .unwrap_or_else(|| panic!("{what}: no kernel LOG line"));
+        kernel_lines.push(line);
+    }
+
+    let mut agent = Agent::start_with(&worker, "iptables");
+    for ((what, from, ifname, frame), kernel) in frames.iter().zip(&kernel_lines) {
+        send_frame(&from.name, ifname, frame.clone());
+        let ours = agent.expect_line(what);
+        let (k, o): (Vec<&str>, Vec<&str>) = (
+            kernel[kernel.find("calico-packet:").expect("prefix")..]
+                .split_whitespace()
+                .collect(),
+            ours.split_whitespace().collect(),
+        );
+        assert_eq!(o, k, "{what}:\n kernel: {kernel}\n moat:   {ours}");
+        eprintln!("{what}: kernel and moat both print: {ours}");
+    }
+    agent.stop();
 }

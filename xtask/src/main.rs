@@ -121,6 +121,7 @@ const PACKAGES: &[&str] = &[
     "lld-22",
     "iproute2",     // ip netns, veth, XDP/TC inspection
     "iputils-ping", // the demo's and tests' ICMP
+    "iptables",     // the kernel LOG target moat's iptables lines are compared with
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const BPF_TOOLCHAIN: &str = "debian-bpf";
