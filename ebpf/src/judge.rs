@@ -89,7 +89,6 @@ pub fn judge(data: usize, data_end: usize, ifindex: u32, direction: u8, packet_l
     // SAFETY: entry 0 of a per-CPU array, used by this CPU only, and only
     // for the duration of this program run (programs do not nest here).
     let w = unsafe { &mut *w };
-    w.pkt = Packet::empty();
     w.ifindex = ifindex;
     w.direction = direction;
     w.packet_len = packet_len;

@@ -132,7 +132,8 @@ pub fn v4_mapped(addr: [u8; 4]) -> [u32; 4] {
     ]
 }
 
-/// Parses the frame at `[data, data_end)` into `pkt`.
+/// Parses the frame at `[data, data_end)` into `pkt` (left as it was for a
+/// frame that is not IP).
 ///
 /// Verifier note: kept out of line so the parsed fields reach the caller
 /// through memory. Inlined, LLVM carried the IPv4 and IPv6 addresses in
@@ -145,7 +146,6 @@ pub fn parse(data: usize, data_end: usize, pkt: &mut Packet) -> Parsed {
         // Shorter than an Ethernet header: there is no IP packet to judge.
         return Parsed::NotIp;
     };
-    pkt.detail.mac = mac;
     let mut ethertype = u16::from_be_bytes([mac[12], mac[13]]);
     let mut l3 = ETH_HLEN;
     // Up to two VLAN tags (802.1ad outer, 802.1Q inner).
@@ -159,10 +159,16 @@ pub fn parse(data: usize, data_end: usize, pkt: &mut Packet) -> Parsed {
         ethertype = inner;
         l3 += 4;
     }
-    match ethertype {
-        ETH_P_IP => parse_ipv4(data, data_end, l3, pkt),
-        ETH_P_IPV6 => parse_ipv6(data, data_end, l3, pkt),
-        _ => Parsed::NotIp,
+    if ethertype != ETH_P_IP && ethertype != ETH_P_IPV6 {
+        return Parsed::NotIp;
+    }
+    // Only IP packets pay for clearing the record.
+    *pkt = Packet::empty();
+    pkt.detail.mac = mac;
+    if ethertype == ETH_P_IP {
+        parse_ipv4(data, data_end, l3, pkt)
+    } else {
+        parse_ipv6(data, data_end, l3, pkt)
     }
 }
 
