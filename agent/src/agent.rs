@@ -102,6 +102,23 @@ pub fn load_and_compile(
     Ok(compiled)
 }
 
+/// The node's own addresses (every interface of this network namespace),
+/// with subnet broadcast addresses: what packets addressed to the host
+/// carry. Anything else arriving is forwarded.
+pub fn local_addresses() -> anyhow::Result<std::collections::BTreeSet<std::net::IpAddr>> {
+    let mut out = std::collections::BTreeSet::new();
+    for ifa in nix::ifaddrs::getifaddrs().context("listing the node's addresses")? {
+        for addr in [ifa.address, ifa.broadcast].into_iter().flatten() {
+            if let Some(a) = addr.as_sockaddr_in() {
+                out.insert(std::net::IpAddr::V4(a.ip()));
+            } else if let Some(a) = addr.as_sockaddr_in6() {
+                out.insert(std::net::IpAddr::V6(a.ip()));
+            }
+        }
+    }
+    Ok(out)
+}
+
 fn ifindex(name: &str) -> anyhow::Result<u32> {
     nix::net::if_::if_nametoindex(name)
         .with_context(|| format!("no interface named {name} in this network namespace"))
@@ -155,7 +172,15 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     }
 
     let mut dataplane = Dataplane::load().context("loading the eBPF programs")?;
-    // Tables first, then attach: the programs enforce from their first packet.
+    // The node's addresses first, so the tables tell forwarded traffic
+    // apart from the start; then the tables; then attach: the programs
+    // enforce from their first packet.
+    let mut local = local_addresses()?;
+    dataplane.set_local_addresses(&local)?;
+    info!(
+        "{} local addresses; anything else arriving is forwarded",
+        local.len()
+    );
     let generation = 1;
     dataplane.apply(&by_index, generation)?;
     for iface in &cfg.ifaces {
@@ -179,12 +204,27 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let offset = event::monotonic_to_wall_offset();
     let iface_name = move |i: u32| names.get(&i).cloned().unwrap_or_else(|| format!("if{i}"));
 
+    // Addresses move (VRRP virtual IPs, DHCP): resynchronise every second.
+    let mut resync = tokio::time::interval(std::time::Duration::from_secs(1));
     let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())?;
     let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
     loop {
         tokio::select! {
             _ = sigint.recv() => { info!("SIGINT: detaching"); break; }
             _ = sigterm.recv() => { info!("SIGTERM: detaching"); break; }
+            _ = resync.tick() => {
+                match local_addresses() {
+                    Ok(now) if now != local => {
+                        let (added, removed) = dataplane.set_local_addresses(&now)?;
+                        info!("local addresses changed: {added} added, {removed} removed");
+                        local = now;
+                    }
+                    Ok(_) => {}
+                    // Keep the last known set: judging by stale addresses
+                    // beats judging every packet as forwarded.
+                    Err(e) => warn!("{e:#}"),
+                }
+            }
             guard = ring.readable_mut() => {
                 let mut guard = guard.context("waiting for events")?;
                 let ring = guard.get_inner_mut();

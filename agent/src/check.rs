@@ -93,11 +93,6 @@ pub fn answer(
         });
     };
     let j = evaluate(set, hep, dir, &fields, query);
-    if query.forwarded {
-        notes.push(
-            "moat's dataplane does not tell forwarded traffic apart yet: it judges it as host traffic, by the host policies (stricter than this answer, never more open)".into(),
-        );
-    }
     let (policy, rule) = match &j.by {
         DecidedBy::Rule { policy, rule, .. } => {
             let resource = set

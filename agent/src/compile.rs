@@ -182,6 +182,24 @@ pub fn compile(set: &PolicySet, node: &str, ifaces: &[String]) -> Result<Compile
                 end_reason: 0,
                 pass_verdict: verdict::PASS,
             };
+            // Forwarded traffic: applyOnForward policies only; none
+            // applying means allowed.
+            let (forward, forward_applies) =
+                stage_rules(&|p| p.apply_on_forward && !p.pre_dnat && !p.do_not_track);
+            tables[table::index(dir, table::FORWARD)] = TableSpec {
+                rules: forward,
+                end_verdict: if forward_applies {
+                    verdict::DENY
+                } else {
+                    verdict::ALLOW
+                },
+                end_reason: if forward_applies {
+                    reason::END_OF_POLICIES
+                } else {
+                    0
+                },
+                pass_verdict: profile,
+            };
             let (rules, applies) = stage_rules(&|p| !p.pre_dnat && !p.do_not_track);
             tables[table::index(dir, table::POLICY)] = TableSpec {
                 rules,

@@ -13,7 +13,8 @@ use aya::{
 };
 use moat_common::{
     counter, direction, map_names, program_names, DenyEvent, FlowKey, FlowState, FragKey,
-    FragmentL4, IfaceConfig, RuleEntry, RuleTable, IFACE_ENFORCED, MAX_TABLE_RULES, RULE_BANK_SIZE,
+    FragmentL4, IfaceConfig, RuleEntry, RuleTable, IFACE_ENFORCED, IFACE_KNOWS_LOCAL,
+    MAX_TABLE_RULES, RULE_BANK_SIZE,
 };
 
 use crate::compile::{CompiledIface, TableSpec};
@@ -108,6 +109,10 @@ pub struct Dataplane {
     counters: PerCpuArray<MapData, u64>,
     conntrack: HashMap<MapData, FlowKey, FlowState>,
     fragments: HashMap<MapData, FragKey, FragmentL4>,
+    local_addrs: HashMap<MapData, [u8; 16], u8>,
+    /// The node's addresses in `local_addrs`, once the agent keeps them in
+    /// sync (`None` before: every packet is judged as host traffic).
+    local: Option<std::collections::BTreeSet<std::net::IpAddr>>,
     events: Option<RingBuf<MapData>>,
     /// Bank the tables in force live in (0 or 1); `None` before the first apply.
     active_bank: Option<u32>,
@@ -155,6 +160,8 @@ impl Dataplane {
             counters: take(&mut ebpf, map_names::COUNTERS)?,
             conntrack: take(&mut ebpf, map_names::CONNTRACK)?,
             fragments: take(&mut ebpf, map_names::FRAGMENTS)?,
+            local_addrs: take(&mut ebpf, map_names::LOCAL_ADDRS)?,
+            local: None,
             events: Some(take(&mut ebpf, map_names::EVENTS)?),
             ebpf,
             active_bank: None,
@@ -242,7 +249,12 @@ impl Dataplane {
         let mut configs = Vec::new();
         for (&ifindex, iface) in compiled {
             let mut config = IfaceConfig {
-                flags: IFACE_ENFORCED,
+                flags: IFACE_ENFORCED
+                    | if self.local.is_some() {
+                        IFACE_KNOWS_LOCAL
+                    } else {
+                        0
+                    },
                 generation,
                 ..Default::default()
             };
@@ -332,6 +344,37 @@ impl Dataplane {
             let _ = self.conntrack.remove(&key);
         }
         Ok(())
+    }
+
+    /// Makes `addrs` the node's own addresses (the kernel then tells
+    /// forwarded traffic from host traffic on interfaces applied after
+    /// this). Writes only the difference from the last call. Returns how
+    /// many addresses were added and removed.
+    pub fn set_local_addresses(
+        &mut self,
+        addrs: &std::collections::BTreeSet<std::net::IpAddr>,
+    ) -> Result<(usize, usize), DataplaneError> {
+        let key = |a: &std::net::IpAddr| match a {
+            std::net::IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+            std::net::IpAddr::V6(v6) => v6.octets(),
+        };
+        let map_err = |source| DataplaneError::Map {
+            name: map_names::LOCAL_ADDRS,
+            source,
+        };
+        let before = self.local.take().unwrap_or_default();
+        let (mut added, mut removed) = (0, 0);
+        for a in addrs.difference(&before) {
+            self.local_addrs.insert(key(a), 1, 0).map_err(map_err)?;
+            added += 1;
+        }
+        for a in before.difference(addrs) {
+            // Already gone is fine: the goal is its absence.
+            let _ = self.local_addrs.remove(&key(a));
+            removed += 1;
+        }
+        self.local = Some(addrs.clone());
+        Ok((added, removed))
     }
 
     /// Forgets every first fragment seen.

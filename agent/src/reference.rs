@@ -377,13 +377,24 @@ impl Judgement {
 const TCP_FLAGS: &str = "TCP flag combination no stack sends";
 
 /// Judges `frame` seen on host endpoint `hep` (None: not enforced) in
-/// direction `dir`, with empty connection tracking.
+/// direction `dir`, with empty connection tracking, as host traffic.
 pub fn judge(set: &PolicySet, hep: Option<&HostEndpoint>, dir: u8, frame: &[u8]) -> Judgement {
+    judge_with(set, hep, dir, frame, Query::default())
+}
+
+/// `judge`, with what is known besides the frame.
+pub fn judge_with(
+    set: &PolicySet,
+    hep: Option<&HostEndpoint>,
+    dir: u8,
+    frame: &[u8],
+    q: Query,
+) -> Judgement {
     match parse(frame) {
         Frame::NotIp => Judgement::new(Verdict::Allow, DecidedBy::NonIp),
         _ if hep.is_none() => Judgement::new(Verdict::Allow, DecidedBy::Unenforced),
         Frame::Unparsable(_) => Judgement::new(Verdict::Deny, DecidedBy::Unparsable),
-        Frame::Ip(f) => judge_fields(set, hep.expect("checked above"), dir, &f),
+        Frame::Ip(f) => evaluate(set, hep.expect("checked above"), dir, &f, q),
     }
 }
 

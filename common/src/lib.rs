@@ -16,7 +16,10 @@ use core::mem::size_of;
 pub mod map_names {
     /// `HashMap<u32 ifindex, IfaceConfig>`: which interfaces are enforced and
     /// where their rule tables start. Written by the agent.
-    pub const IFACES: &str = "MOAT_IFACES_V2";
+    pub const IFACES: &str = "MOAT_IFACES_V3";
+    /// `HashMap<[u8; 16] address, u8>`: the node's own addresses (IPv4
+    /// mapped into IPv6). Written by the agent, which keeps it in sync.
+    pub const LOCAL_ADDRS: &str = "MOAT_LOCAL_V1";
     /// `Array<RuleEntry>`: every compiled rule of every table, two banks.
     /// Written by the agent.
     pub const RULES: &str = "MOAT_RULES_V1";
@@ -54,6 +57,8 @@ pub const WALK_CHUNKS: u32 = 4;
 pub const MAX_TABLE_RULES: u32 = WALK_CHUNK * WALK_CHUNKS;
 /// Capacity of `IFACES`.
 pub const MAX_IFACES: u32 = 64;
+/// Capacity of `LOCAL_ADDRS`.
+pub const MAX_LOCAL_ADDRS: u32 = 1024;
 /// Capacity of `CONNTRACK` (LRU: the least recently used flow is evicted).
 pub const MAX_FLOWS: u32 = 65536;
 /// Capacity of `FRAGMENTS`.
@@ -131,8 +136,10 @@ pub mod counter {
     pub const UNTRACKED_ALLOWED: u32 = 16;
     /// Accepted by a pre-DNAT policy.
     pub const PRE_DNAT_ALLOWED: u32 = 17;
+    /// Forwarded, and no applyOnForward policy applies: accepted.
+    pub const FORWARDED_ALLOWED: u32 = 18;
     /// Number of counters per direction.
-    pub const COUNT: u32 = 18;
+    pub const COUNT: u32 = 19;
     /// Total entries of the `COUNTERS` array.
     pub const ENTRIES: u32 = COUNT * super::direction::COUNT as u32;
 
@@ -162,6 +169,7 @@ pub mod counter {
         "related_allowed",
         "untracked_allowed",
         "pre_dnat_allowed",
+        "forwarded_allowed",
     ];
 }
 
@@ -202,11 +210,15 @@ pub mod table {
     /// Pre-DNAT stage (ingress only, new connections): Allow skips normal
     /// policy, Deny drops, Pass or no decision goes on.
     pub const PRE_DNAT: usize = 2;
-    /// Normal-stage policy rules, in policy order then rule order.
+    /// Normal-stage policy rules for host traffic, in policy order then
+    /// rule order.
     pub const POLICY: usize = 3;
-    pub const KINDS: usize = 4;
+    /// Normal stage for forwarded traffic: `applyOnForward` policies only;
+    /// when none applies, forwarded traffic is allowed.
+    pub const FORWARD: usize = 4;
+    pub const KINDS: usize = 5;
     /// Names, in index order (for errors and metrics).
-    pub const NAMES: [&str; KINDS] = ["failsafe", "untracked", "pre-dnat", "policy"];
+    pub const NAMES: [&str; KINDS] = ["failsafe", "untracked", "pre-dnat", "policy", "forward"];
 
     /// Index of the table of `kind` for `direction`.
     #[inline(always)]
@@ -238,6 +250,10 @@ const _: () = assert!(size_of::<RuleTable>() == 12);
 
 /// `IfaceConfig::flags`: the interface is a host endpoint moat enforces.
 pub const IFACE_ENFORCED: u32 = 1;
+/// `IfaceConfig::flags`: `LOCAL_ADDRS` holds the node's addresses, so a
+/// packet to (ingress) or from (egress) another address is forwarded.
+/// Without it every packet is judged as host traffic (the stricter view).
+pub const IFACE_KNOWS_LOCAL: u32 = 2;
 
 /// Value of `IFACES`: how one interface is enforced.
 #[repr(C)]
@@ -250,7 +266,7 @@ pub struct IfaceConfig {
     /// Policy generation these tables were compiled from.
     pub generation: u32,
 }
-const _: () = assert!(size_of::<IfaceConfig>() == 104);
+const _: () = assert!(size_of::<IfaceConfig>() == 128);
 
 /// One compiled rule. Addresses are 16 bytes: IPv4 as `::ffff:a.b.c.d`.
 #[repr(C)]

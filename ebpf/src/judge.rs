@@ -19,7 +19,7 @@ use moat_common::{
 
 use crate::{
     conntrack::{self, IcmpClass},
-    maps::{count, EVENTS, FRAGMENTS, IFACES, RULES, SCRATCH},
+    maps::{count, EVENTS, FRAGMENTS, IFACES, LOCAL_ADDRS, RULES, SCRATCH},
     packet::{parse, read_l4_detail, Packet, Parsed, FRAG_FIRST, FRAG_LATER},
 };
 
@@ -176,23 +176,47 @@ fn decide(
     w: &mut Walk,
     direction: u8,
 ) -> Decision {
+    // Forwarded: to (ingress) or from (egress) an address that is not the
+    // node's. Only when the agent keeps LOCAL_ADDRS in sync; otherwise
+    // every packet is host traffic, the stricter view.
+    let forwarded = iface.flags & moat_common::IFACE_KNOWS_LOCAL != 0
+        && !is_local(
+            if direction == moat_common::direction::INGRESS {
+                &w.pkt.dst
+            } else {
+                &w.pkt.src
+            },
+            w.pkt.ip_version,
+        );
     // `get`, not indexing: a failed bounds check would be a panic, which the
     // verifier refuses as code that does not end in exit.
+    let normal_kind = if forwarded {
+        table::FORWARD
+    } else {
+        table::POLICY
+    };
     let (Some(failsafe_table), Some(untracked_table), Some(pre_dnat_table), Some(policy_table)) = (
         iface.tables.get(table::index(direction, table::FAILSAFE)),
         iface.tables.get(table::index(direction, table::UNTRACKED)),
         iface.tables.get(table::index(direction, table::PRE_DNAT)),
-        iface.tables.get(table::index(direction, table::POLICY)),
+        iface.tables.get(table::index(direction, normal_kind)),
     ) else {
         return Decision::without_rule(verdict::DENY, reason::END_OF_POLICIES);
     };
-    // Failsafe traffic skips the untracked and pre-DNAT stages; it is still
-    // subject to connection tracking's INVALID, then accepted.
-    let failsafe = walk_table(failsafe_table, w);
+    // Failsafe traffic (never forwarded) skips the untracked and pre-DNAT
+    // stages; it is still subject to connection tracking's INVALID, then
+    // accepted.
+    let failsafe = if forwarded {
+        Decision::without_rule(verdict::NONE, 0)
+    } else {
+        walk_table(failsafe_table, w)
+    };
     let is_failsafe = failsafe.verdict == verdict::ALLOW;
 
     // 1. Untracked: before connection tracking; an Allow creates no entry.
-    if !is_failsafe {
+    // Forwarded traffic meets only the untracked ingress rules.
+    let skip_untracked = is_failsafe || (forwarded && direction == moat_common::direction::EGRESS);
+    if !skip_untracked {
         let untracked = walk_table(untracked_table, w);
         if untracked.verdict == verdict::ALLOW {
             count(direction, counter::UNTRACKED_ALLOWED);
@@ -253,17 +277,46 @@ fn decide(
         return failsafe;
     }
 
-    // 5. Normal policy.
+    // 5. Normal policy (applyOnForward policies for forwarded traffic).
     let policy = walk_table(policy_table, w);
     if policy.verdict == verdict::ALLOW {
         if policy.policy_id == NO_POLICY_ID {
-            count(direction, counter::PROFILE_ALLOWED);
+            count(
+                direction,
+                if forwarded {
+                    counter::FORWARDED_ALLOWED
+                } else {
+                    counter::PROFILE_ALLOWED
+                },
+            );
         } else {
             count(direction, counter::POLICY_ALLOWED);
         }
         conntrack::track(&w.pkt);
     }
     policy
+}
+
+/// Whether `addr` (of an IPv4 packet when `ip_version` is 4) is one of the
+/// node's addresses, or broadcast/multicast (delivered to the host itself).
+#[inline(always)]
+fn is_local(addr: &[u32; 4], ip_version: u8) -> bool {
+    // SAFETY: same size, every bit pattern valid.
+    let bytes = unsafe { core::mem::transmute::<[u32; 4], [u8; 16]>(*addr) };
+    let mapped = bytes[..12] == [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff];
+    if ip_version == 4 {
+        if bytes[12] & 0xf0 == 0xe0 || bytes[12..16] == [0xff; 4] {
+            return true;
+        }
+    } else if bytes[0] == 0xff {
+        return true;
+    } else if mapped {
+        // An IPv6 packet to a v4-mapped address is not to an IPv4 address
+        // of the node (whose keys look the same).
+        return false;
+    }
+    // SAFETY: read-only lookup.
+    unsafe { LOCAL_ADDRS.get(bytes) }.is_some()
 }
 
 #[inline(always)]

@@ -6,12 +6,16 @@ use aya_ebpf::{
 };
 use moat_common::{
     FlowKey, FlowState, FragKey, FragmentL4, IfaceConfig, RuleEntry, EVENTS_BYTES, MAX_FLOWS,
-    MAX_FRAGMENTS, MAX_IFACES, MAX_RULES,
+    MAX_FRAGMENTS, MAX_IFACES, MAX_LOCAL_ADDRS, MAX_RULES,
 };
 
 /// ifindex -> how the interface is enforced. Written by the agent.
-#[map(name = "MOAT_IFACES_V2")]
+#[map(name = "MOAT_IFACES_V3")]
 pub static IFACES: HashMap<u32, IfaceConfig> = HashMap::with_max_entries(MAX_IFACES, 0);
+
+/// Node address (IPv4 mapped) -> 1. Written by the agent, kept in sync.
+#[map(name = "MOAT_LOCAL_V1")]
+pub static LOCAL_ADDRS: HashMap<[u8; 16], u8> = HashMap::with_max_entries(MAX_LOCAL_ADDRS, 0);
 
 /// Slot -> compiled rule, two banks. Written by the agent.
 #[map(name = "MOAT_RULES_V1")]

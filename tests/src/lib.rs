@@ -48,10 +48,28 @@ pub struct Kernel {
 
 impl Kernel {
     pub fn new(set: PolicySet, iface: &str) -> Self {
+        Self::with_local(set, iface, &[])
+    }
+
+    /// Like `new`, and the node's addresses are `local` (none: the kernel
+    /// judges every packet as host traffic).
+    pub fn with_local(set: PolicySet, iface: &str, local: &[&str]) -> Self {
         let compiled = compile(&set, NODE, &[iface.to_string()])
             .unwrap_or_else(|e| panic!("compiling for {iface}: {e}"));
         let mut dataplane =
             Dataplane::load().unwrap_or_else(|e| panic!("loading the eBPF object: {e:?}"));
+        if !local.is_empty() {
+            let addrs = local
+                .iter()
+                .map(|a| {
+                    a.parse()
+                        .unwrap_or_else(|_| panic!("{a} is not an address"))
+                })
+                .collect();
+            dataplane
+                .set_local_addresses(&addrs)
+                .expect("local addresses");
+        }
         let mut by_index = BTreeMap::new();
         if let Some(c) = compiled.ifaces.get(iface) {
             by_index.insert(TEST_RUN_IFINDEX, c.clone());

@@ -683,3 +683,49 @@ spec:
     let counters = k.dataplane.counters().expect("counters");
     assert!(counters[0][moat_common::counter::UNTRACKED_ALLOWED as usize] >= 2);
 }
+
+#[test]
+fn forwarded_traffic_meets_apply_on_forward_policies_only() {
+    let mut k = Kernel::with_local(load_fixture("public"), "eth1", &[WORKER, WORKER6]);
+    let cases = vec![
+        // No applyOnForward policy on the public side: forwarded is allowed.
+        case(
+            "to a pod",
+            Packet::tcp(CLIENT, 40000, "172.30.1.5", 8080, SYN),
+            Expect::Pass,
+        ),
+        case(
+            "to a pod over ipv6",
+            Packet::udp("2001:db8:2::5", 40000, "2001:db8:30::5", 53),
+            Expect::Pass,
+        ),
+        // Host traffic still meets the host policies.
+        case(
+            "ssh to the host",
+            Packet::tcp(CLIENT, 40000, WORKER, 22, SYN),
+            Expect::Deny(reason::END_OF_POLICIES),
+        ),
+        // Conntrack's INVALID applies to forwarded traffic too.
+        case(
+            "unsolicited echo reply to a pod",
+            Packet::icmp(CLIENT, "172.30.1.5", 0, 0),
+            Expect::Deny(reason::CONNTRACK_INVALID),
+        ),
+    ];
+    for c in &cases {
+        k.forget_flows();
+        let passed = k.ingress(&c.frame);
+        let events = k.dataplane.drain_events();
+        let got = if passed {
+            Expect::Pass
+        } else {
+            Expect::Deny(events.last().map_or(0, |e| e.reason))
+        };
+        assert_eq!(got, c.expect, "{}", c.name);
+    }
+    let counters = k.dataplane.counters().expect("counters");
+    assert_eq!(
+        counters[0][moat_common::counter::FORWARDED_ALLOWED as usize],
+        2
+    );
+}
