@@ -23,6 +23,9 @@ pub struct AgentConfig {
     pub ifaces: Vec<String>,
     pub node: String,
     pub output: EventFormat,
+    /// Events per second each source may cause (0: no limit), and at once.
+    pub event_rate: u32,
+    pub event_burst: u32,
     pub xdp_mode: XdpAttachMode,
 }
 
@@ -175,6 +178,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     // The node's addresses first, so the tables tell forwarded traffic
     // apart from the start; then the tables; then attach: the programs
     // enforce from their first packet.
+    dataplane.set_event_rate(cfg.event_rate, cfg.event_burst)?;
     let mut local = local_addresses()?;
     dataplane.set_local_addresses(&local)?;
     info!(

@@ -110,6 +110,7 @@ pub struct Dataplane {
     conntrack: HashMap<MapData, FlowKey, FlowState>,
     fragments: HashMap<MapData, FragKey, FragmentL4>,
     local_addrs: HashMap<MapData, [u8; 16], u8>,
+    event_rate: Array<MapData, moat_common::EventRate>,
     /// The node's addresses in `local_addrs`, once the agent keeps them in
     /// sync (`None` before: every packet is judged as host traffic).
     local: Option<std::collections::BTreeSet<std::net::IpAddr>>,
@@ -161,6 +162,7 @@ impl Dataplane {
             conntrack: take(&mut ebpf, map_names::CONNTRACK)?,
             fragments: take(&mut ebpf, map_names::FRAGMENTS)?,
             local_addrs: take(&mut ebpf, map_names::LOCAL_ADDRS)?,
+            event_rate: take(&mut ebpf, map_names::EVENT_RATE)?,
             local: None,
             events: Some(take(&mut ebpf, map_names::EVENTS)?),
             ebpf,
@@ -375,6 +377,19 @@ impl Dataplane {
         }
         self.local = Some(addrs.clone());
         Ok((added, removed))
+    }
+
+    /// Limits each source address to `per_second` events (sustained) and
+    /// `burst` at once; `per_second` 0 lifts the limit. Suppressed events
+    /// are counted (`events_suppressed`), never silently lost.
+    pub fn set_event_rate(&mut self, per_second: u32, burst: u32) -> Result<(), DataplaneError> {
+        let rate = moat_common::EventRate { per_second, burst };
+        self.event_rate
+            .set(0, rate, 0)
+            .map_err(|source| DataplaneError::Map {
+                name: map_names::EVENT_RATE,
+                source,
+            })
     }
 
     /// Forgets every first fragment seen.

@@ -42,6 +42,13 @@ enum Command {
         output: moat::EventFormat,
         #[arg(long, value_enum, default_value_t)]
         xdp_mode: XdpAttachMode,
+        /// Deny and Log events each source address may cause per second,
+        /// sustained (0: no limit); the rest are counted as suppressed.
+        #[arg(long, default_value_t = 100)]
+        event_rate: u32,
+        /// Events a source may cause at once.
+        #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+        event_burst: u32,
     },
     /// Measure ns/packet of the XDP program through BPF_PROG_TEST_RUN.
     Bench {
@@ -120,6 +127,8 @@ fn main() -> ExitCode {
             node,
             output,
             xdp_mode,
+            event_rate,
+            event_burst,
         } => {
             let cfg = AgentConfig {
                 policies,
@@ -128,6 +137,8 @@ fn main() -> ExitCode {
                 node: node.unwrap_or_else(agent::default_node_name),
                 output,
                 xdp_mode,
+                event_rate,
+                event_burst,
             };
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)

@@ -17,6 +17,12 @@ pub mod map_names {
     /// `HashMap<u32 ifindex, IfaceConfig>`: which interfaces are enforced and
     /// where their rule tables start. Written by the agent.
     pub const IFACES: &str = "MOAT_IFACES_V3";
+    /// `Array<EventRate>` of one entry: how many events each source may
+    /// cause. Written by the agent.
+    pub const EVENT_RATE: &str = "MOAT_RATE_V1";
+    /// `LruHashMap<[u8; 16] source, EventBucket>`: each source's event
+    /// token bucket. Written by the programs.
+    pub const EVENT_BUCKETS: &str = "MOAT_BUCKETS_V1";
     /// `HashMap<[u8; 16] address, u8>`: the node's own addresses (IPv4
     /// mapped into IPv6). Written by the agent, which keeps it in sync.
     pub const LOCAL_ADDRS: &str = "MOAT_LOCAL_V1";
@@ -57,6 +63,9 @@ pub const WALK_CHUNKS: u32 = 4;
 pub const MAX_TABLE_RULES: u32 = WALK_CHUNK * WALK_CHUNKS;
 /// Capacity of `IFACES`.
 pub const MAX_IFACES: u32 = 64;
+/// Capacity of `EVENT_BUCKETS` (sources tracked at once; the least
+/// recently seen is forgotten, and starts again with a full bucket).
+pub const MAX_EVENT_SOURCES: u32 = 65536;
 /// Capacity of `LOCAL_ADDRS`.
 pub const MAX_LOCAL_ADDRS: u32 = 1024;
 /// Capacity of `CONNTRACK` (LRU: the least recently used flow is evicted).
@@ -138,8 +147,12 @@ pub mod counter {
     pub const PRE_DNAT_ALLOWED: u32 = 17;
     /// Forwarded, and no applyOnForward policy applies: accepted.
     pub const FORWARDED_ALLOWED: u32 = 18;
+    /// Events not written because their source exceeded its rate.
+    /// EVENTS_EMITTED + EVENTS_SUPPRESSED + EVENTS_LOST counts every event
+    /// (one per denied packet, one per Log rule hit).
+    pub const EVENTS_SUPPRESSED: u32 = 19;
     /// Number of counters per direction.
-    pub const COUNT: u32 = 19;
+    pub const COUNT: u32 = 20;
     /// Total entries of the `COUNTERS` array.
     pub const ENTRIES: u32 = COUNT * super::direction::COUNT as u32;
 
@@ -170,6 +183,7 @@ pub mod counter {
         "untracked_allowed",
         "pre_dnat_allowed",
         "forwarded_allowed",
+        "events_suppressed",
     ];
 }
 
@@ -399,6 +413,28 @@ pub struct HeaderDetail {
 }
 const _: () = assert!(size_of::<HeaderDetail>() == 36);
 
+/// Value of `EVENT_RATE`: a token bucket per source address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventRate {
+    /// Events a source may cause per second, sustained; 0: no limit.
+    pub per_second: u32,
+    /// Events a source may cause at once (the bucket's size).
+    pub burst: u32,
+}
+const _: () = assert!(size_of::<EventRate>() == 8);
+
+/// Value of `EVENT_BUCKETS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventBucket {
+    /// Thousandths of an event.
+    pub milli_tokens: u64,
+    /// `bpf_ktime_get_ns` of the last refill.
+    pub last_ns: u64,
+}
+const _: () = assert!(size_of::<EventBucket>() == 16);
+
 /// One record of the `EVENTS` ring buffer: a denied packet or a Log hit.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -466,4 +502,6 @@ mod user {
     unsafe impl aya::Pod for FragmentL4 {}
     unsafe impl aya::Pod for DenyEvent {}
     unsafe impl aya::Pod for HeaderDetail {}
+    unsafe impl aya::Pod for EventRate {}
+    unsafe impl aya::Pod for EventBucket {}
 }

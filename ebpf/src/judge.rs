@@ -13,13 +13,15 @@
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use moat_common::{
-    counter, reason, rule_match, table, verdict, DenyEvent, FragKey, FragmentL4, IfaceConfig,
-    RuleEntry, RuleTable, NO_POLICY_ID, NO_RULE_INDEX, WALK_CHUNK, WALK_CHUNKS,
+    counter, reason, rule_match, table, verdict, DenyEvent, EventBucket, FragKey, FragmentL4,
+    IfaceConfig, RuleEntry, RuleTable, NO_POLICY_ID, NO_RULE_INDEX, WALK_CHUNK, WALK_CHUNKS,
 };
 
 use crate::{
     conntrack::{self, IcmpClass},
-    maps::{count, EVENTS, FRAGMENTS, IFACES, LOCAL_ADDRS, RULES, SCRATCH},
+    maps::{
+        count, EVENTS, EVENT_BUCKETS, EVENT_RATE, FRAGMENTS, IFACES, LOCAL_ADDRS, RULES, SCRATCH,
+    },
     packet::{parse, read_l4_detail, Packet, Parsed, FRAG_FIRST, FRAG_LATER},
 };
 
@@ -507,8 +509,60 @@ fn deny(w: &Walk, d: &Decision) -> u8 {
 
 /// Writes an event into the ring buffer, field by field (building it on
 /// the stack first would cost 72 bytes of the 512 the verifier allows).
+/// Whether the packet's source may cause another event now (its token
+/// bucket has one); takes it. Counts a suppression when not.
+#[inline(always)]
+fn may_emit(w: &Walk) -> bool {
+    let Some(rate) = EVENT_RATE.get(0) else {
+        return true;
+    };
+    if rate.per_second == 0 {
+        return true;
+    }
+    // SAFETY: same size, every bit pattern valid.
+    let src = unsafe { core::mem::transmute::<[u32; 4], [u8; 16]>(w.pkt.src) };
+    let now = unsafe { bpf_ktime_get_ns() };
+    let full = rate.burst as u64 * 1000;
+    let Some(bucket) = EVENT_BUCKETS.get_ptr_mut(src) else {
+        // A new source starts with a full bucket, less this event.
+        let fresh = EventBucket {
+            milli_tokens: full.saturating_sub(1000),
+            last_ns: now,
+        };
+        if full < 1000 {
+            count(w.direction, counter::EVENTS_SUPPRESSED);
+            return false;
+        }
+        // If the insert fails the event still goes out: the limit is for
+        // floods, and counting stays exact either way.
+        let _ = EVENT_BUCKETS.insert(src, fresh, 0);
+        return true;
+    };
+    // SAFETY: a valid pointer into the map value; races with other CPUs
+    // only blur the count of tokens, never the accounting of events.
+    let bucket = unsafe { &mut *bucket };
+    let elapsed = now.saturating_sub(bucket.last_ns);
+    // Refill: `per_second` events per 1e6 us, in thousandths. Capping the
+    // elapsed time at 2^32 us (71 minutes, past any bucket's refill) keeps
+    // the product within 64 bits (BPF has no 128-bit multiply).
+    let micros = core::cmp::min(elapsed / 1000, u32::MAX as u64);
+    let refill = micros * rate.per_second as u64 / 1000;
+    let tokens = core::cmp::min(full, bucket.milli_tokens.saturating_add(refill));
+    bucket.last_ns = now;
+    if tokens < 1000 {
+        bucket.milli_tokens = tokens;
+        count(w.direction, counter::EVENTS_SUPPRESSED);
+        return false;
+    }
+    bucket.milli_tokens = tokens - 1000;
+    true
+}
+
 #[inline(always)]
 fn emit(w: &Walk, d: &Decision) {
+    if !may_emit(w) {
+        return;
+    }
     let Some(mut entry) = EVENTS.reserve::<DenyEvent>(0) else {
         count(w.direction, counter::EVENTS_LOST);
         return;

@@ -13,6 +13,15 @@ use moat_common::{
 #[map(name = "MOAT_IFACES_V3")]
 pub static IFACES: HashMap<u32, IfaceConfig> = HashMap::with_max_entries(MAX_IFACES, 0);
 
+/// The event rate limit (entry 0). Written by the agent.
+#[map(name = "MOAT_RATE_V1")]
+pub static EVENT_RATE: Array<moat_common::EventRate> = Array::with_max_entries(1, 0);
+
+/// Source address -> its event token bucket. Written here.
+#[map(name = "MOAT_BUCKETS_V1")]
+pub static EVENT_BUCKETS: LruHashMap<[u8; 16], moat_common::EventBucket> =
+    LruHashMap::with_max_entries(moat_common::MAX_EVENT_SOURCES, 0);
+
 /// Node address (IPv4 mapped) -> 1. Written by the agent, kept in sync.
 #[map(name = "MOAT_LOCAL_V1")]
 pub static LOCAL_ADDRS: HashMap<[u8; 16], u8> = HashMap::with_max_entries(MAX_LOCAL_ADDRS, 0);

@@ -729,3 +729,72 @@ fn forwarded_traffic_meets_apply_on_forward_policies_only() {
         2
     );
 }
+
+#[test]
+fn a_flood_is_rate_limited_per_source_and_every_event_is_accounted_for() {
+    use moat_common::counter;
+    let mut k = public();
+    k.dataplane.set_event_rate(10, 5).expect("rate");
+    let denied_total = |k: &Kernel| {
+        let c = k.dataplane.counters().expect("counters");
+        let d = &c[0];
+        let denied: u64 = [
+            counter::RULE_DENIED,
+            counter::END_OF_POLICIES_DENIED,
+            counter::NO_PROFILE_DENIED,
+            counter::UNPARSABLE_DENIED,
+            counter::CONNTRACK_INVALID_DENIED,
+            counter::FRAGMENT_DENIED,
+        ]
+        .iter()
+        .map(|i| d[*i as usize])
+        .sum();
+        (
+            denied,
+            d[counter::EVENTS_EMITTED as usize],
+            d[counter::EVENTS_SUPPRESSED as usize],
+            d[counter::EVENTS_LOST as usize],
+        )
+    };
+    let flood = |k: &mut Kernel, src: &str, n: u32| {
+        let frame = Packet::tcp(src, 40000, WORKER, 22, SYN).frame();
+        let (action, _) = k.dataplane.test_ingress(&frame, n).expect("test run");
+        assert_eq!(action, 1, "dropped");
+    };
+    flood(&mut k, CLIENT, 100_000);
+    let (denied, emitted, suppressed, lost) = denied_total(&k);
+    assert_eq!(denied, 100_000);
+    assert_eq!(
+        emitted + suppressed + lost,
+        denied,
+        "every denied packet's event is emitted, suppressed or lost"
+    );
+    // The bucket: 5 at once, then 10 a second for however long the run took.
+    assert!((5..=20).contains(&emitted), "emitted {emitted}");
+    assert_eq!(lost, 0);
+    assert_eq!(
+        k.dataplane.drain_events().len() as u64,
+        emitted,
+        "what was emitted is in the ring"
+    );
+    // Another source has a bucket of its own.
+    flood(&mut k, "198.18.1.3", 1000);
+    let (denied2, emitted2, suppressed2, lost2) = denied_total(&k);
+    assert_eq!(denied2, 101_000);
+    assert!(emitted2 - emitted >= 5, "a new source gets its burst");
+    assert_eq!(emitted2 + suppressed2 + lost2, denied2);
+    // No limit: every event is written until the ring is full, then lost.
+    k.dataplane.set_event_rate(0, 1).expect("rate");
+    k.dataplane.drain_events();
+    flood(&mut k, CLIENT, 20_000);
+    let (denied3, emitted3, suppressed3, lost3) = denied_total(&k);
+    assert_eq!(emitted3 + suppressed3 + lost3, denied3);
+    assert!(
+        lost3 > 0,
+        "20,000 events of 112 bytes overflow a 1 MiB ring"
+    );
+    assert_eq!(
+        suppressed3, suppressed2,
+        "nothing suppressed without a limit"
+    );
+}
