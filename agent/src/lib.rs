@@ -17,6 +17,7 @@ pub mod profiles;
 pub mod reference;
 pub mod resolve;
 pub mod selector;
+pub mod trace;
 
 /// `-o/--output` of `moat agent`: how each deny event is printed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]

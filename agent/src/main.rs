@@ -70,6 +70,32 @@ enum Command {
         #[arg(short, long, value_enum, default_value_t)]
         output: OutputFormat,
     },
+    /// Run a packet through the kernel program (BPF_PROG_TEST_RUN on the
+    /// object loaded with DIR's policy) beside the reference semantics;
+    /// exits 3 when they disagree.
+    Trace {
+        #[arg(long, value_name = "DIR")]
+        policies: PathBuf,
+        #[arg(long = "iface", value_name = "NAME")]
+        iface: String,
+        #[arg(long)]
+        node: Option<String>,
+        #[arg(long, default_value = "iks-2019")]
+        profile: String,
+        #[arg(
+            long,
+            value_name = "PACKET",
+            conflicts_with = "egress",
+            required_unless_present = "egress"
+        )]
+        ingress: Option<String>,
+        #[arg(long, value_name = "PACKET")]
+        egress: Option<String>,
+        #[arg(long)]
+        forwarded: bool,
+        #[arg(short, long, value_enum, default_value_t)]
+        output: OutputFormat,
+    },
     /// Validate and compile a policy directory without touching the kernel;
     /// exits non-zero when any resource is invalid.
     Check {
@@ -185,6 +211,42 @@ fn main() -> ExitCode {
                 output,
             ),
         },
+        Command::Trace {
+            policies,
+            iface,
+            node,
+            profile,
+            ingress,
+            egress,
+            forwarded,
+            output,
+        } => (|| {
+            moat::preflight::check()?;
+            let node = node.unwrap_or_else(agent::default_node_name);
+            let loaded = agent::load_policies(&policies, profile_arg(&profile).as_deref())?;
+            for e in &loaded.errors {
+                eprintln!("error: {e} (left out)");
+            }
+            let (dir, packet) = match (ingress, egress) {
+                (Some(p), _) => (moat_common::direction::INGRESS, p),
+                (None, Some(p)) => (moat_common::direction::EGRESS, p),
+                (None, None) => anyhow::bail!("--ingress or --egress PACKET"),
+            };
+            let query = moat::reference::Query {
+                forwarded,
+                established: false,
+            };
+            let t = moat::trace::trace(&loaded.set, &node, &iface, dir, &packet, query)?;
+            match output {
+                OutputFormat::Json => println!("{}", serde_json::to_string(&t)?),
+                OutputFormat::Text => print!("{}", t.text()),
+            }
+            Ok(if t.agree {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(3)
+            })
+        })(),
         Command::Bench {
             policies,
             iface,

@@ -211,3 +211,60 @@ fn bundled_profiles_apply_when_the_directory_has_no_policy() {
     );
     std::fs::remove_dir_all(&dir).expect("cleanup");
 }
+
+#[test]
+fn trace_runs_the_kernel_program_beside_the_reference() {
+    let dir = fixtures();
+    for (args, verdict) in [
+        (
+            vec!["--ingress", "tcp 198.18.66.7:40000 -> 198.18.1.1:52311"],
+            "deny",
+        ),
+        (
+            vec!["--ingress", "tcp 198.18.1.2:40000 -> 198.18.1.1:22"],
+            "deny",
+        ),
+        (vec!["--ingress", "icmp 198.18.1.2 -> 198.18.1.1"], "allow"),
+        (
+            vec![
+                "--ingress",
+                "udp [2001:db8:2::5]:53 -> [2001:db8:1::1]:5353",
+            ],
+            "deny",
+        ),
+        (
+            vec!["--egress", "tcp 198.18.1.1:40000 -> 203.0.113.9:443"],
+            "allow",
+        ),
+        (
+            vec![
+                "--ingress",
+                "tcp 203.0.113.9:40000 -> 172.30.1.5:80",
+                "--forwarded",
+            ],
+            "allow",
+        ),
+    ] {
+        let out = moat()
+            .args([
+                "trace",
+                "--policies",
+                &dir,
+                "--node",
+                "worker-1",
+                "--iface",
+                "eth1",
+                "-o",
+                "json",
+            ])
+            .args(&args)
+            .output()
+            .expect("moat runs");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{args:?}: {e}: {}", String::from_utf8_lossy(&out.stderr)));
+        assert!(out.status.success(), "{args:?}: {v}");
+        assert_eq!(v["agree"], true, "{args:?}: {v}");
+        assert_eq!(v["kernel"]["verdict"], verdict, "{args:?}: {v}");
+        assert_eq!(v["reference"]["verdict"], verdict, "{args:?}: {v}");
+    }
+}
