@@ -133,25 +133,17 @@ pub fn answer(
         }
         other => format!("{other:?}"),
     };
-    Ok(Answer {
-        packet: packet.into(),
-        iface: iface.into(),
+    Ok(Answer::new(
+        packet,
+        iface.into(),
         direction,
-        forwarded: query.forwarded,
-        established: query.established,
-        verdict: j.verdict,
-        stage: stage_name(j.stage).into(),
+        query,
+        j,
         policy,
         rule,
         decided_by,
-        logged: j
-            .logged
-            .into_iter()
-            .map(|(policy, rule)| Logged { policy, rule })
-            .collect(),
-        trace: j.trace,
         notes,
-    })
+    ))
 }
 
 /// Judges `packet` to or from the pod `namespace/name` (found among the
@@ -193,23 +185,20 @@ pub fn answer_pod(
         DecidedBy::ConntrackInvalid { why } => format!("connection tracking: INVALID ({why})"),
         other => format!("{other:?}"),
     };
-    Ok(Answer {
-        packet: packet.into(),
-        iface: format!("pod {namespace}/{name}"),
+    let notes = vec![
+        "this is Calico's verdict on the pod's interface; moat enforces host interfaces only and does not enforce pod policies".into(),
+    ];
+    Ok(Answer::new(
+        packet,
+        format!("pod {namespace}/{name}"),
         direction,
-        forwarded: query.forwarded,
-        established: query.established,
-        verdict: j.verdict,
-        stage: stage_name(j.stage).into(),
+        query,
+        j,
         policy,
         rule,
         decided_by,
-        logged: j.logged.into_iter().map(|(policy, rule)| Logged { policy, rule }).collect(),
-        trace: j.trace,
-        notes: vec![
-            "this is Calico's verdict on the pod's interface; moat enforces host interfaces only and does not enforce pod policies".into(),
-        ],
-    })
+        notes,
+    ))
 }
 
 fn stage_name(s: Stage) -> &'static str {
@@ -224,6 +213,39 @@ fn stage_name(s: Stage) -> &'static str {
 }
 
 impl Answer {
+    #[expect(clippy::too_many_arguments, reason = "each is one field of the answer")]
+    fn new(
+        packet: &str,
+        iface: String,
+        direction: &'static str,
+        query: Query,
+        j: crate::reference::Judgement,
+        policy: Option<String>,
+        rule: Option<usize>,
+        decided_by: String,
+        notes: Vec<String>,
+    ) -> Self {
+        Answer {
+            packet: packet.into(),
+            iface,
+            direction,
+            forwarded: query.forwarded,
+            established: query.established,
+            verdict: j.verdict,
+            stage: stage_name(j.stage).into(),
+            policy,
+            rule,
+            decided_by,
+            logged: j
+                .logged
+                .into_iter()
+                .map(|(policy, rule)| Logged { policy, rule })
+                .collect(),
+            trace: j.trace,
+            notes,
+        }
+    }
+
     /// The text form: verdict first, then the path.
     pub fn text(&self) -> String {
         let mut s = format!(

@@ -505,6 +505,32 @@ fn walk_stage<'a>(
     StageEnd::Undecided { applied }
 }
 
+/// What connection tracking decides on its own, for a packet that is the
+/// first of its connection unless `q.established`: INVALID is dropped
+/// (TCP flag combinations no stack sends, ICMP replies and errors with no
+/// flow, ICMP types it refuses), ESTABLISHED accepted; `None`: go on.
+fn conntrack_stage(f: &Fields, q: Query) -> Option<(Verdict, DecidedBy)> {
+    if f.protocol == 6 && !tcp_flags_valid(f.tcp_flags) {
+        return Some((
+            Verdict::Deny,
+            DecidedBy::ConntrackInvalid { why: TCP_FLAGS },
+        ));
+    }
+    if q.established {
+        return Some((Verdict::Allow, DecidedBy::Conntrack));
+    }
+    if !f.is_icmp() {
+        return None;
+    }
+    let why = match icmp_class(f.ip_version, f.icmp_type) {
+        IcmpClass::Query | IcmpClass::Untracked => return None,
+        IcmpClass::Error => "ICMP error about no tracked flow",
+        IcmpClass::Reply => "ICMP reply to no tracked request",
+        IcmpClass::Invalid => "ICMP type connection tracking refuses",
+    };
+    Some((Verdict::Deny, DecidedBy::ConntrackInvalid { why }))
+}
+
 /// Judges parsed header fields on `hep`: untracked, conntrack, pre-DNAT,
 /// failsafe and normal stages, as Calico does.
 pub fn evaluate(set: &PolicySet, hep: &HostEndpoint, dir: u8, f: &Fields, q: Query) -> Judgement {
@@ -571,40 +597,8 @@ pub fn evaluate(set: &PolicySet, hep: &HostEndpoint, dir: u8, f: &Fields, q: Que
     }
 
     // 2. Connection tracking: INVALID is dropped, ESTABLISHED accepted.
-    if f.protocol == 6 && !tcp_flags_valid(f.tcp_flags) {
-        return done(
-            Verdict::Deny,
-            DecidedBy::ConntrackInvalid { why: TCP_FLAGS },
-            Stage::Conntrack,
-            trace,
-            logged,
-        );
-    }
-    if q.established {
-        return done(
-            Verdict::Allow,
-            DecidedBy::Conntrack,
-            Stage::Conntrack,
-            trace,
-            logged,
-        );
-    }
-    if f.is_icmp() {
-        let why = match icmp_class(f.ip_version, f.icmp_type) {
-            IcmpClass::Query | IcmpClass::Untracked => None,
-            IcmpClass::Error => Some("ICMP error about no tracked flow"),
-            IcmpClass::Reply => Some("ICMP reply to no tracked request"),
-            IcmpClass::Invalid => Some("ICMP type connection tracking refuses"),
-        };
-        if let Some(why) = why {
-            return done(
-                Verdict::Deny,
-                DecidedBy::ConntrackInvalid { why },
-                Stage::Conntrack,
-                trace,
-                logged,
-            );
-        }
+    if let Some((verdict, by)) = conntrack_stage(f, q) {
+        return done(verdict, by, Stage::Conntrack, trace, logged);
     }
 
     // 3. Pre-DNAT (ingress only, new connections, host and forwarded).
@@ -810,23 +804,8 @@ pub fn evaluate_workload(
         logged,
         trace,
     };
-    if f.protocol == 6 && !tcp_flags_valid(f.tcp_flags) {
-        return done(
-            Verdict::Deny,
-            DecidedBy::ConntrackInvalid { why: TCP_FLAGS },
-            Stage::Conntrack,
-            trace,
-            logged,
-        );
-    }
-    if q.established {
-        return done(
-            Verdict::Allow,
-            DecidedBy::Conntrack,
-            Stage::Conntrack,
-            trace,
-            logged,
-        );
+    if let Some((verdict, by)) = conntrack_stage(f, q) {
+        return done(verdict, by, Stage::Conntrack, trace, logged);
     }
     let policies = set.policies.iter().filter(|p| {
         let in_scope = match (&p.namespace, &p.namespace_selector) {
