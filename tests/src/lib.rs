@@ -323,8 +323,9 @@ impl KernelLog {
         KernelLog { fd }
     }
 
-    /// The next message containing `needle`, waiting up to 5 s.
-    pub fn find(&self, needle: &str) -> Option<String> {
+    /// The next message containing every one of `needles`, waiting up to
+    /// 5 s.
+    pub fn find(&self, needles: &[&str]) -> Option<String> {
         use std::os::fd::AsRawFd;
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         let mut buf = vec![0u8; 8192];
@@ -341,7 +342,7 @@ impl KernelLog {
                 .split_once(';')
                 .map(|(_, m)| m.trim_end().to_string())
                 .unwrap_or_default();
-            if message.contains(needle) {
+            if needles.iter().all(|n| message.contains(n)) {
                 return Some(message);
             }
         }

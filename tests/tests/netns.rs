@@ -378,8 +378,24 @@ fn iptables_lines_match_the_kernel_log_target_field_for_field() {
     let mut kernel_lines = Vec::new();
     for (what, from, ifname, frame) in &frames {
         send_frame(&from.name, ifname, frame.clone());
+        // This packet's line, not one about the namespaces' own background
+        // traffic: the kernel prints the source address as moat parses it.
+        let src = match moat::reference::parse(frame) {
+            moat::reference::Frame::Ip(f) => match f.src {
+                std::net::IpAddr::V4(a) => format!("SRC={a} "),
+                std::net::IpAddr::V6(a) => format!(
+                    "SRC={} ",
+                    a.segments()
+                        .iter()
+                        .map(|s| format!("{s:04x}"))
+                        .collect::<Vec<_>>()
+                        .join(":")
+                ),
+            },
+            other => panic!("{what}: {other:?}"),
+        };
         let line = log
-            .find("calico-packet:")
+            .find(&["calico-packet:", &src])
             .unwrap_or_else(|| panic!("{what}: no kernel LOG line"));
         kernel_lines.push(line);
     }
@@ -387,7 +403,22 @@ fn iptables_lines_match_the_kernel_log_target_field_for_field() {
     let mut agent = Agent::start_with(&worker, "iptables");
     for ((what, from, ifname, frame), kernel) in frames.iter().zip(&kernel_lines) {
         send_frame(&from.name, ifname, frame.clone());
-        let ours = agent.expect_line(what);
+        // The node's own background traffic (IPv6 router solicitations, MLD
+        // reports) is denied and printed too: take the line about this
+        // packet, by its addresses.
+        let addresses: Vec<&str> = kernel
+            .split_whitespace()
+            .filter(|w| w.starts_with("SRC=") || w.starts_with("DST="))
+            .collect();
+        let ours = loop {
+            let line = agent.expect_line(what);
+            if addresses
+                .iter()
+                .all(|a| line.split_whitespace().any(|w| w == *a))
+            {
+                break line;
+            }
+        };
         let (k, o): (Vec<&str>, Vec<&str>) = (
             kernel[kernel.find("calico-packet:").expect("prefix")..]
                 .split_whitespace()
