@@ -44,6 +44,10 @@ pub enum DataplaneError {
         source: aya::programs::ProgramError,
     },
     #[error(
+        "another XDP program is already attached to {iface} (Calico's, another moat agent's, ...); moat does not replace it: detach it first (`ip link set dev {iface} xdp off` for one attached by netlink)"
+    )]
+    XdpBusy { iface: String },
+    #[error(
         "attaching XDP to {iface} failed: {source} (try --xdp-mode skb if the driver lacks native XDP)"
     )]
     AttachXdp {
@@ -197,12 +201,23 @@ impl Dataplane {
     /// Attaches XDP (ingress) and TC egress to `iface`. Both detach when the
     /// `Dataplane` is dropped.
     pub fn attach(&mut self, iface: &str, mode: XdpAttachMode) -> Result<(), DataplaneError> {
-        self.xdp()?
-            .attach(iface, mode.mode())
-            .map_err(|source| DataplaneError::AttachXdp {
-                iface: iface.to_string(),
-                source,
-            })?;
+        self.xdp()?.attach(iface, mode.mode()).map_err(|source| {
+            // The kernel refuses a link while another program holds the
+            // hook (EBUSY); aya only falls back to netlink (which would
+            // replace it) on EINVAL, so nothing is replaced silently.
+            let busy = matches!(&source, aya::programs::ProgramError::SyscallError(e)
+                    if e.io_error.raw_os_error() == Some(libc::EBUSY));
+            if busy {
+                DataplaneError::XdpBusy {
+                    iface: iface.to_string(),
+                }
+            } else {
+                DataplaneError::AttachXdp {
+                    iface: iface.to_string(),
+                    source,
+                }
+            }
+        })?;
         // TCX (kernel >= 6.6) needs no qdisc; older kernels need clsact.
         let tcx = aya::util::KernelVersion::current()
             .is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 6, 0));

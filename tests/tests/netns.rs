@@ -430,3 +430,49 @@ fn iptables_lines_match_the_kernel_log_target_field_for_field() {
     }
     agent.stop();
 }
+
+#[test]
+fn a_second_agent_does_not_take_over_an_attached_interface() {
+    let worker = Netns::new("mw");
+    let client = Netns::new("mc");
+    let peer = Netns::new("mp");
+    veth(
+        &worker,
+        "eth1",
+        "198.18.1.1/24",
+        &client,
+        "eth0",
+        "198.18.1.2/24",
+    );
+    veth(
+        &worker,
+        "eth0",
+        "198.18.0.1/24",
+        &peer,
+        "eth0",
+        "198.18.0.2/24",
+    );
+    let first = Agent::start(&worker);
+    let second = worker
+        .command(moat_tests::moat_bin().to_str().expect("utf-8 path"))
+        .args(["agent", "--policies"])
+        .arg(fixtures().join("public"))
+        .args(["--iface", "eth1", "--node", "worker-1"])
+        .output()
+        .expect("second agent runs");
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        !second.status.success(),
+        "the second agent must refuse: {stderr}"
+    );
+    assert!(
+        stderr.contains("another XDP program is already attached to eth1"),
+        "{stderr}"
+    );
+    // The first one still enforces.
+    assert_eq!(
+        connect(&client, "198.18.1.1:22"),
+        Err(std::io::ErrorKind::TimedOut)
+    );
+    first.stop();
+}
