@@ -416,6 +416,11 @@ impl Dataplane {
         Ok(())
     }
 
+    /// Every tracked flow orientation and its state.
+    pub fn conntrack_entries(&self) -> Vec<(FlowKey, FlowState)> {
+        self.conntrack.iter().filter_map(Result::ok).collect()
+    }
+
     /// Number of tracked flow orientations.
     pub fn conntrack_len(&self) -> usize {
         self.conntrack.keys().count()

@@ -174,10 +174,27 @@ fn lookup(key: &FlowKey, tcp_flags: u8) -> bool {
     if key.protocol == ip_proto::TCP && tcp_flags & (TCP_FIN | TCP_RST) != 0 {
         state.flags |= FLOW_CLOSING;
         state.last_seen_ns = now;
+        close_other_orientation(key, now);
     } else if age > flow_timeout::REFRESH {
         state.last_seen_ns = now;
     }
     true
+}
+
+/// Marks the opposite orientation of TCP flow `key` closing too, or it
+/// would linger for the established timeout.
+///
+/// Verifier note: out of line. Inlined into `lookup`, this second map
+/// lookup doubled the paths through it and the program passed the
+/// verifier's 1M-instruction budget.
+#[inline(never)]
+fn close_other_orientation(key: &FlowKey, now: u64) {
+    if let Some(other) = CONNTRACK.get_ptr_mut(reverse(key, false)) {
+        // SAFETY: a valid pointer into the map value.
+        let other = unsafe { &mut *other };
+        other.flags |= FLOW_CLOSING;
+        other.last_seen_ns = now;
+    }
 }
 
 /// Whether `pkt` belongs to a tracked flow (ESTABLISHED).

@@ -798,3 +798,28 @@ fn a_flood_is_rate_limited_per_source_and_every_event_is_accounted_for() {
         "nothing suppressed without a limit"
     );
 }
+
+#[test]
+fn a_fin_closes_both_orientations_of_a_flow() {
+    let mut k = public();
+    k.forget_flows();
+    assert!(k.egress(&Packet::tcp(WORKER, 50000, "198.18.5.5", 443, SYN).frame()));
+    let entries = k.dataplane.conntrack_entries();
+    assert_eq!(entries.len(), 2, "both orientations tracked: {entries:?}");
+    assert!(entries
+        .iter()
+        .all(|(_, s)| s.flags & moat_common::FLOW_CLOSING == 0));
+    // The peer closes.
+    assert!(
+        k.ingress(&Packet::tcp("198.18.5.5", 443, WORKER, 50000, 0x11).frame()),
+        "FIN,ACK of a tracked flow"
+    );
+    let entries = k.dataplane.conntrack_entries();
+    assert_eq!(entries.len(), 2);
+    assert!(
+        entries
+            .iter()
+            .all(|(_, s)| s.flags & moat_common::FLOW_CLOSING != 0),
+        "both orientations expire on the closing timeout: {entries:?}"
+    );
+}
