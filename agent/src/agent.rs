@@ -26,6 +26,8 @@ pub struct AgentConfig {
     /// Events per second each source may cause (0: no limit), and at once.
     pub event_rate: u32,
     pub event_burst: u32,
+    /// Audit mode: report would-be denies, drop nothing.
+    pub audit: bool,
     pub xdp_mode: XdpAttachMode,
 }
 
@@ -179,6 +181,10 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     // apart from the start; then the tables; then attach: the programs
     // enforce from their first packet.
     dataplane.set_event_rate(cfg.event_rate, cfg.event_burst)?;
+    dataplane.set_audit(cfg.audit);
+    if cfg.audit {
+        warn!("audit mode: nothing is dropped; would-be denies are reported with verdict AUDIT");
+    }
     let mut local = local_addresses()?;
     dataplane.set_local_addresses(&local)?;
     info!(

@@ -13,7 +13,7 @@ use aya::{
 };
 use moat_common::{
     counter, direction, map_names, program_names, DenyEvent, FlowKey, FlowState, FragKey,
-    FragmentL4, IfaceConfig, RuleEntry, RuleTable, IFACE_ENFORCED, IFACE_KNOWS_LOCAL,
+    FragmentL4, IfaceConfig, RuleEntry, RuleTable, IFACE_AUDIT, IFACE_ENFORCED, IFACE_KNOWS_LOCAL,
     MAX_TABLE_RULES, RULE_BANK_SIZE,
 };
 
@@ -118,6 +118,8 @@ pub struct Dataplane {
     /// The node's addresses in `local_addrs`, once the agent keeps them in
     /// sync (`None` before: every packet is judged as host traffic).
     local: Option<std::collections::BTreeSet<std::net::IpAddr>>,
+    /// Audit mode for the interfaces applied from now on.
+    audit: bool,
     events: Option<RingBuf<MapData>>,
     /// Bank the tables in force live in (0 or 1); `None` before the first apply.
     active_bank: Option<u32>,
@@ -168,6 +170,7 @@ impl Dataplane {
             local_addrs: take(&mut ebpf, map_names::LOCAL_ADDRS)?,
             event_rate: take(&mut ebpf, map_names::EVENT_RATE)?,
             local: None,
+            audit: false,
             events: Some(take(&mut ebpf, map_names::EVENTS)?),
             ebpf,
             active_bank: None,
@@ -271,7 +274,8 @@ impl Dataplane {
                         IFACE_KNOWS_LOCAL
                     } else {
                         0
-                    },
+                    }
+                    | if self.audit { IFACE_AUDIT } else { 0 },
                 generation,
                 ..Default::default()
             };
@@ -392,6 +396,13 @@ impl Dataplane {
         }
         self.local = Some(addrs.clone());
         Ok((added, removed))
+    }
+
+    /// Audit mode: every verdict is computed, counted and reported, but
+    /// nothing is dropped (events say `verdict::AUDIT` where a packet would
+    /// have been denied). Takes effect at the next `apply`.
+    pub fn set_audit(&mut self, audit: bool) {
+        self.audit = audit;
     }
 
     /// Limits each source address to `per_second` events (sustained) and

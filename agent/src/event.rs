@@ -66,7 +66,8 @@ pub struct ResolvedEvent {
     pub time: String,
     pub iface: String,
     pub direction: &'static str,
-    /// "deny" or "log".
+    /// "deny", "log", or "audit" (would have been denied; audit mode let it
+    /// pass).
     pub verdict: &'static str,
     pub reason: &'static str,
     /// Deciding policy, absent for default deny, parse errors, conntrack.

@@ -49,6 +49,11 @@ enum Command {
         /// Events a source may cause at once.
         #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
         event_burst: u32,
+        /// Audit mode: compute, count and report every verdict, drop
+        /// nothing (would-be denies are reported with verdict AUDIT), to
+        /// compare with the firewall in force before enforcing.
+        #[arg(long)]
+        audit: bool,
     },
     /// Measure ns/packet of the XDP program through BPF_PROG_TEST_RUN.
     Bench {
@@ -155,6 +160,7 @@ fn main() -> ExitCode {
             xdp_mode,
             event_rate,
             event_burst,
+            audit,
         } => {
             let cfg = AgentConfig {
                 policies,
@@ -165,6 +171,7 @@ fn main() -> ExitCode {
                 xdp_mode,
                 event_rate,
                 event_burst,
+                audit,
             };
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)

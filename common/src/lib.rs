@@ -96,6 +96,9 @@ pub mod verdict {
     pub const LOG: u8 = 3;
     /// Skip the remaining policies and hand the packet to the profiles.
     pub const PASS: u8 = 4;
+    /// In events: the packet would have been denied, and passed because the
+    /// interface is in audit mode.
+    pub const AUDIT: u8 = 5;
 }
 
 /// Why a packet was denied (or, for `LOG`, why it was reported).
@@ -151,8 +154,11 @@ pub mod counter {
     /// EVENTS_EMITTED + EVENTS_SUPPRESSED + EVENTS_LOST counts every event
     /// (one per denied packet, one per Log rule hit).
     pub const EVENTS_SUPPRESSED: u32 = 19;
+    /// Would have been denied (counted under its reason too), passed
+    /// because the interface is in audit mode.
+    pub const AUDIT_PASSED: u32 = 20;
     /// Number of counters per direction.
-    pub const COUNT: u32 = 20;
+    pub const COUNT: u32 = 21;
     /// Total entries of the `COUNTERS` array.
     pub const ENTRIES: u32 = COUNT * super::direction::COUNT as u32;
 
@@ -184,6 +190,7 @@ pub mod counter {
         "pre_dnat_allowed",
         "forwarded_allowed",
         "events_suppressed",
+        "audit_passed",
     ];
 }
 
@@ -268,6 +275,10 @@ pub const IFACE_ENFORCED: u32 = 1;
 /// packet to (ingress) or from (egress) another address is forwarded.
 /// Without it every packet is judged as host traffic (the stricter view).
 pub const IFACE_KNOWS_LOCAL: u32 = 2;
+/// `IfaceConfig::flags`: audit mode: every verdict is computed, counted and
+/// reported, but a packet that would be denied passes (its event says
+/// `verdict::AUDIT`).
+pub const IFACE_AUDIT: u32 = 4;
 
 /// Value of `IFACES`: how one interface is enforced.
 #[repr(C)]
@@ -452,7 +463,8 @@ pub struct DenyEvent {
     pub sport: u16,
     pub dport: u16,
     pub direction: u8,
-    /// `verdict::DENY` or `verdict::LOG`.
+    /// `verdict::DENY`, `verdict::LOG`, or `verdict::AUDIT` (would be
+    /// denied; audit mode let it pass).
     pub verdict: u8,
     /// A `reason` constant.
     pub reason: u8,

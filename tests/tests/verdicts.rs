@@ -823,3 +823,52 @@ fn a_fin_closes_both_orientations_of_a_flow() {
         "both orientations expire on the closing timeout: {entries:?}"
     );
 }
+
+#[test]
+fn audit_mode_reports_would_be_denies_and_drops_nothing() {
+    let set = load_fixture("public");
+    let compiled =
+        moat::compile::compile(&set, moat_tests::NODE, &["eth1".into()]).expect("compiles");
+    let mut dataplane = moat::dataplane::Dataplane::load().expect("loads");
+    dataplane.set_audit(true);
+    dataplane
+        .apply(
+            &std::collections::BTreeMap::from([(
+                TEST_RUN_IFINDEX,
+                compiled.ifaces["eth1"].clone(),
+            )]),
+            1,
+        )
+        .expect("applies");
+    let ssh = Packet::tcp(CLIENT, 40000, WORKER, 22, SYN).frame();
+    let (action, _) = dataplane.test_ingress(&ssh, 1).expect("runs");
+    assert_eq!(action, 2, "XDP_PASS: audit drops nothing");
+    let events = dataplane.drain_events();
+    assert_eq!(events.len(), 1);
+    assert_eq!(
+        (events[0].verdict, events[0].reason),
+        (verdict::AUDIT, reason::END_OF_POLICIES)
+    );
+    let watched = Packet::tcp("198.18.66.7", 40000, WORKER, 52311, SYN).frame();
+    assert_eq!(dataplane.test_ingress(&watched, 1).expect("runs").0, 2);
+    let events = dataplane.drain_events();
+    let verdicts: Vec<u8> = events.iter().map(|e| e.verdict).collect();
+    assert_eq!(
+        verdicts,
+        [verdict::LOG, verdict::AUDIT],
+        "the Log rule still logs; the deny is reported"
+    );
+    assert_eq!(
+        compiled.policy_name(events[1].policy_id),
+        Some("deny-watched")
+    );
+    let counters = dataplane.counters().expect("counters");
+    let c = &counters[0];
+    assert_eq!(c[moat_common::counter::AUDIT_PASSED as usize], 2);
+    assert_eq!(
+        c[moat_common::counter::END_OF_POLICIES_DENIED as usize],
+        1,
+        "would-be denies are counted by reason"
+    );
+    assert_eq!(c[moat_common::counter::RULE_DENIED as usize], 1);
+}
