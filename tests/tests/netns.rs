@@ -48,6 +48,31 @@ fn ping(ns: &Netns, to: &str) -> bool {
         .success()
 }
 
+/// The test worker (public `eth1` 198.18.1.1, private `eth0` 198.18.0.1),
+/// a public client (198.18.1.2) and a private peer (198.18.0.2).
+fn lab() -> (Netns, Netns, Netns) {
+    let worker = Netns::new("mw");
+    let client = Netns::new("mc");
+    let peer = Netns::new("mp");
+    veth(
+        &worker,
+        "eth1",
+        "198.18.1.1/24",
+        &client,
+        "eth0",
+        "198.18.1.2/24",
+    );
+    veth(
+        &worker,
+        "eth0",
+        "198.18.0.1/24",
+        &peer,
+        "eth0",
+        "198.18.0.2/24",
+    );
+    (worker, client, peer)
+}
+
 struct Agent {
     child: Child,
     events: mpsc::Receiver<serde_json::Value>,
@@ -165,25 +190,7 @@ impl Drop for Agent {
 
 #[test]
 fn public_client_and_private_peer_through_the_agent() {
-    let worker = Netns::new("mw");
-    let client = Netns::new("mc");
-    let peer = Netns::new("mp");
-    veth(
-        &worker,
-        "eth1",
-        "198.18.1.1/24",
-        &client,
-        "eth0",
-        "198.18.1.2/24",
-    );
-    veth(
-        &worker,
-        "eth0",
-        "198.18.0.1/24",
-        &peer,
-        "eth0",
-        "198.18.0.2/24",
-    );
+    let (worker, client, peer) = lab();
     listen(&worker, "0.0.0.0:22");
     listen(&worker, "0.0.0.0:52311");
 
@@ -268,25 +275,7 @@ fn iptables_lines_match_the_kernel_log_target_field_for_field() {
     use moat::frame::Packet;
     use moat_tests::{mac_of, send_frame, KernelLog};
 
-    let worker = Netns::new("mw");
-    let client = Netns::new("mc");
-    let peer = Netns::new("mp");
-    veth(
-        &worker,
-        "eth1",
-        "198.18.1.1/24",
-        &client,
-        "eth0",
-        "198.18.1.2/24",
-    );
-    veth(
-        &worker,
-        "eth0",
-        "198.18.0.1/24",
-        &peer,
-        "eth0",
-        "198.18.0.2/24",
-    );
+    let (worker, client, peer) = lab();
     worker.exec(
         "ip",
         &[
@@ -433,25 +422,7 @@ fn iptables_lines_match_the_kernel_log_target_field_for_field() {
 
 #[test]
 fn a_second_agent_does_not_take_over_an_attached_interface() {
-    let worker = Netns::new("mw");
-    let client = Netns::new("mc");
-    let peer = Netns::new("mp");
-    veth(
-        &worker,
-        "eth1",
-        "198.18.1.1/24",
-        &client,
-        "eth0",
-        "198.18.1.2/24",
-    );
-    veth(
-        &worker,
-        "eth0",
-        "198.18.0.1/24",
-        &peer,
-        "eth0",
-        "198.18.0.2/24",
-    );
+    let (worker, client, _peer) = lab();
     let first = Agent::start(&worker);
     let second = worker
         .command(moat_tests::moat_bin().to_str().expect("utf-8 path"))
