@@ -253,7 +253,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     }
     let counters = dataplane.counters()?;
     for (d, row) in counters.iter().enumerate() {
-        let dir = if d == 0 { "ingress" } else { "egress" };
+        let dir = moat_common::direction::name(d as u8);
         let nonzero: Vec<String> = row
             .iter()
             .enumerate()

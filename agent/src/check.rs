@@ -54,11 +54,7 @@ pub fn answer(
     query: Query,
 ) -> anyhow::Result<Answer> {
     let fields = packet_spec::parse(packet)?;
-    let direction = if dir == moat_common::direction::INGRESS {
-        "ingress"
-    } else {
-        "egress"
-    };
+    let direction = moat_common::direction::name(dir);
     let mut notes = Vec::new();
     let pods: Vec<String> = set
         .policies
@@ -161,11 +157,7 @@ pub fn answer_pod(
     let pod = crate::reference::Workload::find(set, namespace, name).ok_or_else(|| {
         anyhow::anyhow!("no Pod {namespace}/{name} among the objects read (add its `kubectl get pod -o yaml` to the directory)")
     })?;
-    let direction = if dir == moat_common::direction::INGRESS {
-        "ingress"
-    } else {
-        "egress"
-    };
+    let direction = moat_common::direction::name(dir);
     let j = crate::reference::evaluate_workload(set, &pod, dir, &fields, query);
     let (policy, rule) = match &j.by {
         DecidedBy::Rule { policy, rule, .. } => (

@@ -107,15 +107,14 @@ pub fn endpoint_for<'a>(
 pub fn compile(set: &PolicySet, node: &str, ifaces: &[String]) -> Result<Compiled, CompileError> {
     let mut out = Compiled {
         policy_names: set.policies.iter().map(|p| p.name.clone()).collect(),
+        pod_policies: set
+            .policies
+            .iter()
+            .filter(|p| !p.can_select_host_endpoints())
+            .map(|p| p.resource())
+            .collect(),
         ..Default::default()
     };
-    let mut enforced = vec![true; set.policies.len()];
-    for (i, p) in set.policies.iter().enumerate() {
-        if !p.can_select_host_endpoints() {
-            out.pod_policies.push(p.resource());
-            enforced[i] = false;
-        }
-    }
     for iface in ifaces {
         let Some(hep) = endpoint_for(set, node, iface)? else {
             out.unenforced.push(iface.clone());
@@ -150,7 +149,10 @@ pub fn compile(set: &PolicySet, node: &str, ifaces: &[String]) -> Result<Compile
                 let mut rules = Vec::new();
                 let mut applies = false;
                 for (id, policy) in set.policies.iter().enumerate() {
-                    if !enforced[id] || !in_stage(policy) || !policy.selector.matches(&hep.labels) {
+                    if !policy.can_select_host_endpoints()
+                        || !in_stage(policy)
+                        || !policy.selector.matches(&hep.labels)
+                    {
                         continue;
                     }
                     let Some(list) = policy.rules(dir) else {

@@ -283,13 +283,7 @@ impl Dataplane {
                 if spec.rules.len() > MAX_TABLE_RULES as usize {
                     return Err(DataplaneError::TableTooLong {
                         iface: iface.name.clone(),
-                        direction: if slot / moat_common::table::KINDS
-                            == direction::INGRESS as usize
-                        {
-                            "ingress"
-                        } else {
-                            "egress"
-                        },
+                        direction: direction::name((slot / moat_common::table::KINDS) as u8),
                         table: if slot % moat_common::table::KINDS == moat_common::table::FAILSAFE {
                             "failsafe"
                         } else {

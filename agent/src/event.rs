@@ -107,11 +107,7 @@ pub fn resolve(
     ResolvedEvent {
         time: rfc3339(wall),
         iface: iface_name(e.ifindex),
-        direction: if e.direction == direction::INGRESS {
-            "ingress"
-        } else {
-            "egress"
-        },
+        direction: direction::name(e.direction),
         verdict: if e.verdict == verdict::LOG {
             "log"
         } else {

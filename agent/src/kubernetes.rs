@@ -268,6 +268,43 @@ fn peers(raw: &Option<Vec<RawPeer>>, ns: &str, field: &str) -> FieldResult<Vec<E
     Ok(out)
 }
 
+/// The Allow rules of one ingress (`peer_is_source`) or egress rule: one per
+/// peer and protocol, the ports on the destination.
+fn allow_rules(
+    peer_list: &Option<Vec<RawPeer>>,
+    ports: &Option<Vec<RawPort>>,
+    ns: &str,
+    field: &str,
+    peer_key: &str,
+    peer_is_source: bool,
+) -> FieldResult<Vec<Rule>> {
+    let mut out = Vec::new();
+    for peer in peers(peer_list, ns, &format!("{field}.{peer_key}"))? {
+        for (protocol, ports) in port_groups(
+            ports.as_deref().unwrap_or_default(),
+            &format!("{field}.ports"),
+        )? {
+            let (source, mut destination) = if peer_is_source {
+                (peer.clone(), EntityMatch::default())
+            } else {
+                (EntityMatch::default(), peer.clone())
+            };
+            destination.ports = ports;
+            out.push(Rule {
+                action: Action::Allow,
+                protocol,
+                not_protocol: None,
+                icmp: None,
+                not_icmp: None,
+                ip_version: None,
+                source,
+                destination,
+            });
+        }
+    }
+    Ok(out)
+}
+
 /// Converts a Kubernetes NetworkPolicy as Calico does: order 1000, the
 /// pods of its namespace, one Allow rule per peer and protocol.
 pub fn network_policy(
@@ -305,50 +342,13 @@ pub fn network_policy(
     };
     let mut ingress = Vec::new();
     for (i, r) in ingress_raw.iter().enumerate() {
-        let f = format!("spec.ingress[{i}]");
-        for source in peers(&r.from, ns, &format!("{f}.from"))? {
-            for (protocol, ports) in port_groups(
-                r.ports.as_deref().unwrap_or_default(),
-                &format!("{f}.ports"),
-            )? {
-                ingress.push(Rule {
-                    action: Action::Allow,
-                    protocol,
-                    not_protocol: None,
-                    icmp: None,
-                    not_icmp: None,
-                    ip_version: None,
-                    source: source.clone(),
-                    destination: EntityMatch {
-                        ports,
-                        ..Default::default()
-                    },
-                });
-            }
-        }
+        let field = format!("spec.ingress[{i}]");
+        ingress.extend(allow_rules(&r.from, &r.ports, ns, &field, "from", true)?);
     }
     let mut egress = Vec::new();
     for (i, r) in egress_raw.iter().enumerate() {
-        let f = format!("spec.egress[{i}]");
-        for dest in peers(&r.to, ns, &format!("{f}.to"))? {
-            for (protocol, ports) in port_groups(
-                r.ports.as_deref().unwrap_or_default(),
-                &format!("{f}.ports"),
-            )? {
-                let mut destination = dest.clone();
-                destination.ports = ports;
-                egress.push(Rule {
-                    action: Action::Allow,
-                    protocol,
-                    not_protocol: None,
-                    icmp: None,
-                    not_icmp: None,
-                    ip_version: None,
-                    source: EntityMatch::default(),
-                    destination,
-                });
-            }
-        }
+        let field = format!("spec.egress[{i}]");
+        egress.extend(allow_rules(&r.to, &r.ports, ns, &field, "to", false)?);
     }
     Ok(Policy {
         kind: PolicyKind::KubernetesNetworkPolicy,

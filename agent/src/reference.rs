@@ -350,6 +350,23 @@ impl Judgement {
         }
     }
 
+    /// A judgement decided in `stage`, after walking `trace`.
+    fn at(
+        verdict: Verdict,
+        by: DecidedBy,
+        stage: Stage,
+        trace: Vec<Step>,
+        logged: Vec<(String, usize)>,
+    ) -> Self {
+        Judgement {
+            verdict,
+            by,
+            stage,
+            logged,
+            trace,
+        }
+    }
+
     /// The kernel's `reason` code for a deny, 0 for an allow.
     pub fn reason(&self) -> u8 {
         match (&self.verdict, &self.by) {
@@ -536,13 +553,7 @@ fn conntrack_stage(f: &Fields, q: Query) -> Option<(Verdict, DecidedBy)> {
 pub fn evaluate(set: &PolicySet, hep: &HostEndpoint, dir: u8, f: &Fields, q: Query) -> Judgement {
     let mut trace = Vec::new();
     let mut logged = Vec::new();
-    let done = |verdict, by, stage, trace: Vec<Step>, logged: Vec<(String, usize)>| Judgement {
-        verdict,
-        by,
-        stage,
-        logged,
-        trace,
-    };
+    let done = Judgement::at;
     if f.fragment == Fragment::Later && !q.established {
         // With no first fragment seen, a later one cannot be judged.
         return done(
@@ -797,13 +808,7 @@ pub fn evaluate_workload(
 ) -> Judgement {
     let mut trace = Vec::new();
     let mut logged = Vec::new();
-    let done = |verdict, by, stage, trace: Vec<Step>, logged: Vec<(String, usize)>| Judgement {
-        verdict,
-        by,
-        stage,
-        logged,
-        trace,
-    };
+    let done = Judgement::at;
     if let Some((verdict, by)) = conntrack_stage(f, q) {
         return done(verdict, by, Stage::Conntrack, trace, logged);
     }

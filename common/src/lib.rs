@@ -82,6 +82,15 @@ pub mod direction {
     pub const INGRESS: u8 = 0;
     pub const EGRESS: u8 = 1;
     pub const COUNT: usize = 2;
+
+    /// "ingress" or "egress".
+    pub const fn name(direction: u8) -> &'static str {
+        if direction == INGRESS {
+            "ingress"
+        } else {
+            "egress"
+        }
+    }
 }
 
 /// What a rule does when it matches, and what the program decided.
