@@ -4,7 +4,10 @@
 use std::{collections::BTreeMap, time::Duration};
 
 use aya::{
-    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
+    maps::{
+        lpm_trie::{Key, LpmTrie},
+        Array, HashMap, MapData, PerCpuArray, PerCpuValues, RingBuf,
+    },
     programs::{
         tc::{self, TcAttachType},
         SchedClassifier, TestRun, TestRunOptions, Xdp, XdpMode,
@@ -12,12 +15,15 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use moat_common::{
-    counter, direction, map_names, program_names, DenyEvent, FlowKey, FlowState, FragKey,
-    FragmentL4, IfaceConfig, RuleEntry, RuleTable, IFACE_AUDIT, IFACE_ENFORCED, IFACE_KNOWS_LOCAL,
-    MAX_TABLE_RULES, RULE_BANK_SIZE,
+    classify, counter, direction, map_names, program_names, table, AddrClassKey, Classifier,
+    DenyEvent, FlowKey, FlowState, FragKey, FragmentL4, IfaceConfig, PortClassKey, RuleEntry,
+    RuleStats, IFACE_AUDIT, IFACE_ENFORCED, IFACE_KNOWS_LOCAL, MAX_IFACES, RULE_BANK_SIZE,
 };
 
-use crate::compile::{CompiledIface, TableSpec};
+use crate::{
+    classify::{encode, ClassifierImage, ClassifyError},
+    compile::CompiledIface,
+};
 
 /// The eBPF object built by `build.rs` from the `ebpf` crate.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/moat-ebpf"));
@@ -67,16 +73,21 @@ pub enum DataplaneError {
         #[source]
         source: tc::TcError,
     },
-    #[error(
-        "{iface} {direction} {table} table has {len} rules; this version enforces at most {max} per table"
-    )]
-    TableTooLong {
+    #[error("{iface} {direction}: {source}")]
+    Classify {
         iface: String,
         direction: &'static str,
-        table: &'static str,
-        len: usize,
-        max: u32,
+        #[source]
+        source: ClassifyError,
     },
+    #[error(
+        "the compiled policy needs {needed} words of class vectors; this load holds at most {max} per generation (raise it with --class-words)"
+    )]
+    WordsFull { needed: usize, max: u32 },
+    #[error("more than {max} enforced interfaces")]
+    TooManyIfaces { max: u32 },
+    #[error("reading the number of CPUs: {0}")]
+    Cpus(#[source] std::io::Error),
     #[error(
         "the compiled policy needs {needed} rule slots; this version holds at most {max} per generation"
     )]
@@ -110,6 +121,15 @@ pub struct Dataplane {
     ebpf: Ebpf,
     ifaces: HashMap<MapData, u32, IfaceConfig>,
     rules: Array<MapData, RuleEntry>,
+    rule_stats: PerCpuArray<MapData, RuleStats>,
+    class_src: LpmTrie<MapData, AddrClassKey, u32>,
+    class_dst: LpmTrie<MapData, AddrClassKey, u32>,
+    class_sport: LpmTrie<MapData, PortClassKey, u32>,
+    class_dport: LpmTrie<MapData, PortClassKey, u32>,
+    class_proto: HashMap<MapData, u32, u32>,
+    class_words: Array<MapData, u64>,
+    /// Class map entries written into each bank.
+    written: [Vec<ClassKey>; 2],
     counters: PerCpuArray<MapData, u64>,
     conntrack: HashMap<MapData, FlowKey, FlowState>,
     fragments: HashMap<MapData, FragKey, FragmentL4>,
@@ -164,6 +184,14 @@ impl Dataplane {
         Ok(Dataplane {
             ifaces: take(&mut ebpf, map_names::IFACES)?,
             rules: take(&mut ebpf, map_names::RULES)?,
+            rule_stats: take(&mut ebpf, map_names::RULE_STATS)?,
+            class_src: take(&mut ebpf, map_names::CLASS_SRC)?,
+            class_dst: take(&mut ebpf, map_names::CLASS_DST)?,
+            class_sport: take(&mut ebpf, map_names::CLASS_SPORT)?,
+            class_dport: take(&mut ebpf, map_names::CLASS_DPORT)?,
+            class_proto: take(&mut ebpf, map_names::CLASS_PROTO)?,
+            class_words: take(&mut ebpf, map_names::CLASS_WORDS)?,
+            written: [Vec::new(), Vec::new()],
             counters: take(&mut ebpf, map_names::COUNTERS)?,
             conntrack: take(&mut ebpf, map_names::CONNTRACK)?,
             fragments: take(&mut ebpf, map_names::FRAGMENTS)?,
@@ -252,9 +280,11 @@ impl Dataplane {
     }
 
     /// Makes `compiled` the policy in force, atomically per interface: the
-    /// rules go to the bank not in force, then each interface's `IFACES`
-    /// entry (a hash map value, replaced whole) is switched to them.
-    /// Interfaces absent from `compiled` stop being enforced.
+    /// classifiers go to the bank not in force (rules, class vectors, and
+    /// class map entries under ids of that bank), then each interface's
+    /// `IFACES` entry (a hash map value, replaced whole) is switched to
+    /// them. Interfaces absent from `compiled` stop being enforced. On an
+    /// error nothing in force has changed.
     pub fn apply(
         &mut self,
         compiled: &BTreeMap<u32, CompiledIface>,
@@ -264,10 +294,58 @@ impl Dataplane {
             Some(0) => 1,
             _ => 0,
         };
-        let base = bank * RULE_BANK_SIZE;
-        let mut next = 0usize;
+        // Build every classifier first: a policy too large is refused before
+        // anything is written.
+        let mut images = Vec::new();
+        for (slot, (&ifindex, iface)) in compiled.iter().enumerate() {
+            if slot >= MAX_IFACES as usize {
+                return Err(DataplaneError::TooManyIfaces { max: MAX_IFACES });
+            }
+            let mut per_dir = Vec::new();
+            for dir in 0..direction::COUNT as u8 {
+                let tables = std::array::from_fn(|kind| iface.table(dir, kind));
+                let image =
+                    ClassifierImage::build(tables).map_err(|source| DataplaneError::Classify {
+                        iface: iface.name.clone(),
+                        direction: direction::name(dir),
+                        source,
+                    })?;
+                per_dir.push(image);
+            }
+            images.push((ifindex, slot as u32, per_dir));
+        }
+        let words_per_bank = self.class_words.len() / 2;
+        let needed_words: usize = images
+            .iter()
+            .flat_map(|(_, _, d)| d.iter())
+            .map(|i| i.classes.iter().map(|c| encode(c).len()).sum::<usize>())
+            .sum();
+        if needed_words > words_per_bank as usize {
+            return Err(DataplaneError::WordsFull {
+                needed: needed_words,
+                max: words_per_bank,
+            });
+        }
+        let needed_rules: usize = images
+            .iter()
+            .flat_map(|(_, _, d)| d.iter())
+            .map(|i| i.bits.len())
+            .sum();
+        if needed_rules > RULE_BANK_SIZE as usize {
+            return Err(DataplaneError::BankFull {
+                needed: needed_rules,
+                max: RULE_BANK_SIZE,
+            });
+        }
+        self.clear_bank(bank)?;
+        let cpus = nr_cpus()?;
+        let zero_stats = || {
+            PerCpuValues::try_from(vec![RuleStats::default(); cpus]).map_err(DataplaneError::Cpus)
+        };
+        let mut next_rule = bank * RULE_BANK_SIZE;
+        let mut next_word = bank * words_per_bank;
         let mut configs = Vec::new();
-        for (&ifindex, iface) in compiled {
+        for (ifindex, slot, per_dir) in &images {
             let mut config = IfaceConfig {
                 flags: IFACE_ENFORCED
                     | if self.local.is_some() {
@@ -279,57 +357,145 @@ impl Dataplane {
                 generation,
                 ..Default::default()
             };
-            for (slot, spec) in iface.tables().into_iter().enumerate() {
-                if spec.rules.len() > MAX_TABLE_RULES as usize {
-                    return Err(DataplaneError::TableTooLong {
-                        iface: iface.name.clone(),
-                        direction: direction::name((slot / moat_common::table::KINDS) as u8),
-                        table: if slot % moat_common::table::KINDS == moat_common::table::FAILSAFE {
-                            "failsafe"
-                        } else {
-                            "policy"
-                        },
-                        len: spec.rules.len(),
-                        max: MAX_TABLE_RULES,
-                    });
-                }
-                if next + spec.rules.len() > RULE_BANK_SIZE as usize {
-                    return Err(DataplaneError::BankFull {
-                        needed: next + spec.rules.len(),
-                        max: RULE_BANK_SIZE,
-                    });
-                }
-                config.tables[slot] = table_for(spec, base + next as u32);
-                for (i, rule) in spec.rules.iter().enumerate() {
+            for (dir, image) in per_dir.iter().enumerate() {
+                let id = classifier_id(bank, *slot, dir as u32);
+                let rule_base = next_rule;
+                for (i, rule) in image.bits.iter().enumerate() {
                     self.rules
-                        .set(base + (next + i) as u32, rule, 0)
-                        .map_err(|source| DataplaneError::Map {
-                            name: map_names::RULES,
-                            source,
-                        })?;
+                        .set(rule_base + i as u32, rule, 0)
+                        .map_err(map_err(map_names::RULES))?;
+                    self.rule_stats
+                        .set(rule_base + i as u32, zero_stats()?, 0)
+                        .map_err(map_err(map_names::RULE_STATS))?;
                 }
-                next += spec.rules.len();
+                next_rule += image.bits.len() as u32;
+                let mut offsets = Vec::with_capacity(image.classes.len());
+                for class in &image.classes {
+                    offsets.push(next_word);
+                    for word in encode(class) {
+                        self.class_words
+                            .set(next_word, word, 0)
+                            .map_err(map_err(map_names::CLASS_WORDS))?;
+                        next_word += 1;
+                    }
+                }
+                self.write_class_entries(bank, id, image, &offsets)?;
+                let mut any = [0u32; classify::FIELDS];
+                for (f, a) in any.iter_mut().enumerate() {
+                    *a = offsets[image.any[f] as usize];
+                }
+                config.classifiers[dir] = Classifier {
+                    id,
+                    rule_base,
+                    any,
+                    lookup: image.lookup,
+                };
+                for kind in 0..table::KINDS {
+                    config.tables[table::index(dir as u8, kind)] = image.tables[kind];
+                }
             }
-            configs.push((ifindex, config));
+            configs.push((*ifindex, config));
         }
         for (ifindex, config) in &configs {
             self.ifaces
                 .insert(ifindex, config, 0)
-                .map_err(|source| DataplaneError::Map {
-                    name: map_names::IFACES,
-                    source,
-                })?;
+                .map_err(map_err(map_names::IFACES))?;
         }
         for stale in self.configured.iter().filter(|i| !compiled.contains_key(i)) {
             self.ifaces
                 .remove(stale)
-                .map_err(|source| DataplaneError::Map {
-                    name: map_names::IFACES,
-                    source,
-                })?;
+                .map_err(map_err(map_names::IFACES))?;
         }
         self.configured = compiled.keys().copied().collect();
         self.active_bank = Some(bank);
+        Ok(())
+    }
+
+    /// Removes the class map entries a previous apply wrote into `bank`
+    /// (not in force: no interface refers to its ids).
+    fn clear_bank(&mut self, bank: u32) -> Result<(), DataplaneError> {
+        for key in std::mem::take(&mut self.written[bank as usize]) {
+            // Already gone is fine: the goal is its absence.
+            let _ = match key {
+                ClassKey::Src(k) => self.class_src.remove(&k),
+                ClassKey::Dst(k) => self.class_dst.remove(&k),
+                ClassKey::Sport(k) => self.class_sport.remove(&k),
+                ClassKey::Dport(k) => self.class_dport.remove(&k),
+                ClassKey::Proto(k) => self.class_proto.remove(&k),
+            };
+        }
+        Ok(())
+    }
+
+    /// Writes the lookup entries of one classifier.
+    fn write_class_entries(
+        &mut self,
+        bank: u32,
+        id: u32,
+        image: &ClassifierImage,
+        offsets: &[u32],
+    ) -> Result<(), DataplaneError> {
+        let written = &mut self.written[bank as usize];
+        for (field, entries) in [(classify::SRC, &image.src), (classify::DST, &image.dst)] {
+            if image.lookup & (1 << field) == 0 {
+                continue;
+            }
+            let (map, name) = if field == classify::SRC {
+                (&mut self.class_src, map_names::CLASS_SRC)
+            } else {
+                (&mut self.class_dst, map_names::CLASS_DST)
+            };
+            for &(net, len, class) in entries {
+                let mut data: AddrClassKey = [0; 20];
+                data[..4].copy_from_slice(&id.to_be_bytes());
+                data[4..].copy_from_slice(&net.to_be_bytes());
+                let key = Key::new(classify::ADDR_ROOT_BITS + u32::from(len), data);
+                map.insert(&key, offsets[class as usize], 0)
+                    .map_err(map_err(name))?;
+                written.push(if field == classify::SRC {
+                    ClassKey::Src(key)
+                } else {
+                    ClassKey::Dst(key)
+                });
+            }
+        }
+        for (field, entries) in [
+            (classify::SPORT, &image.sport),
+            (classify::DPORT, &image.dport),
+        ] {
+            if image.lookup & (1 << field) == 0 {
+                continue;
+            }
+            let (map, name) = if field == classify::SPORT {
+                (&mut self.class_sport, map_names::CLASS_SPORT)
+            } else {
+                (&mut self.class_dport, map_names::CLASS_DPORT)
+            };
+            // Root first: a port no range names is in the `any` class.
+            let root = std::iter::once((0u16, 0u8, image.any[field]));
+            for (port, len, class) in root.chain(entries.iter().copied()) {
+                let mut data: PortClassKey = [0; 8];
+                data[..4].copy_from_slice(&id.to_be_bytes());
+                data[4..6].copy_from_slice(&port.to_be_bytes());
+                let key = Key::new(classify::PORT_ROOT_BITS + u32::from(len), data);
+                map.insert(&key, offsets[class as usize], 0)
+                    .map_err(map_err(name))?;
+                written.push(if field == classify::SPORT {
+                    ClassKey::Sport(key)
+                } else {
+                    ClassKey::Dport(key)
+                });
+            }
+        }
+        if image.lookup & (1 << classify::PROTO) != 0 {
+            for &(protocol, class) in &image.proto {
+                let key = classify::proto_key(id, protocol);
+                self.class_proto
+                    .insert(key, offsets[class as usize], 0)
+                    .map_err(map_err(map_names::CLASS_PROTO))?;
+                written.push(ClassKey::Proto(key));
+            }
+        }
         Ok(())
     }
 
@@ -493,13 +659,26 @@ where
     Ok((result.return_value, result.duration))
 }
 
-fn table_for(spec: &TableSpec, start: u32) -> RuleTable {
-    RuleTable {
-        start,
-        len: spec.rules.len() as u16,
-        end_verdict: spec.end_verdict,
-        end_reason: spec.end_reason,
-        pass_verdict: spec.pass_verdict,
-        _pad: [0; 3],
-    }
+/// Id of the classifier of interface `slot`, direction `dir`, in `bank`:
+/// distinct for every classifier of both banks, below 2^24 (`proto_key`).
+fn classifier_id(bank: u32, slot: u32, dir: u32) -> u32 {
+    1 + ((bank * MAX_IFACES + slot) * direction::COUNT as u32 + dir)
+}
+
+fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> DataplaneError {
+    move |source| DataplaneError::Map { name, source }
+}
+
+fn nr_cpus() -> Result<usize, DataplaneError> {
+    aya::util::nr_cpus().map_err(|(_, e)| DataplaneError::Cpus(e))
+}
+
+/// A class map entry written into a bank, to remove before the bank is
+/// written again.
+enum ClassKey {
+    Src(Key<AddrClassKey>),
+    Dst(Key<AddrClassKey>),
+    Sport(Key<PortClassKey>),
+    Dport(Key<PortClassKey>),
+    Proto(u32),
 }

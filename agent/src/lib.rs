@@ -5,6 +5,7 @@
 pub mod agent;
 pub mod bench;
 pub mod check;
+pub mod classify;
 pub mod compile;
 pub mod dataplane;
 pub mod event;

@@ -16,7 +16,7 @@ use core::mem::size_of;
 pub mod map_names {
     /// `HashMap<u32 ifindex, IfaceConfig>`: which interfaces are enforced and
     /// where their rule tables start. Written by the agent.
-    pub const IFACES: &str = "MOAT_IFACES_V3";
+    pub const IFACES: &str = "MOAT_IFACES_V4";
     /// `Array<EventRate>` of one entry: how many events each source may
     /// cause. Written by the agent.
     pub const EVENT_RATE: &str = "MOAT_RATE_V1";
@@ -26,9 +26,29 @@ pub mod map_names {
     /// `HashMap<[u8; 16] address, u8>`: the node's own addresses (IPv4
     /// mapped into IPv6). Written by the agent, which keeps it in sync.
     pub const LOCAL_ADDRS: &str = "MOAT_LOCAL_V1";
-    /// `Array<RuleEntry>`: every compiled rule of every table, two banks.
+    /// `Array<RuleEntry>`: the rule behind each bit of every classifier
+    /// (only the fields bit vectors do not decide), two banks. Written by
+    /// the agent.
+    pub const RULES: &str = "MOAT_RULES_V2";
+    /// `LpmTrie<AddrClassKey, u32>`: source prefix -> offset of its class
+    /// vector in `CLASS_WORDS`. Written by the agent.
+    pub const CLASS_SRC: &str = "MOAT_CSRC_V1";
+    /// As `CLASS_SRC`, for the destination address.
+    pub const CLASS_DST: &str = "MOAT_CDST_V1";
+    /// `LpmTrie<PortClassKey, u32>`: source port prefix -> class vector
+    /// offset. Written by the agent.
+    pub const CLASS_SPORT: &str = "MOAT_CSPORT_V1";
+    /// As `CLASS_SPORT`, for the destination port.
+    pub const CLASS_DPORT: &str = "MOAT_CDPORT_V1";
+    /// `HashMap<u32 proto_class_key(id, protocol), u32>`: protocol -> class
+    /// vector offset. Written by the agent.
+    pub const CLASS_PROTO: &str = "MOAT_CPROTO_V1";
+    /// `Array<u64>`: every class vector, sparse (`classify`), two banks.
     /// Written by the agent.
-    pub const RULES: &str = "MOAT_RULES_V1";
+    pub const CLASS_WORDS: &str = "MOAT_CWORDS_V1";
+    /// `PerCpuArray<RuleStats>` indexed like `RULES`: packets and bytes
+    /// each rule decided or logged. Written by the programs.
+    pub const RULE_STATS: &str = "MOAT_RSTATS_V1";
     /// `LruHashMap<FlowKey, FlowState>`: connections allowed so far, in both
     /// orientations. Written by the programs, read by both sides.
     pub const CONNTRACK: &str = "MOAT_CT_V1";
@@ -49,18 +69,21 @@ pub mod program_names {
     pub const EGRESS: &str = "moat_egress";
 }
 
-/// Number of `RuleEntry` slots in each of the two banks of `RULES`.
-pub const RULE_BANK_SIZE: u32 = 8192;
+/// Number of `RuleEntry` slots in each of the two banks of `RULES` (one
+/// classifier at its largest fills a bank).
+pub const RULE_BANK_SIZE: u32 = classify::MAX_BITS;
 /// Capacity of the `RULES` array: two banks, one in force while the agent
 /// writes the other, then switched by rewriting `IfaceConfig` entries.
 pub const MAX_RULES: u32 = 2 * RULE_BANK_SIZE;
-/// Entries one call of the walk function covers; it bounds the loop the
-/// verifier unrolls (more feasible branches than 8,192 pending is refused).
-pub const WALK_CHUNK: u32 = 512;
-/// Calls of the walk function per table.
-pub const WALK_CHUNKS: u32 = 4;
-/// Most rules one table (one interface, one direction, one kind) may hold.
-pub const MAX_TABLE_RULES: u32 = WALK_CHUNK * WALK_CHUNKS;
+/// Default capacity of `CLASS_WORDS` (both banks; the agent may load the
+/// object with another).
+pub const MAX_CLASS_WORDS: u32 = 1 << 21;
+/// Default capacity of `CLASS_SRC` and `CLASS_DST` (prefixes, both banks).
+pub const CLASS_ADDR_PREFIXES: u32 = 1 << 17;
+/// Default capacity of `CLASS_SPORT` and `CLASS_DPORT` (prefixes, both banks).
+pub const CLASS_PORT_PREFIXES: u32 = 1 << 18;
+/// Capacity of `CLASS_PROTO`.
+pub const CLASS_PROTOS: u32 = 1 << 14;
 /// Capacity of `IFACES`.
 pub const MAX_IFACES: u32 = 64;
 /// Capacity of `EVENT_BUCKETS` (sources tracked at once; the least
@@ -257,13 +280,96 @@ pub mod table {
     }
 }
 
-/// A contiguous run of `RuleEntry` slots in `RULES`, walked in order.
+/// Bit-vector classification: how the programs find the first rule of a
+/// table that matches a packet without walking the rules.
+///
+/// Each direction of an interface has one classifier over the rules of all
+/// its tables (bit `i` = `RULES[rule_base + i]`; a table is a run of bits).
+/// Per field (source and destination address, source and destination port,
+/// protocol) the agent splits the field's values into classes and stores,
+/// per class, the set of rules a value of that class can match: one lookup
+/// per field (LPM tries for addresses and ports, a hash for the protocol)
+/// gives five vectors, whose AND holds exactly the rules that match on those
+/// fields, in priority order. The lowest bit of the AND whose rule also
+/// matches on the rest (`RuleEntry`: IP version, ICMP, negated protocol)
+/// decides; a Log rule reports and the search goes on.
+///
+/// A vector is stored sparse in `CLASS_WORDS` at its class's offset:
+/// `SUMMARY_WORDS` words whose bit `w` says word `w` of the vector is not
+/// zero; one word packing, per summary word `k`, the count of nonzero
+/// words before it (16 bits each); then the nonzero words in order. The
+/// AND of the five summaries says which words to look at, so the cost
+/// follows the rules that can match, not the number of rules.
+pub mod classify {
+    /// Summary words per vector.
+    pub const SUMMARY_WORDS: u32 = 4;
+    /// Words of a vector header: the summary and the packed counts.
+    pub const HEADER_WORDS: u32 = SUMMARY_WORDS + 1;
+    /// Most words of a vector.
+    pub const MAX_WORDS: u32 = 64 * SUMMARY_WORDS;
+    /// Most rules (bits) of one classifier: every table of one interface
+    /// and direction together.
+    pub const MAX_BITS: u32 = 64 * MAX_WORDS;
+    /// Field indices of `Classifier::any` and `Classifier::lookup`.
+    pub const SRC: usize = 0;
+    pub const DST: usize = 1;
+    pub const SPORT: usize = 2;
+    pub const DPORT: usize = 3;
+    pub const PROTO: usize = 4;
+    pub const FIELDS: usize = 5;
+    /// `prefix_len` of an address key covering every address (the
+    /// classifier id alone); a full address adds 128.
+    pub const ADDR_ROOT_BITS: u32 = 32;
+    /// `prefix_len` of a port key covering every port; a full port adds 16.
+    pub const PORT_ROOT_BITS: u32 = 32;
+
+    /// Key of `CLASS_PROTO`.
+    pub const fn proto_key(id: u32, protocol: u8) -> u32 {
+        (id << 8) | protocol as u32
+    }
+}
+
+/// Data of an `LpmTrie` key of `CLASS_SRC`/`CLASS_DST`: the classifier id
+/// (big endian, so that it is the first 32 bits of every prefix) and the
+/// address (IPv4 mapped).
+pub type AddrClassKey = [u8; 20];
+/// Data of an `LpmTrie` key of `CLASS_SPORT`/`CLASS_DPORT`: the classifier
+/// id (big endian), the port (big endian), two zero bytes.
+pub type PortClassKey = [u8; 8];
+
+/// One direction of an interface: where its classifier lives.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Classifier {
+    /// Key prefix of its entries in the class maps.
+    pub id: u32,
+    /// Slot in `RULES` of bit 0.
+    pub rule_base: u32,
+    /// Per field: offset in `CLASS_WORDS` of the vector of rules that do not
+    /// constrain it (used when the field is not looked up, and for the
+    /// ports of a packet without ports).
+    pub any: [u32; classify::FIELDS],
+    /// Bit `f` set: look field `f` up (some rule constrains it).
+    pub lookup: u32,
+}
+const _: () = assert!(size_of::<Classifier>() == 32);
+
+/// Value of `RULE_STATS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RuleStats {
+    pub packets: u64,
+    pub bytes: u64,
+}
+const _: () = assert!(size_of::<RuleStats>() == 16);
+
+/// A run of bits of a classifier, searched in order.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RuleTable {
-    /// First slot in `RULES`.
+    /// First bit of the table in its direction's classifier.
     pub start: u32,
-    /// Number of entries (at most `MAX_TABLE_RULES`).
+    /// Number of bits (rules).
     pub len: u16,
     /// Verdict when the walk ends with no rule deciding: `ALLOW`, `DENY`, or
     /// `verdict::NONE` to go on (failsafe tables).
@@ -295,12 +401,14 @@ pub const IFACE_AUDIT: u32 = 4;
 pub struct IfaceConfig {
     /// Indexed by `table::index(direction, kind)`.
     pub tables: [RuleTable; direction::COUNT * table::KINDS],
+    /// Indexed by direction.
+    pub classifiers: [Classifier; direction::COUNT],
     /// `IFACE_ENFORCED` or 0.
     pub flags: u32,
     /// Policy generation these tables were compiled from.
     pub generation: u32,
 }
-const _: () = assert!(size_of::<IfaceConfig>() == 128);
+const _: () = assert!(size_of::<IfaceConfig>() == 192);
 
 /// One compiled rule. Addresses are 16 bytes: IPv4 as `::ffff:a.b.c.d`.
 #[repr(C)]
@@ -525,4 +633,6 @@ mod user {
     unsafe impl aya::Pod for HeaderDetail {}
     unsafe impl aya::Pod for EventRate {}
     unsafe impl aya::Pod for EventBucket {}
+    unsafe impl aya::Pod for Classifier {}
+    unsafe impl aya::Pod for RuleStats {}
 }

@@ -9,30 +9,45 @@
 //!
 //! Everything about the packet in judgement lives in one per-CPU `Walk`
 //! (map `SCRATCH`), not on the stack: the program and the global function
-//! `moat_walk` together must fit the verifier's 512-byte combined stack.
+//! the global functions it calls must fit the verifier's 512-byte combined
+//! stack.
 
-use aya_ebpf::helpers::bpf_ktime_get_ns;
+use aya_ebpf::{helpers::bpf_ktime_get_ns, maps::lpm_trie::Key};
 use moat_common::{
-    counter, reason, rule_match, table, verdict, DenyEvent, EventBucket, FragKey, FragmentL4,
-    IfaceConfig, RuleEntry, RuleTable, NO_POLICY_ID, NO_RULE_INDEX, WALK_CHUNK, WALK_CHUNKS,
+    classify::{self, FIELDS, HEADER_WORDS, MAX_WORDS, SUMMARY_WORDS},
+    counter, reason, rule_match, table, verdict, Classifier, DenyEvent, EventBucket, FragKey,
+    FragmentL4, IfaceConfig, RuleEntry, RuleTable, NO_POLICY_ID, NO_RULE_INDEX,
 };
 
 use crate::{
     conntrack::{self, IcmpClass},
     maps::{
-        count, EVENTS, EVENT_BUCKETS, EVENT_RATE, FRAGMENTS, IFACES, LOCAL_ADDRS, RULES, SCRATCH,
+        count, CLASS_DPORT, CLASS_DST, CLASS_PROTO, CLASS_SPORT, CLASS_SRC, CLASS_WORDS, EVENTS,
+        EVENT_BUCKETS, EVENT_RATE, FRAGMENTS, IFACES, LOCAL_ADDRS, RULES, RULE_STATS, SCRATCH,
     },
     packet::{parse, read_l4_detail, Packet, Parsed, FRAG_FIRST, FRAG_LATER},
 };
 
-/// The packet in judgement, where it was seen, and (after `moat_walk`) the
-/// decision of one table walk.
+/// The packet in judgement, where it was seen, its classification, and
+/// (after `moat_table`) the decision of one table.
 #[repr(C)]
 pub struct Walk {
     pub pkt: Packet,
-    table: RuleTable,
-    /// First entry of `table` the next `moat_walk` call looks at.
-    offset: u32,
+    /// The classifier of the interface and direction.
+    classifier: Classifier,
+    /// Per field, the offset of the packet's class vector (once classified).
+    class_off: [u32; FIELDS],
+    /// AND of the five vectors' summaries: the words that can hold a match.
+    cand: [u64; SUMMARY_WORDS as usize],
+    /// 0: not classified yet; 1: classified; 2: a lookup failed (judged
+    /// closed).
+    classified: u32,
+    /// The table being searched: bits `lo..hi`; next word to look at.
+    lo: u32,
+    hi: u32,
+    cursor: u32,
+    /// Verdict of a `PASS` rule in this table.
+    pass_verdict: u32,
     ifindex: u32,
     generation: u32,
     packet_len: u32,
@@ -97,6 +112,7 @@ pub fn judge(data: usize, data_end: usize, ifindex: u32, direction: u8, packet_l
     w.direction = direction;
     w.packet_len = packet_len;
     w.generation = 0;
+    w.classified = 0;
     let parsed = parse(data, data_end, &mut w.pkt);
     if parsed == Parsed::NotIp {
         count(direction, counter::NON_IP_PASSED);
@@ -201,14 +217,23 @@ fn decide(
     } else {
         table::POLICY
     };
-    let (Some(failsafe_table), Some(untracked_table), Some(pre_dnat_table), Some(policy_table)) = (
+    let (
+        Some(failsafe_table),
+        Some(untracked_table),
+        Some(pre_dnat_table),
+        Some(policy_table),
+        Some(classifier),
+    ) = (
         iface.tables.get(table::index(direction, table::FAILSAFE)),
         iface.tables.get(table::index(direction, table::UNTRACKED)),
         iface.tables.get(table::index(direction, table::PRE_DNAT)),
         iface.tables.get(table::index(direction, normal_kind)),
-    ) else {
+        iface.classifiers.get(direction as usize),
+    )
+    else {
         return Decision::without_rule(verdict::DENY, reason::END_OF_POLICIES);
     };
+    w.classifier = *classifier;
     // Failsafe traffic (never forwarded) skips the untracked and pre-DNAT
     // stages; it is still subject to connection tracking's INVALID, then
     // accepted.
@@ -337,94 +362,292 @@ fn frag_key(pkt: &Packet) -> FragKey {
     }
 }
 
-/// Walks table `t` for the packet in `w`, `WALK_CHUNK` entries per call
-/// of `moat_walk`, until a rule decides or the table ends.
+/// The first decision of table `t` for the packet in `w`, or the table's
+/// end verdict.
 #[inline(always)]
 fn walk_table(t: &RuleTable, w: &mut Walk) -> Decision {
-    w.table = *t;
+    if t.len == 0 {
+        return Decision::without_rule(t.end_verdict, t.end_reason);
+    }
     w.logged_policy = NO_POLICY_ID;
     w.logged_rule = NO_RULE_INDEX;
-    let len = t.len as u32;
-    for chunk in 0..WALK_CHUNKS {
-        w.offset = chunk * WALK_CHUNK;
-        if w.offset >= len {
-            break;
-        }
-        moat_walk(w);
-        if w.verdict != verdict::NONE {
-            return Decision {
-                verdict: w.verdict,
-                reason: w.reason,
-                policy_id: w.policy_id,
-                rule_index: w.rule_index,
-            };
-        }
+    w.lo = t.start;
+    w.hi = t.start + t.len as u32;
+    w.cursor = t.start / 64;
+    w.pass_verdict = t.pass_verdict as u32;
+    w.verdict = verdict::NONE;
+    moat_table(w);
+    if w.verdict != verdict::NONE {
+        return Decision {
+            verdict: w.verdict,
+            reason: w.reason,
+            policy_id: w.policy_id,
+            rule_index: w.rule_index,
+        };
     }
     Decision::without_rule(t.end_verdict, t.end_reason)
 }
 
-/// Walks `WALK_CHUNK` entries of `w.table` from `w.offset` in order and
-/// writes the first decision into `w` (`verdict::NONE`: none in this
-/// chunk); `Log` rules report and go on.
+/// `moat_word`: go on with the next candidate word.
+const CONTINUE: u32 = 0;
+/// `moat_word`: a rule decided (or a fault did: closed).
+const DECIDED: u32 = 1;
+/// `moat_word`: no candidate word left in the table.
+const END: u32 = 2;
+
+/// Searches the table `w.lo..w.hi` for the packet in `w` (classifying it
+/// first if no table did yet) and writes the first decision into `w`
+/// (`verdict::NONE`: none).
 ///
-/// Verifier note: this is a global function (exported, BTF linkage global),
-/// so the verifier checks it once on its own, with every input unknown,
-/// instead of once per path that reaches it. Inlined, the unrolled loop was
-/// re-verified for every distinct parser outcome and hit the 1M instruction
-/// limit. Its return value carries nothing; the decision is in `w`.
+/// Verifier note: this and `moat_word`, `moat_rule` are global functions
+/// (exported, BTF linkage global), each checked once on its own with
+/// every input unknown, instead of once per path that reaches them.
 #[unsafe(no_mangle)]
 #[inline(never)]
-pub extern "C" fn moat_walk(w: *mut Walk) -> u32 {
+pub extern "C" fn moat_table(w: *mut Walk) -> u32 {
     if w.is_null() {
         return 0;
     }
     // SAFETY: non-null, and callers pass the live per-CPU `Walk`.
     let w = unsafe { &mut *w };
-    let d = walk(w);
+    if w.classified == 0 {
+        classify(w);
+    }
+    if w.classified != 1 {
+        fault(w);
+        return 0;
+    }
+    for _ in 0..=MAX_WORDS {
+        if moat_word(w) != CONTINUE {
+            break;
+        }
+    }
+    0
+}
+
+/// A lookup that cannot fail did: the packet is denied, never judged on a
+/// partial classifier.
+#[inline(always)]
+fn fault(w: &mut Walk) {
+    w.verdict = verdict::DENY;
+    w.reason = reason::END_OF_POLICIES;
+    w.policy_id = NO_POLICY_ID;
+    w.rule_index = NO_RULE_INDEX;
+}
+
+/// One lookup per field, then the AND of the five vectors' summaries.
+#[inline(always)]
+fn classify(w: &mut Walk) {
+    w.classified = 2;
+    let c = w.classifier;
+    let id = c.id.to_be_bytes();
+    let mut off = c.any;
+    let p = &w.pkt;
+    if c.lookup & (1 << classify::SRC) != 0 {
+        match CLASS_SRC.get(addr_key(id, &p.src)) {
+            Some(v) => off[classify::SRC] = *v,
+            None => return,
+        }
+    }
+    if c.lookup & (1 << classify::DST) != 0 {
+        match CLASS_DST.get(addr_key(id, &p.dst)) {
+            Some(v) => off[classify::DST] = *v,
+            None => return,
+        }
+    }
+    if p.no_ports == 0 {
+        if c.lookup & (1 << classify::SPORT) != 0 {
+            match CLASS_SPORT.get(port_key(id, p.sport)) {
+                Some(v) => off[classify::SPORT] = *v,
+                None => return,
+            }
+        }
+        if c.lookup & (1 << classify::DPORT) != 0 {
+            match CLASS_DPORT.get(port_key(id, p.dport)) {
+                Some(v) => off[classify::DPORT] = *v,
+                None => return,
+            }
+        }
+    }
+    if c.lookup & (1 << classify::PROTO) != 0 {
+        // SAFETY: read-only lookup.
+        if let Some(v) = unsafe { CLASS_PROTO.get(classify::proto_key(c.id, p.protocol)) } {
+            off[classify::PROTO] = *v;
+        }
+    }
+    for k in 0..SUMMARY_WORDS {
+        let mut s = u64::MAX;
+        for o in off {
+            match CLASS_WORDS.get(o.wrapping_add(k)) {
+                Some(v) => s &= *v,
+                None => return,
+            }
+        }
+        w.cand[k as usize] = s;
+    }
+    w.class_off = off;
+    w.classified = 1;
+}
+
+#[inline(always)]
+fn addr_key(id: [u8; 4], addr: &[u32; 4]) -> Key<moat_common::AddrClassKey> {
+    // SAFETY: same size, every bit pattern valid.
+    let a = unsafe { core::mem::transmute::<[u32; 4], [u8; 16]>(*addr) };
+    let mut data = [0u8; 20];
+    data[..4].copy_from_slice(&id);
+    data[4..].copy_from_slice(&a);
+    Key::new(classify::ADDR_ROOT_BITS + 128, data)
+}
+
+#[inline(always)]
+fn port_key(id: [u8; 4], port: u16) -> Key<moat_common::PortClassKey> {
+    let p = port.to_be_bytes();
+    Key::new(
+        classify::PORT_ROOT_BITS + 16,
+        [id[0], id[1], id[2], id[3], p[0], p[1], 0, 0],
+    )
+}
+
+/// Number of set bits (BPF has no such instruction).
+#[inline(always)]
+fn popcount(x: u64) -> u32 {
+    let x = x - ((x >> 1) & 0x5555_5555_5555_5555);
+    let x = (x & 0x3333_3333_3333_3333) + ((x >> 2) & 0x3333_3333_3333_3333);
+    let x = (x + (x >> 4)) & 0x0f0f_0f0f_0f0f_0f0f;
+    (x.wrapping_mul(0x0101_0101_0101_0101) >> 56) as u32
+}
+
+/// Index of the lowest set bit of a nonzero `x`.
+#[inline(always)]
+fn lowest_bit(x: u64) -> u32 {
+    popcount((x & x.wrapping_neg()).wrapping_sub(1))
+}
+
+/// Word `wi` of the sparse vector at `off`; `None` if the vector runs
+/// past the map (closed).
+#[inline(always)]
+fn vector_word(off: u32, wi: u32) -> Option<u64> {
+    let k = wi >> 6;
+    let bit = wi & 63;
+    let s = *CLASS_WORDS.get(off.wrapping_add(k))?;
+    if (s >> bit) & 1 == 0 {
+        return Some(0);
+    }
+    let counts = *CLASS_WORDS.get(off.wrapping_add(SUMMARY_WORDS))?;
+    let before = ((counts >> (16 * k)) & 0xffff) as u32;
+    let below = popcount(s & ((1u64 << bit) - 1));
+    CLASS_WORDS
+        .get(off.wrapping_add(HEADER_WORDS + before + below))
+        .copied()
+}
+
+/// Looks at the next candidate word of the table from `w.cursor`: the AND
+/// of the five vectors' words, limited to the table's bits, lowest bit
+/// first. Returns `CONTINUE`, `DECIDED` or `END`.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn moat_word(w: *mut Walk) -> u32 {
+    if w.is_null() {
+        return END;
+    }
+    // SAFETY: non-null, and callers pass the live per-CPU `Walk`.
+    let w = unsafe { &mut *w };
+    let mut wi = u32::MAX;
+    for k in 0..SUMMARY_WORDS {
+        let base = k * 64;
+        if w.cursor >= base + 64 {
+            continue;
+        }
+        let mut m = w.cand[k as usize];
+        if w.cursor > base {
+            m &= u64::MAX << ((w.cursor - base) & 63);
+        }
+        if m != 0 {
+            wi = base + lowest_bit(m);
+            break;
+        }
+    }
+    if wi == u32::MAX || wi.wrapping_mul(64) >= w.hi {
+        return END;
+    }
+    w.cursor = wi + 1;
+    let mut word = u64::MAX;
+    for f in 0..FIELDS {
+        match vector_word(w.class_off[f], wi) {
+            Some(x) => word &= x,
+            None => {
+                fault(w);
+                return DECIDED;
+            }
+        }
+    }
+    let first = wi * 64;
+    if w.lo > first {
+        let skip = w.lo - first;
+        word &= if skip >= 64 { 0 } else { u64::MAX << skip };
+    }
+    if w.hi < first + 64 {
+        word &= (1u64 << ((w.hi - first) & 63)) - 1;
+    }
+    for _ in 0..64 {
+        if word == 0 {
+            return CONTINUE;
+        }
+        let b = lowest_bit(word);
+        word &= word - 1;
+        if moat_rule(w, first + b) != 0 {
+            return DECIDED;
+        }
+    }
+    CONTINUE
+}
+
+/// Judges the packet in `w` by the rule behind `bit` (which matches on the
+/// fields vectors decide): returns 1 and writes the decision into `w` when
+/// the rule decides, 0 when it does not match or only logs.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn moat_rule(w: *mut Walk, bit: u32) -> u32 {
+    if w.is_null() {
+        return 0;
+    }
+    // SAFETY: non-null, and callers pass the live per-CPU `Walk`.
+    let w = unsafe { &mut *w };
+    let slot = w.classifier.rule_base.wrapping_add(bit);
+    let Some(rule) = RULES.get(slot) else {
+        fault(w);
+        return 1;
+    };
+    if !matches(rule, &w.pkt) {
+        return 0;
+    }
+    if let Some(stats) = RULE_STATS.get_ptr_mut(slot) {
+        // SAFETY: a valid pointer into this CPU's value.
+        unsafe {
+            (*stats).packets += 1;
+            (*stats).bytes += w.packet_len as u64;
+        }
+    }
+    let d = match rule.action {
+        verdict::ALLOW => Decision::by_rule(verdict::ALLOW, 0, rule),
+        verdict::DENY => Decision::by_rule(verdict::DENY, reason::RULE, rule),
+        verdict::PASS => Decision::by_rule(w.pass_verdict as u8, reason::NO_PROFILE, rule),
+        _ => {
+            // LOG. One rule may be several bits; report it once.
+            if (w.logged_policy, w.logged_rule) != (rule.policy_id, rule.rule_index) {
+                w.logged_policy = rule.policy_id;
+                w.logged_rule = rule.rule_index;
+                count(w.direction, counter::LOG_RULE_HITS);
+                emit(w, &Decision::by_rule(verdict::LOG, reason::LOG_RULE, rule));
+            }
+            return 0;
+        }
+    };
     w.verdict = d.verdict;
     w.reason = d.reason;
     w.policy_id = d.policy_id;
     w.rule_index = d.rule_index;
-    0
-}
-
-#[inline(always)]
-fn walk(w: &mut Walk) -> Decision {
-    let t = w.table;
-    let len = t.len as u32;
-    let first = w.offset;
-    for j in 0..WALK_CHUNK {
-        let i = first + j;
-        if i >= len {
-            break;
-        }
-        let Some(rule) = RULES.get(t.start + i) else {
-            // The agent never writes a table past the array; if it did, the
-            // packet is denied rather than judged on a partial table.
-            return Decision::without_rule(verdict::DENY, reason::END_OF_POLICIES);
-        };
-        if !matches(rule, &w.pkt) {
-            continue;
-        }
-        match rule.action {
-            verdict::ALLOW => return Decision::by_rule(verdict::ALLOW, 0, rule),
-            verdict::DENY => return Decision::by_rule(verdict::DENY, reason::RULE, rule),
-            verdict::PASS => {
-                return Decision::by_rule(t.pass_verdict, reason::NO_PROFILE, rule);
-            }
-            _ => {
-                // LOG. One rule may be several entries (lists of nets and
-                // ports are expanded); report it once.
-                if (w.logged_policy, w.logged_rule) != (rule.policy_id, rule.rule_index) {
-                    w.logged_policy = rule.policy_id;
-                    w.logged_rule = rule.rule_index;
-                    count(w.direction, counter::LOG_RULE_HITS);
-                    emit(w, &Decision::by_rule(verdict::LOG, reason::LOG_RULE, rule));
-                }
-            }
-        }
-    }
-    Decision::without_rule(verdict::NONE, 0)
+    1
 }
 
 #[inline(always)]

@@ -2,15 +2,16 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use moat_common::{
-    FlowKey, FlowState, FragKey, FragmentL4, IfaceConfig, RuleEntry, EVENTS_BYTES, MAX_FLOWS,
-    MAX_FRAGMENTS, MAX_IFACES, MAX_LOCAL_ADDRS, MAX_RULES,
+    AddrClassKey, FlowKey, FlowState, FragKey, FragmentL4, IfaceConfig, PortClassKey, RuleEntry,
+    RuleStats, CLASS_ADDR_PREFIXES, CLASS_PORT_PREFIXES, CLASS_PROTOS, EVENTS_BYTES,
+    MAX_CLASS_WORDS, MAX_FLOWS, MAX_FRAGMENTS, MAX_IFACES, MAX_LOCAL_ADDRS, MAX_RULES,
 };
 
 /// ifindex -> how the interface is enforced. Written by the agent.
-#[map(name = "MOAT_IFACES_V3")]
+#[map(name = "MOAT_IFACES_V4")]
 pub static IFACES: HashMap<u32, IfaceConfig> = HashMap::with_max_entries(MAX_IFACES, 0);
 
 /// The event rate limit (entry 0). Written by the agent.
@@ -26,9 +27,41 @@ pub static EVENT_BUCKETS: LruHashMap<[u8; 16], moat_common::EventBucket> =
 #[map(name = "MOAT_LOCAL_V1")]
 pub static LOCAL_ADDRS: HashMap<[u8; 16], u8> = HashMap::with_max_entries(MAX_LOCAL_ADDRS, 0);
 
-/// Slot -> compiled rule, two banks. Written by the agent.
-#[map(name = "MOAT_RULES_V1")]
+/// Slot -> the rule behind a classifier bit, two banks. Written by the agent.
+#[map(name = "MOAT_RULES_V2")]
 pub static RULES: Array<RuleEntry> = Array::with_max_entries(MAX_RULES, 0);
+
+/// Slot (as `RULES`) -> packets and bytes the rule decided or logged.
+#[map(name = "MOAT_RSTATS_V1")]
+pub static RULE_STATS: PerCpuArray<RuleStats> = PerCpuArray::with_max_entries(MAX_RULES, 0);
+
+/// (classifier, source prefix) -> class vector offset. Written by the agent.
+#[map(name = "MOAT_CSRC_V1")]
+pub static CLASS_SRC: LpmTrie<AddrClassKey, u32> =
+    LpmTrie::with_max_entries(CLASS_ADDR_PREFIXES, 0);
+
+/// (classifier, destination prefix) -> class vector offset.
+#[map(name = "MOAT_CDST_V1")]
+pub static CLASS_DST: LpmTrie<AddrClassKey, u32> =
+    LpmTrie::with_max_entries(CLASS_ADDR_PREFIXES, 0);
+
+/// (classifier, source port prefix) -> class vector offset.
+#[map(name = "MOAT_CSPORT_V1")]
+pub static CLASS_SPORT: LpmTrie<PortClassKey, u32> =
+    LpmTrie::with_max_entries(CLASS_PORT_PREFIXES, 0);
+
+/// (classifier, destination port prefix) -> class vector offset.
+#[map(name = "MOAT_CDPORT_V1")]
+pub static CLASS_DPORT: LpmTrie<PortClassKey, u32> =
+    LpmTrie::with_max_entries(CLASS_PORT_PREFIXES, 0);
+
+/// `classify::proto_key(classifier, protocol)` -> class vector offset.
+#[map(name = "MOAT_CPROTO_V1")]
+pub static CLASS_PROTO: HashMap<u32, u32> = HashMap::with_max_entries(CLASS_PROTOS, 0);
+
+/// Every class vector (sparse, `moat_common::classify`), two banks.
+#[map(name = "MOAT_CWORDS_V1")]
+pub static CLASS_WORDS: Array<u64> = Array::with_max_entries(MAX_CLASS_WORDS, 0);
 
 /// Flow orientation -> last activity. Written here on allow, read on every packet.
 #[map(name = "MOAT_CT_V1")]

@@ -57,6 +57,7 @@ fn every_corpus_policy_parses_validates_and_compiles() {
     assert!(sets.len() >= 25, "corpus sets: {sets:?}");
     let (mut files, mut resources, mut templates, mut pods) = (0, 0, 0, 0);
     let mut largest = 0;
+    let mut largest_bits = 0;
     for dir in &sets {
         let loaded = if dir.is_dir() {
             policy::load_dir(dir).unwrap_or_else(|e| panic!("{e}"))
@@ -110,18 +111,25 @@ fn every_corpus_policy_parses_validates_and_compiles() {
             for t in i.tables() {
                 largest = largest.max(t.rules.len());
             }
+            for dir in 0..2u8 {
+                let image = moat::classify::ClassifierImage::build(std::array::from_fn(|k| {
+                    i.table(dir, k)
+                }))
+                .unwrap_or_else(|e| panic!("{} {}: {e}", i.name, dir));
+                largest_bits = largest_bits.max(image.bits.len());
+            }
         }
         pods += compiled.pod_policies.len();
     }
     eprintln!(
         "corpus: {files} files in {} sets: {resources} resources valid, {templates} placeholder templates; \
          {pods} govern pods; \
-         largest kernel table {largest} entries",
+         largest table {largest} entries; largest classifier {largest_bits} rules",
         sets.len()
     );
     assert!(
-        largest <= moat_common::MAX_TABLE_RULES as usize,
-        "every corpus set fits the kernel tables: largest {largest}"
+        largest_bits <= moat_common::classify::MAX_BITS as usize,
+        "every corpus set fits the kernel classifiers: largest {largest_bits}"
     );
     assert_eq!(files, 214);
     assert_eq!(templates, 9);
