@@ -29,6 +29,80 @@ pub struct AgentConfig {
     /// Audit mode: report would-be denies, drop nothing.
     pub audit: bool,
     pub xdp_mode: XdpAttachMode,
+    /// bpffs directory of the pins (`None`: pin nothing).
+    pub pin_dir: Option<PathBuf>,
+    /// Remove the pins (and so detach) on SIGINT/SIGTERM.
+    pub detach_on_exit: bool,
+}
+
+/// Where the agent pins its maps and links by default.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/moat";
+
+/// Whether `path` is on a bpffs mount.
+pub fn on_bpffs(path: &std::path::Path) -> bool {
+    nix::sys::statfs::statfs(path)
+        .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC)
+}
+
+/// Checks that `dir` can hold pins: it or its parent is on a bpffs mount.
+pub fn check_pin_dir(dir: &std::path::Path) -> anyhow::Result<()> {
+    let parent = dir.parent().unwrap_or(dir);
+    if on_bpffs(dir) || on_bpffs(parent) {
+        return Ok(());
+    }
+    bail!(
+        "{} is not on a bpffs mount, so nothing can be pinned there: mount one (`mount -t bpf bpf {}`; in a container, mount the host's /sys/fs/bpf), give --pin-dir a directory on bpffs, or run with --no-pin",
+        parent.display(),
+        parent.display()
+    )
+}
+
+/// Removes everything pinned in `dir`; refuses while an agent holds it.
+/// Returns the interfaces detached.
+pub fn uninstall(dir: &std::path::Path) -> anyhow::Result<Vec<String>> {
+    let _lock = lock_pin_dir(dir)?;
+    Ok(crate::dataplane::uninstall(dir)?)
+}
+
+/// Holds the pin directory for this process: a second agent (or an
+/// uninstall) on the same directory is refused while this one lives,
+/// instead of both writing the same maps. The lock is an flock on a file
+/// under /run/moat, released by the kernel when the process ends, even by
+/// SIGKILL.
+pub fn lock_pin_dir(dir: &std::path::Path) -> anyhow::Result<nix::fcntl::Flock<std::fs::File>> {
+    use std::io::{Read as _, Seek as _, Write as _};
+    let run = std::path::Path::new("/run/moat");
+    std::fs::create_dir_all(run).with_context(|| format!("creating {}", run.display()))?;
+    let name: String = dir
+        .to_string_lossy()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    let path = run.join(format!("pins{name}.lock"));
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(mut lock) => {
+            lock.set_len(0)?;
+            lock.rewind()?;
+            write!(lock, "{}", std::process::id())?;
+            Ok(lock)
+        }
+        Err((mut file, _)) => {
+            let mut pid = String::new();
+            let _ = file.read_to_string(&mut pid);
+            bail!(
+                "another moat process (pid {}) holds {}; stop it first (or give this one another --pin-dir)",
+                pid.trim(),
+                dir.display()
+            )
+        }
+    }
 }
 
 /// The node's name as Calico knows it: the host name.
@@ -176,7 +250,31 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         );
     }
 
-    let mut dataplane = Dataplane::load().context("loading the eBPF programs")?;
+    let _lock = match &cfg.pin_dir {
+        Some(dir) => {
+            check_pin_dir(dir)?;
+            Some(lock_pin_dir(dir)?)
+        }
+        None => None,
+    };
+    let mut dataplane = match &cfg.pin_dir {
+        Some(dir) => Dataplane::load_pinned(dir).with_context(|| {
+            format!(
+                "loading the eBPF programs with maps pinned in {}",
+                dir.display()
+            )
+        })?,
+        None => Dataplane::load().context("loading the eBPF programs")?,
+    };
+    if let (Some(dir), Some(g)) = (&cfg.pin_dir, dataplane.adopted_generation()) {
+        info!(
+            "adopted the dataplane pinned in {}: generation {g} stays in force (and tracked flows) until this agent's policy replaces it",
+            dir.display()
+        );
+    }
+    for name in dataplane.stale_pins() {
+        warn!("pinned map {name} is from a moat version with another map layout: not read; removed once this version is attached");
+    }
     // The node's addresses first, so the tables tell forwarded traffic
     // apart from the start; then the tables; then attach: the programs
     // enforce from their first packet.
@@ -191,11 +289,17 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         "{} local addresses; anything else arriving is forwarded",
         local.len()
     );
-    let generation = 1;
+    let generation = dataplane
+        .adopted_generation()
+        .map_or(1, |g| g.wrapping_add(1));
     dataplane.apply(&by_index, generation)?;
     for iface in &cfg.ifaces {
         dataplane.attach(iface, cfg.xdp_mode)?;
     }
+    for iface in dataplane.prune_links(&cfg.ifaces)? {
+        info!("{iface}: no longer asked for: detached");
+    }
+    dataplane.remove_stale_pins()?;
     for c in compiled.ifaces.values() {
         info!("enforcing {}", describe(c));
     }
@@ -270,7 +374,22 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         );
     }
     drop(dataplane);
-    info!("detached from {}", cfg.ifaces.join(", "));
+    match &cfg.pin_dir {
+        Some(dir) if !cfg.detach_on_exit => info!(
+            "enforcement stays in place on {} (pinned in {}); `moat uninstall` removes it",
+            cfg.ifaces.join(", "),
+            dir.display()
+        ),
+        Some(dir) => {
+            crate::dataplane::uninstall(dir)?;
+            info!(
+                "removed {} and detached from {}",
+                dir.display(),
+                cfg.ifaces.join(", ")
+            );
+        }
+        None => info!("detached from {}", cfg.ifaces.join(", ")),
+    }
     Ok(())
 }
 

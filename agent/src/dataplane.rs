@@ -1,7 +1,11 @@
 //! The loaded eBPF object: programs, maps, attachments, and the atomic
 //! switch between rule banks.
 
-use std::{collections::BTreeMap, time::Duration};
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use aya::{
     maps::{
@@ -9,7 +13,9 @@ use aya::{
         Array, HashMap, MapData, PerCpuArray, PerCpuValues, RingBuf,
     },
     programs::{
-        tc::{self, TcAttachType},
+        links::{FdLink, PinnedLink},
+        tc::{self, SchedClassifierLink, TcAttachType},
+        xdp::XdpLink,
         SchedClassifier, TestRun, TestRunOptions, Xdp, XdpMode,
     },
     Ebpf, EbpfLoader,
@@ -86,6 +92,12 @@ pub enum DataplaneError {
     WordsFull { needed: usize, max: u32 },
     #[error("more than {max} enforced interfaces")]
     TooManyIfaces { max: u32 },
+    #[error("bpffs pin {path}: {source}")]
+    Pin {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("reading the number of CPUs: {0}")]
     Cpus(#[source] std::io::Error),
     #[error(
@@ -130,6 +142,11 @@ pub struct Dataplane {
     class_words: Array<MapData, u64>,
     /// Class map entries written into each bank.
     written: [Vec<ClassKey>; 2],
+    /// Banks written by an earlier agent (adopted pins): entries unknown.
+    unknown_bank: [bool; 2],
+    /// bpffs directory of the pins, if pinned.
+    pin_dir: Option<PathBuf>,
+    adopted_generation: Option<u32>,
     counters: PerCpuArray<MapData, u64>,
     conntrack: HashMap<MapData, FlowKey, FlowState>,
     fragments: HashMap<MapData, FragKey, FragmentL4>,
@@ -159,11 +176,33 @@ fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
 }
 
 impl Dataplane {
-    /// Loads and verifies both programs; attaches nothing.
+    /// Loads and verifies both programs with maps of their own; attaches
+    /// nothing. Everything goes when the `Dataplane` is dropped.
     pub fn load() -> Result<Self, DataplaneError> {
-        let mut ebpf = EbpfLoader::new()
-            .load(EBPF_OBJECT)
-            .map_err(DataplaneError::Load)?;
+        Self::load_with(None)
+    }
+
+    /// Loads and verifies both programs with their maps pinned in `dir`
+    /// (bpffs): maps already pinned there by an earlier agent are adopted,
+    /// with the policy in force, tracked flows and counters in them, and
+    /// `attach` takes over links pinned there without detaching. Enforcement
+    /// outlives this `Dataplane` until `uninstall`.
+    pub fn load_pinned(dir: &Path) -> Result<Self, DataplaneError> {
+        std::fs::create_dir_all(dir.join(LINKS_DIR)).map_err(|source| DataplaneError::Pin {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        Self::load_with(Some(dir))
+    }
+
+    fn load_with(pin_dir: Option<&Path>) -> Result<Self, DataplaneError> {
+        let mut loader = EbpfLoader::new();
+        if let Some(dir) = pin_dir {
+            for name in map_names::PINNED {
+                loader.map_pin_path(name, dir.join(name));
+            }
+        }
+        let mut ebpf = loader.load(EBPF_OBJECT).map_err(DataplaneError::Load)?;
         for name in [program_names::INGRESS, program_names::EGRESS] {
             let program = ebpf.program_mut(name).ok_or(DataplaneError::Missing {
                 kind: "program",
@@ -181,7 +220,10 @@ impl Dataplane {
             };
             result.map_err(|source| DataplaneError::Program { name, source })?;
         }
-        Ok(Dataplane {
+        let mut dataplane = Dataplane {
+            pin_dir: pin_dir.map(Path::to_path_buf),
+            unknown_bank: [pin_dir.is_some(); 2],
+            adopted_generation: None,
             ifaces: take(&mut ebpf, map_names::IFACES)?,
             rules: take(&mut ebpf, map_names::RULES)?,
             rule_stats: take(&mut ebpf, map_names::RULE_STATS)?,
@@ -204,7 +246,94 @@ impl Dataplane {
             active_bank: None,
             configured: Vec::new(),
             attached: Vec::new(),
-        })
+        };
+        if pin_dir.is_some() {
+            dataplane.adopt()?;
+        }
+        Ok(dataplane)
+    }
+
+    /// Takes over the state pinned maps hold: which bank is in force, the
+    /// interfaces configured, the node addresses written.
+    fn adopt(&mut self) -> Result<(), DataplaneError> {
+        let entries: Vec<(u32, IfaceConfig)> = self.ifaces.iter().filter_map(Result::ok).collect();
+        if let Some((_, config)) = entries.first() {
+            let id = config.classifiers[0].id;
+            self.active_bank = Some(bank_of(id));
+            self.adopted_generation = entries.iter().map(|(_, c)| c.generation).max();
+        }
+        self.configured = entries.iter().map(|(i, _)| *i).collect();
+        let local: std::collections::BTreeSet<std::net::IpAddr> = self
+            .local_addrs
+            .keys()
+            .filter_map(Result::ok)
+            .map(|k| {
+                let v6 = std::net::Ipv6Addr::from(k);
+                v6.to_ipv4_mapped()
+                    .map_or(std::net::IpAddr::V6(v6), std::net::IpAddr::V4)
+            })
+            .collect();
+        if !local.is_empty() {
+            self.local = Some(local);
+        }
+        Ok(())
+    }
+
+    /// The generation in force in the pinned maps this `Dataplane` adopted
+    /// (`None`: nothing was in force).
+    pub fn adopted_generation(&self) -> Option<u32> {
+        self.adopted_generation
+    }
+
+    /// Entries in the pin directory that are not maps of this version (an
+    /// older or newer layout): they are never read; `remove_stale_pins`
+    /// deletes them once this version's programs are attached.
+    pub fn stale_pins(&self) -> Vec<String> {
+        let Some(dir) = &self.pin_dir else {
+            return Vec::new();
+        };
+        let Ok(read) = std::fs::read_dir(dir) else {
+            return Vec::new();
+        };
+        let mut out: Vec<String> = read
+            .filter_map(Result::ok)
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n != LINKS_DIR && !map_names::PINNED.contains(&n.as_str()))
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// Deletes the pins `stale_pins` names.
+    pub fn remove_stale_pins(&self) -> Result<Vec<String>, DataplaneError> {
+        let stale = self.stale_pins();
+        if let Some(dir) = &self.pin_dir {
+            for name in &stale {
+                let path = dir.join(name);
+                std::fs::remove_file(&path)
+                    .map_err(|source| DataplaneError::Pin { path, source })?;
+            }
+        }
+        Ok(stale)
+    }
+
+    /// Detaches links pinned for interfaces other than `keep` (an agent
+    /// restarted with fewer interfaces). Returns the interfaces detached.
+    pub fn prune_links(&self, keep: &[String]) -> Result<Vec<String>, DataplaneError> {
+        let Some(dir) = &self.pin_dir else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::new();
+        for (iface, path) in pinned_links(dir) {
+            if !keep.contains(&iface) {
+                std::fs::remove_file(&path)
+                    .map_err(|source| DataplaneError::Pin { path, source })?;
+                out.push(iface);
+            }
+        }
+        out.sort();
+        out.dedup();
+        Ok(out)
     }
 
     fn xdp(&mut self) -> Result<&mut Xdp, DataplaneError> {
@@ -229,9 +358,26 @@ impl Dataplane {
             .map_err(|source| DataplaneError::Program { name, source })
     }
 
-    /// Attaches XDP (ingress) and TC egress to `iface`. Both detach when the
-    /// `Dataplane` is dropped.
+    /// Attaches XDP (ingress) and TC egress to `iface`. Unpinned, both
+    /// detach when the `Dataplane` is dropped; pinned, they stay until
+    /// `uninstall`.
     pub fn attach(&mut self, iface: &str, mode: XdpAttachMode) -> Result<(), DataplaneError> {
+        match self.pin_dir.clone() {
+            Some(dir) => self.attach_pinned(&dir, iface, mode)?,
+            None => {
+                self.attach_xdp(iface, mode)?;
+                self.attach_tc(iface)?;
+            }
+        }
+        self.attached.push(iface.to_string());
+        Ok(())
+    }
+
+    fn attach_xdp(
+        &mut self,
+        iface: &str,
+        mode: XdpAttachMode,
+    ) -> Result<aya::programs::xdp::XdpLinkId, DataplaneError> {
         self.xdp()?.attach(iface, mode.mode()).map_err(|source| {
             // The kernel refuses a link while another program holds the
             // hook (EBUSY); aya only falls back to netlink (which would
@@ -248,7 +394,13 @@ impl Dataplane {
                     source,
                 }
             }
-        })?;
+        })
+    }
+
+    fn attach_tc(
+        &mut self,
+        iface: &str,
+    ) -> Result<aya::programs::tc::SchedClassifierLinkId, DataplaneError> {
         // TCX (kernel >= 6.6) needs no qdisc; older kernels need clsact.
         let tcx = aya::util::KernelVersion::current()
             .is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 6, 0));
@@ -269,8 +421,85 @@ impl Dataplane {
             .map_err(|source| DataplaneError::AttachTc {
                 iface: iface.to_string(),
                 source,
-            })?;
-        self.attached.push(iface.to_string());
+            })
+    }
+
+    /// Attaches both programs to `iface` by taking over the links an earlier
+    /// agent pinned (one atomic program replacement each: no packet goes
+    /// unjudged), or attaching and pinning new ones.
+    fn attach_pinned(
+        &mut self,
+        dir: &Path,
+        iface: &str,
+        mode: XdpAttachMode,
+    ) -> Result<(), DataplaneError> {
+        let links = dir.join(LINKS_DIR);
+        let xdp_pin = links.join(format!("{iface}{XDP_SUFFIX}"));
+        let tc_pin = links.join(format!("{iface}{TC_SUFFIX}"));
+        let pin_err = |path: &Path| {
+            let path = path.to_path_buf();
+            move |e: aya::pin::PinError| DataplaneError::Pin {
+                path: path.clone(),
+                source: match e {
+                    aya::pin::PinError::SyscallError(s) => s.io_error,
+                    other => std::io::Error::other(other.to_string()),
+                },
+            }
+        };
+        let link_err = |path: &Path| {
+            let path = path.to_path_buf();
+            move |e: aya::programs::links::LinkError| DataplaneError::Pin {
+                path: path.clone(),
+                source: std::io::Error::other(e.to_string()),
+            }
+        };
+        if xdp_pin.exists() {
+            let pinned = PinnedLink::from_pin(&xdp_pin).map_err(link_err(&xdp_pin))?;
+            let link = XdpLink::try_from(FdLink::from(pinned)).map_err(link_err(&xdp_pin))?;
+            self.xdp()?
+                .attach_to_link(link)
+                .map_err(|source| DataplaneError::AttachXdp {
+                    iface: iface.to_string(),
+                    source,
+                })?;
+        } else {
+            let id = self.attach_xdp(iface, mode)?;
+            let link = self
+                .xdp()?
+                .take_link(id)
+                .map_err(|source| DataplaneError::Program {
+                    name: program_names::INGRESS,
+                    source,
+                })?;
+            FdLink::try_from(link)
+                .map_err(link_err(&xdp_pin))?
+                .pin(&xdp_pin)
+                .map_err(pin_err(&xdp_pin))?;
+        }
+        if tc_pin.exists() {
+            let pinned = PinnedLink::from_pin(&tc_pin).map_err(link_err(&tc_pin))?;
+            let link =
+                SchedClassifierLink::try_from(FdLink::from(pinned)).map_err(link_err(&tc_pin))?;
+            self.tc()?
+                .attach_to_link(link)
+                .map_err(|source| DataplaneError::AttachTc {
+                    iface: iface.to_string(),
+                    source,
+                })?;
+        } else {
+            let id = self.attach_tc(iface)?;
+            let link = self
+                .tc()?
+                .take_link(id)
+                .map_err(|source| DataplaneError::Program {
+                    name: program_names::EGRESS,
+                    source,
+                })?;
+            FdLink::try_from(link)
+                .map_err(link_err(&tc_pin))?
+                .pin(&tc_pin)
+                .map_err(pin_err(&tc_pin))?;
+        }
         Ok(())
     }
 
@@ -412,8 +641,41 @@ impl Dataplane {
     }
 
     /// Removes the class map entries a previous apply wrote into `bank`
-    /// (not in force: no interface refers to its ids).
+    /// (not in force: no interface refers to its ids). For a bank written
+    /// by an earlier agent (adopted pins), every entry with an id of the
+    /// bank is found by walking the maps.
     fn clear_bank(&mut self, bank: u32) -> Result<(), DataplaneError> {
+        if std::mem::take(&mut self.unknown_bank[bank as usize]) {
+            let id_bank =
+                |data: &[u8]| bank_of(u32::from_be_bytes([data[0], data[1], data[2], data[3]]));
+            let mut keys = Vec::new();
+            for k in self.class_src.keys().filter_map(Result::ok) {
+                if id_bank(&k.data()) == bank {
+                    keys.push(ClassKey::Src(k));
+                }
+            }
+            for k in self.class_dst.keys().filter_map(Result::ok) {
+                if id_bank(&k.data()) == bank {
+                    keys.push(ClassKey::Dst(k));
+                }
+            }
+            for k in self.class_sport.keys().filter_map(Result::ok) {
+                if id_bank(&k.data()) == bank {
+                    keys.push(ClassKey::Sport(k));
+                }
+            }
+            for k in self.class_dport.keys().filter_map(Result::ok) {
+                if id_bank(&k.data()) == bank {
+                    keys.push(ClassKey::Dport(k));
+                }
+            }
+            for k in self.class_proto.keys().filter_map(Result::ok) {
+                if bank_of(k >> 8) == bank {
+                    keys.push(ClassKey::Proto(k));
+                }
+            }
+            self.written[bank as usize].extend(keys);
+        }
         for key in std::mem::take(&mut self.written[bank as usize]) {
             // Already gone is fine: the goal is its absence.
             let _ = match key {
@@ -663,6 +925,65 @@ where
 /// distinct for every classifier of both banks, below 2^24 (`proto_key`).
 fn classifier_id(bank: u32, slot: u32, dir: u32) -> u32 {
     1 + ((bank * MAX_IFACES + slot) * direction::COUNT as u32 + dir)
+}
+
+/// The bank of classifier `id` (`classifier_id`).
+fn bank_of(id: u32) -> u32 {
+    (id.saturating_sub(1) / direction::COUNT as u32) / MAX_IFACES
+}
+
+/// Subdirectory of the pin directory holding the links.
+const LINKS_DIR: &str = "links";
+const XDP_SUFFIX: &str = "_xdp";
+const TC_SUFFIX: &str = "_tc_egress";
+
+/// `(interface, path)` of every link pinned under `dir`.
+fn pinned_links(dir: &Path) -> Vec<(String, PathBuf)> {
+    let Ok(read) = std::fs::read_dir(dir.join(LINKS_DIR)) else {
+        return Vec::new();
+    };
+    read.filter_map(Result::ok)
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let iface = name
+                .strip_suffix(XDP_SUFFIX)
+                .or_else(|| name.strip_suffix(TC_SUFFIX))?;
+            Some((iface.to_string(), e.path()))
+        })
+        .collect()
+}
+
+/// Removes everything an agent pinned in `dir`: each link (which detaches
+/// its program once no process holds it), each map, the directory.
+/// Returns the interfaces detached. Absent `dir` is not an error.
+pub fn uninstall(dir: &Path) -> Result<Vec<String>, DataplaneError> {
+    let pin = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| DataplaneError::Pin { path, source }
+    };
+    if !dir.exists() {
+        return Ok(Vec::new());
+    }
+    let mut ifaces = Vec::new();
+    for (iface, path) in pinned_links(dir) {
+        std::fs::remove_file(&path).map_err(pin(&path))?;
+        ifaces.push(iface);
+    }
+    let links = dir.join(LINKS_DIR);
+    if links.exists() {
+        std::fs::remove_dir(&links).map_err(pin(&links))?;
+    }
+    for entry in std::fs::read_dir(dir)
+        .map_err(pin(dir))?
+        .filter_map(Result::ok)
+    {
+        let path = entry.path();
+        std::fs::remove_file(&path).map_err(pin(&path))?;
+    }
+    std::fs::remove_dir(dir).map_err(pin(dir))?;
+    ifaces.sort();
+    ifaces.dedup();
+    Ok(ifaces)
 }
 
 fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> DataplaneError {

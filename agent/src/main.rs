@@ -54,6 +54,24 @@ enum Command {
         /// compare with the firewall in force before enforcing.
         #[arg(long)]
         audit: bool,
+        /// bpffs directory for moat's maps and links: enforcement, tracked
+        /// flows and counters outlive the agent, and a restarted agent
+        /// takes them over without a gap.
+        #[arg(long, value_name = "DIR", default_value = moat::agent::DEFAULT_PIN_DIR, conflicts_with = "no_pin")]
+        pin_dir: PathBuf,
+        /// Pin nothing: the programs detach when the agent exits.
+        #[arg(long)]
+        no_pin: bool,
+        /// On SIGINT/SIGTERM remove everything pinned (as `moat uninstall`)
+        /// instead of leaving enforcement in place.
+        #[arg(long)]
+        detach_on_exit: bool,
+    },
+    /// Remove every program, link and map an agent pinned (enforcement
+    /// stops on every interface it attached).
+    Uninstall {
+        #[arg(long, value_name = "DIR", default_value = moat::agent::DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
     },
     /// Measure ns/packet of the XDP program through BPF_PROG_TEST_RUN.
     Bench {
@@ -161,8 +179,13 @@ fn main() -> ExitCode {
             event_rate,
             event_burst,
             audit,
+            pin_dir,
+            no_pin,
+            detach_on_exit,
         } => {
             let cfg = AgentConfig {
+                pin_dir: (!no_pin).then_some(pin_dir),
+                detach_on_exit,
                 policies,
                 profile: profile_arg(&profile),
                 ifaces,
@@ -181,6 +204,18 @@ fn main() -> ExitCode {
                 .and_then(|rt| rt.block_on(agent::run(cfg)))
                 .map(|()| ExitCode::SUCCESS)
         }
+        Command::Uninstall { pin_dir } => agent::uninstall(&pin_dir).map(|ifaces| {
+            if ifaces.is_empty() {
+                eprintln!("moat: nothing pinned in {}", pin_dir.display());
+            } else {
+                eprintln!(
+                    "moat: removed {} and detached from {}",
+                    pin_dir.display(),
+                    ifaces.join(", ")
+                );
+            }
+            ExitCode::SUCCESS
+        }),
         Command::Check {
             policies,
             ifaces,

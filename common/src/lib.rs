@@ -59,6 +59,28 @@ pub mod map_names {
     pub const EVENTS: &str = "MOAT_EVENTS";
     /// `PerCpuArray<u64>` indexed by `counter::index(direction, counter)`.
     pub const COUNTERS: &str = "MOAT_COUNTERS";
+
+    /// Every map the agent pins in its bpffs directory (by this name), so
+    /// that enforcement, connection tracking and counters outlive it.
+    /// (Not the programs' per-CPU scratch space, whose layout is internal.)
+    pub const PINNED: [&str; 16] = [
+        IFACES,
+        EVENT_RATE,
+        EVENT_BUCKETS,
+        LOCAL_ADDRS,
+        RULES,
+        CLASS_SRC,
+        CLASS_DST,
+        CLASS_SPORT,
+        CLASS_DPORT,
+        CLASS_PROTO,
+        CLASS_WORDS,
+        RULE_STATS,
+        CONNTRACK,
+        FRAGMENTS,
+        EVENTS,
+        COUNTERS,
+    ];
 }
 
 /// Names of the programs in the eBPF object.

@@ -138,6 +138,46 @@ pub fn unique(prefix: &str) -> String {
     )
 }
 
+/// A bpffs pin directory of a test's own agent, uninstalled when dropped
+/// (even after the agent was killed), so nothing stays attached.
+pub struct PinDir(pub PathBuf);
+
+/// A bpffs outside /sys: `ip netns exec` mounts a fresh /sys for the
+/// commands it runs, which hides /sys/fs/bpf, while /run stays shared.
+pub const TEST_BPFFS: &str = "/run/moat-test-bpffs";
+
+impl PinDir {
+    pub fn new() -> Self {
+        static MOUNT: std::sync::Once = std::sync::Once::new();
+        MOUNT.call_once(|| {
+            if !moat::agent::on_bpffs(Path::new(TEST_BPFFS)) {
+                std::fs::create_dir_all(TEST_BPFFS).expect("creating the test bpffs mount point");
+                run("mount", &["-t", "bpf", "bpf", TEST_BPFFS]);
+            }
+        });
+        PinDir(PathBuf::from(TEST_BPFFS).join(unique("moat-test-")))
+    }
+
+    /// `--pin-dir DIR` for `moat agent`.
+    pub fn args(&self) -> [String; 2] {
+        ["--pin-dir".into(), self.0.display().to_string()]
+    }
+}
+
+impl Default for PinDir {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        if let Err(e) = moat::dataplane::uninstall(&self.0) {
+            eprintln!("cleaning up {}: {e}", self.0.display());
+        }
+    }
+}
+
 /// Runs a command, panicking with its output when it fails.
 pub fn run(cmd: &str, args: &[&str]) -> String {
     let out = Command::new(cmd)

@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use moat_tests::{fixtures, in_netns, spawn_in, veth, Netns};
+use moat_tests::{fixtures, in_netns, spawn_in, veth, Netns, PinDir};
 
 /// Tries a TCP connection from inside `ns`: Ok(()) when it was accepted.
 fn connect(ns: &Netns, to: &str) -> Result<(), std::io::ErrorKind> {
@@ -77,6 +77,10 @@ struct Agent {
     child: Child,
     events: mpsc::Receiver<serde_json::Value>,
     lines: mpsc::Receiver<String>,
+    /// What the agent logged (stderr).
+    log: mpsc::Receiver<String>,
+    /// Dropped after the agent is killed (fields drop after `Drop::drop`).
+    _pins: Option<PinDir>,
 }
 
 impl Agent {
@@ -87,6 +91,15 @@ impl Agent {
     /// Starts the agent with `-o output`; JSON lines arrive as `events`,
     /// others as `lines`.
     fn start_with(worker: &Netns, output: &str) -> Self {
+        let pins = PinDir::new();
+        let mut extra = pins.args().to_vec();
+        extra.push("--detach-on-exit".into());
+        let mut agent = Self::start_args(worker, output, &extra);
+        agent._pins = Some(pins);
+        agent
+    }
+
+    fn start_args(worker: &Netns, output: &str, extra: &[String]) -> Self {
         let mut child = worker
             .command(moat_tests::moat_bin().to_str().expect("utf-8 path"))
             .args(["agent", "--policies"])
@@ -94,11 +107,13 @@ impl Agent {
             .args([
                 "--iface", "eth1", "--iface", "eth0", "--node", "worker-1", "-o", output,
             ])
+            .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .expect("moat agent starts");
         let (ready_tx, ready_rx) = mpsc::channel();
+        let (log_tx, log) = mpsc::channel();
         let stderr = child.stderr.take().expect("stderr");
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
@@ -106,6 +121,7 @@ impl Agent {
                 if line.contains("ready:") {
                     let _ = ready_tx.send(());
                 }
+                let _ = log_tx.send(line);
             }
         });
         let (tx, events) = mpsc::channel();
@@ -135,7 +151,20 @@ impl Agent {
             child,
             events,
             lines,
+            log,
+            _pins: None,
         }
+    }
+
+    /// Every line the agent has logged so far.
+    fn logged(&self) -> Vec<String> {
+        self.log.try_iter().collect()
+    }
+
+    /// Ends the agent with SIGKILL: no cleanup of any kind.
+    fn kill(mut self) {
+        self.child.kill().expect("SIGKILL");
+        self.child.wait().expect("wait");
     }
 
     /// The next line the agent prints (non-JSON output).
@@ -429,6 +458,7 @@ fn a_second_agent_does_not_take_over_an_attached_interface() {
         .args(["agent", "--policies"])
         .arg(fixtures().join("public"))
         .args(["--iface", "eth1", "--node", "worker-1"])
+        .args(PinDir::new().args())
         .output()
         .expect("second agent runs");
     let stderr = String::from_utf8_lossy(&second.stderr);
@@ -446,4 +476,141 @@ fn a_second_agent_does_not_take_over_an_attached_interface() {
         Err(std::io::ErrorKind::TimedOut)
     );
     first.stop();
+}
+
+/// Listens on `addr` inside `ns` and echoes every line back on each
+/// connection; returns how many connections it accepted so far.
+fn echo_server(ns: &Netns, addr: &str) -> std::sync::Arc<std::sync::atomic::AtomicUsize> {
+    use std::io::Write as _;
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = accepted.clone();
+    let addr: SocketAddr = addr.parse().expect("address");
+    let (tx, rx) = mpsc::channel();
+    spawn_in(&ns.name, move || {
+        let listener = TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+        tx.send(()).expect("signal bound");
+        for stream in listener.incoming().map_while(Result::ok) {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            std::thread::spawn(move || {
+                let mut out = stream.try_clone().expect("clone");
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    if writeln!(out, "{line}").is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(5))
+        .expect("listener bound");
+    accepted
+}
+
+/// Sends a line on `stream` and reads it back.
+fn round_trip(stream: &mut BufReader<TcpStream>, what: &str) -> Result<(), String> {
+    use std::io::Write as _;
+    let line = format!("moat {what}");
+    writeln!(stream.get_mut(), "{line}").map_err(|e| format!("{what}: write: {e}"))?;
+    let mut back = String::new();
+    stream
+        .read_line(&mut back)
+        .map_err(|e| format!("{what}: read: {e}"))?;
+    if back.trim_end() == line {
+        Ok(())
+    } else {
+        Err(format!("{what}: echoed {back:?}"))
+    }
+}
+
+/// The restart test: SIGKILL the agent under traffic, restart it;
+/// no denied connection is ever accepted, the established one never stops.
+#[test]
+fn enforcement_outlives_a_killed_agent_and_a_restart_takes_over_without_a_gap() {
+    let (worker, client, _peer) = lab();
+    let ssh_accepted = echo_server(&worker, "0.0.0.0:22");
+    echo_server(&worker, "0.0.0.0:52311");
+    let pins = PinDir::new();
+    let first = Agent::start_args(&worker, "json", &pins.args());
+
+    // An established flow through moat (allow-bigfix-port).
+    let stream = in_netns(&client.name, || {
+        TcpStream::connect_timeout(&"198.18.1.1:52311".parse().unwrap(), Duration::from_secs(2))
+    })
+    .expect("bigfix connection");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .expect("timeout");
+    let mut stream = BufReader::new(stream);
+    round_trip(&mut stream, "before the kill").unwrap();
+
+    // Denied connection attempts for the whole test, from another thread.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop_flag = stop.clone();
+    let attempts = spawn_in(&client.name, move || {
+        let to: SocketAddr = "198.18.1.1:22".parse().unwrap();
+        let mut n = 0u32;
+        let mut through = 0u32;
+        while !stop_flag.load(std::sync::atomic::Ordering::SeqCst) {
+            n += 1;
+            if TcpStream::connect_timeout(&to, Duration::from_millis(200)).is_ok() {
+                through += 1;
+            }
+        }
+        (n, through)
+    });
+    std::thread::sleep(Duration::from_millis(500));
+
+    first.kill();
+    let links = worker.exec("ip", &["-d", "link", "show", "eth1"]);
+    assert!(
+        links.contains("prog/xdp"),
+        "XDP stays attached after SIGKILL: {links}"
+    );
+    round_trip(&mut stream, "with the agent dead").unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+
+    let second = Agent::start_args(&worker, "json", &pins.args());
+    let log = second.logged().join("\n");
+    assert!(
+        log.contains("adopted the dataplane pinned in"),
+        "the restarted agent adopts the pins: {log}"
+    );
+    round_trip(&mut stream, "after the restart").unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (tried, through) = attempts.join().expect("attempts");
+    eprintln!("restart: {tried} denied connection attempts across SIGKILL and restart, {through} through; the established flow echoed 3 of 3");
+    assert!(
+        tried >= 5,
+        "denied connections were attempted throughout: {tried}"
+    );
+    assert_eq!(
+        through, 0,
+        "{through} of {tried} denied connections got through"
+    );
+    assert_eq!(ssh_accepted.load(std::sync::atomic::Ordering::SeqCst), 0);
+    second.kill();
+
+    // `moat uninstall` removes everything; then nothing is enforced.
+    let out = std::process::Command::new(moat_tests::moat_bin())
+        .args(["uninstall"])
+        .args(pins.args())
+        .output()
+        .expect("moat uninstall runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!pins.0.exists(), "pin directory removed");
+    let after = worker.exec("ip", &["-d", "link", "show", "eth1"]);
+    assert!(
+        !after.contains("prog/xdp"),
+        "XDP detached by uninstall: {after}"
+    );
+    assert_eq!(
+        connect(&client, "198.18.1.1:22"),
+        Ok(()),
+        "nothing enforced after uninstall"
+    );
 }

@@ -24,6 +24,10 @@ const WORKER: &str = "moat-demo-worker";
 const PUBLIC: &str = "moat-demo-public";
 const PRIVATE: &str = "moat-demo-private";
 const NAMESPACES: [&str; 3] = [WORKER, PUBLIC, PRIVATE];
+/// A bpffs outside /sys for the demo agent's pins (`ip netns exec` mounts
+/// a fresh /sys, hiding /sys/fs/bpf; /run stays shared).
+const DEMO_BPFFS: &str = "/run/moat-demo-bpffs";
+const DEMO_PINS: &str = "/run/moat-demo-bpffs/moat";
 
 /// Pids of the children to stop when the user presses Ctrl-C.
 static AGENT_PID: AtomicI32 = AtomicI32::new(0);
@@ -39,7 +43,29 @@ fn in_ns(ns: &str, args: &[&str]) -> Result<()> {
     ip(&all)
 }
 
+/// Mounts the demo's bpffs unless it is there.
+fn mount_bpffs() -> Result<()> {
+    let mounts = std::fs::read_to_string("/proc/mounts").context("reading /proc/mounts")?;
+    if mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some(DEMO_BPFFS) && l.contains(" bpf "))
+    {
+        return Ok(());
+    }
+    std::fs::create_dir_all(DEMO_BPFFS).with_context(|| format!("creating {DEMO_BPFFS}"))?;
+    run_command(Command::new("mount").args(["-t", "bpf", "bpf", DEMO_BPFFS]))
+}
+
 fn remove_lab() {
+    // A killed agent leaves its pins (that is their point): remove them.
+    let _ = Command::new(
+        std::env::current_dir()
+            .unwrap_or_default()
+            .join("target/debug/moat"),
+    )
+    .args(["uninstall", "--pin-dir", DEMO_PINS])
+    .stderr(Stdio::null())
+    .status();
     for ns in NAMESPACES {
         let _ = Command::new("ip")
             .args(["netns", "del", ns])
@@ -200,6 +226,7 @@ pub fn run(root: &Path) -> Result<()> {
     })
     .context("installing the Ctrl-C handler")?;
 
+    mount_bpffs()?;
     println!("demo: lab: {WORKER} (eth1 198.18.1.1 public, eth0 198.18.0.1 private), {PUBLIC} (198.18.1.2, 198.19.128.7), {PRIVATE} (198.18.0.2)");
     let _lab = Lab::create()?;
     let listener = Command::new("ip")
@@ -229,6 +256,7 @@ pub fn run(root: &Path) -> Result<()> {
         .args(["agent", "--policies"])
         .arg(&policies)
         .args(["--iface", "eth1", "--iface", "eth0", "--node", "worker-1"])
+        .args(["--pin-dir", DEMO_PINS, "--detach-on-exit"])
         .stderr(Stdio::piped())
         .spawn()
         .context("starting the agent")?;
