@@ -854,6 +854,47 @@ impl Dataplane {
         self.conntrack.iter().filter_map(Result::ok).collect()
     }
 
+    /// Tracks `flows` (TCP, each `(local, local port, remote, remote port)`)
+    /// as established, in both orientations, as if moat had allowed them:
+    /// connections open before moat attached keep flowing. Returns how
+    /// many were written.
+    pub fn seed_tcp_flows(
+        &mut self,
+        flows: &[(std::net::IpAddr, u16, std::net::IpAddr, u16)],
+    ) -> Result<usize, DataplaneError> {
+        let bytes = |a: &std::net::IpAddr| match a {
+            std::net::IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+            std::net::IpAddr::V6(v6) => v6.octets(),
+        };
+        let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+            .map_err(|e| DataplaneError::Cpus(std::io::Error::from(e)))?;
+        let state = FlowState {
+            last_seen_ns: now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64,
+            flags: 0,
+            _pad: 0,
+        };
+        let mut n = 0;
+        for (local, lport, remote, rport) in flows {
+            for (src, sport, dst, dport) in
+                [(remote, rport, local, lport), (local, lport, remote, rport)]
+            {
+                let key = FlowKey {
+                    src: bytes(src),
+                    dst: bytes(dst),
+                    sport: *sport,
+                    dport: *dport,
+                    protocol: moat_common::ip_proto::TCP,
+                    _pad: [0; 3],
+                };
+                self.conntrack
+                    .insert(key, state, 0)
+                    .map_err(map_err(map_names::CONNTRACK))?;
+            }
+            n += 1;
+        }
+        Ok(n)
+    }
+
     /// Number of tracked flow orientations.
     pub fn conntrack_len(&self) -> usize {
         self.conntrack.keys().count()

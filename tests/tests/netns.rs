@@ -614,3 +614,37 @@ fn enforcement_outlives_a_killed_agent_and_a_restart_takes_over_without_a_gap() 
         "nothing enforced after uninstall"
     );
 }
+
+/// Attaching to a live node cuts none of its connections: one opened
+/// before the agent started, to a port policy denies (public ssh), keeps
+/// flowing; a new one to the same port is dropped.
+#[test]
+fn a_connection_open_before_attach_survives_it() {
+    let (worker, client, _peer) = lab();
+    let accepted = echo_server(&worker, "0.0.0.0:22");
+    let stream = in_netns(&client.name, || {
+        TcpStream::connect_timeout(&"198.18.1.1:22".parse().unwrap(), Duration::from_secs(2))
+    })
+    .expect("ssh before moat");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .expect("timeout");
+    let mut stream = BufReader::new(stream);
+    round_trip(&mut stream, "before attach").unwrap();
+
+    let agent = Agent::start(&worker);
+    round_trip(&mut stream, "after attach").unwrap();
+    round_trip(&mut stream, "and again").unwrap();
+    let log = agent.logged().join("\n");
+    assert!(
+        log.contains("1 established TCP connection(s) of this host tracked"),
+        "the agent seeds the open connection: {log}"
+    );
+    assert_eq!(
+        connect(&client, "198.18.1.1:22"),
+        Err(std::io::ErrorKind::TimedOut),
+        "a new ssh connection on the public side is still dropped"
+    );
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+    agent.stop();
+}
