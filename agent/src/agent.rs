@@ -33,6 +33,8 @@ pub struct AgentConfig {
     pub pin_dir: Option<PathBuf>,
     /// Remove the pins (and so detach) on SIGINT/SIGTERM.
     pub detach_on_exit: bool,
+    /// Map capacities.
+    pub capacities: crate::dataplane::Capacities,
 }
 
 /// Where the agent pins its maps and links by default.

@@ -23,7 +23,7 @@ use aya::{
 use moat_common::{
     classify, counter, direction, map_names, program_names, table, AddrClassKey, Classifier,
     DenyEvent, FlowKey, FlowState, FragKey, FragmentL4, IfaceConfig, PortClassKey, RuleEntry,
-    RuleStats, IFACE_AUDIT, IFACE_ENFORCED, IFACE_KNOWS_LOCAL, MAX_IFACES, RULE_BANK_SIZE,
+    RuleStats, IFACE_AUDIT, IFACE_ENFORCED, IFACE_KNOWS_LOCAL, MAX_IFACES,
 };
 
 use crate::{
@@ -128,6 +128,49 @@ impl XdpAttachMode {
     }
 }
 
+/// Capacities of the maps whose size is a deployment choice.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capacities {
+    /// Tracked flow orientations (two per connection); LRU beyond.
+    pub flows: u32,
+    /// Words of class vectors, both banks together.
+    pub class_words: u32,
+    /// Rules (classifier bits) of every interface and direction, both banks
+    /// together.
+    pub rule_slots: u32,
+    /// Address prefixes per address field, both banks together.
+    pub addr_prefixes: u32,
+    /// Port prefixes per port field, both banks together.
+    pub port_prefixes: u32,
+    /// Sources with an event token bucket at once; LRU beyond.
+    pub event_sources: u32,
+}
+
+impl Default for Capacities {
+    fn default() -> Self {
+        Capacities {
+            flows: moat_common::MAX_FLOWS,
+            class_words: moat_common::MAX_CLASS_WORDS,
+            rule_slots: moat_common::MAX_RULES,
+            addr_prefixes: moat_common::CLASS_ADDR_PREFIXES,
+            port_prefixes: moat_common::CLASS_PORT_PREFIXES,
+            event_sources: moat_common::MAX_EVENT_SOURCES,
+        }
+    }
+}
+
+/// Packets and bytes one rule decided or logged, on one interface and
+/// direction, since the generation in force was applied.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct RuleCounter {
+    pub ifindex: u32,
+    pub direction: u8,
+    pub policy_id: u32,
+    pub rule_index: u32,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
 /// The loaded object and the maps the agent writes.
 pub struct Dataplane {
     ebpf: Ebpf,
@@ -179,7 +222,7 @@ impl Dataplane {
     /// Loads and verifies both programs with maps of their own; attaches
     /// nothing. Everything goes when the `Dataplane` is dropped.
     pub fn load() -> Result<Self, DataplaneError> {
-        Self::load_with(None)
+        Self::load_with(None, Capacities::default())
     }
 
     /// Loads and verifies both programs with their maps pinned in `dir`
@@ -188,15 +231,30 @@ impl Dataplane {
     /// `attach` takes over links pinned there without detaching. Enforcement
     /// outlives this `Dataplane` until `uninstall`.
     pub fn load_pinned(dir: &Path) -> Result<Self, DataplaneError> {
-        std::fs::create_dir_all(dir.join(LINKS_DIR)).map_err(|source| DataplaneError::Pin {
-            path: dir.to_path_buf(),
-            source,
-        })?;
-        Self::load_with(Some(dir))
+        Self::load_with(Some(dir), Capacities::default())
     }
 
-    fn load_with(pin_dir: Option<&Path>) -> Result<Self, DataplaneError> {
+    /// `load` or (with `pin_dir`) `load_pinned`, with map capacities of
+    /// one's choosing. Maps already pinned keep the capacity they were
+    /// created with.
+    pub fn load_with(pin_dir: Option<&Path>, caps: Capacities) -> Result<Self, DataplaneError> {
+        if let Some(dir) = pin_dir {
+            std::fs::create_dir_all(dir.join(LINKS_DIR)).map_err(|source| DataplaneError::Pin {
+                path: dir.to_path_buf(),
+                source,
+            })?;
+        }
         let mut loader = EbpfLoader::new();
+        loader
+            .map_max_entries(map_names::CONNTRACK, caps.flows)
+            .map_max_entries(map_names::RULES, caps.rule_slots)
+            .map_max_entries(map_names::RULE_STATS, caps.rule_slots)
+            .map_max_entries(map_names::CLASS_WORDS, caps.class_words)
+            .map_max_entries(map_names::CLASS_SRC, caps.addr_prefixes)
+            .map_max_entries(map_names::CLASS_DST, caps.addr_prefixes)
+            .map_max_entries(map_names::CLASS_SPORT, caps.port_prefixes)
+            .map_max_entries(map_names::CLASS_DPORT, caps.port_prefixes)
+            .map_max_entries(map_names::EVENT_BUCKETS, caps.event_sources);
         if let Some(dir) = pin_dir {
             for name in map_names::PINNED {
                 loader.map_pin_path(name, dir.join(name));
@@ -560,10 +618,11 @@ impl Dataplane {
             .flat_map(|(_, _, d)| d.iter())
             .map(|i| i.bits.len())
             .sum();
-        if needed_rules > RULE_BANK_SIZE as usize {
+        let rules_per_bank = self.rules.len() / 2;
+        if needed_rules > rules_per_bank as usize {
             return Err(DataplaneError::BankFull {
                 needed: needed_rules,
-                max: RULE_BANK_SIZE,
+                max: rules_per_bank,
             });
         }
         self.clear_bank(bank)?;
@@ -571,7 +630,7 @@ impl Dataplane {
         let zero_stats = || {
             PerCpuValues::try_from(vec![RuleStats::default(); cpus]).map_err(DataplaneError::Cpus)
         };
-        let mut next_rule = bank * RULE_BANK_SIZE;
+        let mut next_rule = bank * rules_per_bank;
         let mut next_word = bank * words_per_bank;
         let mut configs = Vec::new();
         for (ifindex, slot, per_dir) in &images {
@@ -777,6 +836,56 @@ impl Dataplane {
             }
         }
         Ok(out)
+    }
+
+    /// Per-rule packet and byte counters of the generation in force (summed
+    /// over CPUs and over the bits of one rule), rules with no packet left
+    /// out. Read from the maps, so it works on adopted pins too.
+    pub fn rule_counters(&self) -> Result<Vec<RuleCounter>, DataplaneError> {
+        let mut sums: BTreeMap<(u32, u8, u32, u32), (u64, u64)> = BTreeMap::new();
+        for (ifindex, config) in self.ifaces.iter().filter_map(Result::ok) {
+            for dir in 0..direction::COUNT as u8 {
+                let c = config.classifiers[dir as usize];
+                let bits: u32 = (0..table::KINDS)
+                    .map(|k| u32::from(config.tables[table::index(dir, k)].len))
+                    .sum();
+                for bit in 0..bits {
+                    let slot = c.rule_base + bit;
+                    let per_cpu = self
+                        .rule_stats
+                        .get(&slot, 0)
+                        .map_err(map_err(map_names::RULE_STATS))?;
+                    let (packets, bytes) = per_cpu
+                        .iter()
+                        .fold((0, 0), |(p, b), s| (p + s.packets, b + s.bytes));
+                    if packets == 0 {
+                        continue;
+                    }
+                    let rule = self
+                        .rules
+                        .get(&slot, 0)
+                        .map_err(map_err(map_names::RULES))?;
+                    let e = sums
+                        .entry((ifindex, dir, rule.policy_id, rule.rule_index))
+                        .or_default();
+                    e.0 += packets;
+                    e.1 += bytes;
+                }
+            }
+        }
+        Ok(sums
+            .into_iter()
+            .map(
+                |((ifindex, direction, policy_id, rule_index), (packets, bytes))| RuleCounter {
+                    ifindex,
+                    direction,
+                    policy_id,
+                    rule_index,
+                    packets,
+                    bytes,
+                },
+            )
+            .collect())
     }
 
     /// Forgets every tracked flow (tests judge each packet afresh).

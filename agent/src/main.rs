@@ -66,6 +66,14 @@ enum Command {
         /// instead of leaving enforcement in place.
         #[arg(long)]
         detach_on_exit: bool,
+        /// Connections tracked at once (two map entries each); the least
+        /// recently used is forgotten beyond.
+        #[arg(long, default_value_t = moat_common::MAX_FLOWS / 2, value_parser = clap::value_parser!(u32).range(512..=8_388_608))]
+        max_connections: u32,
+        /// Capacity of the class-vector map in 64-bit words (both policy
+        /// generations together; `moat check` reports what a policy needs).
+        #[arg(long, default_value_t = moat_common::MAX_CLASS_WORDS, value_parser = clap::value_parser!(u32).range(4096..=67_108_864))]
+        class_words: u32,
     },
     /// Remove every program, link and map an agent pinned (enforcement
     /// stops on every interface it attached).
@@ -182,8 +190,15 @@ fn main() -> ExitCode {
             pin_dir,
             no_pin,
             detach_on_exit,
+            max_connections,
+            class_words,
         } => {
             let cfg = AgentConfig {
+                capacities: moat::dataplane::Capacities {
+                    flows: max_connections * 2,
+                    class_words,
+                    ..Default::default()
+                },
                 pin_dir: (!no_pin).then_some(pin_dir),
                 detach_on_exit,
                 policies,

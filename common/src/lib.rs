@@ -91,9 +91,10 @@ pub mod program_names {
     pub const EGRESS: &str = "moat_egress";
 }
 
-/// Number of `RuleEntry` slots in each of the two banks of `RULES` (one
-/// classifier at its largest fills a bank).
-pub const RULE_BANK_SIZE: u32 = classify::MAX_BITS;
+/// Default number of `RuleEntry` slots in each of the two banks of `RULES`
+/// (two classifiers at their largest; the agent may load the object with
+/// another capacity and splits what it gets in two).
+pub const RULE_BANK_SIZE: u32 = 2 * classify::MAX_BITS;
 /// Capacity of the `RULES` array: two banks, one in force while the agent
 /// writes the other, then switched by rewriting `IfaceConfig` entries.
 pub const MAX_RULES: u32 = 2 * RULE_BANK_SIZE;

@@ -872,3 +872,107 @@ fn audit_mode_reports_would_be_denies_and_drops_nothing() {
     );
     assert_eq!(c[moat_common::counter::RULE_DENIED as usize], 1);
 }
+
+/// The largest policy one interface direction holds (`classify::MAX_BITS`
+/// rules, every stage together): the first rule, the last and no rule are
+/// judged right, per-rule counters count them, and one rule more is
+/// refused by name with the policy in force kept.
+#[test]
+fn the_largest_supported_policy_is_enforced_exactly() {
+    use std::fmt::Write as _;
+    let max = moat_common::classify::MAX_BITS as usize;
+    let base = load_fixture("public");
+    let fixture_bits = {
+        let c = moat::compile::compile(&base, moat_tests::NODE, &["eth1".into()]).unwrap();
+        moat::classify::ClassifierImage::build(std::array::from_fn(|k| {
+            c.ifaces["eth1"].table(direction::INGRESS, k)
+        }))
+        .unwrap()
+        .bits
+        .len()
+    };
+    let with_rules = |n: usize| {
+        let mut yaml = String::from(
+            "apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata:\n  name: big\nspec:\n  selector: ibm.role == 'worker_public'\n  order: 10\n  types: [Ingress]\n  ingress:\n",
+        );
+        for i in 0..n {
+            writeln!(
+                yaml,
+                "    - action: Deny\n      protocol: TCP\n      source:\n        nets: [10.{}.{}.{}/32]\n      destination:\n        ports: [80]",
+                i >> 16,
+                (i >> 8) & 255,
+                i & 255
+            )
+            .unwrap();
+        }
+        let extra = moat::policy::load_str(std::path::Path::new("big.yaml"), &yaml);
+        assert!(extra.errors.is_empty(), "{:?}", extra.errors);
+        let mut set = base.clone();
+        set.policies.extend(extra.set.policies);
+        set
+    };
+    let n = max - fixture_bits;
+    let mut k = Kernel::new(with_rules(n), "eth1");
+    let last = n - 1;
+    let from = |i: usize| format!("10.{}.{}.{}", i >> 16, (i >> 8) & 255, i & 255);
+    let big = k
+        .compiled
+        .policy_names
+        .iter()
+        .position(|p| p == "big")
+        .unwrap() as u32;
+    for (src, want) in [
+        (from(0), Some(0)),
+        (from(last), Some(last as u32)),
+        (from(last), Some(last as u32)),
+        ("10.200.0.1".to_string(), None),
+    ] {
+        k.dataplane.drain_events();
+        let frame = Packet::tcp(&src, 40000, "198.18.1.1", 80, 0x02).frame();
+        assert!(!k.ingress(&frame), "{src} is denied");
+        let events = k.dataplane.drain_events();
+        let e = events.last().expect("a deny event");
+        match want {
+            Some(rule) => assert_eq!(
+                (e.reason, e.policy_id, e.rule_index),
+                (reason::RULE, big, rule),
+                "{src}"
+            ),
+            None => assert_eq!(e.reason, reason::END_OF_POLICIES, "{src}"),
+        }
+    }
+    let counters = k.dataplane.rule_counters().unwrap();
+    let count = |rule: u32| {
+        counters
+            .iter()
+            .find(|c| c.policy_id == big && c.rule_index == rule)
+            .map(|c| c.packets)
+    };
+    assert_eq!(count(0), Some(1));
+    assert_eq!(count(last as u32), Some(2));
+    assert_eq!(counters.iter().map(|c| c.packets).sum::<u64>(), 3);
+
+    // One more rule: refused, naming the limit; the policy in force stays.
+    let c = moat::compile::compile(&with_rules(n + 1), moat_tests::NODE, &["eth1".into()]).unwrap();
+    let err = k
+        .dataplane
+        .apply(
+            &std::collections::BTreeMap::from([(TEST_RUN_IFINDEX, c.ifaces["eth1"].clone())]),
+            2,
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(&format!("a classifier holds at most {max}")),
+        "{err}"
+    );
+    let frame = Packet::tcp(&from(last), 40000, "198.18.1.1", 80, 0x02).frame();
+    k.dataplane.drain_events();
+    assert!(!k.ingress(&frame));
+    let e = k.dataplane.drain_events().pop().expect("event");
+    assert_eq!(
+        (e.generation, e.rule_index),
+        (1, last as u32),
+        "generation 1 still in force"
+    );
+}
