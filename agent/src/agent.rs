@@ -29,6 +29,8 @@ pub struct AgentConfig {
     /// Audit mode: report would-be denies, drop nothing.
     pub audit: bool,
     pub xdp_mode: XdpAttachMode,
+    /// History, socket, events file, syslog, metrics.
+    pub observe: crate::observe::ObserveConfig,
 }
 
 /// The node's name as Calico knows it: the host name.
@@ -176,6 +178,23 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         );
     }
 
+    let check = crate::observe::CheckContext {
+        policies: std::fs::canonicalize(&cfg.policies).unwrap_or_else(|_| cfg.policies.clone()),
+        profile: cfg.profile.clone(),
+        node: cfg.node.clone(),
+    };
+    let mut observer = crate::observe::Observer::start(&cfg.observe, check).await?;
+    observer.health.beat();
+    let rule_entries: u64 = by_index
+        .values()
+        .map(|c| {
+            (0..2u8)
+                .flat_map(|d| (0..moat_common::table::KINDS).map(move |k| (d, k)))
+                .map(|(d, k)| c.table(d, k).rules.len() as u64)
+                .sum::<u64>()
+        })
+        .sum();
+
     let mut dataplane = Dataplane::load().context("loading the eBPF programs")?;
     // The node's addresses first, so the tables tell forwarded traffic
     // apart from the start; then the tables; then attach: the programs
@@ -192,7 +211,9 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         local.len()
     );
     let generation = 1;
+    let apply_started = std::time::Instant::now();
     dataplane.apply(&by_index, generation)?;
+    let last_apply = apply_started.elapsed();
     for iface in &cfg.ifaces {
         dataplane.attach(iface, cfg.xdp_mode)?;
     }
@@ -203,6 +224,10 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         "ready: policy generation {generation} enforced on {}",
         cfg.ifaces.join(", ")
     );
+    observer.health.set_ready(format!(
+        "policy generation {generation} enforced on {}",
+        cfg.ifaces.join(", ")
+    ));
 
     let ring = dataplane
         .take_events()
@@ -222,7 +247,22 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         tokio::select! {
             _ = sigint.recv() => { info!("SIGINT: detaching"); break; }
             _ = sigterm.recv() => { info!("SIGTERM: detaching"); break; }
+            Some(reply) = observer.snapshots.recv() => {
+                let mut s = crate::metrics::Snapshot {
+                    counters: dataplane.counters()?,
+                    conntrack_entries: dataplane.conntrack_len() as u64,
+                    local_addresses: local.len() as u64,
+                    rule_entries,
+                    generation,
+                    last_apply_seconds: last_apply.as_secs_f64(),
+                    rules: Vec::new(),
+                };
+                observer.add_rule_counters(&mut s);
+                // The scrape may have given up waiting: nothing to do then.
+                let _ = reply.send(s);
+            }
             _ = resync.tick() => {
+                observer.tick();
                 match local_addresses() {
                     Ok(now) if now != local => {
                         let (added, removed) = dataplane.set_local_addresses(&now)?;
@@ -240,14 +280,23 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                 let ring = guard.get_inner_mut();
                 while let Some(item) = ring.next() {
                     match event::decode(&item) {
-                        Some(e) => match cfg.output {
-                            EventFormat::Iptables => println!("{}", event::iptables_line(&e, &iface_name(e.ifindex), "calico-packet: ")),
-                            format => print(&event::resolve(&e, &iface_name, &compiled, offset), format),
-                        },
-                        None => warn!("skipped a short event record ({} bytes)", item.len()),
+                        Some(e) => {
+                            let w = observer.event(&e, &iface_name, &compiled, offset, &local);
+                            match cfg.output {
+                                EventFormat::Iptables => println!("calico-packet: {}", w.iptables),
+                                EventFormat::None => {}
+                                format => print(&event::resolve(&e, &iface_name, &compiled, offset), format),
+                            }
+                        }
+                        None => {
+                            observer.stats.events_malformed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            warn!("skipped a short event record ({} bytes)", item.len());
+                        }
                     }
                 }
                 guard.clear_ready();
+                observer.flush();
+                observer.health.beat();
             }
         }
     }
@@ -276,7 +325,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
 
 fn print(e: &ResolvedEvent, output: EventFormat) {
     match output {
-        EventFormat::Text | EventFormat::Iptables => println!("{}", e.line()),
+        EventFormat::Text | EventFormat::Iptables | EventFormat::None => println!("{}", e.line()),
         EventFormat::Json => match serde_json::to_string(e) {
             Ok(line) => println!("{line}"),
             Err(err) => error!("cannot encode event as JSON: {err}"),
