@@ -204,7 +204,7 @@ impl Filter {
         if let Some(p) = &self.proto {
             if protocol_number(p).is_none() {
                 return Err(format!(
-                    "protocol {p:?}: expected tcp, udp, icmp, icmpv6, sctp, udplite, vrrp or 0-255"
+                    "proto {p:?}: expected tcp, udp, icmp, icmpv6, sctp, udplite, vrrp or 0-255"
                 ));
             }
         }

@@ -398,8 +398,9 @@ fn main() -> ExitCode {
             let cfg = moat::tail::TailConfig {
                 socket,
                 request: moat::events_hub::Request {
-                    history: lines.or((follow && since.is_none()).then_some(10)),
-                    since_seconds: since,
+                    // --top counts the window's history, then follows.
+                    history: lines.or((follow && !top && since.is_none()).then_some(10)),
+                    since_seconds: since.or(top.then_some(window)),
                     follow,
                     filter,
                 },

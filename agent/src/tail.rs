@@ -237,7 +237,7 @@ impl Widths {
 /// `--top`: counts over a sliding window.
 struct Top {
     cfg: TopConfig,
-    window: VecDeque<(Instant, String, String, String)>,
+    window: VecDeque<(i64, String, String, String)>,
     last_draw: Option<Instant>,
     total: u64,
 }
@@ -266,7 +266,7 @@ impl Top {
             _ => format!("({})", e.reason),
         };
         self.window
-            .push_back((Instant::now(), e.src.to_string(), port, policy));
+            .push_back((e.time_ns, e.src.to_string(), port, policy));
     }
 
     fn maybe_draw(&mut self, out: &mut impl std::io::Write, missed: u64) -> anyhow::Result<()> {
@@ -281,14 +281,11 @@ impl Top {
 
     fn draw(&mut self, out: &mut impl std::io::Write, missed: u64) -> anyhow::Result<()> {
         self.last_draw = Some(Instant::now());
-        while self
-            .window
-            .front()
-            .is_some_and(|(t, ..)| t.elapsed() > self.cfg.window)
-        {
+        let oldest = crate::events_hub::now_ns() - self.cfg.window.as_nanos() as i64;
+        while self.window.front().is_some_and(|(t, ..)| *t < oldest) {
             self.window.pop_front();
         }
-        let top = |pick: fn(&(Instant, String, String, String)) -> &String| {
+        let top = |pick: fn(&(i64, String, String, String)) -> &String| {
             let mut counts: HashMap<&str, u64> = HashMap::new();
             for e in &self.window {
                 *counts.entry(pick(e).as_str()).or_default() += 1;

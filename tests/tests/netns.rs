@@ -94,6 +94,8 @@ impl Agent {
             .args([
                 "--iface", "eth1", "--iface", "eth0", "--node", "worker-1", "-o", output,
             ])
+            .arg("--socket")
+            .arg(std::env::temp_dir().join(format!("{}.sock", moat_tests::unique("moat-ev"))))
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -429,6 +431,8 @@ fn a_second_agent_does_not_take_over_an_attached_interface() {
         .args(["agent", "--policies"])
         .arg(fixtures().join("public"))
         .args(["--iface", "eth1", "--node", "worker-1"])
+        .arg("--socket")
+        .arg(std::env::temp_dir().join(format!("{}.sock", moat_tests::unique("moat-ev"))))
         .output()
         .expect("second agent runs");
     let stderr = String::from_utf8_lossy(&second.stderr);
