@@ -220,14 +220,14 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     for c in compiled.ifaces.values() {
         info!("enforcing {}", describe(c));
     }
-    info!(
-        "ready: policy generation {generation} enforced on {}",
-        cfg.ifaces.join(", ")
-    );
     observer.health.set_ready(format!(
         "policy generation {generation} enforced on {}",
         cfg.ifaces.join(", ")
     ));
+    info!(
+        "ready: policy generation {generation} enforced on {}",
+        cfg.ifaces.join(", ")
+    );
 
     let ring = dataplane
         .take_events()

@@ -77,6 +77,8 @@ struct Agent {
     child: Child,
     events: mpsc::Receiver<serde_json::Value>,
     lines: mpsc::Receiver<String>,
+    /// The agent's event socket (`moat tail --socket`).
+    socket: std::path::PathBuf,
 }
 
 impl Agent {
@@ -87,6 +89,7 @@ impl Agent {
     /// Starts the agent with `-o output`; JSON lines arrive as `events`,
     /// others as `lines`.
     fn start_with(worker: &Netns, output: &str) -> Self {
+        let socket = std::env::temp_dir().join(format!("{}.sock", moat_tests::unique("moat-ev")));
         let mut child = worker
             .command(moat_tests::moat_bin().to_str().expect("utf-8 path"))
             .args(["agent", "--policies"])
@@ -95,7 +98,7 @@ impl Agent {
                 "--iface", "eth1", "--iface", "eth0", "--node", "worker-1", "-o", output,
             ])
             .arg("--socket")
-            .arg(std::env::temp_dir().join(format!("{}.sock", moat_tests::unique("moat-ev"))))
+            .arg(&socket)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -137,6 +140,7 @@ impl Agent {
             child,
             events,
             lines,
+            socket,
         }
     }
 
@@ -418,6 +422,39 @@ fn iptables_lines_match_the_kernel_log_target_field_for_field() {
         );
         assert_eq!(o, k, "{what}:\n kernel: {kernel}\n moat:   {ours}");
         eprintln!("{what}: kernel and moat both print: {ours}");
+    }
+    // `moat tail -o iptables` prints the same lines from the agent's
+    // history.
+    let tail = std::process::Command::new(moat_tests::moat_bin())
+        .args(["tail", "-o", "iptables", "--no-follow", "--socket"])
+        .arg(&agent.socket)
+        .output()
+        .expect("moat tail runs");
+    assert!(
+        tail.status.success(),
+        "{}",
+        String::from_utf8_lossy(&tail.stderr)
+    );
+    let tailed = String::from_utf8_lossy(&tail.stdout).into_owned();
+    for ((what, ..), kernel) in frames.iter().zip(&kernel_lines) {
+        let k: Vec<&str> = kernel[kernel.find("calico-packet:").expect("prefix")..]
+            .split_whitespace()
+            .collect();
+        let addresses: Vec<&str> = k
+            .iter()
+            .copied()
+            .filter(|w| w.starts_with("SRC=") || w.starts_with("DST="))
+            .collect();
+        let ours = tailed
+            .lines()
+            .find(|l| {
+                addresses
+                    .iter()
+                    .all(|a| l.split_whitespace().any(|w| w == *a))
+            })
+            .unwrap_or_else(|| panic!("{what}: no moat tail line in {tailed}"));
+        let o: Vec<&str> = ours.split_whitespace().collect();
+        assert_eq!(o, k, "{what}:\n kernel:    {kernel}\n moat tail: {ours}");
     }
     agent.stop();
 }

@@ -106,6 +106,8 @@ struct Lab {
     worker: Netns,
     client: Netns,
     dir: TempDir,
+    /// MACs of the worker's eth1 and the client's eth0.
+    macs: ([u8; 6], [u8; 6]),
 }
 
 impl Lab {
@@ -130,10 +132,12 @@ impl Lab {
         let dir = TempDir::new();
         std::fs::create_dir_all(dir.0.join("policies")).expect("policy dir");
         std::fs::write(dir.0.join("policies/policy.yaml"), POLICY).expect("policy");
+        let macs = (mac_of(&worker, "eth1"), mac_of(&client, "eth0"));
         Lab {
             worker,
             client,
             dir,
+            macs,
         }
     }
 
@@ -144,8 +148,8 @@ impl Lab {
     /// A TCP SYN from the client to `port`, as it arrives on `eth1`.
     fn syn(&self, sport: u16, port: u16) -> Vec<u8> {
         let mut f = Packet::tcp(CLIENT, sport, WORKER, port, 0x02).frame();
-        f[..6].copy_from_slice(&mac_of(&self.worker, "eth1"));
-        f[6..12].copy_from_slice(&mac_of(&self.client, "eth0"));
+        f[..6].copy_from_slice(&self.macs.0);
+        f[6..12].copy_from_slice(&self.macs.1);
         f
     }
 }
@@ -579,6 +583,29 @@ fn read_messages(
     }
 }
 
+/// Reads one message cheaply (the throughput measurement must not be
+/// limited by the test's own JSON parsing): (events, missed); `None` at
+/// the end of the stream.
+fn count_messages(r: &mut BufReader<UnixStream>) -> Option<(u64, u64)> {
+    let mut line = String::new();
+    if r.read_line(&mut line).ok()? == 0 {
+        return None;
+    }
+    if line.starts_with("{\"type\":\"event\"") {
+        Some((1, 0))
+    } else if let Some(rest) = line.strip_prefix("{\"type\":\"gap\",\"missed\":") {
+        Some((
+            0,
+            rest.trim_end()
+                .trim_end_matches('}')
+                .parse()
+                .expect("gap count"),
+        ))
+    } else {
+        Some((0, 0))
+    }
+}
+
 fn subscribe(path: &Path) -> BufReader<UnixStream> {
     let mut s = UnixStream::connect(path).expect("connect");
     s.write_all(b"{\"history\":0,\"follow\":true}\n")
@@ -600,10 +627,12 @@ fn a_subscriber_that_stops_reading_does_not_stall_the_agent() {
     let frames: Vec<Vec<u8>> = (0..N).map(|i| lab.syn(10_000 + i, 23)).collect();
     let seen = std::sync::Arc::new([AtomicU64::new(0), AtomicU64::new(0)]);
     let counts = seen.clone();
-    std::thread::spawn(move || loop {
-        let (e, m) = read_messages(&mut reader, |_| true);
-        counts[0].fetch_add(e, Ordering::Relaxed);
-        counts[1].fetch_add(m, Ordering::Relaxed);
+    std::thread::spawn(move || {
+        // Until the agent closes the stream at the end of the test.
+        while let Some((e, m)) = count_messages(&mut reader) {
+            counts[0].fetch_add(e, Ordering::Relaxed);
+            counts[1].fetch_add(m, Ordering::Relaxed);
+        }
     });
     // 20,000 packets a second: the agent keeps up, and so does a client
     // that reads.
@@ -685,6 +714,13 @@ const BPF_F_TEST_XDP_LIVE_FRAMES: u32 = 1 << 1;
 /// `frame` `repeat` times in live-frames mode, as if each arrived on
 /// `ifname`.
 fn live_frames(ns: &Netns, ifname: &str, frame: Vec<u8>, repeat: u32) -> Duration {
+    test_run(ns, ifname, frame, repeat, true).0
+}
+
+/// BPF_PROG_TEST_RUN of the XDP program attached to `ifname` in `ns`, as
+/// if `frame` arrived on `ifname`, `repeat` times; live frames or not.
+/// Returns the wall time of the call and the kernel's mean ns per run.
+fn test_run(ns: &Netns, ifname: &str, frame: Vec<u8>, repeat: u32, live: bool) -> (Duration, u32) {
     let link = ns.exec("ip", &["-j", "-d", "link", "show", ifname]);
     let v: serde_json::Value = serde_json::from_str(&link).expect("ip -j");
     let prog_id = v[0]["xdp"]["prog"]["id"]
@@ -713,14 +749,14 @@ fn live_frames(ns: &Netns, ifname: &str, frame: Vec<u8>, repeat: u32) -> Duratio
         // rx_queue_index, egress_ifindex.
         // data_end is the frame's length, as the kernel requires.
         let ctx: [u32; 6] = [0, frame.len() as u32, 0, ifindex, 0, 0];
-        let attr = TestRunAttr {
+        let mut attr = TestRunAttr {
             prog_fd: fd as u32,
             data_size_in: frame.len() as u32,
             data_in: frame.as_ptr() as u64,
             repeat,
             ctx_size_in: std::mem::size_of_val(&ctx) as u32,
             ctx_in: ctx.as_ptr() as u64,
-            flags: BPF_F_TEST_XDP_LIVE_FRAMES,
+            flags: if live { BPF_F_TEST_XDP_LIVE_FRAMES } else { 0 },
             ..TestRunAttr::default()
         };
         let start = Instant::now();
@@ -730,7 +766,7 @@ fn live_frames(ns: &Netns, ifname: &str, frame: Vec<u8>, repeat: u32) -> Duratio
             libc::syscall(
                 libc::SYS_bpf,
                 BPF_PROG_TEST_RUN,
-                &attr as *const TestRunAttr,
+                &mut attr as *mut TestRunAttr,
                 std::mem::size_of::<TestRunAttr>(),
             )
         };
@@ -738,8 +774,8 @@ fn live_frames(ns: &Netns, ifname: &str, frame: Vec<u8>, repeat: u32) -> Duratio
         let err = std::io::Error::last_os_error();
         // SAFETY: closing the descriptor opened above.
         unsafe { libc::close(fd as i32) };
-        assert_eq!(rc, 0, "live-frames test run: {err}");
-        elapsed
+        assert_eq!(rc, 0, "test run (live {live}): {err}");
+        (elapsed, attr.duration)
     })
 }
 
@@ -799,4 +835,122 @@ fn a_flood_of_live_frames_is_accounted_for_exactly() {
         );
         drop(agent);
     }
+}
+
+/// Events per second from the kernel to a subscriber, and the kernel
+/// cost of a denied packet with and without its event.
+#[test]
+fn event_path_throughput_and_cost_per_denied_packet() {
+    let lab = Lab::new();
+    let frame = lab.syn(40000, 23);
+    // Bursts that fit the ring buffer (1 MiB, 112-byte events), each
+    // started once the subscriber has the previous one: nothing is lost,
+    // and the time is that of the whole path.
+    const BURST: u32 = 8_000;
+    let bursts: u32 = std::env::var("MOAT_THROUGHPUT_BURSTS")
+        .ok()
+        .map(|v| v.parse().expect("MOAT_THROUGHPUT_BURSTS: a number"))
+        .unwrap_or(10);
+    let agent = Agent::start(&lab, &["--event-rate", "0", "--subscriber-queue", "16384"]);
+    let mut sub = subscribe(&lab.socket());
+    let started = Instant::now();
+    let mut with_event_ns = Vec::new();
+    for _ in 0..bursts {
+        let (_, mean) = test_run(&lab.worker, "eth1", frame.clone(), BURST, false);
+        with_event_ns.push(mean);
+        let (mut got, mut missed) = (0, 0);
+        while got + missed < u64::from(BURST) {
+            let (e, m) = count_messages(&mut sub).expect("the agent keeps the stream open");
+            got += e;
+            missed += m;
+        }
+        assert_eq!(missed, 0, "the subscriber keeps up");
+    }
+    let took = started.elapsed();
+    let total = u64::from(BURST * bursts);
+    let m = metrics(&lab);
+    let (emitted, suppressed, lost) = events_accounted(&m);
+    assert_eq!((emitted, suppressed, lost), (total, 0, 0));
+    assert_eq!(get(&m, "moat_agent_events_read_total"), total);
+    drop(agent);
+
+    // The default rate limit: past the first 200, every event is
+    // suppressed.
+    let agent = Agent::start(&lab, &[]);
+    let mut suppressed_ns = Vec::new();
+    for _ in 0..bursts {
+        let (_, mean) = test_run(&lab.worker, "eth1", frame.clone(), BURST, false);
+        suppressed_ns.push(mean);
+    }
+    let m = metrics(&lab);
+    let (emitted, suppressed, lost) = events_accounted(&m);
+    assert_eq!(emitted + suppressed + lost, total);
+    assert!(
+        suppressed >= total - 200 - 100 * 60,
+        "rate limited: {suppressed}"
+    );
+    drop(agent);
+    let median = |v: &mut Vec<u32>| {
+        v.sort_unstable();
+        v[v.len() / 2]
+    };
+    eprintln!(
+        "event path: {total} events kernel -> agent -> subscriber in {:.3} s: {:.0} events/s; \
+         cost per denied packet (BPF_PROG_TEST_RUN, median of {bursts} x {BURST}): \
+         {} ns with its event written, {} ns with the event suppressed",
+        took.as_secs_f64(),
+        total as f64 / took.as_secs_f64(),
+        median(&mut with_event_ns),
+        median(&mut suppressed_ns),
+    );
+}
+
+#[test]
+fn events_go_to_the_events_file_and_syslog() {
+    use std::os::unix::{fs::PermissionsExt as _, net::UnixDatagram};
+    let lab = Lab::new();
+    let syslog_path = lab.dir.0.join("log.sock");
+    let syslog = UnixDatagram::bind(&syslog_path).expect("syslog socket");
+    syslog
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let file = lab.dir.0.join("events.jsonl");
+    let agent = Agent::start(
+        &lab,
+        &[
+            "--metrics-addr",
+            "none",
+            "--events-file",
+            file.to_str().expect("utf-8"),
+            "--syslog",
+            "--syslog-socket",
+            syslog_path.to_str().expect("utf-8"),
+        ],
+    );
+    send_frames(&lab, (0..3).map(|i| lab.syn(43000 + i, 23)).collect());
+    let mut buf = [0u8; 4096];
+    for i in 0..3 {
+        let n = syslog.recv(&mut buf).expect("a syslog datagram");
+        let msg = String::from_utf8_lossy(&buf[..n]);
+        assert!(msg.starts_with("<28>moat["), "{msg}");
+        assert!(
+            msg.contains(&format!("]: calico-packet: IN=eth1 OUT= MAC="))
+                && msg.contains(&format!("SPT={} DPT=23 ", 43000 + i)),
+            "{msg}"
+        );
+    }
+    drop(agent);
+    let text = std::fs::read_to_string(&file).expect("events file");
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON line"))
+        .collect();
+    assert_eq!(lines.len(), 3, "{text}");
+    for (i, e) in lines.iter().enumerate() {
+        assert_eq!(e["sport"], 43000 + i as u64);
+        assert_eq!(e["policy"], "deny-remote-shells");
+        assert_eq!(e["rule"], 1);
+    }
+    let mode = std::fs::metadata(&file).expect("meta").permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "personal data: owner only");
 }
