@@ -440,21 +440,12 @@ fn iptables_lines_match_the_kernel_log_target_field_for_field() {
         let k: Vec<&str> = kernel[kernel.find("calico-packet:").expect("prefix")..]
             .split_whitespace()
             .collect();
-        let addresses: Vec<&str> = k
-            .iter()
-            .copied()
-            .filter(|w| w.starts_with("SRC=") || w.starts_with("DST="))
-            .collect();
-        let ours = tailed
-            .lines()
-            .find(|l| {
-                addresses
-                    .iter()
-                    .all(|a| l.split_whitespace().any(|w| w == *a))
-            })
-            .unwrap_or_else(|| panic!("{what}: no moat tail line in {tailed}"));
-        let o: Vec<&str> = ours.split_whitespace().collect();
-        assert_eq!(o, k, "{what}:\n kernel:    {kernel}\n moat tail: {ours}");
+        assert!(
+            tailed
+                .lines()
+                .any(|l| l.split_whitespace().collect::<Vec<_>>() == k),
+            "{what}: no moat tail line prints, field for field,\n {kernel}\nin:\n{tailed}"
+        );
     }
     agent.stop();
 }
@@ -470,6 +461,8 @@ fn a_second_agent_does_not_take_over_an_attached_interface() {
         .args(["--iface", "eth1", "--node", "worker-1"])
         .arg("--socket")
         .arg(std::env::temp_dir().join(format!("{}.sock", moat_tests::unique("moat-ev"))))
+        // The first agent serves metrics on this namespace's loopback.
+        .args(["--metrics-addr", "none"])
         .output()
         .expect("second agent runs");
     let stderr = String::from_utf8_lossy(&second.stderr);

@@ -934,7 +934,7 @@ fn events_go_to_the_events_file_and_syslog() {
         let msg = String::from_utf8_lossy(&buf[..n]);
         assert!(msg.starts_with("<28>moat["), "{msg}");
         assert!(
-            msg.contains(&format!("]: calico-packet: IN=eth1 OUT= MAC="))
+            msg.contains("]: calico-packet: IN=eth1 OUT= MAC=")
                 && msg.contains(&format!("SPT={} DPT=23 ", 43000 + i)),
             "{msg}"
         );
