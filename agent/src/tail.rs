@@ -105,7 +105,7 @@ pub fn run(cfg: TailConfig) -> anyhow::Result<bool> {
                     std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
                 ) =>
             {
-                if let Some(t) = top.as_mut() {
+                if let Some(t) = top.as_mut().filter(|_| ended) {
                     t.maybe_draw(&mut out, missed_total)?;
                 }
                 continue;
@@ -120,7 +120,10 @@ pub fn run(cfg: TailConfig) -> anyhow::Result<bool> {
             Message::Event(e) => {
                 if let Some(t) = top.as_mut() {
                     t.add(&e);
-                    t.maybe_draw(&mut out, missed_total)?;
+                    // The first table once the whole history is in.
+                    if ended {
+                        t.maybe_draw(&mut out, missed_total)?;
+                    }
                     continue;
                 }
                 match cfg.format {
@@ -141,6 +144,9 @@ pub fn run(cfg: TailConfig) -> anyhow::Result<bool> {
             }
             Message::EndOfHistory { count } => {
                 ended = true;
+                if let Some(t) = top.as_mut() {
+                    t.draw(&mut out, missed_total)?;
+                }
                 if cfg.format == TailFormat::Json && top.is_none() {
                     writeln!(out, "{line}")?;
                 }

@@ -486,6 +486,37 @@ fn denies_are_attributed_log_before_allow_logs_and_allows_and_metrics_match() {
         "aligned: {lines:#?}"
     );
 
+    // --top off a terminal: periodic blocks with the window's top
+    // sources, ports and policies.
+    let mut top = Command::new(moat_bin())
+        .args(["tail", "--top", "--interval", "1s", "--socket"])
+        .arg(lab.socket())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("moat tail --top");
+    let block: Vec<String> = BufReader::new(top.stdout.take().expect("stdout"))
+        .lines()
+        .map_while(Result::ok)
+        .take_while(|l| !l.is_empty())
+        .collect();
+    let _ = top.kill();
+    let _ = top.wait();
+    let text = block.join("\n");
+    assert!(block[0].starts_with("moat tail --top"), "{text}");
+    let row = |n: u64, what: &str| {
+        block
+            .iter()
+            .any(|l| l.split_whitespace().collect::<Vec<_>>() == [n.to_string().as_str(), what])
+    };
+    assert!(row(8, CLIENT), "top source: {text}");
+    assert!(row(5, "tcp/23") && row(3, "tcp/3306"), "top ports: {text}");
+    assert!(
+        block
+            .iter()
+            .any(|l| l.contains("5  deny-remote-shells rule 1")),
+        "top policies: {text}"
+    );
+
     // The counters match the traffic exactly.
     wait_until("the counters", || {
         get(
