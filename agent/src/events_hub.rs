@@ -348,8 +348,13 @@ impl Hub {
         e
     }
 
+    /// Clients following now (those gone are pruned at the next event).
     pub fn subscribers(&self) -> usize {
-        self.lock().subscribers.len()
+        self.lock()
+            .subscribers
+            .iter()
+            .filter(|s| !s.queue.is_closed())
+            .count()
     }
 
     /// The matching history (as asked) and, when following, a live queue
@@ -509,14 +514,22 @@ async fn session(stream: UnixStream, hub: Arc<Hub>) -> std::io::Result<()> {
     let mut write = BufWriter::new(write);
     let mut line = String::new();
     let mut reader = BufReader::new(read);
+    // A request is a short line: a client cannot make the agent buffer
+    // more than this.
+    const MAX_REQUEST: u64 = 64 * 1024;
     let n = tokio::time::timeout(
         std::time::Duration::from_secs(10),
-        reader.read_line(&mut line),
+        tokio::io::AsyncReadExt::take(&mut reader, MAX_REQUEST).read_line(&mut line),
     )
     .await
     .map_err(|_| std::io::Error::other("no request within 10 s"))??;
     if n == 0 {
         return Ok(());
+    }
+    if !line.ends_with('\n') {
+        let message = format!("bad request: no newline within {MAX_REQUEST} bytes");
+        send(&mut write, &Message::Error { message }).await?;
+        return write.flush().await;
     }
     let req: Request = match serde_json::from_str(&line) {
         Ok(r) => r,
@@ -648,6 +661,55 @@ mod tests {
         assert_eq!(parse_duration("7d"), Ok(604_800));
         assert!(parse_duration("5 minutes").is_err());
         assert!(parse_duration("m").is_err());
+    }
+
+    #[tokio::test]
+    async fn the_socket_has_the_mode_and_group_asked_for_and_answers_requests() {
+        use std::os::unix::fs::MetadataExt as _;
+        let dir = std::env::temp_dir().join(format!("moat-hub-{}", std::process::id()));
+        let path = dir.join("sub/events.sock");
+        let cfg = SocketConfig {
+            path: path.clone(),
+            mode: 0o660,
+            group: Some("65534".into()),
+        };
+        let listener = bind(&cfg).expect("bind");
+        let meta = std::fs::metadata(&path).expect("socket");
+        assert!(is_socket(&path));
+        assert_eq!(meta.mode() & 0o777, 0o660);
+        assert_eq!(meta.gid(), 65534);
+        let err = bind(&cfg).expect_err("a live socket is not taken over");
+        assert!(err.to_string().contains("another agent"), "{err}");
+        let hub = Hub::new(10, 10);
+        hub.publish(ev("203.0.113.7", 22, Some("GlobalNetworkPolicy/deny-ssh")));
+        hub.publish(ev("203.0.113.8", 80, None));
+        let server = tokio::spawn(serve(listener, path.clone(), hub.clone()));
+        let ask = |req: &'static str| {
+            let path = path.clone();
+            async move {
+                let mut s = UnixStream::connect(&path).await.expect("connect");
+                s.write_all(req.as_bytes()).await.expect("request");
+                let mut out = String::new();
+                tokio::io::AsyncReadExt::read_to_string(&mut s, &mut out)
+                    .await
+                    .expect("answer");
+                out.lines()
+                    .map(|l| serde_json::from_str::<Message>(l).expect("message"))
+                    .collect::<Vec<_>>()
+            }
+        };
+        let got = ask("{\"filter\":{\"policy\":\"deny-ssh\"}}\n").await;
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert!(matches!(&got[0], Message::Event(e) if e.src.to_string() == "203.0.113.7"));
+        assert_eq!(got[1], Message::EndOfHistory { count: 1 });
+        let got = ask("{\"filter\":{\"verdict\":\"dropped\"}}\n").await;
+        assert!(matches!(&got[..], [Message::Error { message }] if message.contains("verdict")));
+        let got = ask("{\"histroy\":1}\n").await;
+        assert!(matches!(&got[..], [Message::Error { message }] if message.contains("histroy")));
+        server.abort();
+        let _ = server.await;
+        assert!(!path.exists(), "the socket file goes with the server");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[tokio::test]
