@@ -35,6 +35,8 @@ pub struct AgentConfig {
     pub detach_on_exit: bool,
     /// Map capacities.
     pub capacities: crate::dataplane::Capacities,
+    /// History, socket, events file, syslog, metrics.
+    pub observe: crate::observe::ObserveConfig,
 }
 
 /// Where the agent pins its maps and links by default.
@@ -317,6 +319,23 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         );
     }
 
+    let check = crate::observe::CheckContext {
+        policies: std::fs::canonicalize(&cfg.policies).unwrap_or_else(|_| cfg.policies.clone()),
+        profile: cfg.profile.clone(),
+        node: cfg.node.clone(),
+    };
+    let mut observer = crate::observe::Observer::start(&cfg.observe, check).await?;
+    observer.health.beat();
+    let rule_entries: u64 = by_index
+        .values()
+        .map(|c| {
+            (0..2u8)
+                .flat_map(|d| (0..moat_common::table::KINDS).map(move |k| (d, k)))
+                .map(|(d, k)| c.table(d, k).rules.len() as u64)
+                .sum::<u64>()
+        })
+        .sum();
+
     let _lock = match &cfg.pin_dir {
         Some(dir) => {
             check_pin_dir(dir)?;
@@ -325,13 +344,13 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         None => None,
     };
     let mut dataplane = match &cfg.pin_dir {
-        Some(dir) => Dataplane::load_pinned(dir).with_context(|| {
+        Some(dir) => Dataplane::load_with(Some(dir), cfg.capacities).with_context(|| {
             format!(
                 "loading the eBPF programs with maps pinned in {}",
                 dir.display()
             )
         })?,
-        None => Dataplane::load().context("loading the eBPF programs")?,
+        None => Dataplane::load_with(None, cfg.capacities).context("loading the eBPF programs")?,
     };
     if let (Some(dir), Some(g)) = (&cfg.pin_dir, dataplane.adopted_generation()) {
         info!(
@@ -359,7 +378,9 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let generation = dataplane
         .adopted_generation()
         .map_or(1, |g| g.wrapping_add(1));
+    let apply_started = std::time::Instant::now();
     dataplane.apply(&by_index, generation)?;
+    let last_apply = apply_started.elapsed();
     // Connections open before moat attaches (ssh sessions, this agent's
     // own API watch) are adopted as established, so attaching cuts none.
     match established_tcp() {
@@ -379,6 +400,10 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     for c in compiled.ifaces.values() {
         info!("enforcing {}", describe(c));
     }
+    observer.health.set_ready(format!(
+        "policy generation {generation} enforced on {}",
+        cfg.ifaces.join(", ")
+    ));
     info!(
         "ready: policy generation {generation} enforced on {}",
         cfg.ifaces.join(", ")
@@ -402,7 +427,21 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         tokio::select! {
             _ = sigint.recv() => { info!("SIGINT: detaching"); break; }
             _ = sigterm.recv() => { info!("SIGTERM: detaching"); break; }
+            Some(reply) = observer.snapshots.recv() => {
+                let s = crate::metrics::Snapshot {
+                    counters: dataplane.counters()?,
+                    conntrack_entries: dataplane.conntrack_len() as u64,
+                    local_addresses: local.len() as u64,
+                    rule_entries,
+                    generation,
+                    last_apply_seconds: last_apply.as_secs_f64(),
+                    rules: rule_counters(&dataplane, &compiled),
+                };
+                // The scrape may have given up waiting: nothing to do then.
+                let _ = reply.send(s);
+            }
             _ = resync.tick() => {
+                observer.tick();
                 match local_addresses() {
                     Ok(now) if now != local => {
                         let (added, removed) = dataplane.set_local_addresses(&now)?;
@@ -420,14 +459,23 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                 let ring = guard.get_inner_mut();
                 while let Some(item) = ring.next() {
                     match event::decode(&item) {
-                        Some(e) => match cfg.output {
-                            EventFormat::Iptables => println!("{}", event::iptables_line(&e, &iface_name(e.ifindex), "calico-packet: ")),
-                            format => print(&event::resolve(&e, &iface_name, &compiled, offset), format),
-                        },
-                        None => warn!("skipped a short event record ({} bytes)", item.len()),
+                        Some(e) => {
+                            let w = observer.event(&e, &iface_name, &compiled, offset, &local);
+                            match cfg.output {
+                                EventFormat::Iptables => println!("calico-packet: {}", w.iptables),
+                                EventFormat::None => {}
+                                format => print(&event::resolve(&e, &iface_name, &compiled, offset), format),
+                            }
+                        }
+                        None => {
+                            observer.stats.events_malformed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            warn!("skipped a short event record ({} bytes)", item.len());
+                        }
                     }
                 }
                 guard.clear_ready();
+                observer.flush();
+                observer.health.beat();
             }
         }
     }
@@ -469,9 +517,47 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The kernel's per-rule counters by policy name, rule and direction
+/// (summed over interfaces); failsafe rules under `failsafe`.
+fn rule_counters(dataplane: &Dataplane, compiled: &Compiled) -> Vec<crate::metrics::RuleCounter> {
+    let counters = match dataplane.rule_counters() {
+        Ok(c) => c,
+        Err(e) => {
+            warn!("reading per-rule counters: {e}");
+            return Vec::new();
+        }
+    };
+    let mut sums: BTreeMap<(String, u32, &'static str), (u64, u64)> = BTreeMap::new();
+    for c in counters {
+        let policy = compiled
+            .policy_name(c.policy_id)
+            .map_or_else(|| "failsafe".to_string(), str::to_string);
+        let e = sums
+            .entry((
+                policy,
+                c.rule_index,
+                moat_common::direction::name(c.direction),
+            ))
+            .or_default();
+        e.0 += c.packets;
+        e.1 += c.bytes;
+    }
+    sums.into_iter()
+        .map(
+            |((policy, rule, direction), (packets, bytes))| crate::metrics::RuleCounter {
+                policy,
+                rule,
+                direction,
+                packets,
+                bytes,
+            },
+        )
+        .collect()
+}
+
 fn print(e: &ResolvedEvent, output: EventFormat) {
     match output {
-        EventFormat::Text | EventFormat::Iptables => println!("{}", e.line()),
+        EventFormat::Text | EventFormat::Iptables | EventFormat::None => println!("{}", e.line()),
         EventFormat::Json => match serde_json::to_string(e) {
             Ok(line) => println!("{line}"),
             Err(err) => error!("cannot encode event as JSON: {err}"),

@@ -108,10 +108,10 @@ pub fn resolve(
         time: rfc3339(wall),
         iface: iface_name(e.ifindex),
         direction: direction::name(e.direction),
-        verdict: if e.verdict == verdict::LOG {
-            "log"
-        } else {
-            "deny"
+        verdict: match e.verdict {
+            verdict::LOG => "log",
+            verdict::AUDIT => "audit",
+            _ => "deny",
         },
         reason: reason_name(e.reason),
         rule: policy.as_ref().map(|_| e.rule_index),

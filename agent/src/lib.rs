@@ -9,8 +9,12 @@ pub mod classify;
 pub mod compile;
 pub mod dataplane;
 pub mod event;
+pub mod event_outputs;
+pub mod events_hub;
 pub mod frame;
 pub mod kubernetes;
+pub mod metrics;
+pub mod observe;
 pub mod packet_spec;
 pub mod policy;
 pub mod preflight;
@@ -18,6 +22,7 @@ pub mod profiles;
 pub mod reference;
 pub mod resolve;
 pub mod selector;
+pub mod tail;
 pub mod trace;
 
 /// `-o/--output` of `moat agent`: how each deny event is printed.
@@ -31,6 +36,8 @@ pub enum EventFormat {
     /// The kernel LOG target's line, as `log-denied-packets` users grep it
     /// (`calico-packet: IN=eth1 OUT= MAC=... SRC=... DST=... LEN=60 ...`).
     Iptables,
+    /// Nothing on stdout (events still go to the socket, file, syslog).
+    None,
 }
 
 /// `-o/--output` of every other subcommand.

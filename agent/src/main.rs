@@ -74,12 +74,75 @@ enum Command {
         /// generations together; `moat check` reports what a policy needs).
         #[arg(long, default_value_t = moat_common::MAX_CLASS_WORDS, value_parser = clap::value_parser!(u32).range(4096..=67_108_864))]
         class_words: u32,
+        #[command(flatten)]
+        observe: ObserveArgs,
     },
     /// Remove every program, link and map an agent pinned (enforcement
     /// stops on every interface it attached).
     Uninstall {
         #[arg(long, value_name = "DIR", default_value = moat::agent::DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
+    },
+    /// Show the agent's recent and live deny events (from its socket),
+    /// filtered, as text, JSON or iptables LOG lines, or summarised.
+    Tail {
+        /// The agent's event socket.
+        #[arg(long, value_name = "PATH", default_value = DEFAULT_SOCKET)]
+        socket: PathBuf,
+        /// At most N of the most recent events from the history (default:
+        /// 10 when following, all the agent keeps otherwise).
+        #[arg(short = 'n', long = "lines", value_name = "N")]
+        lines: Option<usize>,
+        /// Only history events of the last DURATION (30s, 5m, 2h, 1d).
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+        since: Option<u64>,
+        /// Keep streaming live events (the default on a terminal).
+        #[arg(short, long, conflicts_with = "no_follow")]
+        follow: bool,
+        /// Print the history and exit (the default when not on a terminal).
+        #[arg(long)]
+        no_follow: bool,
+        /// Only events on this interface (repeat for several).
+        #[arg(long = "iface", value_name = "NAME")]
+        ifaces: Vec<String>,
+        #[arg(long, value_parser = ["ingress", "egress"])]
+        direction: Option<String>,
+        /// Only events decided by this policy (name or kind/name).
+        #[arg(long)]
+        policy: Option<String>,
+        #[arg(long, value_parser = ["deny", "log", "audit"])]
+        verdict: Option<String>,
+        /// Only events whose source is in CIDR (an address alone is a /32
+        /// or /128).
+        #[arg(long, value_name = "CIDR", value_parser = parse_cidr)]
+        src: Option<ipnet::IpNet>,
+        #[arg(long, value_name = "CIDR", value_parser = parse_cidr)]
+        dst: Option<ipnet::IpNet>,
+        /// Only events whose source or destination port is PORT.
+        #[arg(long)]
+        port: Option<u16>,
+        /// Only events of this protocol (tcp, udp, icmp, icmpv6, sctp, or a
+        /// number).
+        #[arg(long)]
+        proto: Option<String>,
+        #[arg(short, long, value_enum, default_value_t)]
+        output: moat::tail::TailFormat,
+        /// Prefix of `-o iptables` lines.
+        #[arg(long, default_value = "calico-packet: ")]
+        log_prefix: String,
+        /// Summary: the top denied sources, ports and policies over a
+        /// sliding window, redrawn in place on a terminal.
+        #[arg(long)]
+        top: bool,
+        /// The --top window.
+        #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
+        window: u64,
+        /// How often --top redraws.
+        #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = parse_duration)]
+        interval: u64,
+        /// Rows per --top table.
+        #[arg(long, default_value_t = 10)]
+        rows: usize,
     },
     /// Measure ns/packet of the XDP program through BPF_PROG_TEST_RUN.
     Bench {
@@ -166,6 +229,130 @@ enum Command {
     },
 }
 
+/// Where the agent serves events by default.
+const DEFAULT_SOCKET: &str = "/run/moat/events.sock";
+
+fn parse_duration(s: &str) -> Result<u64, String> {
+    moat::events_hub::parse_duration(s)
+}
+
+fn parse_cidr(s: &str) -> Result<ipnet::IpNet, String> {
+    s.parse::<ipnet::IpNet>()
+        .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        .map_err(|_| format!("{s:?} is not a CIDR (e.g. 203.0.113.0/24) or an address"))
+}
+
+fn parse_mode(s: &str) -> Result<u32, String> {
+    let m = u32::from_str_radix(s.trim_start_matches("0o"), 8)
+        .map_err(|_| format!("{s:?} is not an octal mode such as 0600 or 0660"))?;
+    if m > 0o777 {
+        return Err(format!("{s:?}: a mode is at most 0777"));
+    }
+    Ok(m)
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, mult) = match t.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        None => (t, 1),
+        Some((i, _)) => (
+            &t[..i],
+            match t[i..].to_ascii_lowercase().as_str() {
+                "k" | "kb" | "kib" => 1 << 10,
+                "m" | "mb" | "mib" => 1 << 20,
+                "g" | "gb" | "gib" => 1 << 30,
+                other => return Err(format!("{s:?}: unknown unit {other:?} (use K, M or G)")),
+            },
+        ),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?}: expected a size like 500K, 10M or 1G"))?;
+    Ok(n * mult)
+}
+
+/// Observability options of `moat agent`.
+#[derive(clap::Args)]
+struct ObserveArgs {
+    /// Unix socket serving events to `moat tail` ("none": no socket).
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_SOCKET)]
+    socket: String,
+    /// Mode of the socket file (octal): who may read events.
+    #[arg(long, value_name = "MODE", default_value = "0600", value_parser = parse_mode)]
+    socket_mode: u32,
+    /// Group of the socket file (name or gid), with --socket-mode 0660.
+    #[arg(long, value_name = "GROUP")]
+    socket_group: Option<String>,
+    /// Events kept in memory for `moat tail -n/--since`.
+    #[arg(long, value_name = "N", default_value_t = 10_000)]
+    history: usize,
+    /// Events queued per `moat tail` client; a client that falls further
+    /// behind gets a gap marker with the count it missed.
+    #[arg(long, value_name = "N", default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    subscriber_queue: u64,
+    /// Also write events as JSON lines to PATH (mode 0600; holds client
+    /// addresses, which are personal data).
+    #[arg(long, value_name = "PATH")]
+    events_file: Option<PathBuf>,
+    /// Rotate the events file at this size.
+    #[arg(long, value_name = "SIZE", default_value = "100M", value_parser = parse_size)]
+    events_file_max_bytes: u64,
+    /// Rotated events files kept (PATH.1 ... PATH.N).
+    #[arg(long, value_name = "N", default_value_t = 5)]
+    events_file_keep: u32,
+    /// No events file keeps events older than this.
+    #[arg(long, value_name = "DURATION", default_value = "7d", value_parser = parse_duration)]
+    events_file_max_age: u64,
+    /// Also send events to syslog.
+    #[arg(long)]
+    syslog: bool,
+    /// Syslog line format (iptables: the `calico-packet:` line SREs grep).
+    #[arg(long, value_enum, default_value_t = moat::EventFormat::Iptables)]
+    syslog_format: moat::EventFormat,
+    /// The local syslog socket.
+    #[arg(long, value_name = "PATH", default_value = "/dev/log")]
+    syslog_socket: PathBuf,
+    /// Prometheus metrics, /healthz and /readyz ("none": off).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9464")]
+    metrics_addr: String,
+}
+
+impl ObserveArgs {
+    fn config(self) -> anyhow::Result<moat::observe::ObserveConfig> {
+        use anyhow::Context as _;
+        Ok(moat::observe::ObserveConfig {
+            socket: (self.socket != "none").then(|| moat::events_hub::SocketConfig {
+                path: PathBuf::from(&self.socket),
+                mode: self.socket_mode,
+                group: self.socket_group,
+            }),
+            history: self.history,
+            subscriber_queue: self.subscriber_queue as usize,
+            events_file: self
+                .events_file
+                .map(|path| moat::event_outputs::FileConfig {
+                    path,
+                    max_bytes: self.events_file_max_bytes,
+                    keep: self.events_file_keep,
+                    max_age: std::time::Duration::from_secs(self.events_file_max_age),
+                }),
+            syslog: self
+                .syslog
+                .then_some((self.syslog_socket, self.syslog_format)),
+            metrics_addr: if self.metrics_addr == "none" {
+                None
+            } else {
+                Some(self.metrics_addr.parse().with_context(|| {
+                    format!(
+                        "--metrics-addr {:?}: expected ADDRESS:PORT such as 127.0.0.1:9464, or none",
+                        self.metrics_addr
+                    )
+                })?)
+            },
+        })
+    }
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
@@ -192,7 +379,8 @@ fn main() -> ExitCode {
             detach_on_exit,
             max_connections,
             class_words,
-        } => {
+            observe,
+        } => (|| {
             let cfg = AgentConfig {
                 capacities: moat::dataplane::Capacities {
                     flows: max_connections * 2,
@@ -210,6 +398,7 @@ fn main() -> ExitCode {
                 event_rate,
                 event_burst,
                 audit,
+                observe: observe.config()?,
             };
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -218,7 +407,7 @@ fn main() -> ExitCode {
                 .map_err(anyhow::Error::from)
                 .and_then(|rt| rt.block_on(agent::run(cfg)))
                 .map(|()| ExitCode::SUCCESS)
-        }
+        })(),
         Command::Uninstall { pin_dir } => agent::uninstall(&pin_dir).map(|ifaces| {
             if ifaces.is_empty() {
                 eprintln!("moat: nothing pinned in {}", pin_dir.display());
@@ -231,6 +420,57 @@ fn main() -> ExitCode {
             }
             ExitCode::SUCCESS
         }),
+        Command::Tail {
+            socket,
+            lines,
+            since,
+            follow,
+            no_follow,
+            ifaces,
+            direction,
+            policy,
+            verdict,
+            src,
+            dst,
+            port,
+            proto,
+            output,
+            log_prefix,
+            top,
+            window,
+            interval,
+            rows,
+        } => (|| {
+            let terminal = moat::tail::stdout_is_terminal();
+            let follow = top || follow || (terminal && !no_follow);
+            let filter =
+                moat::tail::filter(ifaces, direction, policy, verdict, src, dst, port, proto)?;
+            let cfg = moat::tail::TailConfig {
+                socket,
+                request: moat::events_hub::Request {
+                    // --top counts the window's history, then follows.
+                    history: lines.or((follow && !top && since.is_none()).then_some(10)),
+                    since_seconds: since.or(top.then_some(window)),
+                    follow,
+                    filter,
+                },
+                format: output,
+                top: top.then(|| moat::tail::TopConfig {
+                    window: std::time::Duration::from_secs(window.max(1)),
+                    interval: std::time::Duration::from_secs(interval.max(1)),
+                    rows,
+                    in_place: terminal,
+                }),
+                prefix: log_prefix,
+                colour: terminal,
+            };
+            let gaps = moat::tail::run(cfg)?;
+            Ok(if gaps {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            })
+        })(),
         Command::Check {
             policies,
             ifaces,

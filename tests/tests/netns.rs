@@ -81,6 +81,8 @@ struct Agent {
     log: mpsc::Receiver<String>,
     /// Dropped after the agent is killed (fields drop after `Drop::drop`).
     _pins: Option<PinDir>,
+    /// The agent's event socket (`moat tail --socket`).
+    socket: std::path::PathBuf,
 }
 
 impl Agent {
@@ -100,6 +102,7 @@ impl Agent {
     }
 
     fn start_args(worker: &Netns, output: &str, extra: &[String]) -> Self {
+        let socket = std::env::temp_dir().join(format!("{}.sock", moat_tests::unique("moat-ev")));
         let mut child = worker
             .command(moat_tests::moat_bin().to_str().expect("utf-8 path"))
             .args(["agent", "--policies"])
@@ -108,6 +111,8 @@ impl Agent {
                 "--iface", "eth1", "--iface", "eth0", "--node", "worker-1", "-o", output,
             ])
             .args(extra)
+            .arg("--socket")
+            .arg(&socket)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -153,6 +158,7 @@ impl Agent {
             lines,
             log,
             _pins: None,
+            socket,
         }
     }
 
@@ -446,6 +452,30 @@ fn iptables_lines_match_the_kernel_log_target_field_for_field() {
         assert_eq!(o, k, "{what}:\n kernel: {kernel}\n moat:   {ours}");
         eprintln!("{what}: kernel and moat both print: {ours}");
     }
+    // `moat tail -o iptables` prints the same lines from the agent's
+    // history.
+    let tail = std::process::Command::new(moat_tests::moat_bin())
+        .args(["tail", "-o", "iptables", "--no-follow", "--socket"])
+        .arg(&agent.socket)
+        .output()
+        .expect("moat tail runs");
+    assert!(
+        tail.status.success(),
+        "{}",
+        String::from_utf8_lossy(&tail.stderr)
+    );
+    let tailed = String::from_utf8_lossy(&tail.stdout).into_owned();
+    for ((what, ..), kernel) in frames.iter().zip(&kernel_lines) {
+        let k: Vec<&str> = kernel[kernel.find("calico-packet:").expect("prefix")..]
+            .split_whitespace()
+            .collect();
+        assert!(
+            tailed
+                .lines()
+                .any(|l| l.split_whitespace().collect::<Vec<_>>() == k),
+            "{what}: no moat tail line prints, field for field,\n {kernel}\nin:\n{tailed}"
+        );
+    }
     agent.stop();
 }
 
@@ -459,6 +489,10 @@ fn a_second_agent_does_not_take_over_an_attached_interface() {
         .arg(fixtures().join("public"))
         .args(["--iface", "eth1", "--node", "worker-1"])
         .args(PinDir::new().args())
+        .arg("--socket")
+        .arg(std::env::temp_dir().join(format!("{}.sock", moat_tests::unique("moat-ev"))))
+        // The first agent serves metrics on this namespace's loopback.
+        .args(["--metrics-addr", "none"])
         .output()
         .expect("second agent runs");
     let stderr = String::from_utf8_lossy(&second.stderr);
