@@ -28,6 +28,10 @@ pub struct AgentConfig {
     pub event_burst: u32,
     /// Audit mode: report would-be denies, drop nothing.
     pub audit: bool,
+    /// Audit mode on these interfaces only.
+    pub audit_ifaces: Vec<String>,
+    /// Replace an XDP program attached by netlink.
+    pub replace_xdp: bool,
     pub xdp_mode: XdpAttachMode,
     /// bpffs directory of the pins (`None`: pin nothing).
     pub pin_dir: Option<PathBuf>,
@@ -366,9 +370,22 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     // enforce from their first packet.
     dataplane.set_event_rate(cfg.event_rate, cfg.event_burst)?;
     dataplane.set_audit(cfg.audit);
+    dataplane.set_replace_xdp(cfg.replace_xdp);
     if cfg.audit {
         warn!("audit mode: nothing is dropped; would-be denies are reported with verdict AUDIT");
     }
+    let mut audited = Vec::new();
+    for name in &cfg.audit_ifaces {
+        if !cfg.ifaces.contains(name) {
+            bail!(
+                "--audit-iface {name}: not one of the --iface given ({})",
+                cfg.ifaces.join(", ")
+            );
+        }
+        audited.push(ifindex(name)?);
+        warn!("audit mode on {name}: nothing is dropped there; would-be denies are reported with verdict AUDIT");
+    }
+    dataplane.set_audit_ifaces(audited);
     let mut local = local_addresses()?;
     dataplane.set_local_addresses(&local)?;
     info!(

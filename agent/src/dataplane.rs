@@ -56,9 +56,21 @@ pub enum DataplaneError {
         source: aya::programs::ProgramError,
     },
     #[error(
-        "another XDP program is already attached to {iface} (Calico's, another moat agent's, ...); moat does not replace it: detach it first (`ip link set dev {iface} xdp off` for one attached by netlink)"
+        "another XDP program is already attached to {iface}{} (Calico's, another moat agent's, ...); moat does not replace it unless told to (--replace-xdp), or detach it first (`ip link set dev {iface} xdp off` for one attached by netlink)",
+        holder.as_deref().map(|h| format!(" ({h})")).unwrap_or_default()
     )]
-    XdpBusy { iface: String },
+    XdpBusy {
+        iface: String,
+        holder: Option<String>,
+    },
+    #[error(
+        "the XDP program on {iface}{} is held by a BPF link (another moat agent's?): --replace-xdp only replaces programs attached by netlink; stop its owner",
+        holder.as_deref().map(|h| format!(" ({h})")).unwrap_or_default()
+    )]
+    XdpLinkHeld {
+        iface: String,
+        holder: Option<String>,
+    },
     #[error(
         "attaching XDP to {iface} failed: {source} (try --xdp-mode skb if the driver lacks native XDP)"
     )]
@@ -200,6 +212,10 @@ pub struct Dataplane {
     local: Option<std::collections::BTreeSet<std::net::IpAddr>>,
     /// Audit mode for the interfaces applied from now on.
     audit: bool,
+    /// ifindexes in audit mode whatever `audit` says.
+    audit_ifaces: std::collections::BTreeSet<u32>,
+    /// Replace an XDP program attached by netlink (`attach`).
+    replace_xdp: bool,
     events: Option<RingBuf<MapData>>,
     /// Bank the tables in force live in (0 or 1); `None` before the first apply.
     active_bank: Option<u32>,
@@ -299,6 +315,8 @@ impl Dataplane {
             event_rate: take(&mut ebpf, map_names::EVENT_RATE)?,
             local: None,
             audit: false,
+            audit_ifaces: Default::default(),
+            replace_xdp: false,
             events: Some(take(&mut ebpf, map_names::EVENTS)?),
             ebpf,
             active_bank: None,
@@ -436,15 +454,51 @@ impl Dataplane {
         iface: &str,
         mode: XdpAttachMode,
     ) -> Result<aya::programs::xdp::XdpLinkId, DataplaneError> {
+        match self.try_attach_xdp(iface, mode) {
+            Err(DataplaneError::XdpBusy { iface, holder }) if self.replace_xdp => {
+                // Attached by netlink (ip link, Calico, libbpf): detach it in
+                // every mode, then attach ours. One held by a BPF link (an
+                // agent's) cannot be detached this way and stays.
+                for mode in ["xdpgeneric", "xdpdrv", "xdpoffload"] {
+                    let _ = std::process::Command::new("ip")
+                        .args(["link", "set", "dev", &iface, mode, "off"])
+                        .stderr(std::process::Stdio::null())
+                        .status();
+                }
+                match self.try_attach_xdp(&iface, mode) {
+                    Ok(id) => {
+                        tracing::warn!(
+                            "{iface}: replaced the XDP program that held it ({}), as --replace-xdp asked",
+                            holder.as_deref().unwrap_or("unknown program")
+                        );
+                        Ok(id)
+                    }
+                    Err(DataplaneError::XdpBusy { iface, holder }) => {
+                        Err(DataplaneError::XdpLinkHeld { iface, holder })
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+            other => other,
+        }
+    }
+
+    fn try_attach_xdp(
+        &mut self,
+        iface: &str,
+        mode: XdpAttachMode,
+    ) -> Result<aya::programs::xdp::XdpLinkId, DataplaneError> {
         self.xdp()?.attach(iface, mode.mode()).map_err(|source| {
             // The kernel refuses a link while another program holds the
-            // hook (EBUSY); aya only falls back to netlink (which would
-            // replace it) on EINVAL, so nothing is replaced silently.
+            // hook (EBUSY; EEXIST when it holds it in the other mode); aya
+            // only falls back to netlink (which would replace it) on EINVAL,
+            // so nothing is replaced silently.
             let busy = matches!(&source, aya::programs::ProgramError::SyscallError(e)
-                    if e.io_error.raw_os_error() == Some(libc::EBUSY));
+                    if matches!(e.io_error.raw_os_error(), Some(libc::EBUSY | libc::EEXIST)));
             if busy {
                 DataplaneError::XdpBusy {
                     iface: iface.to_string(),
+                    holder: netlink_xdp_program(iface),
                 }
             } else {
                 DataplaneError::AttachXdp {
@@ -641,7 +695,11 @@ impl Dataplane {
                     } else {
                         0
                     }
-                    | if self.audit { IFACE_AUDIT } else { 0 },
+                    | if self.audit || self.audit_ifaces.contains(ifindex) {
+                        IFACE_AUDIT
+                    } else {
+                        0
+                    },
                 generation,
                 ..Default::default()
             };
@@ -936,6 +994,18 @@ impl Dataplane {
         self.audit = audit;
     }
 
+    /// Audit mode for these interfaces only (beside `set_audit`, which
+    /// covers all). Takes effect at the next `apply`.
+    pub fn set_audit_ifaces(&mut self, ifindexes: impl IntoIterator<Item = u32>) {
+        self.audit_ifaces = ifindexes.into_iter().collect();
+    }
+
+    /// Whether `attach` may replace an XDP program another tool attached by
+    /// netlink (Calico's, say). Without it, `attach` refuses (`XdpBusy`).
+    pub fn set_replace_xdp(&mut self, replace: bool) {
+        self.replace_xdp = replace;
+    }
+
     /// Limits each source address to `per_second` events (sustained) and
     /// `burst` at once; `per_second` 0 lifts the limit. Suppressed events
     /// are counted (`events_suppressed`), never silently lost.
@@ -1088,6 +1158,22 @@ where
         .test_run(opts)
         .map_err(|source| DataplaneError::Program { name, source })?;
     Ok((result.return_value, result.duration))
+}
+
+/// The XDP program on `iface`, as `ip` describes it ("prog/xdp id 42 name
+/// xdp_pass"), if it can tell.
+fn netlink_xdp_program(iface: &str) -> Option<String> {
+    let out = std::process::Command::new("ip")
+        .args(["-d", "link", "show", "dev", iface])
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let detail: Vec<&str> = text
+        .split_whitespace()
+        .skip_while(|w| !w.starts_with("prog/xdp"))
+        .take(5)
+        .collect();
+    (!detail.is_empty()).then(|| detail.join(" "))
 }
 
 /// Id of the classifier of interface `slot`, direction `dir`, in `bank`:

@@ -54,6 +54,14 @@ enum Command {
         /// compare with the firewall in force before enforcing.
         #[arg(long)]
         audit: bool,
+        /// Audit mode on this interface only (repeat for several; one of
+        /// the --iface).
+        #[arg(long = "audit-iface", value_name = "NAME")]
+        audit_ifaces: Vec<String>,
+        /// Replace an XDP program another tool attached by netlink (Calico's,
+        /// `ip link`'s) instead of refusing to start.
+        #[arg(long)]
+        replace_xdp: bool,
         /// bpffs directory for moat's maps and links: enforcement, tracked
         /// flows and counters outlive the agent, and a restarted agent
         /// takes them over without a gap.
@@ -374,6 +382,8 @@ fn main() -> ExitCode {
             event_rate,
             event_burst,
             audit,
+            audit_ifaces,
+            replace_xdp,
             pin_dir,
             no_pin,
             detach_on_exit,
@@ -398,6 +408,8 @@ fn main() -> ExitCode {
                 event_rate,
                 event_burst,
                 audit,
+                audit_ifaces,
+                replace_xdp,
                 observe: observe.config()?,
             };
             tokio::runtime::Builder::new_multi_thread()

@@ -682,3 +682,93 @@ fn a_connection_open_before_attach_survives_it() {
     assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
     agent.stop();
 }
+
+/// Another tool's XDP program (attached by netlink, as Calico's is) is
+/// reported and left alone; `--replace-xdp` replaces it.
+#[test]
+fn a_foreign_xdp_program_is_reported_and_replaced_only_when_asked() {
+    let (worker, client, _peer) = lab();
+    listen(&worker, "0.0.0.0:22");
+    // An XDP program that passes everything, assembled here and attached
+    // by `ip link` (netlink, generic mode).
+    let dir = std::env::temp_dir().join(moat_tests::unique("moat-foreign-"));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let src = dir.join("pass.s");
+    std::fs::write(
+        &src,
+        "\t.section xdp,\"ax\",@progbits\n\t.globl xdp_pass\n\t.p2align 3\n\t.type xdp_pass,@function\nxdp_pass:\n\tr0 = 2\n\texit\n.Lend:\n\t.size xdp_pass, .Lend-xdp_pass\n\t.section license,\"aw\",@progbits\n\t.globl _license\n_license:\n\t.asciz \"GPL\"\n\t.size _license, 4\n",
+    )
+    .expect("write");
+    let obj = dir.join("pass.o");
+    moat_tests::run(
+        "/usr/lib/llvm-22/bin/llvm-mc",
+        &[
+            "-triple",
+            "bpfel",
+            "-filetype=obj",
+            "-o",
+            obj.to_str().unwrap(),
+            src.to_str().unwrap(),
+        ],
+    );
+    worker.exec(
+        "ip",
+        &[
+            "link",
+            "set",
+            "dev",
+            "eth1",
+            "xdpgeneric",
+            "obj",
+            obj.to_str().unwrap(),
+            "sec",
+            "xdp",
+        ],
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+
+    let pins = PinDir::new();
+    let refused = worker
+        .command(moat_tests::moat_bin().to_str().expect("utf-8 path"))
+        .args(["agent", "--policies"])
+        .arg(fixtures().join("public"))
+        .args([
+            "--iface",
+            "eth1",
+            "--node",
+            "worker-1",
+            "--metrics-addr",
+            "none",
+            "--socket",
+            "none",
+        ])
+        .args(pins.args())
+        .output()
+        .expect("agent runs");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("another XDP program is already attached to eth1 (prog/xdp id")
+            && stderr.contains("name xdp_pass"),
+        "names the program: {stderr}"
+    );
+    let still = worker.exec("ip", &["-d", "link", "show", "eth1"]);
+    assert!(still.contains("name xdp_pass"), "left alone: {still}");
+
+    let mut extra = pins.args().to_vec();
+    extra.extend(["--replace-xdp".into(), "--detach-on-exit".into()]);
+    let agent = Agent::start_args(&worker, "json", &extra);
+    let log = agent.logged().join("\n");
+    assert!(
+        log.contains("replaced the XDP program that held it"),
+        "{log}"
+    );
+    let now = worker.exec("ip", &["-d", "link", "show", "eth1"]);
+    assert!(!now.contains("xdp_pass"), "replaced: {now}");
+    assert_eq!(
+        connect(&client, "198.18.1.1:22"),
+        Err(std::io::ErrorKind::TimedOut),
+        "moat enforces"
+    );
+    agent.stop();
+}

@@ -976,3 +976,38 @@ fn the_largest_supported_policy_is_enforced_exactly() {
         "generation 1 still in force"
     );
 }
+
+/// Audit mode per interface: only the named interface lets would-be
+/// denies through.
+#[test]
+fn audit_mode_per_interface() {
+    let set = load_fixture("public");
+    let compiled =
+        moat::compile::compile(&set, moat_tests::NODE, &["eth1".into()]).expect("compiles");
+    let table =
+        std::collections::BTreeMap::from([(TEST_RUN_IFINDEX, compiled.ifaces["eth1"].clone())]);
+    let mut dataplane = moat::dataplane::Dataplane::load().expect("loads");
+    let ssh = Packet::tcp(CLIENT, 40000, WORKER, 22, SYN).frame();
+    // Another interface in audit: this one still enforces.
+    dataplane.set_audit_ifaces([TEST_RUN_IFINDEX + 1]);
+    dataplane.apply(&table, 1).expect("applies");
+    assert_eq!(
+        dataplane.test_ingress(&ssh, 1).expect("runs").0,
+        1,
+        "XDP_DROP"
+    );
+    assert_eq!(dataplane.drain_events()[0].verdict, verdict::DENY);
+    // This one in audit.
+    dataplane.set_audit_ifaces([TEST_RUN_IFINDEX]);
+    dataplane.apply(&table, 2).expect("applies");
+    assert_eq!(
+        dataplane.test_ingress(&ssh, 1).expect("runs").0,
+        2,
+        "XDP_PASS"
+    );
+    let e = dataplane.drain_events();
+    assert_eq!(
+        (e[0].verdict, e[0].reason, e[0].generation),
+        (verdict::AUDIT, reason::END_OF_POLICIES, 2)
+    );
+}
