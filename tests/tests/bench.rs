@@ -83,7 +83,7 @@ fn smoke_run_has_every_engines_figures_and_leaves_nothing_behind() {
                     row["unsupported"]
                 );
                 let sent = row["packets_sent"].as_u64().unwrap();
-                assert!(sent >= 10_000, "{row}");
+                assert!(sent >= 2_000, "{row}");
                 assert_eq!(row["packets_counted"].as_u64(), Some(sent), "{row}");
                 assert!(row["ns_per_packet"]["median"].as_f64().unwrap() > 0.0);
             }

@@ -396,11 +396,11 @@ fn live(
 ) -> anyhow::Result<(u64, Spread)> {
     let _inside = InNetns::enter(&lab.name)?;
     // Calibrate: how many packets fill the duration.
-    let probe = 20_000;
+    let probe = 2_000;
     let took = send(probe)?;
     let per_packet = took.as_secs_f64() / f64::from(probe);
     let per_call = opts.duration.as_secs_f64() / f64::from(opts.live_runs.max(1));
-    let packets = ((per_call / per_packet) as u32).clamp(10_000, 20_000_000);
+    let packets = ((per_call / per_packet) as u32).clamp(2_000, 20_000_000);
     let mut samples = Vec::new();
     for _ in 0..opts.live_runs.max(1) {
         let took = send(packets)?;
