@@ -474,14 +474,14 @@ impl Dataplane {
     /// Runs the XDP program on `repeat` copies of `frame` in live-frames
     /// mode (`BPF_F_TEST_XDP_LIVE_FRAMES`): what it passes enters the stack
     /// of `ifindex` in the calling thread's network namespace, as if
-    /// received there. Returns the time the call took (moat bench's
-    /// packet generator).
+    /// received there. Returns the time the call took, wall and thread CPU
+    /// (moat bench's packet generator).
     pub fn test_ingress_live(
         &mut self,
         frame: &[u8],
         ifindex: u32,
         repeat: u32,
-    ) -> Result<Duration, DataplaneError> {
+    ) -> Result<crate::bench::sys::Took, DataplaneError> {
         crate::bench::sys::live_run(self.xdp()?, program_names::INGRESS, frame, ifindex, repeat)
     }
 }

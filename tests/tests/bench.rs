@@ -239,6 +239,28 @@ fn write_rules_writes_every_rendering() {
 }
 
 #[test]
+fn a_machine_without_the_engines_is_refused_naming_what_is_missing() {
+    let empty = tmpdir("moat-bench-empty-path");
+    std::fs::create_dir_all(&empty).unwrap();
+    let out = Command::new(moat_bin())
+        .args(["bench", "--quick", "--rules", "1"])
+        .env("PATH", &empty)
+        .output()
+        .expect("moat bench");
+    assert!(!out.status.success(), "ran without its tools");
+    let err = String::from_utf8_lossy(&out.stderr);
+    for needle in [
+        "nft (Debian package nftables)",
+        "ipset (Debian package ipset)",
+        "iptables-legacy-restore (Debian package iptables)",
+        "ip (Debian package iproute2)",
+    ] {
+        assert!(err.contains(needle), "{needle} not named: {err}");
+    }
+    let _ = std::fs::remove_dir_all(&empty);
+}
+
+#[test]
 fn bad_options_are_refused_with_the_reason() {
     for (args, needle) in [
         (&["bench", "--rules", "0"][..], "--rules 0"),

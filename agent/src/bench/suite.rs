@@ -15,7 +15,7 @@ use super::{
     engines::{self, Engine},
     lab::{self, Lab},
     rules::{Action, Proto, Rule, RuleSet, Shape, HOST_ADDR, IFACE, NODE, STRANGER},
-    sys::{Baseline, InNetns, RawXdp, XDP_PASS},
+    sys::{Baseline, InNetns, RawXdp, Took, XDP_PASS},
 };
 use crate::{compile::compile, dataplane::Dataplane, frame::Packet, policy};
 
@@ -88,7 +88,11 @@ pub struct Throughput {
     /// Packets the engine's own counter attributes to the expected
     /// decision (final drop; established/allowed), over the measured calls.
     pub packets_counted: Option<u64>,
+    /// CPU time of the injecting thread per packet (the frames are
+    /// processed in its context): leaves out other processes' time.
     pub ns_per_packet: Option<Spread>,
+    /// Wall-clock time per packet (includes other processes' time).
+    pub wall_ns_per_packet: Option<Spread>,
     pub mpps: Option<f64>,
     pub unsupported: Option<String>,
 }
@@ -388,27 +392,29 @@ fn baselines(opts: &Options, out: &mut Vec<Classification>) -> anyhow::Result<()
 }
 
 /// Sends `opts.live_runs` calls of live frames; returns (packets sent,
-/// ns/packet spread).
+/// CPU ns/packet, wall ns/packet).
 fn live(
     opts: &Options,
     lab: &Lab,
-    mut send: impl FnMut(u32) -> anyhow::Result<Duration>,
-) -> anyhow::Result<(u64, Spread)> {
+    mut send: impl FnMut(u32) -> anyhow::Result<Took>,
+) -> anyhow::Result<(u64, Spread, Spread)> {
     let _inside = InNetns::enter(&lab.name)?;
     // Calibrate: how many packets fill the duration.
     let probe = 2_000;
     let took = send(probe)?;
-    let per_packet = took.as_secs_f64() / f64::from(probe);
+    let per_packet = took.wall.as_secs_f64() / f64::from(probe);
     let per_call = opts.duration.as_secs_f64() / f64::from(opts.live_runs.max(1));
     let packets = ((per_call / per_packet) as u32).clamp(2_000, 20_000_000);
-    let mut samples = Vec::new();
+    let (mut cpu, mut wall) = (Vec::new(), Vec::new());
     for _ in 0..opts.live_runs.max(1) {
         let took = send(packets)?;
-        samples.push(took.as_nanos() as f64 / f64::from(packets));
+        cpu.push(took.cpu.as_nanos() as f64 / f64::from(packets));
+        wall.push(took.wall.as_nanos() as f64 / f64::from(packets));
     }
     Ok((
         u64::from(probe) + u64::from(packets) * u64::from(opts.live_runs.max(1)),
-        Spread::of(samples),
+        Spread::of(cpu),
+        Spread::of(wall),
     ))
 }
 
@@ -440,10 +446,10 @@ fn throughput_row(
     engine: &str,
     n: usize,
     traffic: &'static str,
-    result: anyhow::Result<(u64, Spread, u64)>,
+    result: anyhow::Result<(u64, Spread, Spread, u64)>,
 ) -> Throughput {
     match result {
-        Ok((sent, spread, counted)) => Throughput {
+        Ok((sent, spread, wall, counted)) => Throughput {
             engine: engine.into(),
             rules: n,
             traffic,
@@ -451,6 +457,7 @@ fn throughput_row(
             packets_counted: Some(counted),
             mpps: Some(1e3 / spread.median),
             ns_per_packet: Some(spread),
+            wall_ns_per_packet: Some(wall),
             unsupported: None,
         },
         Err(e) => Throughput {
@@ -460,6 +467,7 @@ fn throughput_row(
             packets_sent: 0,
             packets_counted: None,
             ns_per_packet: None,
+            wall_ns_per_packet: None,
             mpps: None,
             unsupported: Some(format!("{e:#}")),
         },
@@ -578,11 +586,12 @@ fn moat_stack(
     let deny = lab.addressed(&no_match_frame());
     let result = (|| {
         let before = ingress(dp, counter::END_OF_POLICIES_DENIED)?;
-        let (sent, spread) = live(opts, &lab, |k| Ok(dp.test_ingress_live(&deny, ifindex, k)?))?;
+        let (sent, spread, wall) =
+            live(opts, &lab, |k| Ok(dp.test_ingress_live(&deny, ifindex, k)?))?;
         dp.drain_events();
         let counted = ingress(dp, counter::END_OF_POLICIES_DENIED)? - before;
         accounted(name, "denied", sent, counted)?;
-        Ok((sent, spread, counted))
+        Ok((sent, spread, wall, counted))
     })();
     report
         .throughput
@@ -596,14 +605,15 @@ fn moat_stack(
             dp.test_ingress_live(&frame, ifindex, 1)?;
         }
         let before = ingress(dp, counter::CONNTRACK_ALLOWED)?;
-        let (sent, spread) = live(
-            opts,
-            &lab,
-            |k| Ok(dp.test_ingress_live(&frame, ifindex, k)?),
-        )?;
+        let (sent, spread, wall) =
+            live(
+                opts,
+                &lab,
+                |k| Ok(dp.test_ingress_live(&frame, ifindex, k)?),
+            )?;
         let counted = ingress(dp, counter::CONNTRACK_ALLOWED)? - before;
         accounted(name, "allowed", sent, counted)?;
-        Ok((sent, spread, counted))
+        Ok((sent, spread, wall, counted))
     })();
     report
         .throughput
@@ -666,10 +676,10 @@ fn linux_stack(
     let deny = lab.addressed(&no_match_frame());
     let result = (|| {
         let (before, _) = engine.counters(&lab)?;
-        let (sent, spread) = live(opts, &lab, |k| generator.live_run(&deny, ifindex, k))?;
+        let (sent, spread, wall) = live(opts, &lab, |k| generator.live_run(&deny, ifindex, k))?;
         let counted = engine.counters(&lab)?.0 - before;
         accounted(name, "denied", sent, counted)?;
-        Ok((sent, spread, counted))
+        Ok((sent, spread, wall, counted))
     })();
     report
         .throughput
@@ -680,10 +690,10 @@ fn linux_stack(
         let (src, proto, sport, dport) = rule.example();
         let frame = lab.addressed(&frame64(&packet_for(src, proto, sport, dport, 0)));
         let (_, before) = engine.counters(&lab)?;
-        let (sent, spread) = live(opts, &lab, |k| generator.live_run(&frame, ifindex, k))?;
+        let (sent, spread, wall) = live(opts, &lab, |k| generator.live_run(&frame, ifindex, k))?;
         let counted = engine.counters(&lab)?.1 - before;
         accounted(name, "allowed", sent, counted)?;
-        Ok((sent, spread, counted))
+        Ok((sent, spread, wall, counted))
     })();
     report
         .throughput
@@ -708,7 +718,7 @@ fn no_filter(opts: &Options, set: &RuleSet, report: &mut Report) -> anyhow::Resu
         ));
     }
     for (traffic, frame) in frames {
-        let (sent, spread) = live(opts, &lab, |k| generator.live_run(&frame, ifindex, k))?;
+        let (sent, spread, wall) = live(opts, &lab, |k| generator.live_run(&frame, ifindex, k))?;
         report.throughput.push(Throughput {
             engine: "no-filter".into(),
             rules: set.n,
@@ -717,6 +727,7 @@ fn no_filter(opts: &Options, set: &RuleSet, report: &mut Report) -> anyhow::Resu
             packets_counted: None,
             mpps: Some(1e3 / spread.median),
             ns_per_packet: Some(spread),
+            wall_ns_per_packet: Some(wall),
             unsupported: None,
         });
     }

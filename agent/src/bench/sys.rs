@@ -113,6 +113,31 @@ struct TestRunAttr {
     _pad: u32,
 }
 
+/// How long a live-frames call took: wall clock, and CPU time of the
+/// calling thread (the frames are processed in its context, so this
+/// leaves out the time other processes had the core on a busy machine).
+#[derive(Clone, Copy, Debug)]
+pub struct Took {
+    pub wall: Duration,
+    pub cpu: Duration,
+}
+
+fn thread_cpu() -> Duration {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID)
+        .map(Duration::from)
+        .unwrap_or_default()
+}
+
+/// Runs `f`, timing it both ways.
+fn timed<T, E>(f: impl FnOnce() -> Result<T, E>) -> Result<Took, E> {
+    let (wall, cpu) = (Instant::now(), thread_cpu());
+    f()?;
+    Ok(Took {
+        cpu: thread_cpu().saturating_sub(cpu),
+        wall: wall.elapsed(),
+    })
+}
+
 /// Which baseline program.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Baseline {
@@ -178,10 +203,8 @@ impl RawXdp {
 
     /// Live frames into `ifindex` of the calling thread's namespace;
     /// returns the time the call took.
-    pub fn live_run(&self, frame: &[u8], ifindex: u32, repeat: u32) -> anyhow::Result<Duration> {
-        let started = Instant::now();
-        self.run(frame, Some(ifindex), repeat)?;
-        Ok(started.elapsed())
+    pub fn live_run(&self, frame: &[u8], ifindex: u32, repeat: u32) -> anyhow::Result<Took> {
+        timed(|| self.run(frame, Some(ifindex), repeat))
     }
 
     fn run(&self, frame: &[u8], live: Option<u32>, repeat: u32) -> anyhow::Result<TestRunAttr> {
@@ -235,7 +258,7 @@ pub fn live_run<P>(
     frame: &[u8],
     ifindex: u32,
     repeat: u32,
-) -> Result<Duration, DataplaneError>
+) -> Result<Took, DataplaneError>
 where
     P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = aya::programs::TestRunResult>,
 {
@@ -247,11 +270,11 @@ where
         attrs: TestRunAttrs::new().xdp_live_frames(LIVE_BATCH),
         ..TestRunOptions::default()
     };
-    let started = Instant::now();
-    program
-        .test_run(opts)
-        .map_err(|source| DataplaneError::Program { name, source })?;
-    Ok(started.elapsed())
+    timed(|| {
+        program
+            .test_run(opts)
+            .map_err(|source| DataplaneError::Program { name, source })
+    })
 }
 
 /// The calling thread inside a named network namespace until dropped.
