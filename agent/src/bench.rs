@@ -1,6 +1,19 @@
 //! `moat bench`: the cost of judging one packet, measured with
 //! `BPF_PROG_TEST_RUN` on the loaded XDP program (the kernel's own mean
 //! over `repeat` runs), reported as the median of several such runs.
+//!
+//! The comparison with iptables and nftables (`moat bench` without
+//! `--policies`) lives in the submodules: `rules` (the generator and its
+//! renderings), `lab` (namespaces), `engines`, `sys` (raw BPF calls),
+//! `suite` (the measurements) and `report`.
+
+pub mod cli;
+pub mod engines;
+pub mod lab;
+pub mod report;
+pub mod rules;
+pub mod suite;
+pub mod sys;
 
 use std::collections::BTreeMap;
 

@@ -1137,6 +1137,20 @@ impl Dataplane {
         let (action, mean) = test_run(self.tc()?, program_names::EGRESS, frame, repeat)?;
         Ok((action as i32, mean))
     }
+
+    /// Runs the XDP program on `repeat` copies of `frame` in live-frames
+    /// mode (`BPF_F_TEST_XDP_LIVE_FRAMES`): what it passes enters the stack
+    /// of `ifindex` in the calling thread's network namespace, as if
+    /// received there. Returns the time the call took, wall and thread CPU
+    /// (moat bench's packet generator).
+    pub fn test_ingress_live(
+        &mut self,
+        frame: &[u8],
+        ifindex: u32,
+        repeat: u32,
+    ) -> Result<crate::bench::sys::Took, DataplaneError> {
+        crate::bench::sys::live_run(self.xdp()?, program_names::INGRESS, frame, ifindex, repeat)
+    }
 }
 
 /// One `BPF_PROG_TEST_RUN` of `program` on `frame`: action, mean time.

@@ -152,23 +152,52 @@ enum Command {
         #[arg(long, default_value_t = 10)]
         rows: usize,
     },
-    /// Measure ns/packet of the XDP program through BPF_PROG_TEST_RUN.
+    /// Benchmark moat against iptables and nftables on generated rule sets
+    /// (classification cost, throughput through the stack, update latency,
+    /// memory; a table, JSON, Markdown and PNG plots in --out). With
+    /// --policies: ns/packet of DIR's tables through BPF_PROG_TEST_RUN only.
     Bench {
-        #[arg(long, value_name = "DIR")]
-        policies: PathBuf,
-        /// The interface whose tables are measured.
+        /// Measure this policy directory's tables only (the old bench).
+        #[arg(long, value_name = "DIR", requires = "iface")]
+        policies: Option<PathBuf>,
+        /// With --policies: the interface whose tables are measured.
         #[arg(long = "iface", value_name = "NAME")]
-        iface: String,
+        iface: Option<String>,
         #[arg(long)]
         node: Option<String>,
+        /// Engines to compare (comma-separated).
+        #[arg(long, value_enum, value_delimiter = ',')]
+        engines: Option<Vec<moat::bench::engines::Engine>>,
+        /// Generated rule counts (comma-separated).
+        #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(usize))]
+        rules: Option<Vec<usize>>,
+        /// Rule-set shapes for the classification cost (comma-separated).
+        #[arg(long, value_enum, value_delimiter = ',')]
+        shapes: Option<Vec<moat::bench::rules::Shape>>,
+        /// Seconds of packets per through-the-stack figure.
+        #[arg(long)]
+        duration: Option<f64>,
+        /// A short run (under two minutes): fewer counts, shorter figures.
+        #[arg(long)]
+        quick: bool,
+        /// Where the report goes (report.json, report.md, denied.png,
+        /// allowed.png).
+        #[arg(long, value_name = "DIR", default_value = "bench-out")]
+        out: PathBuf,
+        /// Write every rendering of the rule sets into DIR and stop.
+        #[arg(long, value_name = "DIR")]
+        write_rules: Option<PathBuf>,
+        /// Seed of the rule-set generator.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
         /// Packets per BPF_PROG_TEST_RUN call (the kernel reports their
         /// mean). The default keeps every deny's events (up to two each)
         /// within the 1 MiB ring buffer, so each one is really written.
-        #[arg(long, default_value_t = 5_000, value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
-        repeat: u32,
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
+        repeat: Option<u32>,
         /// Calls per packet; the median is reported.
-        #[arg(long, default_value_t = 21, value_parser = clap::value_parser!(u32).range(1..=1000))]
-        runs: u32,
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1000))]
+        runs: Option<u32>,
         #[arg(short, long, value_enum, default_value_t)]
         output: OutputFormat,
     },
@@ -557,13 +586,48 @@ fn main() -> ExitCode {
             })
         })(),
         Command::Bench {
-            policies,
-            iface,
+            policies: Some(policies),
+            iface: Some(iface),
             node,
             repeat,
             runs,
             output,
-        } => bench(&policies, &iface, node, repeat, runs, output),
+            ..
+        } => bench(
+            &policies,
+            &iface,
+            node,
+            repeat.unwrap_or(5_000),
+            runs.unwrap_or(21),
+            output,
+        ),
+        Command::Bench {
+            engines,
+            rules,
+            shapes,
+            duration,
+            quick,
+            out,
+            write_rules,
+            seed,
+            repeat,
+            runs,
+            output,
+            ..
+        } => moat::bench::cli::run(moat::bench::cli::Args {
+            engines,
+            rules,
+            shapes,
+            duration,
+            quick,
+            out,
+            write_rules,
+            seed,
+            repeat,
+            runs,
+            json: matches!(output, OutputFormat::Json),
+        })
+        .map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,

@@ -35,8 +35,13 @@ enum Cmd {
     /// Set up, build, and show moat dropping packets in a lab of network
     /// namespaces; ends by itself and cleans up.
     Demo,
-    /// Set up, build, and measure ns/packet through BPF_PROG_TEST_RUN.
-    Bench,
+    /// Set up, build (release), and run `moat bench` (moat against
+    /// iptables and nftables; report in bench-out/). Arguments after `--`
+    /// go to `moat bench` (e.g. `cargo xtask bench -- --quick`).
+    Bench {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Helpers the demo runs inside its namespaces.
     #[command(hide = true)]
     Probe {
@@ -54,7 +59,7 @@ fn main() -> ExitCode {
         Cmd::Demo => setup()
             .and_then(|()| build())
             .and_then(|()| demo::run(&root())),
-        Cmd::Bench => setup().and_then(|()| bench()),
+        Cmd::Bench { args } => setup().and_then(|()| bench(&args)),
         Cmd::Probe { probe } => probe::run(probe),
     };
     match result {
@@ -119,9 +124,12 @@ const PACKAGES: &[&str] = &[
     "rust-web-clippy",         // clippy for the eBPF crate's target
     "llvm-22-dev",             // what bpf-linker links against
     "lld-22",
-    "iproute2",     // ip netns, veth, XDP/TC inspection
-    "iputils-ping", // the demo's and tests' ICMP
-    "iptables",     // the kernel LOG target moat's iptables lines are compared with
+    "iproute2",          // ip netns, veth, XDP/TC inspection
+    "iputils-ping",      // the demo's and tests' ICMP
+    "iptables",          // the kernel LOG target moat's iptables lines are compared with
+    "nftables",          // moat bench: nft, the engines compared
+    "ipset",             // moat bench: iptables with ipsets
+    "fonts-dejavu-core", // moat bench: the plots' text
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const BPF_TOOLCHAIN: &str = "debian-bpf";
@@ -284,11 +292,12 @@ fn test() -> Result<()> {
     Ok(())
 }
 
-fn bench() -> Result<()> {
-    build()?;
-    let moat = root().join("target/debug/moat");
+fn bench(args: &[String]) -> Result<()> {
+    // Release: moat's compile time is part of the update latency measured.
+    run(cargo().args(["build", "--release", "-p", "moat-agent"]))?;
+    let moat = root().join("target/release/moat");
     run(Command::new(moat)
-        .args(["bench", "--policies"])
-        .arg(root().join("tests/fixtures/public"))
-        .args(["--iface", "eth1", "--node", "worker-1"]))
+        .current_dir(root())
+        .arg("bench")
+        .args(args))
 }
