@@ -7,6 +7,7 @@ pub mod bench;
 pub mod check;
 pub mod compile;
 pub mod dataplane;
+pub mod dirsource;
 pub mod event;
 pub mod frame;
 pub mod kubernetes;
@@ -14,9 +15,12 @@ pub mod packet_spec;
 pub mod policy;
 pub mod preflight;
 pub mod profiles;
+pub mod reconcile;
 pub mod reference;
 pub mod resolve;
 pub mod selector;
+pub mod state;
+pub mod status;
 pub mod trace;
 
 /// `-o/--output` of `moat agent`: how each deny event is printed.

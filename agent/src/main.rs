@@ -29,7 +29,7 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         policies: PathBuf,
         /// Interface to attach to (repeat for several).
-        #[arg(long = "iface", value_name = "NAME", required = true)]
+        #[arg(long = "iface", value_name = "NAME")]
         ifaces: Vec<String>,
         /// Bundled profile to use when DIR holds no policy of its own
         /// (iks-2019, iks-2017, or none).
@@ -54,6 +54,18 @@ enum Command {
         /// compare with the firewall in force before enforcing.
         #[arg(long)]
         audit: bool,
+        /// Where the last good compiled policy is saved and, at start,
+        /// enforced from before the first sync ("none": not saved).
+        #[arg(long, default_value = moat::state::DEFAULT_PATH)]
+        state_file: PathBuf,
+        /// Where the agent publishes its status for `moat status`
+        /// ("none": nowhere).
+        #[arg(long, default_value = moat::status::DEFAULT_PATH)]
+        status_file: PathBuf,
+        /// Create HostEndpoints for eth0 (ibm.role: worker_private) and
+        /// eth1 (worker_public) when the policies name none for them.
+        #[arg(long)]
+        auto_host_endpoints: bool,
     },
     /// Measure ns/packet of the XDP program through BPF_PROG_TEST_RUN.
     Bench {
@@ -161,9 +173,16 @@ fn main() -> ExitCode {
             event_rate,
             event_burst,
             audit,
+            state_file,
+            status_file,
+            auto_host_endpoints,
         } => {
+            let none = |p: PathBuf| (p.as_os_str() != "none").then_some(p);
             let cfg = AgentConfig {
-                policies,
+                source: agent::PolicySource::Directory(policies),
+                state_file: none(state_file),
+                status_file: none(status_file),
+                auto_host_endpoints,
                 profile: profile_arg(&profile),
                 ifaces,
                 node: node.unwrap_or_else(agent::default_node_name),

@@ -94,6 +94,8 @@ impl Agent {
             .args([
                 "--iface", "eth1", "--iface", "eth0", "--node", "worker-1", "-o", output,
             ])
+            // Saved state and status stay out of /var/lib and /run.
+            .args(["--state-file", "none", "--status-file", "none"])
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -429,6 +431,7 @@ fn a_second_agent_does_not_take_over_an_attached_interface() {
         .args(["agent", "--policies"])
         .arg(fixtures().join("public"))
         .args(["--iface", "eth1", "--node", "worker-1"])
+        .args(["--state-file", "none", "--status-file", "none"])
         .output()
         .expect("second agent runs");
     let stderr = String::from_utf8_lossy(&second.stderr);

@@ -119,9 +119,12 @@ const PACKAGES: &[&str] = &[
     "rust-web-clippy",         // clippy for the eBPF crate's target
     "llvm-22-dev",             // what bpf-linker links against
     "lld-22",
-    "iproute2",     // ip netns, veth, XDP/TC inspection
-    "iputils-ping", // the demo's and tests' ICMP
-    "iptables",     // the kernel LOG target moat's iptables lines are compared with
+    "iproute2",          // ip netns, veth, XDP/TC inspection
+    "iputils-ping",      // the demo's and tests' ICMP
+    "iptables",          // the kernel LOG target moat's iptables lines are compared with
+    "protobuf-compiler", // protoc, for etcd-client's build
+    "libprotobuf-dev",   // the google/protobuf/*.proto it imports
+    "etcd-server",       // the etcd the etcd source's tests start on loopback
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const BPF_TOOLCHAIN: &str = "debian-bpf";

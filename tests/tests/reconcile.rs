@@ -1,0 +1,350 @@
+//! Live reconcile end to end: the agent watches a policy directory; files
+//! are added, changed, broken and deleted while a client in another
+//! network namespace tries connections, and the verdicts follow. Also the
+//! saved state: a restarted agent enforces the last good policy before
+//! its source has answered.
+
+use std::{
+    io::{BufRead, BufReader},
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use moat_tests::{in_netns, spawn_in, unique, veth, Netns};
+
+const HEP: &str = "apiVersion: projectcalico.org/v3
+kind: HostEndpoint
+metadata: {name: worker-1-public, labels: {ibm.role: worker_public}}
+spec: {node: worker-1, interfaceName: eth1}
+---
+apiVersion: projectcalico.org/v3
+kind: GlobalNetworkPolicy
+metadata: {name: allow-all-outbound}
+spec:
+  selector: ibm.role == 'worker_public'
+  types: [Egress]
+  egress: [{action: Allow}]
+";
+
+/// A policy allowing TCP `port` in on the public interface.
+fn allow(name: &str, port: u16) -> String {
+    format!(
+        "apiVersion: projectcalico.org/v3
+kind: GlobalNetworkPolicy
+metadata: {{name: {name}}}
+spec:
+  selector: ibm.role == 'worker_public'
+  order: 100
+  ingress: [{{action: Allow, protocol: TCP, destination: {{ports: [{port}]}}}}]
+"
+    )
+}
+
+/// Whether a TCP connection from `ns` to `to` is accepted within
+/// `timeout` (a denied SYN is dropped: the attempt times out).
+fn connects(ns: &str, to: &str, timeout: Duration) -> bool {
+    let to: SocketAddr = to.parse().expect("address");
+    in_netns(ns, move || TcpStream::connect_timeout(&to, timeout).is_ok())
+}
+
+fn listen(ns: &Netns, port: u16) {
+    let addr: SocketAddr = format!("0.0.0.0:{port}").parse().expect("address");
+    let (tx, rx) = mpsc::channel();
+    spawn_in(&ns.name, move || {
+        let listener = TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+        tx.send(()).expect("signal bound");
+        for stream in listener.incoming() {
+            drop(stream);
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(5))
+        .expect("listener bound");
+}
+
+/// Polls until connections to `port` are accepted (`want`) or not; the
+/// time it took, or None after 10 s.
+fn wait_for(client: &Netns, port: u16, want: bool) -> Option<Duration> {
+    let start = Instant::now();
+    let to = format!("198.18.1.1:{port}");
+    while start.elapsed() < Duration::from_secs(10) {
+        if connects(&client.name, &to, Duration::from_millis(60)) == want {
+            return Some(start.elapsed());
+        }
+        if !want {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    None
+}
+
+struct Dir(PathBuf);
+
+impl Dir {
+    fn new() -> Self {
+        let d = std::env::temp_dir().join(unique("moat-reconcile-"));
+        std::fs::create_dir_all(d.join("policies")).expect("temp dir");
+        Dir(d)
+    }
+    fn policies(&self) -> PathBuf {
+        self.0.join("policies")
+    }
+    fn write(&self, name: &str, text: &str) {
+        // Written beside and renamed in, as tools do: no half-written file
+        // is ever read.
+        let tmp = self.0.join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, text).expect("write");
+        std::fs::rename(&tmp, self.policies().join(name)).expect("rename");
+    }
+    fn remove(&self, name: &str) {
+        std::fs::remove_file(self.policies().join(name)).expect("remove");
+    }
+    fn status(&self) -> serde_json::Value {
+        let text = std::fs::read_to_string(self.0.join("status.json")).expect("status file");
+        serde_json::from_str(&text).expect("status JSON")
+    }
+}
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+struct Agent {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Agent {
+    /// Starts the agent on `dir` and waits for a stderr line containing
+    /// `until`.
+    fn start(worker: &Netns, dir: &Dir, policies: &Path, until: &str) -> Self {
+        let mut child = worker
+            .command(moat_tests::moat_bin().to_str().expect("utf-8 path"))
+            .args(["agent", "--policies"])
+            .arg(policies)
+            .args(["--iface", "eth1", "--node", "worker-1", "--profile", "none"])
+            .arg("--state-file")
+            .arg(dir.0.join("state/last-good.json"))
+            .arg("--status-file")
+            .arg(dir.0.join("status.json"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("moat agent starts");
+        let (tx, lines) = mpsc::channel();
+        let stderr = child.stderr.take().expect("stderr");
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("agent: {line}");
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut agent = Agent { child, lines };
+        agent.expect(until);
+        agent
+    }
+
+    fn expect(&mut self, what: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line.contains(what) => return line,
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+        let _ = self.child.kill();
+        panic!("the agent never logged {what:?}: {:?}", self.child.wait());
+    }
+
+    fn stop(mut self) {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .expect("SIGTERM");
+        let status = self.child.wait().expect("wait");
+        assert!(status.success(), "agent exit status {status}");
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn lab() -> (Netns, Netns) {
+    let worker = Netns::new("mrw");
+    let client = Netns::new("mrc");
+    veth(
+        &worker,
+        "eth1",
+        "198.18.1.1/24",
+        &client,
+        "eth0",
+        "198.18.1.2/24",
+    );
+    (worker, client)
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+#[test]
+fn directory_changes_reach_the_kernel_and_invalid_edits_do_not() {
+    let (worker, client) = lab();
+    for port in [8080, 8081, 9090] {
+        listen(&worker, port);
+    }
+    let dir = Dir::new();
+    dir.write("hep.yaml", HEP);
+    dir.write("web.yaml", &allow("allow-web", 8080));
+    let mut agent = Agent::start(&worker, &dir, &dir.policies(), "ready:");
+    assert!(wait_for(&client, 8080, true).is_some(), "8080 allowed");
+    assert!(!connects(
+        &client.name,
+        "198.18.1.1:9090",
+        Duration::from_millis(300)
+    ));
+
+    // Add a file: its port opens.
+    dir.write("metrics.yaml", &allow("allow-metrics", 9090));
+    let t = wait_for(&client, 9090, true).expect("9090 allowed after the file is added");
+    eprintln!("added: verdict changed after {t:?}");
+    // Change a file: the old port closes, the new one opens.
+    dir.write("web.yaml", &allow("allow-web", 8081));
+    wait_for(&client, 8080, false).expect("8080 denied after the change");
+    wait_for(&client, 8081, true).expect("8081 allowed after the change");
+
+    // An invalid edit: reported, counted, and the last good version of
+    // allow-metrics stays in force.
+    let before = dir.status()["source"]["reconciles"]
+        .as_u64()
+        .expect("reconciles");
+    dir.write(
+        "metrics.yaml",
+        &allow("allow-metrics", 9090).replace("ports: [9090]", "ports: [ninety]"),
+    );
+    agent.expect("the last good one stays in force");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        let s = dir.status();
+        if s["source"]["reconciles"].as_u64() > Some(before) {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "status not updated: {s:#}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status["source"]["invalid_objects"], 1, "{status:#}");
+    assert_eq!(status["source"]["kept_last_good"], 1, "{status:#}");
+    assert!(status["source"]["rejected_objects_total"].as_u64() >= Some(1));
+    assert!(
+        connects(&client.name, "198.18.1.1:9090", Duration::from_secs(1)),
+        "9090 still allowed"
+    );
+    assert!(connects(
+        &client.name,
+        "198.18.1.1:8081",
+        Duration::from_secs(1)
+    ));
+    // A file that does not even parse keeps everything it held.
+    dir.write("metrics.yaml", "apiVersion: [unclosed\n");
+    agent.expect("the last good one stays in force");
+    assert!(
+        connects(&client.name, "198.18.1.1:9090", Duration::from_secs(1)),
+        "9090 still allowed"
+    );
+
+    // Delete the file: its port closes.
+    dir.remove("metrics.yaml");
+    wait_for(&client, 9090, false).expect("9090 denied after the file is deleted");
+    assert!(connects(
+        &client.name,
+        "198.18.1.1:8081",
+        Duration::from_secs(1)
+    ));
+
+    // Reconcile latency: from the write (rename) of a file opening a new
+    // port to the first accepted connection on it.
+    let mut times = Vec::new();
+    for (i, port) in (20_000..20_007).enumerate() {
+        listen(&worker, port);
+        let start = Instant::now();
+        dir.write(&format!("t{i}.yaml"), &allow(&format!("t{i}"), port));
+        wait_for(&client, port, true).expect("the new port opens");
+        times.push(start.elapsed());
+    }
+    let m = median(times.clone());
+    eprintln!("reconcile latency, file write to verdict: median {m:?} of {times:?}");
+    assert!(
+        m < Duration::from_secs(1),
+        "median {m:?} over the 1 s target"
+    );
+    agent.stop();
+}
+
+#[test]
+fn the_saved_state_is_enforced_before_the_first_sync() {
+    let (worker, client) = lab();
+    for port in [8080, 9090] {
+        listen(&worker, port);
+    }
+    let dir = Dir::new();
+    dir.write("hep.yaml", HEP);
+    dir.write("web.yaml", &allow("allow-web", 8080));
+    let agent = Agent::start(&worker, &dir, &dir.policies(), "ready:");
+    agent.stop();
+    let saved: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.0.join("state/last-good.json")).expect("saved state"),
+    )
+    .expect("saved state JSON");
+    assert_eq!(saved["node"], "worker-1");
+    let generation = saved["generation"].as_u64().expect("generation");
+    // Restart on a source that cannot answer yet (its directory is not
+    // there): the saved state is enforced meanwhile.
+    let other = dir.0.join("other");
+    let mut agent = Agent::start(&worker, &dir, &other, "enforcing the saved state");
+    agent.expect("does not exist (yet)");
+    assert!(
+        wait_for(&client, 8080, true).is_some(),
+        "saved: 8080 allowed"
+    );
+    assert!(
+        !connects(&client.name, "198.18.1.1:9090", Duration::from_millis(300)),
+        "saved: 9090 denied"
+    );
+    let status = dir.status();
+    assert_eq!(status["state"], "enforcing saved state", "{status:#}");
+    assert_eq!(
+        status["generation"].as_u64(),
+        Some(generation),
+        "{status:#}"
+    );
+    // The source answers: its policy replaces the saved one.
+    let tmp = dir.0.join("other.tmp");
+    std::fs::create_dir_all(&tmp).expect("dir");
+    std::fs::write(tmp.join("hep.yaml"), HEP).expect("write");
+    std::fs::write(tmp.join("m.yaml"), allow("allow-metrics", 9090)).expect("write");
+    std::fs::rename(&tmp, &other).expect("rename");
+    agent.expect("ready:");
+    let status = dir.status();
+    assert_eq!(status["state"], "in sync", "{status:#}");
+    assert_eq!(
+        status["generation"].as_u64(),
+        Some(generation + 1),
+        "{status:#}"
+    );
+    assert!(wait_for(&client, 9090, true).is_some());
+    assert!(wait_for(&client, 8080, false).is_some());
+    agent.stop();
+}
