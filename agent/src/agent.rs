@@ -155,18 +155,22 @@ fn describe(iface: &CompiledIface) -> String {
 pub enum PolicySource {
     /// A directory of policy files, watched.
     Directory(PathBuf),
+    /// Calico's etcd v3 datastore, watched.
+    Etcd(crate::calicoctl::EtcdConfig),
 }
 
 impl PolicySource {
     fn kind(&self) -> &'static str {
         match self {
             PolicySource::Directory(_) => "directory",
+            PolicySource::Etcd(_) => "etcdv3",
         }
     }
 
     fn location(&self) -> String {
         match self {
             PolicySource::Directory(d) => d.display().to_string(),
+            PolicySource::Etcd(e) => e.endpoints.join(","),
         }
     }
 }
@@ -178,6 +182,10 @@ fn start_source(
 ) -> anyhow::Result<()> {
     match source {
         PolicySource::Directory(dir) => crate::dirsource::watch(dir.clone(), tx),
+        PolicySource::Etcd(cfg) => {
+            crate::etcdsource::spawn(cfg.clone(), tx);
+            Ok(())
+        }
     }
 }
 

@@ -4,10 +4,13 @@
 
 pub mod agent;
 pub mod bench;
+pub mod calicoctl;
 pub mod check;
 pub mod compile;
+pub mod config;
 pub mod dataplane;
 pub mod dirsource;
+pub mod etcdsource;
 pub mod event;
 pub mod frame;
 pub mod kubernetes;
