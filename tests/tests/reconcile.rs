@@ -122,10 +122,20 @@ impl Agent {
     /// Starts the agent on `dir` and waits for a stderr line containing
     /// `until`.
     fn start(worker: &Netns, dir: &Dir, policies: &Path, until: &str) -> Self {
+        Self::start_with(
+            worker,
+            dir,
+            &["--policies".as_ref(), policies.as_os_str()],
+            until,
+        )
+    }
+
+    /// Starts the agent with `source` arguments.
+    fn start_with(worker: &Netns, dir: &Dir, source: &[&std::ffi::OsStr], until: &str) -> Self {
         let mut child = worker
             .command(moat_tests::moat_bin().to_str().expect("utf-8 path"))
-            .args(["agent", "--policies"])
-            .arg(policies)
+            .arg("agent")
+            .args(source)
             .args(["--iface", "eth1", "--node", "worker-1", "--profile", "none"])
             .arg("--state-file")
             .arg(dir.0.join("state/last-good.json"))
@@ -347,4 +357,231 @@ fn the_saved_state_is_enforced_before_the_first_sync() {
     assert!(wait_for(&client, 9090, true).is_some());
     assert!(wait_for(&client, 8080, false).is_some());
     agent.stop();
+}
+
+/// An etcd server on the loopback of network namespace `ns`, with its
+/// data in `dir`; killed on drop.
+struct Etcd {
+    child: Child,
+    ns: String,
+    dir: PathBuf,
+    client_port: u16,
+    peer_port: u16,
+}
+
+impl Etcd {
+    fn start(ns: &Netns, dir: PathBuf, client_port: u16, peer_port: u16) -> Self {
+        let peer = format!("http://127.0.0.1:{peer_port}");
+        let client = format!("http://127.0.0.1:{client_port}");
+        let child = ns
+            .command("etcd")
+            .args(["--name", "moat-test", "--data-dir"])
+            .arg(&dir)
+            .args([
+                "--listen-client-urls",
+                &client,
+                "--advertise-client-urls",
+                &client,
+            ])
+            .args([
+                "--listen-peer-urls",
+                &peer,
+                "--initial-advertise-peer-urls",
+                &peer,
+            ])
+            .args(["--initial-cluster", &format!("moat-test={peer}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("etcd starts (Debian package etcd-server; cargo xtask setup installs it)");
+        let etcd = Etcd {
+            child,
+            ns: ns.name.clone(),
+            dir,
+            client_port,
+            peer_port,
+        };
+        // Ready when it answers.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while etcd
+            .try_op(|mut c| async move { c.get("/", None).await.map(drop) })
+            .is_err()
+        {
+            assert!(Instant::now() < deadline, "etcd did not come up");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        etcd
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.client_port)
+    }
+
+    /// Runs `op` with a client inside the namespace.
+    fn try_op<F, Fut>(&self, op: F) -> Result<(), String>
+    where
+        F: FnOnce(etcd_client::Client) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = Result<(), etcd_client::Error>>,
+    {
+        let endpoint = self.endpoint();
+        in_netns(&self.ns, move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                let opts = etcd_client::ConnectOptions::new()
+                    .with_connect_timeout(Duration::from_millis(500))
+                    .with_timeout(Duration::from_secs(2));
+                let client = etcd_client::Client::connect([endpoint], Some(opts))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                op(client).await.map_err(|e| e.to_string())
+            })
+        })
+    }
+
+    /// Stores `yaml` (one resource) as Calico does: JSON under its key.
+    fn put(&self, plural: &str, name: &str, yaml: &str) {
+        let value: serde_json::Value = serde_yaml_ng::from_str(yaml).expect("YAML");
+        self.put_raw(plural, name, value.to_string());
+    }
+
+    fn put_raw(&self, plural: &str, name: &str, text: String) {
+        let key = format!("{}{plural}/{name}", moat::etcdsource::PREFIX);
+        self.try_op(move |mut c| async move { c.put(key, text, None).await.map(drop) })
+            .expect("etcd put");
+    }
+
+    fn delete(&self, plural: &str, name: &str) {
+        let key = format!("{}{plural}/{name}", moat::etcdsource::PREFIX);
+        self.try_op(move |mut c| async move { c.delete(key, None).await.map(drop) })
+            .expect("etcd delete");
+    }
+
+    fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn free_port() -> u16 {
+    // Inside a fresh namespace every port is free; any in the ephemeral
+    // range's complement will do, distinct per call.
+    static NEXT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(23790);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
+#[test]
+fn etcd_changes_reach_the_kernel_across_an_etcd_restart() {
+    let (worker, client) = lab();
+    for port in [8080, 9090, 9091] {
+        listen(&worker, port);
+    }
+    let dir = Dir::new();
+    let mut etcd = Etcd::start(&worker, dir.0.join("etcd"), free_port(), free_port());
+    let docs: Vec<&str> = HEP.split("---\n").collect();
+    etcd.put("hostendpoints", "worker-1-public", docs[0]);
+    etcd.put("globalnetworkpolicies", "allow-all-outbound", docs[1]);
+    etcd.put(
+        "globalnetworkpolicies",
+        "allow-web",
+        &allow("allow-web", 8080),
+    );
+    // Not policy: ignored.
+    etcd.put_raw("workloadendpoints", "ns/w", "{}".into());
+    let cfg = dir.0.join("calicoctl.cfg");
+    std::fs::write(
+        &cfg,
+        format!(
+            "apiVersion: projectcalico.org/v3\nkind: CalicoAPIConfig\nmetadata:\nspec:\n  datastoreType: etcdv3\n  etcdEndpoints: {}\n",
+            etcd.endpoint()
+        ),
+    )
+    .expect("calicoctl.cfg");
+    let mut agent = Agent::start_with(
+        &worker,
+        &dir,
+        &["--calicoctl-config".as_ref(), cfg.as_os_str()],
+        "ready:",
+    );
+    assert!(wait_for(&client, 8080, true).is_some(), "8080 allowed");
+    assert!(!connects(
+        &client.name,
+        "198.18.1.1:9090",
+        Duration::from_millis(300)
+    ));
+    assert_eq!(dir.status()["source"]["kind"], "etcdv3");
+
+    // Add, change (measured), break, delete.
+    let start = Instant::now();
+    etcd.put(
+        "globalnetworkpolicies",
+        "allow-metrics",
+        &allow("allow-metrics", 9090),
+    );
+    wait_for(&client, 9090, true).expect("9090 allowed after the put");
+    eprintln!("etcd put to verdict: {:?}", start.elapsed());
+    etcd.put(
+        "globalnetworkpolicies",
+        "allow-metrics",
+        &allow("allow-metrics", 9090).replace("ports: [9090]", "ports: [ninety]"),
+    );
+    agent.expect("the last good one stays in force");
+    assert!(
+        connects(&client.name, "198.18.1.1:9090", Duration::from_secs(1)),
+        "9090 still allowed"
+    );
+    etcd.delete("globalnetworkpolicies", "allow-metrics");
+    wait_for(&client, 9090, false).expect("9090 denied after the delete");
+
+    // etcd goes away: the policy in force stays; it comes back: the agent
+    // resumes and follows changes again.
+    etcd.stop();
+    agent.expect("retrying in");
+    assert!(
+        connects(&client.name, "198.18.1.1:8080", Duration::from_secs(1)),
+        "8080 still allowed"
+    );
+    let mut etcd = Etcd::start(&worker, etcd.dir.clone(), etcd.client_port, etcd.peer_port);
+    agent.expect("listed");
+    let start = Instant::now();
+    etcd.put(
+        "globalnetworkpolicies",
+        "allow-9091",
+        &allow("allow-9091", 9091),
+    );
+    wait_for(&client, 9091, true).expect("9091 allowed after the restart");
+    eprintln!(
+        "etcd put to verdict after the restart: {:?}",
+        start.elapsed()
+    );
+
+    // Latency: put to first accepted connection.
+    let mut times = Vec::new();
+    for (i, port) in (21_000..21_007).enumerate() {
+        listen(&worker, port);
+        let start = Instant::now();
+        etcd.put(
+            "globalnetworkpolicies",
+            &format!("e{i}"),
+            &allow(&format!("e{i}"), port),
+        );
+        wait_for(&client, port, true).expect("the new port opens");
+        times.push(start.elapsed());
+    }
+    let m = median(times.clone());
+    eprintln!("reconcile latency, etcd put to verdict: median {m:?} of {times:?}");
+    assert!(
+        m < Duration::from_secs(1),
+        "median {m:?} over the 1 s target"
+    );
+    agent.stop();
+    etcd.stop();
 }
