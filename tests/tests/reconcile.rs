@@ -585,3 +585,154 @@ fn etcd_changes_reach_the_kernel_across_an_etcd_restart() {
     agent.stop();
     etcd.stop();
 }
+
+fn moat_status(dir: &Dir, json: bool) -> (Option<i32>, String) {
+    let mut cmd = std::process::Command::new(moat_tests::moat_bin());
+    cmd.arg("status")
+        .arg("--status-file")
+        .arg(dir.0.join("status.json"));
+    if json {
+        cmd.args(["-o", "json"]);
+    }
+    let out = cmd.output().expect("moat status runs");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+#[test]
+fn automatic_host_endpoints_an_interface_that_appears_later_and_status() {
+    let (worker, client) = lab();
+    for port in [22, 8080] {
+        listen(&worker, port);
+    }
+    let dir = Dir::new();
+    // No HostEndpoint: the automatic ones (eth0 private, eth1 public).
+    dir.write("web.yaml", &allow("allow-web", 8080));
+    let config = dir.0.join("config.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "policies: {}\nautoHostEndpoints: true\nprofile: none\n",
+            dir.policies().display()
+        ),
+    )
+    .expect("config");
+    let mut agent = Agent::start_with(
+        &worker,
+        &dir,
+        &["--config".as_ref(), config.as_os_str()],
+        "eth0: no such interface (yet)",
+    );
+    agent.expect("ready:");
+    assert!(
+        wait_for(&client, 8080, true).is_some(),
+        "public 8080 allowed"
+    );
+    let iface = |status: &serde_json::Value, name: &str| {
+        status["interfaces"]
+            .as_array()
+            .and_then(|a| a.iter().find(|i| i["name"] == name).cloned())
+            .unwrap_or_else(|| panic!("no {name} in {status:#}"))
+    };
+    let status = dir.status();
+    assert_eq!(iface(&status, "eth0")["attached"], false, "{status:#}");
+    assert_eq!(iface(&status, "eth0")["ifindex"], serde_json::Value::Null);
+
+    // The private interface appears: attached and enforced (only the
+    // failsafe ports: no policy selects worker_private).
+    let peer = Netns::new("mrp");
+    veth(
+        &worker,
+        "eth0",
+        "198.18.0.1/24",
+        &peer,
+        "eth0",
+        "198.18.0.2/24",
+    );
+    agent.expect("eth0 appeared");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while iface(&dir.status(), "eth0")["attached"] != true {
+        assert!(Instant::now() < deadline, "eth0 never attached");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        connects(&peer.name, "198.18.0.1:22", Duration::from_secs(1)),
+        "failsafe 22 allowed on eth0"
+    );
+    assert!(
+        !connects(&peer.name, "198.18.0.1:8080", Duration::from_millis(500)),
+        "8080 denied on eth0"
+    );
+
+    // moat status, for people and for scripts.
+    let (code, text) = moat_status(&dir, false);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(
+        text.contains("in sync") && text.contains("interface eth0"),
+        "{text}"
+    );
+    assert!(text.contains("ibm.role=worker_private"), "{text}");
+    let (code, json) = moat_status(&dir, true);
+    assert_eq!(code, Some(0));
+    let v: serde_json::Value = serde_json::from_str(&json).expect("JSON");
+    assert_eq!(v["running"], true);
+    let ifaces = v["status"]["interfaces"].as_array().expect("interfaces");
+    let eth1 = ifaces.iter().find(|i| i["name"] == "eth1").expect("eth1");
+    assert_eq!(eth1["labels"]["ibm.role"], "worker_public");
+    assert_eq!(eth1["enforced"], true);
+    assert_eq!(
+        eth1["policies"]["ingress"]["policy"][0], "allow-web",
+        "{eth1:#}"
+    );
+    assert!(v["status"]["counters"]["ingress"]["policy_allowed"].as_u64() >= Some(1));
+    agent.stop();
+    let (code, text) = moat_status(&dir, false);
+    assert_eq!(code, Some(3), "{text}");
+    assert!(text.contains("the agent is not running"), "{text}");
+}
+
+#[test]
+fn configuration_errors_name_the_key() {
+    let dir = Dir::new();
+    let config = dir.0.join("config.yaml");
+    std::fs::write(&config, "interface: [eth1]\n").expect("config");
+    let out = std::process::Command::new(moat_tests::moat_bin())
+        .args(["agent", "--config"])
+        .arg(&config)
+        .output()
+        .expect("runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("unknown field `interface`") && stderr.contains("config.yaml"),
+        "{stderr}"
+    );
+    let out = std::process::Command::new(moat_tests::moat_bin())
+        .args(["agent", "--iface", "eth1"])
+        .env("MOAT_EVENT_RATE", "lots")
+        .output()
+        .expect("runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("MOAT_EVENT_RATE"), "{stderr}");
+    std::fs::write(&config, "calicoctlConfig: /nonexistent/calicoctl.cfg\n").expect("config");
+    let cfg = dir.0.join("calicoctl.cfg");
+    std::fs::write(
+        &cfg,
+        "apiVersion: v1\nkind: calicoApiConfig\nspec: {datastoreType: etcdv2}\n",
+    )
+    .expect("cfg");
+    let out = std::process::Command::new(moat_tests::moat_bin())
+        .args(["agent", "--calicoctl-config"])
+        .arg(&cfg)
+        .output()
+        .expect("runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("apiVersion: projectcalico.org/v3"),
+        "{stderr}"
+    );
+}
