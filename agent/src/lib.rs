@@ -25,6 +25,7 @@ pub mod selector;
 pub mod state;
 pub mod status;
 pub mod trace;
+pub mod watched;
 
 /// `-o/--output` of `moat agent`: how each deny event is printed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
