@@ -320,10 +320,12 @@ impl Published {
                 }
             })
             .collect();
+        // What is in the kernel: the tables of the interfaces present.
         let rules: usize = compiled
             .ifaces
-            .values()
-            .flat_map(|i| i.tables.iter())
+            .iter()
+            .filter(|(name, _)| ifaces.present.contains_key(*name))
+            .flat_map(|(_, i)| i.tables.iter())
             .map(|t| t.rules.len())
             .sum();
         s.maps = vec![
@@ -334,7 +336,11 @@ impl Published {
             },
             MapFill {
                 name: "interfaces".into(),
-                entries: compiled.ifaces.len() as u64,
+                entries: ifaces
+                    .present
+                    .keys()
+                    .filter(|n| compiled.ifaces.contains_key(*n))
+                    .count() as u64,
                 max_entries: moat_common::MAX_IFACES.into(),
             },
             MapFill {
@@ -469,10 +475,10 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                 published.status.applied_at = Some(crate::state::now());
                 published.status.applied_from = format!("saved state ({})", saved.origin);
                 published.status.saved_state = Some(format!(
-                    "{}: generation {} saved at {}",
+                    "{}: generation {}, saved {}",
                     path.display(),
                     saved.generation,
-                    saved.saved_at
+                    crate::event::rfc3339(i128::from(saved.saved_at) * 1_000_000_000)
                 ));
                 info!(
                     "enforcing the saved state {} (generation {}, {} interfaces) until the first complete sync",
@@ -581,7 +587,13 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                 if let Some(path) = &cfg.state_file {
                     let saved = crate::state::SavedState::new(&compiled, outcome.labels, &cfg.node, generation, &outcome.origin);
                     match crate::state::save(path, &saved) {
-                        Ok(()) => s.saved_state = Some(format!("{}: generation {generation} saved at {now}", path.display())),
+                        Ok(()) => {
+                            s.saved_state = Some(format!(
+                                "{}: generation {generation}, saved {}",
+                                path.display(),
+                                crate::event::rfc3339(i128::from(now) * 1_000_000_000)
+                            ))
+                        }
                         Err(e) => warn!("saving the policy in force to {}: {e:#}", path.display()),
                     }
                 }

@@ -168,7 +168,11 @@ pub fn read(path: &Path) -> anyhow::Result<Found> {
 
 fn ago(t: Option<u64>) -> String {
     match t {
-        Some(t) => format!("{} s ago", crate::state::now().saturating_sub(t)),
+        Some(t) => format!(
+            "{} ({} s ago)",
+            crate::event::rfc3339(i128::from(t) * 1_000_000_000),
+            crate::state::now().saturating_sub(t)
+        ),
         None => "never".into(),
     }
 }
@@ -237,7 +241,8 @@ pub fn render(s: &Status) -> String {
             },
             match &i.host_endpoint {
                 Some(h) if i.enforced => format!(", enforced by HostEndpoint {h}"),
-                _ => ", not enforced (no HostEndpoint of this node names it)".into(),
+                Some(h) => format!(", HostEndpoint {h} (enforced once attached)"),
+                None => ", not enforced (no HostEndpoint of this node names it)".into(),
             }
         );
         if !i.labels.is_empty() {
@@ -251,7 +256,13 @@ pub fn render(s: &Status) -> String {
                     .get(dir)
                     .and_then(|p| p.get(stage))
                     .map(|l| l.join(", "))
-                    .unwrap_or_default();
+                    .unwrap_or_else(|| {
+                        if stage == "failsafe" {
+                            "(failsafe ports)".into()
+                        } else {
+                            "-".into()
+                        }
+                    });
                 let _ = writeln!(o, "    {dir:<7} {stage:<9} {n:>4} rules: {names}");
             }
         }
