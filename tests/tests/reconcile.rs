@@ -367,14 +367,76 @@ struct Etcd {
     dir: PathBuf,
     client_port: u16,
     peer_port: u16,
+    tls: Option<Pki>,
+}
+
+/// A CA, a server certificate for 127.0.0.1 and a client certificate,
+/// made with openssl.
+#[derive(Clone)]
+struct Pki {
+    dir: PathBuf,
+}
+
+impl Pki {
+    fn new(dir: PathBuf) -> Self {
+        std::fs::create_dir_all(&dir).expect("pki dir");
+        let sh = |script: &str| {
+            let out = std::process::Command::new("sh")
+                .arg("-ec")
+                .arg(script)
+                .current_dir(&dir)
+                .output()
+                .expect("sh runs");
+            assert!(
+                out.status.success(),
+                "{script}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        sh("openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out ca.key
+            openssl req -new -x509 -key ca.key -subj /CN=moat-test-ca -days 1 -out ca.pem \
+              -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign
+            for who in server client; do
+              openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out $who.key
+              openssl req -new -key $who.key -subj /CN=moat-test-$who -out $who.csr
+              printf 'subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n' > $who.ext
+              openssl x509 -req -in $who.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 1 -extfile $who.ext -out $who.pem
+            done");
+        Pki { dir }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
 }
 
 impl Etcd {
     fn start(ns: &Netns, dir: PathBuf, client_port: u16, peer_port: u16) -> Self {
+        Self::start_tls(ns, dir, client_port, peer_port, None)
+    }
+
+    /// With `tls`, clients must present a certificate of its CA.
+    fn start_tls(
+        ns: &Netns,
+        dir: PathBuf,
+        client_port: u16,
+        peer_port: u16,
+        tls: Option<Pki>,
+    ) -> Self {
         let peer = format!("http://127.0.0.1:{peer_port}");
-        let client = format!("http://127.0.0.1:{client_port}");
-        let child = ns
-            .command("etcd")
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let client = format!("{scheme}://127.0.0.1:{client_port}");
+        let mut cmd = ns.command("etcd");
+        if let Some(pki) = &tls {
+            cmd.arg("--cert-file")
+                .arg(pki.path("server.pem"))
+                .arg("--key-file")
+                .arg(pki.path("server.key"))
+                .arg("--trusted-ca-file")
+                .arg(pki.path("ca.pem"))
+                .arg("--client-cert-auth");
+        }
+        let child = cmd
             .args(["--name", "moat-test", "--data-dir"])
             .arg(&dir)
             .args([
@@ -400,6 +462,7 @@ impl Etcd {
             dir,
             client_port,
             peer_port,
+            tls,
         };
         // Ready when it answers.
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -414,7 +477,8 @@ impl Etcd {
     }
 
     fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.client_port)
     }
 
     /// Runs `op` with a client inside the namespace.
@@ -424,15 +488,27 @@ impl Etcd {
         Fut: std::future::Future<Output = Result<(), etcd_client::Error>>,
     {
         let endpoint = self.endpoint();
+        let tls = self.tls.clone().map(|pki| {
+            let read = |n: &str| std::fs::read(pki.path(n)).expect("pki file");
+            etcd_client::TlsOptions::new()
+                .ca_certificate(etcd_client::Certificate::from_pem(read("ca.pem")))
+                .identity(etcd_client::Identity::from_pem(
+                    read("client.pem"),
+                    read("client.key"),
+                ))
+        });
         in_netns(&self.ns, move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .expect("runtime");
             rt.block_on(async move {
-                let opts = etcd_client::ConnectOptions::new()
+                let mut opts = etcd_client::ConnectOptions::new()
                     .with_connect_timeout(Duration::from_millis(500))
                     .with_timeout(Duration::from_secs(2));
+                if let Some(tls) = tls {
+                    opts = opts.with_tls(tls);
+                }
                 let client = etcd_client::Client::connect([endpoint], Some(opts))
                     .await
                     .map_err(|e| e.to_string())?;
@@ -735,4 +811,71 @@ fn configuration_errors_name_the_key() {
         stderr.contains("apiVersion: projectcalico.org/v3"),
         "{stderr}"
     );
+}
+
+#[test]
+fn etcd_over_tls_with_a_client_certificate() {
+    let (worker, client) = lab();
+    for port in [8080, 9090] {
+        listen(&worker, port);
+    }
+    let dir = Dir::new();
+    let pki = Pki::new(dir.0.join("pki"));
+    let etcd = Etcd::start_tls(
+        &worker,
+        dir.0.join("etcd"),
+        free_port(),
+        free_port(),
+        Some(pki.clone()),
+    );
+    let docs: Vec<&str> = HEP.split("---\n").collect();
+    etcd.put("hostendpoints", "worker-1-public", docs[0]);
+    etcd.put(
+        "globalnetworkpolicies",
+        "allow-web",
+        &allow("allow-web", 8080),
+    );
+    let calicoctl = |with_cert: bool| {
+        let mut text = format!(
+            "apiVersion: projectcalico.org/v3\nkind: CalicoAPIConfig\nspec:\n  datastoreType: etcdv3\n  etcdEndpoints: {}\n  etcdCACertFile: {}\n",
+            etcd.endpoint(),
+            pki.path("ca.pem").display()
+        );
+        if with_cert {
+            text += &format!(
+                "  etcdCertFile: {}\n  etcdKeyFile: {}\n",
+                pki.path("client.pem").display(),
+                pki.path("client.key").display()
+            );
+        }
+        let path = dir.0.join(format!("calicoctl-{with_cert}.cfg"));
+        std::fs::write(&path, text).expect("calicoctl.cfg");
+        path
+    };
+    // Without a client certificate etcd refuses the agent, which says so
+    // and keeps trying.
+    let no_cert = calicoctl(false);
+    let agent = Agent::start_with(
+        &worker,
+        &dir,
+        &["--calicoctl-config".as_ref(), no_cert.as_os_str()],
+        "retrying in",
+    );
+    agent.stop();
+    let with_cert = calicoctl(true);
+    let mut agent = Agent::start_with(
+        &worker,
+        &dir,
+        &["--calicoctl-config".as_ref(), with_cert.as_os_str()],
+        "listed 2 policy objects",
+    );
+    agent.expect("ready:");
+    assert!(wait_for(&client, 8080, true).is_some(), "8080 allowed");
+    etcd.put(
+        "globalnetworkpolicies",
+        "allow-metrics",
+        &allow("allow-metrics", 9090),
+    );
+    wait_for(&client, 9090, true).expect("9090 allowed after the put over TLS");
+    agent.stop();
 }

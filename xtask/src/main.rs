@@ -125,6 +125,7 @@ const PACKAGES: &[&str] = &[
     "protobuf-compiler", // protoc, for etcd-client's build
     "libprotobuf-dev",   // the google/protobuf/*.proto it imports
     "etcd-server",       // the etcd the etcd source's tests start on loopback
+    "openssl",           // the certificates of the etcd TLS test
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const BPF_TOOLCHAIN: &str = "debian-bpf";
