@@ -229,6 +229,8 @@ pub fn run(root: &Path) -> Result<()> {
         .args(["agent", "--policies"])
         .arg(&policies)
         .args(["--iface", "eth1", "--iface", "eth0", "--node", "worker-1"])
+        // The demo leaves no saved state behind in /var/lib/moat.
+        .args(["--state-file", "none"])
         .stderr(Stdio::piped())
         .spawn()
         .context("starting the agent")?;
