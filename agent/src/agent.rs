@@ -508,13 +508,25 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     published.write(status_file);
 
     let (snapshots_tx, snapshots_rx) = tokio::sync::mpsc::channel(4);
-    let reconciler = crate::reconcile::Reconciler::new(
+    let mut reconciler = crate::reconcile::Reconciler::new(
         cfg.node.clone(),
         cfg.ifaces.clone(),
         profile,
         cfg.auto_host_endpoints,
         stats.clone(),
     );
+    if let PolicySource::Etcd(etcd) = &cfg.source {
+        reconciler.control_plane = crate::reconcile::resolve_endpoints(&etcd.endpoints);
+        info!(
+            "the control plane stays reachable whatever the policy says: outbound TCP to {} is failsafe",
+            reconciler
+                .control_plane
+                .iter()
+                .map(|a| a.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
     let mut outcomes = crate::reconcile::spawn(reconciler, snapshots_rx);
     start_source(&cfg.source, snapshots_tx)?;
 

@@ -75,6 +75,9 @@ pub struct Reconciler {
     /// added when the source has none for them.
     pub auto_host_endpoints: bool,
     pub stats: Arc<Stats>,
+    /// The agent's own control plane (its datastore's endpoints): always
+    /// reachable, as outbound failsafes, whatever the policy says.
+    pub control_plane: Vec<std::net::SocketAddr>,
     /// The last snapshot as merged (before the profile and automatic
     /// host endpoints are added).
     last_good: Option<PolicySet>,
@@ -94,6 +97,7 @@ impl Reconciler {
             profile,
             auto_host_endpoints,
             stats,
+            control_plane: Vec::new(),
             last_good: None,
         }
     }
@@ -137,6 +141,7 @@ impl Reconciler {
         if self.auto_host_endpoints {
             add_auto_host_endpoints(&mut set, &self.node);
         }
+        exempt_control_plane(&mut set, &self.control_plane);
         let mut ifaces = self.ifaces.clone();
         if self.auto_host_endpoints {
             for (iface, _) in AUTO_HOST_ENDPOINTS {
@@ -189,6 +194,60 @@ impl Reconciler {
         self.last_good = Some(loaded.set);
         Ok(outcome)
     }
+}
+
+/// Adds TCP to each of `endpoints` to the outbound failsafes (the global
+/// ones, Calico's defaults when none are configured, and every
+/// FailsafeProfile's), so no policy can cut the agent off from the updates
+/// that would fix it. Replies pass as the tracked flow's.
+pub fn exempt_control_plane(set: &mut PolicySet, endpoints: &[std::net::SocketAddr]) {
+    if endpoints.is_empty() {
+        return;
+    }
+    let ports: Vec<policy::FailsafePort> = endpoints
+        .iter()
+        .map(|a| policy::FailsafePort {
+            protocol: 6,
+            port: a.port(),
+            net: Some(ipnet::IpNet::from(a.ip())),
+        })
+        .collect();
+    let mut global = set
+        .failsafes
+        .clone()
+        .unwrap_or_else(policy::Failsafes::calico_defaults);
+    global.outbound.extend(ports.iter().cloned());
+    set.failsafes = Some(global);
+    for p in &mut set.failsafe_profiles {
+        p.failsafes.outbound.extend(ports.iter().cloned());
+    }
+}
+
+/// The addresses of `urls` (`http(s)://host[:port]`, port 2379 when
+/// absent), resolved now.
+pub fn resolve_endpoints(urls: &[String]) -> Vec<std::net::SocketAddr> {
+    use std::net::ToSocketAddrs as _;
+    let mut out = Vec::new();
+    for url in urls {
+        let rest = url.split_once("://").map_or(url.as_str(), |(_, r)| r);
+        let hostport = rest.split('/').next().unwrap_or_default();
+        let with_port = if hostport
+            .rsplit_once(':')
+            .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+            && !hostport.ends_with(']')
+        {
+            hostport.to_string()
+        } else {
+            format!("{hostport}:2379")
+        };
+        match with_port.to_socket_addrs() {
+            Ok(addrs) => out.extend(addrs),
+            Err(e) => warn!("cannot resolve {url} ({e}): it is not exempted from policy"),
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
 }
 
 /// Interfaces and the `ibm.role` label of the HostEndpoints created for
@@ -253,4 +312,35 @@ pub fn spawn(
         }
     });
     rx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_control_plane_is_an_outbound_failsafe() {
+        let urls = [
+            "https://127.0.0.1:2381".to_string(),
+            "http://[::1]".to_string(),
+        ];
+        let endpoints = resolve_endpoints(&urls);
+        assert_eq!(
+            endpoints,
+            [
+                "127.0.0.1:2381".parse().unwrap(),
+                "[::1]:2379".parse().unwrap()
+            ]
+        );
+        let mut set = PolicySet::default();
+        exempt_control_plane(&mut set, &endpoints);
+        let outbound = &set.failsafes.as_ref().expect("set").outbound;
+        // Calico's defaults kept, the endpoints added with their address.
+        assert!(outbound.iter().any(|p| p.port == 53));
+        let added: Vec<String> = outbound
+            .iter()
+            .filter_map(|p| Some(format!("{}:{}", p.net?, p.port)))
+            .collect();
+        assert_eq!(added, ["127.0.0.1/32:2381", "::1/128:2379"]);
+    }
 }

@@ -364,6 +364,8 @@ fn the_saved_state_is_enforced_before_the_first_sync() {
 struct Etcd {
     child: Child,
     ns: String,
+    /// The address clients connect to.
+    host: String,
     dir: PathBuf,
     client_port: u16,
     peer_port: u16,
@@ -415,6 +417,11 @@ impl Etcd {
         Self::start_tls(ns, dir, client_port, peer_port, None)
     }
 
+    /// Serving clients on `host` (an address of `ns`).
+    fn start_on(ns: &Netns, host: &str, dir: PathBuf, client_port: u16, peer_port: u16) -> Self {
+        Self::start_full(ns, host, dir, client_port, peer_port, None)
+    }
+
     /// With `tls`, clients must present a certificate of its CA.
     fn start_tls(
         ns: &Netns,
@@ -423,9 +430,20 @@ impl Etcd {
         peer_port: u16,
         tls: Option<Pki>,
     ) -> Self {
+        Self::start_full(ns, "127.0.0.1", dir, client_port, peer_port, tls)
+    }
+
+    fn start_full(
+        ns: &Netns,
+        host: &str,
+        dir: PathBuf,
+        client_port: u16,
+        peer_port: u16,
+        tls: Option<Pki>,
+    ) -> Self {
         let peer = format!("http://127.0.0.1:{peer_port}");
         let scheme = if tls.is_some() { "https" } else { "http" };
-        let client = format!("{scheme}://127.0.0.1:{client_port}");
+        let client = format!("{scheme}://{host}:{client_port}");
         let mut cmd = ns.command("etcd");
         if let Some(pki) = &tls {
             cmd.arg("--cert-file")
@@ -459,6 +477,7 @@ impl Etcd {
         let etcd = Etcd {
             child,
             ns: ns.name.clone(),
+            host: host.to_string(),
             dir,
             client_port,
             peer_port,
@@ -478,7 +497,7 @@ impl Etcd {
 
     fn endpoint(&self) -> String {
         let scheme = if self.tls.is_some() { "https" } else { "http" };
-        format!("{scheme}://127.0.0.1:{}", self.client_port)
+        format!("{scheme}://{}:{}", self.host, self.client_port)
     }
 
     /// Runs `op` with a client inside the namespace.
@@ -877,5 +896,65 @@ fn etcd_over_tls_with_a_client_certificate() {
         &allow("allow-metrics", 9090),
     );
     wait_for(&client, 9090, true).expect("9090 allowed after the put over TLS");
+    agent.stop();
+}
+
+#[test]
+fn no_policy_cuts_the_agent_off_from_etcd() {
+    let (worker, client) = lab();
+    for port in [8080, 9090] {
+        listen(&worker, port);
+    }
+    let dir = Dir::new();
+    // etcd across the public interface, on a port no default failsafe
+    // covers; the worker's egress has no policy (denied) and no failsafe.
+    let etcd = Etcd::start_on(
+        &client,
+        "198.18.1.2",
+        dir.0.join("etcd"),
+        free_port(),
+        free_port(),
+    );
+    let docs: Vec<&str> = HEP.split("---\n").collect();
+    etcd.put("hostendpoints", "worker-1-public", docs[0]);
+    etcd.put(
+        "felixconfigurations",
+        "default",
+        "apiVersion: projectcalico.org/v3\nkind: FelixConfiguration\nmetadata: {name: default}\nspec: {failsafeInboundHostPorts: [], failsafeOutboundHostPorts: []}\n",
+    );
+    etcd.put(
+        "globalnetworkpolicies",
+        "allow-web",
+        &allow("allow-web", 8080),
+    );
+    let cfg = dir.0.join("calicoctl.cfg");
+    std::fs::write(
+        &cfg,
+        format!(
+            "apiVersion: projectcalico.org/v3\nkind: CalicoAPIConfig\nspec: {{datastoreType: etcdv3, etcdEndpoints: '{}'}}\n",
+            etcd.endpoint()
+        ),
+    )
+    .expect("calicoctl.cfg");
+    let mut agent = Agent::start_with(
+        &worker,
+        &dir,
+        &["--calicoctl-config".as_ref(), cfg.as_os_str()],
+        "the control plane stays reachable",
+    );
+    agent.expect("ready:");
+    assert!(wait_for(&client, 8080, true).is_some(), "8080 allowed");
+    assert!(!connects(
+        &client.name,
+        "198.18.1.1:9090",
+        Duration::from_millis(300)
+    ));
+    // The update still arrives.
+    etcd.put(
+        "globalnetworkpolicies",
+        "allow-metrics",
+        &allow("allow-metrics", 9090),
+    );
+    wait_for(&client, 9090, true).expect("9090 allowed: the agent still hears etcd");
     agent.stop();
 }
