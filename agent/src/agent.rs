@@ -17,7 +17,7 @@ use crate::{
 /// What `moat agent` was asked to do.
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
-    pub policies: PathBuf,
+    pub source: PolicySource,
     /// Bundled profile used when the directory holds no policy of its own.
     pub profile: Option<String>,
     pub ifaces: Vec<String>,
@@ -41,6 +41,13 @@ pub struct AgentConfig {
     pub capacities: crate::dataplane::Capacities,
     /// History, socket, events file, syslog, metrics.
     pub observe: crate::observe::ObserveConfig,
+    /// HostEndpoints for eth0 (`ibm.role: worker_private`) and eth1
+    /// (`worker_public`) when the source names none for them.
+    pub auto_host_endpoints: bool,
+    /// Where the last good compiled policy is saved (`None`: not saved).
+    pub state_file: Option<PathBuf>,
+    /// Where the agent publishes its status (`None`: nowhere).
+    pub status_file: Option<PathBuf>,
 }
 
 /// Where the agent pins its maps and links by default.
@@ -290,10 +297,273 @@ fn describe(iface: &CompiledIface) -> String {
     )
 }
 
-pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
-    if cfg.ifaces.is_empty() {
-        bail!("no --iface given: name the interfaces to enforce, e.g. --iface eth1 --iface eth0");
+/// Where the policy comes from.
+#[derive(Clone, Debug)]
+pub enum PolicySource {
+    /// A directory of policy files, watched.
+    Directory(PathBuf),
+    /// Calico's etcd v3 datastore, watched.
+    Etcd(crate::calicoctl::EtcdConfig),
+}
+
+impl PolicySource {
+    fn kind(&self) -> &'static str {
+        match self {
+            PolicySource::Directory(_) => "directory",
+            PolicySource::Etcd(_) => "etcdv3",
+        }
     }
+
+    fn location(&self) -> String {
+        match self {
+            PolicySource::Directory(d) => d.display().to_string(),
+            PolicySource::Etcd(e) => e.endpoints.join(","),
+        }
+    }
+}
+
+/// Starts `source`; it stops when the receiving side of `tx` is dropped.
+fn start_source(
+    source: &PolicySource,
+    tx: tokio::sync::mpsc::Sender<crate::reconcile::Snapshot>,
+) -> anyhow::Result<()> {
+    match source {
+        PolicySource::Directory(dir) => crate::dirsource::watch(dir.clone(), tx),
+        PolicySource::Etcd(cfg) => {
+            crate::etcdsource::spawn(cfg.clone(), tx);
+            Ok(())
+        }
+    }
+}
+
+/// The interfaces the agent is asked to enforce, as they come and go.
+struct Ifaces {
+    wanted: Vec<String>,
+    /// name -> ifindex, for those that exist now.
+    present: BTreeMap<String, u32>,
+    /// name -> ifindex it was attached at.
+    attached: BTreeMap<String, u32>,
+    reported_missing: std::collections::BTreeSet<String>,
+}
+
+impl Ifaces {
+    fn new(wanted: Vec<String>) -> Self {
+        Ifaces {
+            wanted,
+            present: BTreeMap::new(),
+            attached: BTreeMap::new(),
+            reported_missing: Default::default(),
+        }
+    }
+
+    /// Looks the interfaces up again; true when one appeared (or came
+    /// back under a new index) and is not attached yet.
+    fn refresh(&mut self) -> bool {
+        let mut appeared = false;
+        for name in &self.wanted {
+            match ifindex(name) {
+                Ok(index) => {
+                    if self.reported_missing.remove(name) {
+                        info!("{name} appeared (ifindex {index}): attaching");
+                    }
+                    self.present.insert(name.clone(), index);
+                    if self.attached.get(name) != Some(&index) {
+                        self.attached.remove(name);
+                        appeared = true;
+                    }
+                }
+                Err(_) => {
+                    self.present.remove(name);
+                    self.attached.remove(name);
+                    if self.reported_missing.insert(name.clone()) {
+                        warn!(
+                            "{name}: no such interface (yet); it is attached and enforced when it appears"
+                        );
+                    }
+                }
+            }
+        }
+        appeared
+    }
+}
+
+/// Makes `compiled` the policy in force on every present interface and
+/// attaches those not attached yet (after their tables are in place, so
+/// they enforce from their first packet).
+fn enforce(
+    dataplane: &mut Dataplane,
+    ifaces: &mut Ifaces,
+    compiled: &Compiled,
+    generation: u32,
+    mode: XdpAttachMode,
+) -> anyhow::Result<()> {
+    ifaces.refresh();
+    let by_index: BTreeMap<u32, CompiledIface> = ifaces
+        .present
+        .iter()
+        .filter_map(|(name, &index)| Some((index, compiled.ifaces.get(name)?.clone())))
+        .collect();
+    dataplane.apply(&by_index, generation)?;
+    let to_attach: Vec<(String, u32)> = ifaces
+        .present
+        .iter()
+        .filter(|(name, _)| !ifaces.attached.contains_key(*name))
+        .map(|(n, i)| (n.clone(), *i))
+        .collect();
+    for (name, index) in to_attach {
+        dataplane.attach(&name, mode)?;
+        ifaces.attached.insert(name, index);
+    }
+    Ok(())
+}
+
+/// Once this agent's programs are attached: detaches the links pinned for
+/// interfaces no longer wanted, and removes pins of another map layout.
+fn settle_pins(dataplane: &Dataplane, wanted: &[String]) -> anyhow::Result<()> {
+    for iface in dataplane.prune_links(wanted)? {
+        info!("{iface}: no longer asked for: detached");
+    }
+    for name in dataplane.remove_stale_pins()? {
+        info!("removed the pinned map {name} of another layout");
+    }
+    Ok(())
+}
+
+/// Everything `moat status` shows, from the agent's current state.
+struct Published {
+    status: crate::status::Status,
+    labels: BTreeMap<String, BTreeMap<String, String>>,
+}
+
+impl Published {
+    fn refresh(
+        &mut self,
+        dataplane: &Dataplane,
+        ifaces: &Ifaces,
+        compiled: &Compiled,
+        stats: &crate::reconcile::Stats,
+        mode: XdpAttachMode,
+        local: usize,
+    ) {
+        use moat_common::{counter, direction};
+
+        use crate::{reconcile::Stats as S, status::*};
+        let s = &mut self.status;
+        s.updated_at = crate::state::now();
+        s.source.reconciles = S::get(&stats.reconciles);
+        s.source.failed_reconciles = S::get(&stats.failed);
+        s.source.rejected_objects_total = S::get(&stats.rejected_objects);
+        s.source.invalid_objects = S::get(&stats.invalid_now);
+        s.source.kept_last_good = S::get(&stats.kept_last_good);
+        let tcx = aya::util::KernelVersion::current()
+            .is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 6, 0));
+        s.interfaces = ifaces
+            .wanted
+            .iter()
+            .map(|name| {
+                let c = compiled.ifaces.get(name);
+                let (policies, rules) = c
+                    .map(|c| tables_of(c, &compiled.policy_names))
+                    .unwrap_or_default();
+                InterfaceStatus {
+                    name: name.clone(),
+                    ifindex: ifaces.present.get(name).copied(),
+                    attached: ifaces.attached.contains_key(name),
+                    enforced: c.is_some() && ifaces.attached.contains_key(name),
+                    host_endpoint: c.map(|c| c.host_endpoint.clone()),
+                    labels: self.labels.get(name).cloned().unwrap_or_default(),
+                    xdp_mode: format!("{mode:?}").to_lowercase(),
+                    tc: if tcx { "tcx egress" } else { "clsact egress" }.into(),
+                    policies,
+                    rules,
+                }
+            })
+            .collect();
+        // What is in the kernel: the tables of the interfaces present.
+        let rules: usize = compiled
+            .ifaces
+            .iter()
+            .filter(|(name, _)| ifaces.present.contains_key(*name))
+            .flat_map(|(_, i)| i.tables.iter())
+            .map(|t| t.rules.len())
+            .sum();
+        s.maps = vec![
+            MapFill {
+                name: "rules (bank)".into(),
+                entries: rules as u64,
+                max_entries: moat_common::RULE_BANK_SIZE.into(),
+            },
+            MapFill {
+                name: "interfaces".into(),
+                entries: ifaces
+                    .present
+                    .keys()
+                    .filter(|n| compiled.ifaces.contains_key(*n))
+                    .count() as u64,
+                max_entries: moat_common::MAX_IFACES.into(),
+            },
+            MapFill {
+                name: "conntrack".into(),
+                entries: dataplane.conntrack_len() as u64,
+                max_entries: moat_common::MAX_FLOWS.into(),
+            },
+            MapFill {
+                name: "local addrs".into(),
+                entries: local as u64,
+                max_entries: moat_common::MAX_LOCAL_ADDRS.into(),
+            },
+        ];
+        match dataplane.counters() {
+            Ok(rows) => {
+                s.counters = rows
+                    .iter()
+                    .enumerate()
+                    .map(|(d, row)| {
+                        (
+                            direction::name(d as u8).to_string(),
+                            row.iter()
+                                .enumerate()
+                                .map(|(i, v)| (counter::NAMES[i].to_string(), *v))
+                                .collect(),
+                        )
+                    })
+                    .collect();
+            }
+            Err(e) => warn!("reading counters: {e}"),
+        }
+    }
+
+    fn write(&self, path: Option<&std::path::Path>) {
+        if let Some(path) = path {
+            if let Err(e) = crate::status::write(path, &self.status) {
+                warn!("writing the status file: {e:#}");
+            }
+        }
+    }
+}
+
+pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
+    let mut wanted = cfg.ifaces.clone();
+    if cfg.auto_host_endpoints {
+        for (iface, _) in crate::reconcile::AUTO_HOST_ENDPOINTS {
+            if !wanted.iter().any(|w| w == iface) {
+                wanted.push(iface.to_string());
+            }
+        }
+    }
+    if wanted.is_empty() {
+        bail!("no interface to enforce: name them (--iface eth1 --iface eth0) or ask for automatic host endpoints");
+    }
+    let profile = match cfg.profile.as_deref() {
+        None => None,
+        Some(name) => Some(crate::profiles::find(name).ok_or_else(|| {
+            let known: Vec<&str> = crate::profiles::PROFILES.iter().map(|p| p.name).collect();
+            anyhow::anyhow!(
+                "no bundled profile {name:?} (known: {}, or none)",
+                known.join(", ")
+            )
+        })?),
+    };
     let support = preflight::check()?;
     info!(
         "kernel {}: ring buffer, LRU hash, XDP and TC available{}",
@@ -301,45 +571,19 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         if support.tcx { ", TCX attach" } else { "" }
     );
 
-    let compiled = load_and_compile(
-        &cfg.policies,
-        cfg.profile.as_deref(),
-        &cfg.node,
-        &cfg.ifaces,
-    )?;
-    let mut names = BTreeMap::new();
-    let mut by_index = BTreeMap::new();
-    for iface in &cfg.ifaces {
-        let index = ifindex(iface)?;
-        names.insert(index, iface.clone());
-        if let Some(c) = compiled.ifaces.get(iface) {
-            by_index.insert(index, c.clone());
-        }
-    }
-    for iface in &compiled.unenforced {
-        warn!(
-            "{iface}: no HostEndpoint of node {} names it, so it is attached but not enforced",
-            cfg.node
-        );
-    }
-
+    let stats = std::sync::Arc::new(crate::reconcile::Stats::default());
     let check = crate::observe::CheckContext {
-        policies: std::fs::canonicalize(&cfg.policies).unwrap_or_else(|_| cfg.policies.clone()),
+        policies: match &cfg.source {
+            PolicySource::Directory(dir) => {
+                Some(std::fs::canonicalize(dir).unwrap_or_else(|_| dir.clone()))
+            }
+            PolicySource::Etcd(_) => None,
+        },
         profile: cfg.profile.clone(),
         node: cfg.node.clone(),
     };
     let mut observer = crate::observe::Observer::start(&cfg.observe, check).await?;
     observer.health.beat();
-    let rule_entries: u64 = by_index
-        .values()
-        .map(|c| {
-            (0..2u8)
-                .flat_map(|d| (0..moat_common::table::KINDS).map(move |k| (d, k)))
-                .map(|(d, k)| c.table(d, k).rules.len() as u64)
-                .sum::<u64>()
-        })
-        .sum();
-
     let _lock = match &cfg.pin_dir {
         Some(dir) => {
             check_pin_dir(dir)?;
@@ -376,10 +620,10 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     }
     let mut audited = Vec::new();
     for name in &cfg.audit_ifaces {
-        if !cfg.ifaces.contains(name) {
+        if !wanted.contains(name) {
             bail!(
-                "--audit-iface {name}: not one of the --iface given ({})",
-                cfg.ifaces.join(", ")
+                "--audit-iface {name}: not one of the interfaces enforced ({})",
+                wanted.join(", ")
             );
         }
         audited.push(ifindex(name)?);
@@ -392,12 +636,6 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         "{} local addresses; anything else arriving is forwarded",
         local.len()
     );
-    let generation = dataplane
-        .adopted_generation()
-        .map_or(1, |g| g.wrapping_add(1));
-    let apply_started = std::time::Instant::now();
-    dataplane.apply(&by_index, generation)?;
-    let last_apply = apply_started.elapsed();
     // Connections open before moat attaches (ssh sessions, this agent's
     // own API watch) are adopted as established, so attaching cuts none.
     match established_tcp() {
@@ -407,24 +645,118 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         }
         Err(e) => warn!("cannot read this host's TCP connections ({e:#}): connections open now are judged by policy from their next packet"),
     }
-    for iface in &cfg.ifaces {
-        dataplane.attach(iface, cfg.xdp_mode)?;
+    let mut ifaces = Ifaces::new(wanted.clone());
+    ifaces.refresh();
+
+    let now = crate::state::now();
+    let mut published = Published {
+        status: crate::status::Status {
+            pid: std::process::id(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            node: cfg.node.clone(),
+            state: "starting".into(),
+            audit: cfg.audit,
+            started_at: now,
+            updated_at: now,
+            source: crate::status::SourceStatus {
+                kind: cfg.source.kind().into(),
+                location: cfg.source.location(),
+                ..Default::default()
+            },
+            ..Default::default()
+        },
+        labels: BTreeMap::new(),
+    };
+    let status_file = cfg.status_file.as_deref();
+
+    // The saved state, enforced before the source has answered.
+    let mut compiled = Compiled::default();
+    // After pins were adopted, the next generation follows the one in force.
+    let mut generation: u32 = dataplane.adopted_generation().unwrap_or(0);
+    // Whether this agent has put a policy in force (saved or synced); until
+    // then an adopted one keeps judging, untouched.
+    let mut have_policy = false;
+    let mut last_apply = std::time::Duration::ZERO;
+    let mut pins_settled = false;
+    if let Some(path) = &cfg.state_file {
+        match crate::state::load(path, &cfg.node) {
+            Ok(saved) => {
+                compiled = saved
+                    .compiled()
+                    .map_err(|e| anyhow::anyhow!("saved state {}: {e}", path.display()))?;
+                generation = saved.generation.max(generation.wrapping_add(1));
+                let started = std::time::Instant::now();
+                enforce(
+                    &mut dataplane,
+                    &mut ifaces,
+                    &compiled,
+                    generation,
+                    cfg.xdp_mode,
+                )?;
+                last_apply = started.elapsed();
+                have_policy = true;
+                settle_pins(&dataplane, &wanted)?;
+                pins_settled = true;
+                published.labels = saved.labels.clone();
+                published.status.state = "enforcing saved state".into();
+                published.status.generation = generation;
+                published.status.applied_at = Some(crate::state::now());
+                published.status.applied_from = format!("saved state ({})", saved.origin);
+                published.status.saved_state = Some(format!(
+                    "{}: generation {}, saved {}",
+                    path.display(),
+                    saved.generation,
+                    crate::event::rfc3339(i128::from(saved.saved_at) * 1_000_000_000)
+                ));
+                info!(
+                    "enforcing the saved state {} (generation {}, {} interfaces) until the first complete sync",
+                    path.display(),
+                    generation,
+                    compiled.ifaces.len()
+                );
+            }
+            Err(crate::state::Unusable::Missing) => info!(
+                "no saved state at {}: enforcing from the first complete sync",
+                path.display()
+            ),
+            Err(crate::state::Unusable::Invalid(why)) => warn!(
+                "saved state {} not used: {why}; enforcing from the first complete sync",
+                path.display()
+            ),
+        }
     }
-    for iface in dataplane.prune_links(&cfg.ifaces)? {
-        info!("{iface}: no longer asked for: detached");
-    }
-    dataplane.remove_stale_pins()?;
-    for c in compiled.ifaces.values() {
-        info!("enforcing {}", describe(c));
-    }
-    observer.health.set_ready(format!(
-        "policy generation {generation} enforced on {}",
-        cfg.ifaces.join(", ")
-    ));
-    info!(
-        "ready: policy generation {generation} enforced on {}",
-        cfg.ifaces.join(", ")
+    published.refresh(
+        &dataplane,
+        &ifaces,
+        &compiled,
+        &stats,
+        cfg.xdp_mode,
+        local.len(),
     );
+    published.write(status_file);
+
+    let (snapshots_tx, snapshots_rx) = tokio::sync::mpsc::channel(4);
+    let mut reconciler = crate::reconcile::Reconciler::new(
+        cfg.node.clone(),
+        cfg.ifaces.clone(),
+        profile,
+        cfg.auto_host_endpoints,
+        stats.clone(),
+    );
+    if let PolicySource::Etcd(etcd) = &cfg.source {
+        reconciler.control_plane = crate::reconcile::resolve_endpoints(&etcd.endpoints);
+        info!(
+            "the control plane stays reachable whatever the policy says: outbound TCP to {} is failsafe",
+            reconciler
+                .control_plane
+                .iter()
+                .map(|a| a.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    let mut outcomes = crate::reconcile::spawn(reconciler, snapshots_rx);
+    start_source(&cfg.source, snapshots_tx)?;
 
     let ring = dataplane
         .take_events()
@@ -434,12 +766,15 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let mut ring = unsafe { AsyncFd::register(ring) }
         .map_err(|e| anyhow::anyhow!("watching the event ring buffer: {}", e.into_parts().1))?;
     let offset = event::monotonic_to_wall_offset();
-    let iface_name = move |i: u32| names.get(&i).cloned().unwrap_or_else(|| format!("if{i}"));
 
-    // Addresses move (VRRP virtual IPs, DHCP): resynchronise every second.
+    // Addresses move (VRRP virtual IPs, DHCP) and interfaces come and go:
+    // resynchronise every second.
     let mut resync = tokio::time::interval(std::time::Duration::from_secs(1));
+    let mut publish =
+        tokio::time::interval(std::time::Duration::from_secs(crate::status::INTERVAL_SECS));
     let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())?;
     let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
+    let mut synced = false;
     loop {
         tokio::select! {
             _ = sigint.recv() => { info!("SIGINT: detaching"); break; }
@@ -449,13 +784,107 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                     counters: dataplane.counters()?,
                     conntrack_entries: dataplane.conntrack_len() as u64,
                     local_addresses: local.len() as u64,
-                    rule_entries,
+                    rule_entries: compiled
+                        .ifaces
+                        .values()
+                        .map(|c| {
+                            (0..2u8)
+                                .flat_map(|d| (0..moat_common::table::KINDS).map(move |k| (d, k)))
+                                .map(|(d, k)| c.table(d, k).rules.len() as u64)
+                                .sum::<u64>()
+                        })
+                        .sum(),
                     generation,
                     last_apply_seconds: last_apply.as_secs_f64(),
                     rules: rule_counters(&dataplane, &compiled),
                 };
                 // The scrape may have given up waiting: nothing to do then.
                 let _ = reply.send(s);
+            }
+            outcome = outcomes.recv() => {
+                let outcome = match outcome {
+                    Some(Ok(o)) => o,
+                    Some(Err(e)) => {
+                        if !synced && generation == 0 {
+                            bail!("the first sync does not compile: {e}");
+                        }
+                        published.status.source.last_error = Some(e);
+                        continue;
+                    }
+                    None => bail!("the policy source stopped"),
+                };
+                let next = generation.wrapping_add(1).max(1);
+                let started = std::time::Instant::now();
+                if let Err(e) = enforce(&mut dataplane, &mut ifaces, &outcome.compiled, next, cfg.xdp_mode) {
+                    error!("applying {}: {e:#}; the policy in force stays", outcome.origin);
+                    if !synced && generation == 0 {
+                        return Err(e);
+                    }
+                    published.status.source.last_error = Some(format!("{e:#}"));
+                    continue;
+                }
+                last_apply = started.elapsed();
+                have_policy = true;
+                if !pins_settled {
+                    settle_pins(&dataplane, &wanted)?;
+                    pins_settled = true;
+                }
+                generation = next;
+                compiled = outcome.compiled;
+                for iface in &compiled.unenforced {
+                    warn!(
+                        "{iface}: no HostEndpoint of node {} names it, so it is attached but not enforced",
+                        cfg.node
+                    );
+                }
+                if !compiled.pod_policies.is_empty() {
+                    info!(
+                        "{} policies govern pods, not host interfaces; moat does not enforce them",
+                        compiled.pod_policies.len()
+                    );
+                }
+                let now = crate::state::now();
+                published.labels = outcome.labels.clone();
+                let s = &mut published.status;
+                s.generation = generation;
+                s.applied_at = Some(now);
+                s.applied_from = outcome.origin.clone();
+                s.state = "in sync".into();
+                s.source.synced = true;
+                s.source.last_sync_at = Some(now);
+                s.source.last_error = None;
+                if let Some(path) = &cfg.state_file {
+                    let saved = crate::state::SavedState::new(&compiled, outcome.labels, &cfg.node, generation, &outcome.origin);
+                    match crate::state::save(path, &saved) {
+                        Ok(()) => {
+                            s.saved_state = Some(format!(
+                                "{}: generation {generation}, saved {}",
+                                path.display(),
+                                crate::event::rfc3339(i128::from(now) * 1_000_000_000)
+                            ))
+                        }
+                        Err(e) => warn!("saving the policy in force to {}: {e:#}", path.display()),
+                    }
+                }
+                published.refresh(&dataplane, &ifaces, &compiled, &stats, cfg.xdp_mode, local.len());
+                published.write(status_file);
+                if synced {
+                    info!("applied: policy generation {generation} from {}", outcome.origin);
+                } else {
+                    synced = true;
+                    for c in compiled.ifaces.values() {
+                        info!("enforcing {}", describe(c));
+                    }
+                    let on = ifaces.attached.keys().cloned().collect::<Vec<_>>().join(", ");
+                    observer
+                        .health
+                        .set_ready(format!("policy generation {generation} enforced on {on}"));
+                    info!("ready: policy generation {generation} enforced on {on}");
+                }
+            }
+            _ = publish.tick() => {
+                published.refresh(&dataplane, &ifaces, &compiled, &stats, cfg.xdp_mode, local.len());
+                published.write(status_file);
             }
             _ = resync.tick() => {
                 observer.tick();
@@ -470,10 +899,25 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                     // beats judging every packet as forwarded.
                     Err(e) => warn!("{e:#}"),
                 }
+                // An interface that appeared is enforced once there is a
+                // policy to enforce (saved or synced).
+                if ifaces.refresh() && have_policy {
+                    enforce(&mut dataplane, &mut ifaces, &compiled, generation, cfg.xdp_mode)?;
+                    published.refresh(&dataplane, &ifaces, &compiled, &stats, cfg.xdp_mode, local.len());
+                    published.write(status_file);
+                }
             }
             guard = ring.readable_mut() => {
                 let mut guard = guard.context("waiting for events")?;
                 let ring = guard.get_inner_mut();
+                let names = &ifaces.present;
+                let iface_name = |i: u32| {
+                    names
+                        .iter()
+                        .find(|(_, idx)| **idx == i)
+                        .map(|(n, _)| n.clone())
+                        .unwrap_or_else(|| format!("if{i}"))
+                };
                 while let Some(item) = ring.next() {
                     match event::decode(&item) {
                         Some(e) => {
@@ -514,22 +958,34 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             }
         );
     }
+    published.refresh(
+        &dataplane,
+        &ifaces,
+        &compiled,
+        &stats,
+        cfg.xdp_mode,
+        local.len(),
+    );
+    published.status.state = "stopped".into();
+    published.write(status_file);
     drop(dataplane);
+    let attached = ifaces
+        .attached
+        .keys()
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(", ");
     match &cfg.pin_dir {
         Some(dir) if !cfg.detach_on_exit => info!(
             "enforcement stays in place on {} (pinned in {}); `moat uninstall` removes it",
-            cfg.ifaces.join(", "),
+            attached,
             dir.display()
         ),
         Some(dir) => {
             crate::dataplane::uninstall(dir)?;
-            info!(
-                "removed {} and detached from {}",
-                dir.display(),
-                cfg.ifaces.join(", ")
-            );
+            info!("removed {} and detached from {}", dir.display(), attached);
         }
-        None => info!("detached from {}", cfg.ifaces.join(", ")),
+        None => info!("detached from {}", attached),
     }
     Ok(())
 }

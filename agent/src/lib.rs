@@ -4,10 +4,14 @@
 
 pub mod agent;
 pub mod bench;
+pub mod calicoctl;
 pub mod check;
 pub mod classify;
 pub mod compile;
+pub mod config;
 pub mod dataplane;
+pub mod dirsource;
+pub mod etcdsource;
 pub mod event;
 pub mod event_outputs;
 pub mod events_hub;
@@ -19,11 +23,15 @@ pub mod packet_spec;
 pub mod policy;
 pub mod preflight;
 pub mod profiles;
+pub mod reconcile;
 pub mod reference;
 pub mod resolve;
 pub mod selector;
+pub mod state;
+pub mod status;
 pub mod tail;
 pub mod trace;
+pub mod watched;
 
 /// `-o/--output` of `moat agent`: how each deny event is printed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]

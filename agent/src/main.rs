@@ -6,7 +6,6 @@ use clap::{Parser, Subcommand};
 use moat::{
     agent::{self, AgentConfig},
     compile::compile,
-    dataplane::XdpAttachMode,
     policy, OutputFormat,
 };
 
@@ -21,39 +20,71 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once per process: the size of the largest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Enforce the policies on the given interfaces and stream deny events.
+    /// Every setting also comes from the environment (MOAT_<KEY>, e.g.
+    /// MOAT_EVENT_RATE) and the config file; flags win over the
+    /// environment, which wins over the file.
     Agent {
-        /// Directory of policy files (.yaml, .yml, .json), read recursively.
+        /// Config file (YAML; default /etc/moat/config.yaml when it
+        /// exists; also MOAT_CONFIG).
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Directory of policy files (.yaml, .yml, .json), read recursively
+        /// and watched [key: policies; default /etc/moat/policies].
         #[arg(long, value_name = "DIR")]
-        policies: PathBuf,
-        /// Interface to attach to (repeat for several).
-        #[arg(long = "iface", value_name = "NAME", required = true)]
+        policies: Option<PathBuf>,
+        /// A calicoctl.cfg naming the Calico datastore to read the policies
+        /// from instead of a directory [key: calicoctlConfig].
+        #[arg(long, value_name = "FILE")]
+        calicoctl_config: Option<PathBuf>,
+        /// Interface to attach to (repeat for several) [key: interfaces].
+        #[arg(long = "iface", visible_alias = "interfaces", value_name = "NAME")]
         ifaces: Vec<String>,
-        /// Bundled profile to use when DIR holds no policy of its own
-        /// (iks-2019, iks-2017, or none).
-        #[arg(long, default_value = "iks-2019")]
-        profile: String,
-        /// Calico node name the HostEndpoints name (default: host name).
+        /// Bundled profile to use when the source holds no policy of its
+        /// own (iks-2019, iks-2017, or none) [default: iks-2019].
+        #[arg(long)]
+        profile: Option<String>,
+        /// Calico node name the HostEndpoints name (default: NODE_NAME,
+        /// else the host name).
         #[arg(long)]
         node: Option<String>,
-        #[arg(short, long, value_enum, default_value_t)]
-        output: moat::EventFormat,
-        #[arg(long, value_enum, default_value_t)]
-        xdp_mode: XdpAttachMode,
+        /// Deny events on stdout: text, json, iptables [default: text].
+        #[arg(short, long)]
+        output: Option<String>,
+        /// auto, native or skb [default: auto].
+        #[arg(long)]
+        xdp_mode: Option<String>,
         /// Deny and Log events each source address may cause per second,
-        /// sustained (0: no limit); the rest are counted as suppressed.
-        #[arg(long, default_value_t = 100)]
-        event_rate: u32,
-        /// Events a source may cause at once.
-        #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
-        event_burst: u32,
+        /// sustained (0: no limit); the rest are counted as suppressed
+        /// [default: 100].
+        #[arg(long)]
+        event_rate: Option<u32>,
+        /// Events a source may cause at once [default: 200].
+        #[arg(long)]
+        event_burst: Option<u32>,
         /// Audit mode: compute, count and report every verdict, drop
         /// nothing (would-be denies are reported with verdict AUDIT), to
         /// compare with the firewall in force before enforcing.
-        #[arg(long)]
-        audit: bool,
+        #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+        audit: Option<bool>,
+        /// Where the last good compiled policy is saved and, at start,
+        /// enforced from before the first sync ("none": not saved)
+        /// [default: /var/lib/moat/last-good.json].
+        #[arg(long, value_name = "FILE")]
+        state_file: Option<PathBuf>,
+        /// Where the agent publishes its status for `moat status`
+        /// ("none": nowhere) [default: /run/moat/status.json].
+        #[arg(long, value_name = "FILE")]
+        status_file: Option<PathBuf>,
+        /// Create HostEndpoints for eth0 (ibm.role: worker_private) and
+        /// eth1 (worker_public) when the policies name none for them, and
+        /// attach to both.
+        #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+        auto_host_endpoints: Option<bool>,
         /// Audit mode on this interface only (repeat for several; one of
         /// the --iface).
         #[arg(long = "audit-iface", value_name = "NAME")]
@@ -84,6 +115,14 @@ enum Command {
         class_words: u32,
         #[command(flatten)]
         observe: ObserveArgs,
+    },
+    /// Show the running agent's state (from its status file).
+    Status {
+        /// The agent's status file.
+        #[arg(long, value_name = "FILE", default_value = moat::status::DEFAULT_PATH)]
+        status_file: PathBuf,
+        #[arg(short, long, value_enum, default_value_t)]
+        output: OutputFormat,
     },
     /// Remove every program, link and map an agent pinned (enforcement
     /// stops on every interface it attached).
@@ -402,7 +441,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Agent {
+            config,
             policies,
+            calicoctl_config,
             ifaces,
             profile,
             node,
@@ -419,36 +460,49 @@ fn main() -> ExitCode {
             max_connections,
             class_words,
             observe,
-        } => (|| {
-            let cfg = AgentConfig {
-                capacities: moat::dataplane::Capacities {
-                    flows: max_connections * 2,
-                    class_words,
-                    ..Default::default()
-                },
-                pin_dir: (!no_pin).then_some(pin_dir),
-                detach_on_exit,
+            state_file,
+            status_file,
+            auto_host_endpoints,
+        } => {
+            let flags = moat::config::Config {
+                node,
+                interfaces: (!ifaces.is_empty()).then_some(ifaces),
+                auto_host_endpoints,
                 policies,
-                profile: profile_arg(&profile),
-                ifaces,
-                node: node.unwrap_or_else(agent::default_node_name),
-                output,
+                calicoctl_config,
+                profile,
+                audit,
                 xdp_mode,
                 event_rate,
                 event_burst,
-                audit,
-                audit_ifaces,
-                replace_xdp,
-                observe: observe.config()?,
+                output,
+                state_file,
+                status_file,
             };
-            tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .map_err(anyhow::Error::from)
-                .and_then(|rt| rt.block_on(agent::run(cfg)))
-                .map(|()| ExitCode::SUCCESS)
-        })(),
+            agent_config(flags, config).and_then(|mut cfg| {
+                cfg.capacities = moat::dataplane::Capacities {
+                    flows: max_connections * 2,
+                    class_words,
+                    ..Default::default()
+                };
+                cfg.pin_dir = (!no_pin).then_some(pin_dir);
+                cfg.detach_on_exit = detach_on_exit;
+                cfg.audit_ifaces = audit_ifaces;
+                cfg.replace_xdp = replace_xdp;
+                cfg.observe = observe.config()?;
+                tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .enable_all()
+                    .build()
+                    .map_err(anyhow::Error::from)
+                    .and_then(|rt| rt.block_on(agent::run(cfg)))
+                    .map(|()| ExitCode::SUCCESS)
+            })
+        }
+        Command::Status {
+            status_file,
+            output,
+        } => status(&status_file, output),
         Command::Uninstall { pin_dir } => agent::uninstall(&pin_dir).map(|ifaces| {
             if ifaces.is_empty() {
                 eprintln!("moat: nothing pinned in {}", pin_dir.display());
@@ -639,6 +693,81 @@ fn main() -> ExitCode {
 }
 
 /// `--profile none` means no profile.
+/// Flags over the environment over the config file over the defaults.
+fn agent_config(flags: moat::config::Config, file: Option<PathBuf>) -> anyhow::Result<AgentConfig> {
+    use moat::config;
+    let vars: Vec<(String, String)> = std::env::vars().collect();
+    for unknown in config::unknown_env(vars.clone()) {
+        tracing::warn!(
+            "{unknown} is not a moat setting (known: {}); ignored",
+            config::KEYS.map(config::env_name).join(", ")
+        );
+    }
+    let env = config::from_env(vars)?;
+    let file = file.or_else(|| std::env::var_os("MOAT_CONFIG").map(PathBuf::from));
+    let from_file = match file {
+        Some(path) => config::from_file(&path)?,
+        None if std::path::Path::new(config::DEFAULT_FILE).exists() => {
+            config::from_file(std::path::Path::new(config::DEFAULT_FILE))?
+        }
+        None => config::Config::default(),
+    };
+    config::resolve(
+        flags.over(env.over(from_file)),
+        std::env::var("NODE_NAME").ok(),
+    )
+}
+
+/// `moat status`: exit 0 when the agent runs and is in sync, 1 when it
+/// runs but is not (yet), 3 when it is not running.
+fn status(path: &std::path::Path, output: OutputFormat) -> anyhow::Result<ExitCode> {
+    use moat::status::{read, render, Found};
+    match read(path)? {
+        Found::Missing => {
+            if output == OutputFormat::Json {
+                println!(
+                    "{}",
+                    serde_json::json!({"running": false, "reason": format!("no status file at {}", path.display())})
+                );
+            } else {
+                println!(
+                    "the agent is not running: no status file at {}",
+                    path.display()
+                );
+            }
+            Ok(ExitCode::from(3))
+        }
+        Found::Stale(s, age, why) => {
+            if output == OutputFormat::Json {
+                println!(
+                    "{}",
+                    serde_json::json!({"running": false, "reason": why, "age_seconds": age, "last": s})
+                );
+            } else {
+                println!("the agent is not running ({why}); its last status, {age} s old:");
+                print!("{}", render(&s));
+            }
+            Ok(ExitCode::from(3))
+        }
+        Found::Fresh(s, age) => {
+            let in_sync = s.source.synced;
+            if output == OutputFormat::Json {
+                println!(
+                    "{}",
+                    serde_json::json!({"running": true, "age_seconds": age, "status": s})
+                );
+            } else {
+                print!("{}", render(&s));
+            }
+            Ok(if in_sync {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+    }
+}
+
 fn profile_arg(p: &str) -> Option<String> {
     (p != "none").then(|| p.to_string())
 }

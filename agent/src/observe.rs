@@ -38,10 +38,27 @@ pub struct ObserveConfig {
     pub metrics_addr: Option<SocketAddr>,
 }
 
+impl Default for ObserveConfig {
+    /// History and queues at their flag defaults; no socket, no outputs,
+    /// no metrics endpoint (the flags turn those on).
+    fn default() -> Self {
+        ObserveConfig {
+            socket: None,
+            history: 10_000,
+            subscriber_queue: 4_096,
+            events_file: None,
+            syslog: None,
+            metrics_addr: None,
+        }
+    }
+}
+
 /// How `moat check` is to be run to explain an event.
 #[derive(Clone, Debug)]
 pub struct CheckContext {
-    pub policies: PathBuf,
+    /// The policy directory; `None` when the policies come from a
+    /// datastore (the command then exports them with calicoctl first).
+    pub policies: Option<PathBuf>,
     pub profile: Option<String>,
     pub node: String,
 }
@@ -68,9 +85,16 @@ impl CheckContext {
             || local.contains(&host_side)
             || host_side.is_multicast()
             || matches!(host_side, IpAddr::V4(a) if a.is_broadcast());
+        let (export, dir) = match &self.policies {
+            Some(dir) => (String::new(), dir.display().to_string()),
+            None => (
+                "mkdir -p moat-policies && calicoctl get globalnetworkpolicies,networkpolicies,hostendpoints,globalnetworksets,networksets -o yaml > moat-policies/all.yaml && ".to_string(),
+                "moat-policies".to_string(),
+            ),
+        };
         let mut cmd = format!(
-            "moat check --policies {} --node {} --profile {} --iface {} --{} {}",
-            shell_quote(&self.policies.display().to_string()),
+            "{export}moat check --policies {} --node {} --profile {} --iface {} --{} {}",
+            shell_quote(&dir),
             shell_quote(&self.node),
             shell_quote(self.profile.as_deref().unwrap_or("none")),
             shell_quote(&e.iface),

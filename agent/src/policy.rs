@@ -566,6 +566,19 @@ pub fn load_str(file: &Path, text: &str) -> Loaded {
     loaded
 }
 
+/// Parses several named texts (etcd keys, API objects) into one set, as
+/// `load_dir` does files.
+pub fn load_texts<'a>(texts: impl IntoIterator<Item = (&'a Path, &'a str)>) -> Loaded {
+    let mut loaded = Loaded::default();
+    for (file, text) in texts {
+        load_text(file, text, &mut loaded);
+        loaded.files += 1;
+    }
+    check_duplicates(&mut loaded);
+    loaded.set.sort();
+    loaded
+}
+
 fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
     for entry in std::fs::read_dir(dir)? {
         let path = entry?.path();

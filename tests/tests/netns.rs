@@ -113,6 +113,8 @@ impl Agent {
             .args(extra)
             .arg("--socket")
             .arg(&socket)
+            // Saved state and status stay out of /var/lib and /run.
+            .args(["--state-file", "none", "--status-file", "none"])
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -493,6 +495,7 @@ fn a_second_agent_does_not_take_over_an_attached_interface() {
         .arg(std::env::temp_dir().join(format!("{}.sock", moat_tests::unique("moat-ev"))))
         // The first agent serves metrics on this namespace's loopback.
         .args(["--metrics-addr", "none"])
+        .args(["--state-file", "none", "--status-file", "none"])
         .output()
         .expect("second agent runs");
     let stderr = String::from_utf8_lossy(&second.stderr);

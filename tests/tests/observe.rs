@@ -173,6 +173,7 @@ impl Agent {
             .arg(lab.socket())
             .args(pins.args())
             .arg("--detach-on-exit")
+            .args(["--state-file", "none", "--status-file", "none"])
             .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

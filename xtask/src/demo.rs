@@ -257,6 +257,8 @@ pub fn run(root: &Path) -> Result<()> {
         .arg(&policies)
         .args(["--iface", "eth1", "--iface", "eth0", "--node", "worker-1"])
         .args(["--pin-dir", DEMO_PINS, "--detach-on-exit"])
+        // The demo leaves no saved state behind in /var/lib/moat.
+        .args(["--state-file", "none"])
         .stderr(Stdio::piped())
         .spawn()
         .context("starting the agent")?;

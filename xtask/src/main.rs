@@ -130,6 +130,10 @@ const PACKAGES: &[&str] = &[
     "nftables",          // moat bench: nft, the engines compared
     "ipset",             // moat bench: iptables with ipsets
     "fonts-dejavu-core", // moat bench: the plots' text
+    "protobuf-compiler", // protoc, for etcd-client's build
+    "libprotobuf-dev",   // the google/protobuf/*.proto it imports
+    "etcd-server",       // the etcd the etcd source's tests start on loopback
+    "openssl",           // the certificates of the etcd TLS test
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const BPF_TOOLCHAIN: &str = "debian-bpf";

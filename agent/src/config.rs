@@ -1,0 +1,437 @@
+//! `moat agent`'s configuration: one schema (`Config`) read from a file
+//! (`--config`, default `/etc/moat/config.yaml` when present), from the
+//! environment (`MOAT_<KEY>`, e.g. `MOAT_EVENT_RATE`) and from flags
+//! (`--<key>`, e.g. `--event-rate`). Flags win over the environment, the
+//! environment over the file, the file over the defaults. Every error
+//! names the key (and where it came from).
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use serde_yaml_ng::Value;
+
+use crate::{agent::PolicySource, dataplane::XdpAttachMode, EventFormat};
+
+/// The config file read when `--config` is not given, if it exists.
+pub const DEFAULT_FILE: &str = "/etc/moat/config.yaml";
+/// The policy directory when none is configured.
+pub const DEFAULT_POLICIES: &str = "/etc/moat/policies";
+
+/// Every setting, all optional: what one layer (file, environment or
+/// flags) says.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Config {
+    /// Calico node name whose HostEndpoints apply (default: `NODE_NAME`,
+    /// else the host name).
+    pub node: Option<String>,
+    /// Interfaces to attach to.
+    pub interfaces: Option<Vec<String>>,
+    /// HostEndpoints for eth0 (`ibm.role: worker_private`) and eth1
+    /// (`worker_public`) when the source names none for them; both
+    /// interfaces are attached (when present).
+    pub auto_host_endpoints: Option<bool>,
+    /// Policy directory (the directory source; default `/etc/moat/policies`).
+    pub policies: Option<PathBuf>,
+    /// A calicoctl.cfg: the policies come from the Calico datastore it
+    /// names instead of a directory.
+    pub calicoctl_config: Option<PathBuf>,
+    /// Bundled profile used when the source holds no policy (`iks-2019`,
+    /// `iks-2017`, `none`).
+    pub profile: Option<String>,
+    /// Report would-be denies, drop nothing.
+    pub audit: Option<bool>,
+    /// `auto`, `native` or `skb`.
+    pub xdp_mode: Option<String>,
+    /// Deny events per second per source address (0: no limit).
+    pub event_rate: Option<u32>,
+    pub event_burst: Option<u32>,
+    /// Deny events on stdout: `text`, `json` or `iptables`.
+    pub output: Option<String>,
+    /// The saved last good policy (`none`: not saved).
+    pub state_file: Option<PathBuf>,
+    /// The status file `moat status` reads (`none`: not written).
+    pub status_file: Option<PathBuf>,
+}
+
+/// The keys of `Config`, as the file spells them.
+pub const KEYS: [&str; 13] = [
+    "node",
+    "interfaces",
+    "autoHostEndpoints",
+    "policies",
+    "calicoctlConfig",
+    "profile",
+    "audit",
+    "xdpMode",
+    "eventRate",
+    "eventBurst",
+    "output",
+    "stateFile",
+    "statusFile",
+];
+
+/// `eventRate` -> `MOAT_EVENT_RATE`.
+pub fn env_name(key: &str) -> String {
+    let mut out = String::from("MOAT_");
+    for c in key.chars() {
+        if c.is_ascii_uppercase() {
+            out.push('_');
+        }
+        out.push(c.to_ascii_uppercase());
+    }
+    out
+}
+
+/// `eventRate` -> `event-rate`.
+pub fn flag_name(key: &str) -> String {
+    let mut out = String::new();
+    for c in key.chars() {
+        if c.is_ascii_uppercase() {
+            out.push('-');
+        }
+        out.push(c.to_ascii_lowercase());
+    }
+    out
+}
+
+fn from_value(value: Value, source: &str) -> anyhow::Result<Config> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.inner().to_string();
+        // serde_yaml_ng puts the position into the message; keep it short.
+        anyhow::anyhow!(
+            "{source}: {}{inner}",
+            if path == "." {
+                String::new()
+            } else {
+                format!("{path}: ")
+            }
+        )
+    })
+}
+
+/// Reads a config file.
+pub fn from_file(path: &Path) -> anyhow::Result<Config> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("config file {}: {e}", path.display()))?;
+    let value: Value = serde_yaml_ng::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("config file {}: not YAML: {e}", path.display()))?;
+    let value = if value.is_null() {
+        Value::Mapping(Default::default())
+    } else {
+        value
+    };
+    from_value(value, &format!("config file {}", path.display()))
+}
+
+/// Reads `MOAT_<KEY>` variables from `vars`. Values are YAML scalars
+/// (`true`, `100`); `MOAT_INTERFACES` is a comma-separated list.
+pub fn from_env(vars: impl IntoIterator<Item = (String, String)>) -> anyhow::Result<Config> {
+    let mut map = serde_yaml_ng::Mapping::new();
+    for (name, text) in vars {
+        let Some(key) = KEYS.iter().find(|k| env_name(k) == name) else {
+            continue;
+        };
+        let value = if *key == "interfaces" {
+            Value::Sequence(
+                text.split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(|s| Value::String(s.into()))
+                    .collect(),
+            )
+        } else if matches!(
+            *key,
+            "audit" | "autoHostEndpoints" | "eventRate" | "eventBurst"
+        ) {
+            // A scalar as YAML reads it (true, 100); anything else is
+            // reported against the variable.
+            serde_yaml_ng::from_str::<Value>(&text).unwrap_or(Value::String(text.clone()))
+        } else {
+            // Names and paths stay strings, even `123`.
+            Value::String(text.clone())
+        };
+        map.insert(Value::String(key.to_string()), value);
+    }
+    from_value(Value::Mapping(map), "environment").map_err(|e| {
+        // Name the variable, not the key.
+        let mut msg = e.to_string();
+        for key in KEYS {
+            msg = msg.replace(
+                &format!("environment: {key}"),
+                &format!("environment: {}", env_name(key)),
+            );
+        }
+        anyhow::anyhow!(msg)
+    })
+}
+
+/// MOAT_ variables that are no setting: likely typos.
+pub fn unknown_env(vars: impl IntoIterator<Item = (String, String)>) -> Vec<String> {
+    vars.into_iter()
+        .map(|(n, _)| n)
+        .filter(|n| n.starts_with("MOAT_"))
+        .filter(|n| !matches!(n.as_str(), "MOAT_LOG" | "MOAT_CONFIG" | "MOAT_BIN"))
+        .filter(|n| !KEYS.iter().any(|k| env_name(k) == *n))
+        .collect()
+}
+
+impl Config {
+    /// `self` where set, else `lower`.
+    pub fn over(self, lower: Config) -> Config {
+        Config {
+            node: self.node.or(lower.node),
+            interfaces: self.interfaces.or(lower.interfaces),
+            auto_host_endpoints: self.auto_host_endpoints.or(lower.auto_host_endpoints),
+            policies: self.policies.or(lower.policies),
+            calicoctl_config: self.calicoctl_config.or(lower.calicoctl_config),
+            profile: self.profile.or(lower.profile),
+            audit: self.audit.or(lower.audit),
+            xdp_mode: self.xdp_mode.or(lower.xdp_mode),
+            event_rate: self.event_rate.or(lower.event_rate),
+            event_burst: self.event_burst.or(lower.event_burst),
+            output: self.output.or(lower.output),
+            state_file: self.state_file.or(lower.state_file),
+            status_file: self.status_file.or(lower.status_file),
+        }
+    }
+}
+
+fn enum_value<T: clap::ValueEnum>(key: &str, text: Option<&str>) -> anyhow::Result<T> {
+    match text {
+        None => Ok(T::value_variants()[0].clone()),
+        Some(t) => T::from_str(t, true).map_err(|_| {
+            let known: Vec<String> = T::value_variants()
+                .iter()
+                .filter_map(|v| v.to_possible_value().map(|p| p.get_name().to_string()))
+                .collect();
+            anyhow::anyhow!("{key}: {t:?} is not one of {}", known.join(", "))
+        }),
+    }
+}
+
+fn optional_path(p: PathBuf) -> Option<PathBuf> {
+    (p.as_os_str() != "none").then_some(p)
+}
+
+/// Resolves the layers into what the agent runs with. `node_env` is
+/// `NODE_NAME` (the Kubernetes downward API's usual name), used when no
+/// layer names the node.
+pub fn resolve(
+    merged: Config,
+    node_env: Option<String>,
+) -> anyhow::Result<crate::agent::AgentConfig> {
+    let source = match (merged.calicoctl_config, merged.policies) {
+        (Some(_), Some(_)) => anyhow::bail!(
+            "policies and calicoctlConfig both given: the policies come from a directory or from the Calico datastore, not both"
+        ),
+        (Some(cfg), None) => {
+            let parsed = crate::calicoctl::from_file(&cfg)?;
+            match parsed.datastore {
+                crate::calicoctl::Datastore::Etcd(etcd) => PolicySource::Etcd(etcd),
+                crate::calicoctl::Datastore::Kubernetes { .. } => anyhow::bail!(
+                    "calicoctlConfig {}: datastoreType kubernetes: the Kubernetes API source is not built yet; use datastoreType etcdv3 or a policy directory",
+                    cfg.display()
+                ),
+            }
+        }
+        (None, dir) => PolicySource::Directory(dir.unwrap_or_else(|| DEFAULT_POLICIES.into())),
+    };
+    let profile = merged.profile.unwrap_or_else(|| "iks-2019".into());
+    if profile != "none" && crate::profiles::find(&profile).is_none() {
+        let known: Vec<&str> = crate::profiles::PROFILES.iter().map(|p| p.name).collect();
+        anyhow::bail!(
+            "profile: no bundled profile {profile:?} (known: {}, or none)",
+            known.join(", ")
+        );
+    }
+    let event_burst = merged.event_burst.unwrap_or(200);
+    if !(1..=1_000_000).contains(&event_burst) {
+        anyhow::bail!("eventBurst: {event_burst} is not in 1..=1000000");
+    }
+    let node = merged
+        .node
+        .or(node_env.filter(|n| !n.is_empty()))
+        .unwrap_or_else(crate::agent::default_node_name);
+    Ok(crate::agent::AgentConfig {
+        source,
+        profile: (profile != "none").then_some(profile),
+        ifaces: merged.interfaces.unwrap_or_default(),
+        node,
+        output: enum_value::<EventFormat>("output", merged.output.as_deref())?,
+        event_rate: merged.event_rate.unwrap_or(100),
+        event_burst,
+        audit: merged.audit.unwrap_or(false),
+        xdp_mode: enum_value::<XdpAttachMode>("xdpMode", merged.xdp_mode.as_deref())?,
+        auto_host_endpoints: merged.auto_host_endpoints.unwrap_or(false),
+        state_file: optional_path(
+            merged
+                .state_file
+                .unwrap_or_else(|| crate::state::DEFAULT_PATH.into()),
+        ),
+        status_file: optional_path(
+            merged
+                .status_file
+                .unwrap_or_else(|| crate::status::DEFAULT_PATH.into()),
+        ),
+        // Command-line only (main.rs sets them from the flags).
+        audit_ifaces: Vec::new(),
+        replace_xdp: false,
+        pin_dir: Some(crate::agent::DEFAULT_PIN_DIR.into()),
+        detach_on_exit: false,
+        capacities: crate::dataplane::Capacities::default(),
+        observe: crate::observe::ObserveConfig::default(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(text: &str) -> anyhow::Result<Config> {
+        let path = std::env::temp_dir().join(format!(
+            "moat-config-{}-{}.yaml",
+            std::process::id(),
+            text.len()
+        ));
+        std::fs::write(&path, text).expect("write");
+        let c = from_file(&path);
+        std::fs::remove_file(&path).expect("remove");
+        c
+    }
+
+    fn env(vars: &[(&str, &str)]) -> anyhow::Result<Config> {
+        from_env(vars.iter().map(|(a, b)| (a.to_string(), b.to_string())))
+    }
+
+    #[test]
+    fn keys_match_the_schema() {
+        // Every key is a field (an unknown one would be rejected), and
+        // every field is a key (serialising names them all).
+        let all = serde_json::to_value(Config::default()).expect("serialises");
+        let fields: Vec<&String> = all.as_object().expect("object").keys().collect();
+        let mut keys: Vec<&str> = KEYS.to_vec();
+        keys.sort();
+        let mut fields: Vec<&str> = fields.iter().map(|s| s.as_str()).collect();
+        fields.sort();
+        assert_eq!(keys, fields);
+        assert_eq!(env_name("autoHostEndpoints"), "MOAT_AUTO_HOST_ENDPOINTS");
+        assert_eq!(flag_name("autoHostEndpoints"), "auto-host-endpoints");
+    }
+
+    #[test]
+    fn file_errors_name_the_key() {
+        let e = file("node: w1\ninterface: [eth0]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown field `interface`"), "{e}");
+        let e = file("eventRate: fast\n").unwrap_err().to_string();
+        assert!(e.contains("eventRate"), "{e}");
+        let e = file("interfaces: eth0\n").unwrap_err().to_string();
+        assert!(e.contains("interfaces"), "{e}");
+        let c = file("node: w1\ninterfaces: [eth0, eth1]\naudit: true\n").expect("valid");
+        assert_eq!(c.interfaces, Some(vec!["eth0".into(), "eth1".into()]));
+        assert_eq!(file("").expect("empty is fine"), Config::default());
+    }
+
+    #[test]
+    fn env_errors_name_the_variable() {
+        let e = env(&[("MOAT_EVENT_RATE", "fast")]).unwrap_err().to_string();
+        assert!(e.contains("MOAT_EVENT_RATE"), "{e}");
+        let e = env(&[("MOAT_AUDIT", "maybe")]).unwrap_err().to_string();
+        assert!(e.contains("MOAT_AUDIT"), "{e}");
+        let c = env(&[
+            ("MOAT_INTERFACES", "eth0, eth1"),
+            ("MOAT_AUDIT", "true"),
+            ("MOAT_NODE", "123"),
+            ("PATH", "/bin"),
+        ])
+        .expect("valid");
+        assert_eq!(c.interfaces, Some(vec!["eth0".into(), "eth1".into()]));
+        assert_eq!(c.audit, Some(true));
+        assert_eq!(
+            c.node.as_deref(),
+            Some("123"),
+            "a numeric name stays a name"
+        );
+        assert_eq!(
+            unknown_env([
+                ("MOAT_AUDITT".to_string(), "1".to_string()),
+                ("MOAT_LOG".into(), "debug".into())
+            ]),
+            ["MOAT_AUDITT"]
+        );
+    }
+
+    #[test]
+    fn flags_over_env_over_file_over_defaults() {
+        let from_file = Config {
+            node: Some("file".into()),
+            event_rate: Some(1),
+            event_burst: Some(5),
+            xdp_mode: Some("skb".into()),
+            ..Default::default()
+        };
+        let from_env = Config {
+            node: Some("env".into()),
+            event_rate: Some(2),
+            ..Default::default()
+        };
+        let flags = Config {
+            node: Some("flag".into()),
+            ..Default::default()
+        };
+        let cfg =
+            resolve(flags.over(from_env.clone().over(from_file.clone())), None).expect("valid");
+        assert_eq!(
+            (cfg.node.as_str(), cfg.event_rate, cfg.event_burst),
+            ("flag", 2, 5)
+        );
+        assert_eq!(cfg.xdp_mode, XdpAttachMode::Skb);
+        assert_eq!(
+            cfg.state_file.as_deref(),
+            Some(Path::new(crate::state::DEFAULT_PATH))
+        );
+        let cfg = resolve(from_env.over(from_file.clone()), None).expect("valid");
+        assert_eq!(cfg.node, "env");
+        // NODE_NAME comes after every layer's node, before the host name.
+        let cfg = resolve(Config::default(), Some("k8s-node".into())).expect("valid");
+        assert_eq!(cfg.node, "k8s-node");
+        let cfg = resolve(from_file, Some("k8s-node".into())).expect("valid");
+        assert_eq!(cfg.node, "file");
+        let e = resolve(
+            Config {
+                xdp_mode: Some("fast".into()),
+                ..Default::default()
+            },
+            None,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("xdpMode") && e.contains("auto, native, skb"),
+            "{e}"
+        );
+        let e = resolve(
+            Config {
+                policies: Some("/p".into()),
+                calicoctl_config: Some("/c".into()),
+                ..Default::default()
+            },
+            None,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("policies and calicoctlConfig"), "{e}");
+        let cfg = resolve(
+            Config {
+                state_file: Some("none".into()),
+                ..Default::default()
+            },
+            None,
+        )
+        .expect("valid");
+        assert_eq!(cfg.state_file, None);
+    }
+}

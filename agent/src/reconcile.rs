@@ -1,0 +1,346 @@
+//! The one reconcile pipeline behind every policy source: a source sends
+//! snapshots of what it holds; each is merged with the last good version
+//! of every object whose new version is invalid, compiled off the async
+//! runtime (a blocking thread), and handed to the agent's loop, which
+//! applies it atomically. Snapshots that arrive while one is compiling are
+//! coalesced: only the newest is compiled next.
+
+use std::{
+    collections::BTreeMap,
+    path::Path,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+};
+
+use tokio::sync::mpsc;
+use tracing::{error, info, warn};
+
+use crate::{
+    compile::{compile, Compiled},
+    policy::{self, Loaded, PolicySet},
+};
+
+/// Everything a source holds at one moment.
+#[derive(Debug)]
+pub struct Snapshot {
+    pub loaded: Loaded,
+    /// What it was read from, for logs and `moat status`.
+    pub origin: String,
+}
+
+/// Counters of the pipeline, shared with the agent's status.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Snapshots compiled (successfully or not).
+    pub reconciles: AtomicU64,
+    /// Snapshots whose compilation failed (the policy in force stayed).
+    pub failed: AtomicU64,
+    /// Invalid objects seen, summed over every snapshot.
+    pub rejected_objects: AtomicU64,
+    /// Objects whose new version is invalid and whose last good version
+    /// is in force, in the latest snapshot (a gauge).
+    pub kept_last_good: AtomicU64,
+    /// Invalid objects in the latest snapshot (a gauge).
+    pub invalid_now: AtomicU64,
+}
+
+impl Stats {
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+}
+
+/// What a snapshot compiled to.
+#[derive(Debug)]
+pub struct Outcome {
+    pub compiled: Compiled,
+    pub origin: String,
+    /// Counts of what is in force.
+    pub policies: usize,
+    pub host_endpoints: usize,
+    pub network_sets: usize,
+    /// Labels of each enforced interface's HostEndpoint.
+    pub labels: BTreeMap<String, BTreeMap<String, String>>,
+}
+
+/// Turns snapshots into compiled policy for one node.
+pub struct Reconciler {
+    pub node: String,
+    pub ifaces: Vec<String>,
+    /// Bundled profile used when the source holds no policy of its own.
+    pub profile: Option<&'static crate::profiles::Profile>,
+    /// HostEndpoints for eth0 (private) and eth1 (public) of this node,
+    /// added when the source has none for them.
+    pub auto_host_endpoints: bool,
+    pub stats: Arc<Stats>,
+    /// The agent's own control plane (its datastore's endpoints): always
+    /// reachable, as outbound failsafes, whatever the policy says.
+    pub control_plane: Vec<std::net::SocketAddr>,
+    /// The last snapshot as merged (before the profile and automatic
+    /// host endpoints are added).
+    last_good: Option<PolicySet>,
+}
+
+impl Reconciler {
+    pub fn new(
+        node: String,
+        ifaces: Vec<String>,
+        profile: Option<&'static crate::profiles::Profile>,
+        auto_host_endpoints: bool,
+        stats: Arc<Stats>,
+    ) -> Self {
+        Reconciler {
+            node,
+            ifaces,
+            profile,
+            auto_host_endpoints,
+            stats,
+            control_plane: Vec::new(),
+            last_good: None,
+        }
+    }
+
+    /// Merges `snapshot` with the last good versions, compiles it, and on
+    /// success makes it the new last good set. On failure nothing changes.
+    pub fn reconcile(&mut self, snapshot: Snapshot) -> anyhow::Result<Outcome> {
+        let Snapshot { mut loaded, origin } = snapshot;
+        self.stats.reconciles.fetch_add(1, Ordering::Relaxed);
+        let kept = match &self.last_good {
+            Some(previous) => policy::keep_last_good(previous, &mut loaded),
+            None => Vec::new(),
+        };
+        for e in &loaded.errors {
+            error!("rejected: {e}");
+        }
+        for k in &kept {
+            warn!("{k}");
+        }
+        for w in policy::label_key_warnings(&loaded.set) {
+            warn!("{w}");
+        }
+        let invalid = loaded.errors.len() as u64;
+        self.stats
+            .rejected_objects
+            .fetch_add(invalid, Ordering::Relaxed);
+        self.stats.invalid_now.store(invalid, Ordering::Relaxed);
+        self.stats
+            .kept_last_good
+            .store(kept.len() as u64, Ordering::Relaxed);
+        let mut set = loaded.set.clone();
+        if let Some(p) = self.profile {
+            if set.policies.is_empty() {
+                info!(
+                    "{origin} holds no policy of its own: using the bundled profile {} ({})",
+                    p.name, p.applies_to
+                );
+                crate::profiles::add_to(&mut set, p);
+            }
+        }
+        if self.auto_host_endpoints {
+            add_auto_host_endpoints(&mut set, &self.node);
+        }
+        exempt_control_plane(&mut set, &self.control_plane);
+        let mut ifaces = self.ifaces.clone();
+        if self.auto_host_endpoints {
+            for (iface, _) in AUTO_HOST_ENDPOINTS {
+                if !ifaces.iter().any(|i| i == iface) {
+                    ifaces.push(iface.to_string());
+                }
+            }
+        }
+        let compiled = match compile(&set, &self.node, &ifaces) {
+            Ok(c) => c,
+            Err(e) => {
+                self.stats.failed.fetch_add(1, Ordering::Relaxed);
+                error!("{origin}: cannot compile ({e}); the policy in force stays");
+                return Err(e.into());
+            }
+        };
+        info!(
+            "{origin}: {} GlobalNetworkPolicies, {} HostEndpoints, {} network sets valid{}",
+            set.policies.len(),
+            set.host_endpoints.len(),
+            set.network_sets.len(),
+            if invalid > 0 {
+                format!(
+                    "; {invalid} invalid resource(s) NOT applied ({} kept at their last good version)",
+                    kept.len()
+                )
+            } else {
+                String::new()
+            }
+        );
+        let labels = compiled
+            .ifaces
+            .values()
+            .filter_map(|i| {
+                let hep = set
+                    .host_endpoints
+                    .iter()
+                    .find(|h| h.name == i.host_endpoint)?;
+                Some((i.name.clone(), hep.labels.clone()))
+            })
+            .collect();
+        let outcome = Outcome {
+            labels,
+            compiled,
+            origin,
+            policies: set.policies.len(),
+            host_endpoints: set.host_endpoints.len(),
+            network_sets: set.network_sets.len(),
+        };
+        self.last_good = Some(loaded.set);
+        Ok(outcome)
+    }
+}
+
+/// Adds TCP to each of `endpoints` to the outbound failsafes (the global
+/// ones, Calico's defaults when none are configured, and every
+/// FailsafeProfile's), so no policy can cut the agent off from the updates
+/// that would fix it. Replies pass as the tracked flow's.
+pub fn exempt_control_plane(set: &mut PolicySet, endpoints: &[std::net::SocketAddr]) {
+    if endpoints.is_empty() {
+        return;
+    }
+    let ports: Vec<policy::FailsafePort> = endpoints
+        .iter()
+        .map(|a| policy::FailsafePort {
+            protocol: 6,
+            port: a.port(),
+            net: Some(ipnet::IpNet::from(a.ip())),
+        })
+        .collect();
+    let mut global = set
+        .failsafes
+        .clone()
+        .unwrap_or_else(policy::Failsafes::calico_defaults);
+    global.outbound.extend(ports.iter().cloned());
+    set.failsafes = Some(global);
+    for p in &mut set.failsafe_profiles {
+        p.failsafes.outbound.extend(ports.iter().cloned());
+    }
+}
+
+/// The addresses of `urls` (`http(s)://host[:port]`, port 2379 when
+/// absent), resolved now.
+pub fn resolve_endpoints(urls: &[String]) -> Vec<std::net::SocketAddr> {
+    use std::net::ToSocketAddrs as _;
+    let mut out = Vec::new();
+    for url in urls {
+        let rest = url.split_once("://").map_or(url.as_str(), |(_, r)| r);
+        let hostport = rest.split('/').next().unwrap_or_default();
+        let with_port = if hostport
+            .rsplit_once(':')
+            .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+            && !hostport.ends_with(']')
+        {
+            hostport.to_string()
+        } else {
+            format!("{hostport}:2379")
+        };
+        match with_port.to_socket_addrs() {
+            Ok(addrs) => out.extend(addrs),
+            Err(e) => warn!("cannot resolve {url} ({e}): it is not exempted from policy"),
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// Interfaces and the `ibm.role` label of the HostEndpoints created for
+/// them when asked (as IKS creates them).
+pub const AUTO_HOST_ENDPOINTS: [(&str, &str); 2] =
+    [("eth0", "worker_private"), ("eth1", "worker_public")];
+
+/// Adds a HostEndpoint for each of `AUTO_HOST_ENDPOINTS` that no
+/// HostEndpoint of `node` names yet.
+pub fn add_auto_host_endpoints(set: &mut PolicySet, node: &str) {
+    for (iface, role) in AUTO_HOST_ENDPOINTS {
+        if set
+            .host_endpoints
+            .iter()
+            .any(|h| h.node == node && h.interface_name == iface)
+        {
+            continue;
+        }
+        let yaml = format!(
+            "apiVersion: projectcalico.org/v3\nkind: HostEndpoint\nmetadata:\n  name: {node}-{iface}-auto\n  labels: {{ibm.role: {role}}}\nspec:\n  node: {node}\n  interfaceName: {iface}\n"
+        );
+        let loaded = policy::load_str(Path::new("<automatic host endpoints>"), &yaml);
+        if let Some(e) = loaded.errors.first() {
+            warn!("cannot create the automatic HostEndpoint for {iface}: {e}");
+            continue;
+        }
+        set.host_endpoints.extend(loaded.set.host_endpoints);
+    }
+    set.sort();
+}
+
+/// Runs `reconciler` on every snapshot from `snapshots` (coalescing those
+/// that queue up) on a blocking thread; results come out of the returned
+/// channel (a snapshot that does not compile as an error, the policy in
+/// force staying). Ends when the sender side is dropped.
+pub fn spawn(
+    mut reconciler: Reconciler,
+    mut snapshots: mpsc::Receiver<Snapshot>,
+) -> mpsc::Receiver<Result<Outcome, String>> {
+    let (tx, rx) = mpsc::channel(1);
+    tokio::spawn(async move {
+        while let Some(mut snapshot) = snapshots.recv().await {
+            while let Ok(newer) = snapshots.try_recv() {
+                snapshot = newer;
+            }
+            let done = tokio::task::spawn_blocking(move || {
+                let result = reconciler.reconcile(snapshot);
+                (reconciler, result)
+            })
+            .await;
+            let (back, result) = match done {
+                Ok(r) => r,
+                Err(e) => {
+                    error!("the reconcile thread failed: {e}");
+                    return;
+                }
+            };
+            reconciler = back;
+            if tx.send(result.map_err(|e| format!("{e:#}"))).await.is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_control_plane_is_an_outbound_failsafe() {
+        let urls = [
+            "https://127.0.0.1:2381".to_string(),
+            "http://[::1]".to_string(),
+        ];
+        let endpoints = resolve_endpoints(&urls);
+        assert_eq!(
+            endpoints,
+            [
+                "127.0.0.1:2381".parse().unwrap(),
+                "[::1]:2379".parse().unwrap()
+            ]
+        );
+        let mut set = PolicySet::default();
+        exempt_control_plane(&mut set, &endpoints);
+        let outbound = &set.failsafes.as_ref().expect("set").outbound;
+        // Calico's defaults kept, the endpoints added with their address.
+        assert!(outbound.iter().any(|p| p.port == 53));
+        let added: Vec<String> = outbound
+            .iter()
+            .filter_map(|p| Some(format!("{}:{}", p.net?, p.port)))
+            .collect();
+        assert_eq!(added, ["127.0.0.1/32:2381", "::1/128:2379"]);
+    }
+}

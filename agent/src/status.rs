@@ -1,0 +1,300 @@
+//! What the agent publishes about itself (a JSON file, replaced atomically
+//! on every apply and every few seconds) and `moat status`, which reads
+//! and renders it.
+
+use std::{collections::BTreeMap, fmt::Write as _, path::Path};
+
+use serde::{Deserialize, Serialize};
+
+/// Where the agent writes its status by default.
+pub const DEFAULT_PATH: &str = "/run/moat/status.json";
+/// How often the agent rewrites the status file, in seconds.
+pub const INTERVAL_SECS: u64 = 2;
+/// A status file older than this is stale: the agent is not running (or
+/// is stuck).
+pub const STALE_SECS: u64 = 10;
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    pub pid: u32,
+    pub version: String,
+    pub node: String,
+    /// `starting`, `enforcing saved state`, `in sync`, or `stopped`.
+    pub state: String,
+    pub audit: bool,
+    /// Seconds since the Unix epoch.
+    pub updated_at: u64,
+    pub started_at: u64,
+    pub source: SourceStatus,
+    pub generation: u32,
+    pub applied_at: Option<u64>,
+    /// The snapshot the policy in force was compiled from.
+    pub applied_from: String,
+    pub saved_state: Option<String>,
+    pub interfaces: Vec<InterfaceStatus>,
+    pub maps: Vec<MapFill>,
+    /// `counters[direction][name]`.
+    pub counters: BTreeMap<String, BTreeMap<String, u64>>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct SourceStatus {
+    /// `directory` or `etcdv3`.
+    pub kind: String,
+    pub location: String,
+    /// Whether the first complete sync has been applied.
+    pub synced: bool,
+    pub last_sync_at: Option<u64>,
+    pub last_error: Option<String>,
+    pub reconciles: u64,
+    pub failed_reconciles: u64,
+    /// Invalid objects seen over the agent's life.
+    pub rejected_objects_total: u64,
+    /// Invalid objects in the latest snapshot.
+    pub invalid_objects: u64,
+    /// Of those, objects whose last good version stays in force.
+    pub kept_last_good: u64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct InterfaceStatus {
+    pub name: String,
+    pub ifindex: Option<u32>,
+    /// Attached (XDP ingress and TC egress).
+    pub attached: bool,
+    /// A HostEndpoint of this node names it.
+    pub enforced: bool,
+    pub host_endpoint: Option<String>,
+    pub labels: BTreeMap<String, String>,
+    /// XDP attach mode asked for (`auto`, `native`, `skb`) and the TC hook.
+    pub xdp_mode: String,
+    pub tc: String,
+    /// `policies[direction][stage]`: the policies with rules there, in
+    /// evaluation order.
+    pub policies: BTreeMap<String, BTreeMap<String, Vec<String>>>,
+    /// `rules[direction][stage]`: rule entries.
+    pub rules: BTreeMap<String, BTreeMap<String, usize>>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MapFill {
+    pub name: String,
+    pub entries: u64,
+    pub max_entries: u64,
+}
+
+/// `[direction][stage]` of something.
+pub type ByStage<T> = BTreeMap<String, BTreeMap<String, T>>;
+
+/// Policies and rule counts per direction and stage of `iface`.
+pub fn tables_of(
+    iface: &crate::compile::CompiledIface,
+    names: &[String],
+) -> (ByStage<Vec<String>>, ByStage<usize>) {
+    use moat_common::{direction, table};
+    let mut policies = BTreeMap::new();
+    let mut rules = BTreeMap::new();
+    for d in [direction::INGRESS, direction::EGRESS] {
+        let dir = direction::name(d).to_string();
+        for (kind, stage) in table::NAMES.iter().enumerate() {
+            let t = iface.table(d, kind);
+            let mut list: Vec<String> = Vec::new();
+            for r in &t.rules {
+                if let Some(n) = names.get(r.policy_id as usize) {
+                    if list.last() != Some(n) && !list.contains(n) {
+                        list.push(n.clone());
+                    }
+                }
+            }
+            if !t.rules.is_empty() {
+                rules
+                    .entry(dir.clone())
+                    .or_insert_with(BTreeMap::new)
+                    .insert(stage.to_string(), t.rules.len());
+            }
+            if !list.is_empty() {
+                policies
+                    .entry(dir.clone())
+                    .or_insert_with(BTreeMap::new)
+                    .insert(stage.to_string(), list);
+            }
+        }
+    }
+    (policies, rules)
+}
+
+pub fn write(path: &Path, status: &Status) -> anyhow::Result<()> {
+    crate::state::write_atomically(path, &serde_json::to_vec_pretty(status)?)
+}
+
+/// What `moat status` found.
+#[derive(Debug)]
+pub enum Found {
+    /// The status, and its age in seconds.
+    Fresh(Box<Status>, u64),
+    /// Older than `STALE_SECS`, or its agent is gone.
+    Stale(Box<Status>, u64, String),
+    Missing,
+}
+
+pub fn read(path: &Path) -> anyhow::Result<Found> {
+    let text = match std::fs::read(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Found::Missing),
+        Err(e) => anyhow::bail!("cannot read {}: {e}", path.display()),
+    };
+    let status: Status = serde_json::from_slice(&text)
+        .map_err(|e| anyhow::anyhow!("{} is not a moat status file: {e}", path.display()))?;
+    let age = crate::state::now().saturating_sub(status.updated_at);
+    let alive = nix::sys::signal::kill(nix::unistd::Pid::from_raw(status.pid as i32), None).is_ok();
+    if status.state == "stopped" {
+        return Ok(Found::Stale(
+            Box::new(status),
+            age,
+            "the agent stopped".into(),
+        ));
+    }
+    if !alive {
+        let why = format!("process {} is not running", status.pid);
+        return Ok(Found::Stale(Box::new(status), age, why));
+    }
+    if age > STALE_SECS {
+        let why =
+            format!("not updated for {age} s (the agent rewrites it every {INTERVAL_SECS} s)");
+        return Ok(Found::Stale(Box::new(status), age, why));
+    }
+    Ok(Found::Fresh(Box::new(status), age))
+}
+
+fn ago(t: Option<u64>) -> String {
+    match t {
+        Some(t) => format!(
+            "{} ({} s ago)",
+            crate::event::rfc3339(i128::from(t) * 1_000_000_000),
+            crate::state::now().saturating_sub(t)
+        ),
+        None => "never".into(),
+    }
+}
+
+/// The status for people.
+pub fn render(s: &Status) -> String {
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "agent:       {} (pid {}, moat {}, node {}){}",
+        s.state,
+        s.pid,
+        s.version,
+        s.node,
+        if s.audit {
+            ", AUDIT mode: nothing is dropped"
+        } else {
+            ""
+        }
+    );
+    let src = &s.source;
+    let _ = writeln!(
+        o,
+        "source:      {} {}: {}, last sync {}",
+        src.kind,
+        src.location,
+        if src.synced {
+            "synced"
+        } else {
+            "not synced yet"
+        },
+        ago(src.last_sync_at)
+    );
+    let _ = writeln!(
+        o,
+        "             {} reconciles ({} failed), {} invalid objects now ({} kept at their last good version), {} rejected in all",
+        src.reconciles, src.failed_reconciles, src.invalid_objects, src.kept_last_good, src.rejected_objects_total
+    );
+    if let Some(e) = &src.last_error {
+        let _ = writeln!(o, "             last error: {e}");
+    }
+    let _ = writeln!(
+        o,
+        "policy:      generation {} applied {} from {}",
+        s.generation,
+        ago(s.applied_at),
+        if s.applied_from.is_empty() {
+            "-"
+        } else {
+            &s.applied_from
+        }
+    );
+    if let Some(saved) = &s.saved_state {
+        let _ = writeln!(o, "saved state: {saved}");
+    }
+    for i in &s.interfaces {
+        let _ = writeln!(
+            o,
+            "interface {}: {}{}",
+            i.name,
+            match (i.ifindex, i.attached) {
+                (None, _) => "absent (attached when it appears)".to_string(),
+                (Some(ix), true) =>
+                    format!("ifindex {ix}, attached (XDP {}, TC {})", i.xdp_mode, i.tc),
+                (Some(ix), false) => format!("ifindex {ix}, not attached"),
+            },
+            match &i.host_endpoint {
+                Some(h) if i.enforced => format!(", enforced by HostEndpoint {h}"),
+                Some(h) => format!(", HostEndpoint {h} (enforced once attached)"),
+                None => ", not enforced (no HostEndpoint of this node names it)".into(),
+            }
+        );
+        if !i.labels.is_empty() {
+            let labels: Vec<String> = i.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            let _ = writeln!(o, "    labels: {}", labels.join(", "));
+        }
+        for (dir, stages) in &i.rules {
+            for (stage, n) in stages {
+                let names = i
+                    .policies
+                    .get(dir)
+                    .and_then(|p| p.get(stage))
+                    .map(|l| l.join(", "))
+                    .unwrap_or_else(|| {
+                        if stage == "failsafe" {
+                            "(failsafe ports)".into()
+                        } else {
+                            "-".into()
+                        }
+                    });
+                let _ = writeln!(o, "    {dir:<7} {stage:<9} {n:>4} rules: {names}");
+            }
+        }
+    }
+    let _ = writeln!(o, "maps:");
+    for m in &s.maps {
+        let pct = if m.max_entries > 0 {
+            100.0 * m.entries as f64 / m.max_entries as f64
+        } else {
+            0.0
+        };
+        let _ = writeln!(
+            o,
+            "    {:<12} {:>7} / {:<7} ({pct:.1}%)",
+            m.name, m.entries, m.max_entries
+        );
+    }
+    for (dir, counters) in &s.counters {
+        let nonzero: Vec<String> = counters
+            .iter()
+            .filter(|(_, v)| **v > 0)
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        let _ = writeln!(
+            o,
+            "counters {dir}: {}",
+            if nonzero.is_empty() {
+                "none".into()
+            } else {
+                nonzero.join(" ")
+            }
+        );
+    }
+    o
+}
