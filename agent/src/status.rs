@@ -145,18 +145,16 @@ pub fn read(path: &Path) -> anyhow::Result<Found> {
     };
     let status: Status = serde_json::from_slice(&text)
         .map_err(|e| anyhow::anyhow!("{} is not a moat status file: {e}", path.display()))?;
+    // Judged by the file alone: `moat status` may run in another PID
+    // namespace than the agent (on the node, the agent in its pod), where
+    // the recorded pid means nothing. A killed agent stops rewriting it.
     let age = crate::state::now().saturating_sub(status.updated_at);
-    let alive = nix::sys::signal::kill(nix::unistd::Pid::from_raw(status.pid as i32), None).is_ok();
     if status.state == "stopped" {
         return Ok(Found::Stale(
             Box::new(status),
             age,
             "the agent stopped".into(),
         ));
-    }
-    if !alive {
-        let why = format!("process {} is not running", status.pid);
-        return Ok(Found::Stale(Box::new(status), age, why));
     }
     if age > STALE_SECS {
         let why =
@@ -297,4 +295,33 @@ pub fn render(s: &Status) -> String {
         );
     }
     o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fresh_stale_stopped_and_missing() {
+        let dir = std::env::temp_dir().join(format!("moat-status-{}", std::process::id()));
+        let path = dir.join("status.json");
+        assert!(matches!(read(&path), Ok(Found::Missing)));
+        let mut s = Status {
+            state: "in sync".into(),
+            updated_at: crate::state::now(),
+            ..Default::default()
+        };
+        write(&path, &s).expect("writes");
+        assert!(matches!(read(&path), Ok(Found::Fresh(..))));
+        s.updated_at -= STALE_SECS + 5;
+        write(&path, &s).expect("writes");
+        assert!(matches!(read(&path), Ok(Found::Stale(_, _, why)) if why.contains("not updated")));
+        s.updated_at = crate::state::now();
+        s.state = "stopped".into();
+        write(&path, &s).expect("writes");
+        assert!(matches!(read(&path), Ok(Found::Stale(_, _, why)) if why.contains("stopped")));
+        std::fs::write(&path, "{}x").expect("writes");
+        assert!(read(&path).is_err());
+        std::fs::remove_dir_all(&dir).expect("cleanup");
+    }
 }
