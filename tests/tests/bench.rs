@@ -132,6 +132,26 @@ fn smoke_run_has_every_engines_figures_and_leaves_nothing_behind() {
             engine.name()
         );
     }
+    let e = &json["event_path"];
+    let n = |k: &str| {
+        e[k].as_u64()
+            .unwrap_or_else(|| panic!("event_path.{k}: {e}"))
+    };
+    assert_eq!(
+        n("flood_denied"),
+        n("flood_packets"),
+        "every flooded frame denied"
+    );
+    assert_eq!(
+        n("flood_emitted") + n("flood_suppressed") + n("flood_lost"),
+        n("flood_denied"),
+        "every deny's event emitted, suppressed or lost: {e}"
+    );
+    assert!(
+        n("flood_suppressed") > 0,
+        "the default limit suppresses a flood"
+    );
+    assert!(e["reader_events_per_s"].as_f64().unwrap() > 0.0);
     assert_eq!(json["memory"].as_array().unwrap().len(), 2);
     assert!(json["memory"][0]["map_bytes"].as_u64().unwrap() > 0);
     assert_eq!(json["bar"].as_array().unwrap().len(), 4);

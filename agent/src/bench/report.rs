@@ -304,6 +304,48 @@ pub fn markdown(report: &Report) -> String {
             cell(u.change_ms, "")
         );
     }
+    if let Some(e) = &report.event_path {
+        let _ = writeln!(s, "\n## The deny event path ({} rules)\n", e.rules);
+        let _ = writeln!(s, "| figure | value |\n|---|---:|");
+        let _ = writeln!(
+            s,
+            "| denied packet, event written (BPF_PROG_TEST_RUN, ns) | {:.1} [{:.0}..{:.0}] |",
+            e.deny_event_written_ns.median,
+            e.deny_event_written_ns.min,
+            e.deny_event_written_ns.max
+        );
+        let _ = writeln!(
+            s,
+            "| denied packet, event suppressed by the rate limit (ns) | {:.1} [{:.0}..{:.0}] |",
+            e.deny_event_suppressed_ns.median,
+            e.deny_event_suppressed_ns.min,
+            e.deny_event_suppressed_ns.max
+        );
+        let _ = writeln!(
+            s,
+            "| added by writing the event (ns, medians) | {:.1} |",
+            e.deny_event_written_ns.median - e.deny_event_suppressed_ns.median
+        );
+        let _ = writeln!(
+            s,
+            "| events/s drained by a reader between bursts of live frames, no limit | {:.0} |",
+            e.reader_events_per_s
+        );
+        let _ = writeln!(
+            s,
+            "| flood of {} live frames, default limit: denied / emitted / suppressed / lost | {} / {} / {} / {} |",
+            e.flood_packets, e.flood_denied, e.flood_emitted, e.flood_suppressed, e.flood_lost
+        );
+        let _ = writeln!(
+            s,
+            "\nemitted + suppressed + lost {} the packets denied.",
+            if e.flood_emitted + e.flood_suppressed + e.flood_lost == e.flood_denied {
+                "equals"
+            } else {
+                "does NOT equal"
+            }
+        );
+    }
     let _ = writeln!(s, "\n## moat's memory\n");
     let _ = writeln!(
         s,

@@ -144,10 +144,34 @@ pub struct Bar {
     pub detail: String,
 }
 
+/// The deny event path: what an event costs, how many a reader drains,
+/// and the accounting under a flood.
+#[derive(Clone, Debug, Serialize)]
+pub struct EventPath {
+    /// Rules of the set measured on.
+    pub rules: usize,
+    /// A denied packet (no match), its event written (no rate limit;
+    /// BPF_PROG_TEST_RUN, repeats small enough for the ring buffer).
+    pub deny_event_written_ns: Spread,
+    /// The same packet, its event suppressed by the rate limit.
+    pub deny_event_suppressed_ns: Spread,
+    /// Events read per second by a reader draining the ring buffer between
+    /// bursts of live frames, no rate limit (kernel to agent process).
+    pub reader_events_per_s: f64,
+    /// Flood of live frames with the agent's default limit (100/s, burst
+    /// 200): packets, denied, events emitted, suppressed, lost.
+    pub flood_packets: u64,
+    pub flood_denied: u64,
+    pub flood_emitted: u64,
+    pub flood_suppressed: u64,
+    pub flood_lost: u64,
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct Report {
     pub machine: Machine,
     pub options: Options,
+    pub event_path: Option<EventPath>,
     pub classification: Vec<Classification>,
     pub throughput: Vec<Throughput>,
     pub updates: Vec<Update>,
@@ -275,6 +299,81 @@ fn verdict_name(action: u32) -> &'static str {
         XDP_PASS => "pass",
         _ => "other",
     }
+}
+
+/// The deny event path on the realistic set of the smallest rule count.
+fn event_path(dp: &mut Dataplane, opts: &Options) -> anyhow::Result<EventPath> {
+    use moat_common::{counter, direction};
+    let n = opts.rules.iter().copied().min().unwrap_or(1);
+    let set = RuleSet::generate(Shape::Realistic, n, opts.seed).map_err(anyhow::Error::msg)?;
+    dp.apply(&BTreeMap::from([(1, compile_set(&set)?)]), 1)?;
+    let frame = no_match_frame();
+    // 8,000 events of 120 bytes (header included) fit the 1 MiB ring: each
+    // is really written, none lost.
+    let repeat = 8_000;
+    dp.set_event_rate(0, 1)?;
+    let (_, written) = test_spread(
+        || {
+            dp.drain_events();
+            let r = dp.test_ingress(&frame, repeat)?;
+            dp.drain_events();
+            Ok(r)
+        },
+        opts.runs,
+    )?;
+    // One event per source per second: every repeat after the first is
+    // suppressed.
+    dp.set_event_rate(1, 1)?;
+    let (_, suppressed) = test_spread(
+        || {
+            let r = dp.test_ingress(&frame, repeat)?;
+            dp.drain_events();
+            Ok(r)
+        },
+        opts.runs,
+    )?;
+    // A reader draining between bursts, no limit.
+    dp.set_event_rate(0, 1)?;
+    dp.drain_events();
+    let started = std::time::Instant::now();
+    let mut read = 0u64;
+    while started.elapsed() < opts.duration.max(Duration::from_millis(200)) {
+        dp.flood_ingress(&frame, 4_000)?;
+        read += dp.drain_events().len() as u64;
+    }
+    let reader_events_per_s = read as f64 / started.elapsed().as_secs_f64();
+    // A flood with the agent's default limit.
+    dp.set_event_rate(100, 200)?;
+    dp.drain_events();
+    let before = dp.counters()?[direction::INGRESS as usize];
+    let flood_packets: u64 = if opts.duration < Duration::from_secs(1) {
+        100_000
+    } else {
+        1_000_000
+    };
+    let mut left = flood_packets;
+    while left > 0 {
+        let chunk = left.min(100_000);
+        dp.flood_ingress(&frame, chunk as u32)?;
+        dp.drain_events();
+        left -= chunk;
+    }
+    let after = dp.counters()?[direction::INGRESS as usize];
+    let delta = |c: u32| after[c as usize] - before[c as usize];
+    let denied = delta(counter::END_OF_POLICIES_DENIED)
+        + delta(counter::RULE_DENIED)
+        + delta(counter::NO_PROFILE_DENIED);
+    Ok(EventPath {
+        rules: n,
+        deny_event_written_ns: written,
+        deny_event_suppressed_ns: suppressed,
+        reader_events_per_s,
+        flood_packets,
+        flood_denied: denied,
+        flood_emitted: delta(counter::EVENTS_EMITTED),
+        flood_suppressed: delta(counter::EVENTS_SUPPRESSED),
+        flood_lost: delta(counter::EVENTS_LOST),
+    })
 }
 
 /// Classification cost of moat's XDP program through BPF_PROG_TEST_RUN.
@@ -782,6 +881,7 @@ pub fn run(opts: &Options) -> anyhow::Result<Report> {
     let mut report = Report {
         machine: machine(),
         options: opts.clone(),
+        event_path: None,
         classification: Vec::new(),
         throughput: Vec::new(),
         updates: Vec::new(),
@@ -800,6 +900,9 @@ pub fn run(opts: &Options) -> anyhow::Result<Report> {
             classify(&mut dp, opts, shape, n, &mut report.classification)?;
         }
     }
+    progress("the deny event path");
+    report.event_path = Some(event_path(&mut dp, opts)?);
+    dp.set_event_rate(100, 200)?;
     // Through the stack, on the realistic shape.
     for &n in &opts.rules {
         let set = RuleSet::generate(Shape::Realistic, n, opts.seed).map_err(anyhow::Error::msg)?;
