@@ -52,10 +52,23 @@ pub struct Config {
     pub state_file: Option<PathBuf>,
     /// The status file `moat status` reads (`none`: not written).
     pub status_file: Option<PathBuf>,
+    /// bpffs directory of the pinned maps and links (`none`: pin nothing;
+    /// default `/sys/fs/bpf/moat`).
+    pub pin_dir: Option<PathBuf>,
+    /// Remove the pins (and so detach) when the agent exits.
+    pub detach_on_exit: Option<bool>,
+    /// Connections tracked at once (default 32768).
+    pub max_connections: Option<u32>,
+    /// Capacity of the class-vector map in 64-bit words (default 2097152).
+    pub class_words: Option<u32>,
+    /// Interfaces in audit mode (beside `audit`, which covers all).
+    pub audit_interfaces: Option<Vec<String>>,
+    /// Replace an XDP program another tool attached by netlink.
+    pub replace_xdp: Option<bool>,
 }
 
 /// The keys of `Config`, as the file spells them.
-pub const KEYS: [&str; 13] = [
+pub const KEYS: [&str; 19] = [
     "node",
     "interfaces",
     "autoHostEndpoints",
@@ -69,6 +82,12 @@ pub const KEYS: [&str; 13] = [
     "output",
     "stateFile",
     "statusFile",
+    "pinDir",
+    "detachOnExit",
+    "maxConnections",
+    "classWords",
+    "auditInterfaces",
+    "replaceXdp",
 ];
 
 /// `eventRate` -> `MOAT_EVENT_RATE`.
@@ -133,7 +152,7 @@ pub fn from_env(vars: impl IntoIterator<Item = (String, String)>) -> anyhow::Res
         let Some(key) = KEYS.iter().find(|k| env_name(k) == name) else {
             continue;
         };
-        let value = if *key == "interfaces" {
+        let value = if matches!(*key, "interfaces" | "auditInterfaces") {
             Value::Sequence(
                 text.split(',')
                     .map(str::trim)
@@ -143,7 +162,14 @@ pub fn from_env(vars: impl IntoIterator<Item = (String, String)>) -> anyhow::Res
             )
         } else if matches!(
             *key,
-            "audit" | "autoHostEndpoints" | "eventRate" | "eventBurst"
+            "audit"
+                | "autoHostEndpoints"
+                | "eventRate"
+                | "eventBurst"
+                | "detachOnExit"
+                | "maxConnections"
+                | "classWords"
+                | "replaceXdp"
         ) {
             // A scalar as YAML reads it (true, 100); anything else is
             // reported against the variable.
@@ -194,6 +220,12 @@ impl Config {
             output: self.output.or(lower.output),
             state_file: self.state_file.or(lower.state_file),
             status_file: self.status_file.or(lower.status_file),
+            pin_dir: self.pin_dir.or(lower.pin_dir),
+            detach_on_exit: self.detach_on_exit.or(lower.detach_on_exit),
+            max_connections: self.max_connections.or(lower.max_connections),
+            class_words: self.class_words.or(lower.class_words),
+            audit_interfaces: self.audit_interfaces.or(lower.audit_interfaces),
+            replace_xdp: self.replace_xdp.or(lower.replace_xdp),
         }
     }
 }
@@ -246,6 +278,14 @@ pub fn resolve(
             known.join(", ")
         );
     }
+    let max_connections = merged.max_connections.unwrap_or(moat_common::MAX_FLOWS / 2);
+    if !(512..=8_388_608).contains(&max_connections) {
+        anyhow::bail!("maxConnections: {max_connections} is not in 512..=8388608");
+    }
+    let class_words = merged.class_words.unwrap_or(moat_common::MAX_CLASS_WORDS);
+    if !(4096..=67_108_864).contains(&class_words) {
+        anyhow::bail!("classWords: {class_words} is not in 4096..=67108864");
+    }
     let event_burst = merged.event_burst.unwrap_or(200);
     if !(1..=1_000_000).contains(&event_burst) {
         anyhow::bail!("eventBurst: {event_burst} is not in 1..=1000000");
@@ -275,12 +315,20 @@ pub fn resolve(
                 .status_file
                 .unwrap_or_else(|| crate::status::DEFAULT_PATH.into()),
         ),
+        audit_ifaces: merged.audit_interfaces.unwrap_or_default(),
+        replace_xdp: merged.replace_xdp.unwrap_or(false),
+        pin_dir: optional_path(
+            merged
+                .pin_dir
+                .unwrap_or_else(|| crate::agent::DEFAULT_PIN_DIR.into()),
+        ),
+        detach_on_exit: merged.detach_on_exit.unwrap_or(false),
+        capacities: crate::dataplane::Capacities {
+            flows: max_connections * 2,
+            class_words,
+            ..Default::default()
+        },
         // Command-line only (main.rs sets them from the flags).
-        audit_ifaces: Vec::new(),
-        replace_xdp: false,
-        pin_dir: Some(crate::agent::DEFAULT_PIN_DIR.into()),
-        detach_on_exit: false,
-        capacities: crate::dataplane::Capacities::default(),
         observe: crate::observe::ObserveConfig::default(),
     })
 }
@@ -433,5 +481,60 @@ mod tests {
         )
         .expect("valid");
         assert_eq!(cfg.state_file, None);
+    }
+}
+
+#[cfg(test)]
+mod dataplane_keys {
+    use super::*;
+
+    #[test]
+    fn pinning_capacities_and_audit_interfaces_from_every_layer() {
+        let vars = [
+            ("MOAT_PIN_DIR".to_string(), "none".to_string()),
+            (
+                "MOAT_AUDIT_INTERFACES".to_string(),
+                "eth1, eth0".to_string(),
+            ),
+            ("MOAT_MAX_CONNECTIONS".to_string(), "1000".to_string()),
+            ("MOAT_REPLACE_XDP".to_string(), "true".to_string()),
+        ];
+        let env = from_env(vars).expect("valid");
+        assert_eq!(
+            env.audit_interfaces,
+            Some(vec!["eth1".into(), "eth0".into()])
+        );
+        let cfg = resolve(
+            Config {
+                node: Some("w1".into()),
+                ..Default::default()
+            }
+            .over(env),
+            None,
+        )
+        .expect("resolves");
+        assert_eq!(cfg.pin_dir, None, "pinDir none pins nothing");
+        assert_eq!(cfg.capacities.flows, 2000);
+        assert!(cfg.replace_xdp);
+        assert_eq!(cfg.audit_ifaces, ["eth1", "eth0"]);
+        let defaults = resolve(Config::default(), Some("w1".into())).expect("resolves");
+        assert_eq!(
+            defaults.pin_dir.as_deref(),
+            Some(std::path::Path::new(crate::agent::DEFAULT_PIN_DIR))
+        );
+        let e = resolve(
+            Config {
+                max_connections: Some(10),
+                ..Default::default()
+            },
+            Some("w1".into()),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("maxConnections"), "{e}");
+        let e = from_env([("MOAT_CLASS_WORDS".to_string(), "many".to_string())])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("MOAT_CLASS_WORDS"), "{e}");
     }
 }

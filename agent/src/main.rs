@@ -86,33 +86,36 @@ enum Command {
         #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
         auto_host_endpoints: Option<bool>,
         /// Audit mode on this interface only (repeat for several; one of
-        /// the --iface).
+        /// the interfaces) [key: auditInterfaces].
         #[arg(long = "audit-iface", value_name = "NAME")]
         audit_ifaces: Vec<String>,
         /// Replace an XDP program another tool attached by netlink (Calico's,
-        /// `ip link`'s) instead of refusing to start.
-        #[arg(long)]
-        replace_xdp: bool,
+        /// `ip link`'s) instead of refusing to start [key: replaceXdp].
+        #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+        replace_xdp: Option<bool>,
         /// bpffs directory for moat's maps and links: enforcement, tracked
         /// flows and counters outlive the agent, and a restarted agent
-        /// takes them over without a gap.
-        #[arg(long, value_name = "DIR", default_value = moat::agent::DEFAULT_PIN_DIR, conflicts_with = "no_pin")]
-        pin_dir: PathBuf,
-        /// Pin nothing: the programs detach when the agent exits.
+        /// takes them over without a gap ("none": pin nothing)
+        /// [key: pinDir; default: /sys/fs/bpf/moat].
+        #[arg(long, value_name = "DIR", conflicts_with = "no_pin")]
+        pin_dir: Option<PathBuf>,
+        /// Pin nothing: the programs detach when the agent exits (the same
+        /// as --pin-dir none).
         #[arg(long)]
         no_pin: bool,
         /// On SIGINT/SIGTERM remove everything pinned (as `moat uninstall`)
-        /// instead of leaving enforcement in place.
-        #[arg(long)]
-        detach_on_exit: bool,
+        /// instead of leaving enforcement in place [key: detachOnExit].
+        #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+        detach_on_exit: Option<bool>,
         /// Connections tracked at once (two map entries each); the least
-        /// recently used is forgotten beyond.
-        #[arg(long, default_value_t = moat_common::MAX_FLOWS / 2, value_parser = clap::value_parser!(u32).range(512..=8_388_608))]
-        max_connections: u32,
-        /// Capacity of the class-vector map in 64-bit words (both policy
-        /// generations together; `moat check` reports what a policy needs).
-        #[arg(long, default_value_t = moat_common::MAX_CLASS_WORDS, value_parser = clap::value_parser!(u32).range(4096..=67_108_864))]
-        class_words: u32,
+        /// recently used is forgotten beyond [key: maxConnections;
+        /// default: 32768].
+        #[arg(long)]
+        max_connections: Option<u32>,
+        /// Capacity of the class-vector map in 64-bit words, both policy
+        /// generations together [key: classWords; default: 2097152].
+        #[arg(long)]
+        class_words: Option<u32>,
         #[command(flatten)]
         observe: ObserveArgs,
     },
@@ -478,17 +481,14 @@ fn main() -> ExitCode {
                 output,
                 state_file,
                 status_file,
+                pin_dir: if no_pin { Some("none".into()) } else { pin_dir },
+                detach_on_exit,
+                max_connections,
+                class_words,
+                audit_interfaces: (!audit_ifaces.is_empty()).then_some(audit_ifaces),
+                replace_xdp,
             };
             agent_config(flags, config).and_then(|mut cfg| {
-                cfg.capacities = moat::dataplane::Capacities {
-                    flows: max_connections * 2,
-                    class_words,
-                    ..Default::default()
-                };
-                cfg.pin_dir = (!no_pin).then_some(pin_dir);
-                cfg.detach_on_exit = detach_on_exit;
-                cfg.audit_ifaces = audit_ifaces;
-                cfg.replace_xdp = replace_xdp;
                 cfg.observe = observe.config()?;
                 tokio::runtime::Builder::new_multi_thread()
                     .worker_threads(2)
