@@ -277,10 +277,12 @@ fn addr_field(
     prefixes.push((0, 0));
     prefixes.sort();
     prefixes.dedup();
+    // Only the lengths some rule names can hold a containing prefix.
+    let lengths: BTreeSet<u8> = exact.keys().map(|&(_, l)| l).collect();
     let mut out = Vec::with_capacity(prefixes.len());
     for (net, len) in prefixes {
         let mut v = any.clone();
-        for l in 0..=len {
+        for &l in lengths.range(..=len) {
             if let Some(e) = exact.get(&(truncate(net, l), l)) {
                 or(&mut v, e);
             }

@@ -656,11 +656,16 @@ impl Dataplane {
             images.push((ifindex, slot as u32, per_dir));
         }
         let words_per_bank = self.class_words.len() / 2;
-        let needed_words: usize = images
+        // Each classifier's vectors as the programs read them, once.
+        let encoded: Vec<Vec<Vec<Vec<u64>>>> = images
             .iter()
-            .flat_map(|(_, _, d)| d.iter())
-            .map(|i| i.classes.iter().map(|c| encode(c).len()).sum::<usize>())
-            .sum();
+            .map(|(_, _, d)| {
+                d.iter()
+                    .map(|i| i.classes.iter().map(encode).collect())
+                    .collect()
+            })
+            .collect();
+        let needed_words: usize = encoded.iter().flatten().flatten().map(Vec::len).sum();
         if needed_words > words_per_bank as usize {
             return Err(DataplaneError::WordsFull {
                 needed: needed_words,
@@ -687,7 +692,7 @@ impl Dataplane {
         let mut next_rule = bank * rules_per_bank;
         let mut next_word = bank * words_per_bank;
         let mut configs = Vec::new();
-        for (ifindex, slot, per_dir) in &images {
+        for ((ifindex, slot, per_dir), encoded) in images.iter().zip(&encoded) {
             let mut config = IfaceConfig {
                 flags: IFACE_ENFORCED
                     | if self.local.is_some() {
@@ -703,7 +708,7 @@ impl Dataplane {
                 generation,
                 ..Default::default()
             };
-            for (dir, image) in per_dir.iter().enumerate() {
+            for (dir, (image, vectors)) in per_dir.iter().zip(encoded).enumerate() {
                 let id = classifier_id(bank, *slot, dir as u32);
                 let rule_base = next_rule;
                 for (i, rule) in image.bits.iter().enumerate() {
@@ -715,10 +720,10 @@ impl Dataplane {
                         .map_err(map_err(map_names::RULE_STATS))?;
                 }
                 next_rule += image.bits.len() as u32;
-                let mut offsets = Vec::with_capacity(image.classes.len());
-                for class in &image.classes {
+                let mut offsets = Vec::with_capacity(vectors.len());
+                for vector in vectors {
                     offsets.push(next_word);
-                    for word in encode(class) {
+                    for &word in vector {
                         self.class_words
                             .set(next_word, word, 0)
                             .map_err(map_err(map_names::CLASS_WORDS))?;
