@@ -334,6 +334,7 @@ fn start_source(
     source: &PolicySource,
     tx: tokio::sync::mpsc::Sender<crate::reconcile::Snapshot>,
     kube: Option<kube::Config>,
+    node: &str,
 ) -> anyhow::Result<()> {
     match source {
         PolicySource::Directory(dir) => crate::dirsource::watch(dir.clone(), tx),
@@ -343,6 +344,7 @@ fn start_source(
         }
         PolicySource::Kubernetes { .. } => crate::k8ssource::spawn(
             kube.context("the Kubernetes client configuration was not loaded")?,
+            node,
             tx,
         ),
     }
@@ -781,7 +783,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         );
     }
     let mut outcomes = crate::reconcile::spawn(reconciler, snapshots_rx);
-    start_source(&cfg.source, snapshots_tx, kube)?;
+    start_source(&cfg.source, snapshots_tx, kube, &cfg.node)?;
 
     let ring = dataplane
         .take_events()

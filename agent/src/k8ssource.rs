@@ -5,21 +5,30 @@
 //! one snapshot of everything held, read by `policy::load_texts` as the
 //! other sources' objects are. The first snapshot waits for every
 //! resource's first complete list. A re-list or reconnect that brings
-//! nothing new sends nothing, so it applies nothing.
+//! nothing new sends nothing, so it applies nothing. An object that
+//! fails validation gets a Kubernetes Event (events.k8s.io/v1, type
+//! Warning, reason `InvalidPolicy`) once per version found invalid.
 
-use std::{collections::BTreeMap, net::SocketAddr, path::Path, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::SocketAddr,
+    path::Path,
+    time::Duration,
+};
 
 use anyhow::Context as _;
 use futures_util::{stream::SelectAll, StreamExt as _};
+use k8s_openapi::api::core::v1::ObjectReference;
 use kube::{
     api::{Api, ApiResource, DynamicObject, GroupVersionKind},
     config::{KubeConfigOptions, Kubeconfig},
     runtime::{
+        events::{Event as KubeEvent, EventType, Recorder, Reporter},
         utils::Backoff,
         watcher::{self, Event},
         WatchStreamExt as _,
     },
-    Client, ResourceExt as _,
+    Client, Resource as _, ResourceExt as _,
 };
 use serde_json::{json, Value};
 use tokio::{sync::mpsc, time::Instant};
@@ -208,17 +217,82 @@ impl Backoff for Retry {
 }
 
 /// Starts the source on the runtime; it runs until `out` is closed.
-pub fn spawn(cfg: kube::Config, out: mpsc::Sender<Snapshot>) -> anyhow::Result<()> {
+/// `node` names the reporting instance of the Events it records.
+pub fn spawn(cfg: kube::Config, node: &str, out: mpsc::Sender<Snapshot>) -> anyhow::Result<()> {
     let server = cfg.cluster_url.to_string();
     let client = Client::try_from(cfg).context("building the Kubernetes client")?;
-    tokio::spawn(run(client, server, out));
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: REPORTER.into(),
+            instance: Some(format!("{REPORTER}-{node}")),
+        },
+    );
+    tokio::spawn(run(client, recorder, server, out));
     Ok(())
+}
+
+/// The reporting controller of the Events the agent records.
+pub const REPORTER: &str = "moat-agent";
+
+/// Records a Warning Event on each object of `snapshot` that is invalid
+/// and was not reported in this form before (`reported` holds what the
+/// previous snapshot found invalid: an object fixed and broken again is
+/// reported again). Publishing runs in the background: an API server
+/// that refuses (RBAC) is logged, and the source goes on.
+fn report_invalid(
+    recorder: &Recorder,
+    snapshot: &Snapshot,
+    refs: &BTreeMap<String, ObjectReference>,
+    reported: &mut BTreeSet<(String, String)>,
+) {
+    let mut now = BTreeSet::new();
+    for e in &snapshot.loaded.errors {
+        let key = e.file.display().to_string();
+        let note = if e.field.is_empty() {
+            e.message.clone()
+        } else {
+            format!("{}: {}", e.field, e.message)
+        };
+        let entry = (key.clone(), note.clone());
+        now.insert(entry.clone());
+        if reported.contains(&entry) {
+            continue;
+        }
+        let Some(reference) = refs.get(&key).cloned() else {
+            continue;
+        };
+        let recorder = recorder.clone();
+        // Notes are at most 1 kB.
+        let mut note = format!("{note}; the last good version, if any, stays in force");
+        if note.len() > 1024 {
+            let mut cut = 1021;
+            while !note.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            note.truncate(cut);
+            note.push_str("...");
+        }
+        tokio::spawn(async move {
+            let event = KubeEvent {
+                type_: EventType::Warning,
+                reason: "InvalidPolicy".into(),
+                note: Some(note),
+                action: "Reconcile".into(),
+                secondary: None,
+            };
+            if let Err(e) = recorder.publish(&event, &reference).await {
+                warn!("recording a Kubernetes Event on {key}: {e}");
+            }
+        });
+    }
+    *reported = now;
 }
 
 type Watch =
     futures_util::stream::BoxStream<'static, (usize, Result<Event<DynamicObject>, watcher::Error>)>;
 
-async fn run(client: Client, server: String, out: mpsc::Sender<Snapshot>) {
+async fn run(client: Client, recorder: Recorder, server: String, out: mpsc::Sender<Snapshot>) {
     let mut streams: SelectAll<Watch> = SelectAll::new();
     for (i, w) in WATCHED.iter().enumerate() {
         let api: Api<DynamicObject> = Api::all_with(client.clone(), &api_resource(w));
@@ -230,6 +304,9 @@ async fn run(client: Client, server: String, out: mpsc::Sender<Snapshot>) {
         );
     }
     let mut stores: Vec<Store> = WATCHED.iter().map(|_| Store::default()).collect();
+    // Store key -> the object, for Events about it.
+    let mut refs: BTreeMap<String, ObjectReference> = BTreeMap::new();
+    let mut reported: BTreeSet<(String, String)> = BTreeSet::new();
     let mut sent: Option<BTreeMap<String, String>> = None;
     // (first change, last change) since the last snapshot.
     let mut pending: Option<(Instant, Instant)> = None;
@@ -256,7 +333,9 @@ async fn run(client: Client, server: String, out: mpsc::Sender<Snapshot>) {
                     .flat_map(|(_, s)| s.objects.iter().map(|(k, v)| (k.clone(), v.clone())))
                     .collect();
                 if sent.as_ref() != Some(&objects) {
-                    if out.send(snapshot(&objects, &server)).await.is_err() {
+                    let s = snapshot(&objects, &server);
+                    report_invalid(&recorder, &s, &refs, &mut reported);
+                    if out.send(s).await.is_err() {
                         return;
                     }
                     sent = Some(objects);
@@ -277,6 +356,7 @@ async fn run(client: Client, server: String, out: mpsc::Sender<Snapshot>) {
                 false
             }
             Ok(Event::InitApply(obj)) => {
+                refs.insert(key(w, &obj), obj.object_ref(&api_resource(w)));
                 store
                     .listing
                     .get_or_insert_with(BTreeMap::new)
@@ -297,9 +377,13 @@ async fn run(client: Client, server: String, out: mpsc::Sender<Snapshot>) {
             }
             Ok(Event::Apply(obj)) => {
                 let (k, t) = (key(w, &obj), text(w, &obj));
+                refs.insert(k.clone(), obj.object_ref(&api_resource(w)));
                 store.objects.insert(k, t.clone()) != Some(t)
             }
-            Ok(Event::Delete(obj)) => store.objects.remove(&key(w, &obj)).is_some(),
+            Ok(Event::Delete(obj)) => {
+                refs.remove(&key(w, &obj));
+                store.objects.remove(&key(w, &obj)).is_some()
+            }
             Err(e) => {
                 warn!(
                     "Kubernetes API {server}: {}.{}: {e}; the policy in force stays; the watch resumes (a 410 Gone re-lists)",

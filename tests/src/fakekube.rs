@@ -52,6 +52,8 @@ struct State {
     watches: BTreeMap<String, Vec<String>>,
     /// Requests that were refused for want of the token.
     unauthorized: u32,
+    /// events.k8s.io/v1 Events created (and patched in place).
+    events: Vec<Value>,
 }
 
 struct Shared {
@@ -230,6 +232,11 @@ impl FakeKube {
         self.with(|st| st.watches.get(&path).cloned().unwrap_or_default())
     }
 
+    /// The Events recorded (events.k8s.io/v1), as last created or patched.
+    pub fn events(&self) -> Vec<Value> {
+        self.with(|st| st.events.clone())
+    }
+
     /// Requests refused for a missing or wrong token.
     pub fn unauthorized(&self) -> u32 {
         self.with(|st| st.unauthorized)
@@ -243,9 +250,19 @@ impl Drop for FakeKube {
     }
 }
 
-/// One request's line and headers, or None when the connection ended.
-fn read_request(reader: &mut BufReader<TcpStream>, shared: &Shared) -> Option<(String, bool)> {
+/// One request: method, target, whether it carried the token, body.
+struct Request {
+    method: String,
+    target: String,
+    authorized: bool,
+    body: Vec<u8>,
+}
+
+/// One request, or None when the connection ended.
+fn read_request(reader: &mut BufReader<TcpStream>, shared: &Shared) -> Option<Request> {
     let mut target = String::new();
+    let mut method = String::new();
+    let mut length = 0usize;
     let mut authorized = shared.token.is_none();
     let mut line = String::new();
     loop {
@@ -269,15 +286,37 @@ fn read_request(reader: &mut BufReader<TcpStream>, shared: &Shared) -> Option<(S
         let l = line.trim_end();
         if target.is_empty() {
             let mut parts = l.split(' ');
-            let (method, t) = (parts.next()?, parts.next()?);
-            if method != "GET" {
-                return None;
-            }
+            let (m, t) = (parts.next()?, parts.next()?);
+            method = m.to_string();
             target = t.to_string();
             continue;
         }
         if l.is_empty() {
-            return Some((target, authorized));
+            let mut body = vec![0; length];
+            let mut got = 0;
+            while got < length {
+                match std::io::Read::read(reader, &mut body[got..]) {
+                    Ok(0) => return None,
+                    Ok(n) => got += n,
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        ) => {}
+                    Err(_) => return None,
+                }
+            }
+            return Some(Request {
+                method,
+                target,
+                authorized,
+                body,
+            });
+        }
+        if let Some((name, value)) = l.split_once(':') {
+            if name.eq_ignore_ascii_case("content-length") {
+                length = value.trim().parse().ok()?;
+            }
         }
         if let (Some((name, value)), Some(token)) = (l.split_once(':'), &shared.token) {
             if name.eq_ignore_ascii_case("authorization")
@@ -293,6 +332,7 @@ fn respond(stream: &mut TcpStream, code: u16, body: &Value) -> std::io::Result<(
     let text = body.to_string();
     let reason = match code {
         200 => "OK",
+        201 => "Created",
         401 => "Unauthorized",
         404 => "Not Found",
         _ => "Error",
@@ -317,8 +357,17 @@ fn serve(shared: &Shared, stream: TcpStream) {
     };
     let mut reader = BufReader::new(read_half);
     let mut stream = stream;
-    while let Some((target, authorized)) = read_request(&mut reader, shared) {
+    while let Some(Request {
+        method,
+        target,
+        authorized,
+        body,
+    }) = read_request(&mut reader, shared)
+    {
         let (path, query) = target.split_once('?').unwrap_or((&target, ""));
+        let event_path = path
+            .strip_prefix("/apis/events.k8s.io/v1/namespaces/")
+            .and_then(|rest| rest.split_once("/events"));
         let params: BTreeMap<&str, &str> = query
             .split('&')
             .filter_map(|kv| kv.split_once('='))
@@ -329,6 +378,52 @@ fn serve(shared: &Shared, stream: TcpStream) {
                 &mut stream,
                 401,
                 &status(401, "Unauthorized", "Unauthorized"),
+            )
+        } else if let (Some((_ns, name)), "POST" | "PATCH") = (event_path, method.as_str()) {
+            let Ok(event) = serde_json::from_slice::<Value>(&body) else {
+                let _ = respond(
+                    &mut stream,
+                    400,
+                    &status(400, "BadRequest", "not a JSON body"),
+                );
+                return;
+            };
+            let mut st = shared.state.lock().expect("lock");
+            let name = name.trim_start_matches('/').to_string();
+            let stored = if method == "PATCH" {
+                match st
+                    .events
+                    .iter_mut()
+                    .find(|e| e["metadata"]["name"] == name.as_str())
+                {
+                    Some(e) => {
+                        if let (Some(e), Some(patch)) = (e.as_object_mut(), event.as_object()) {
+                            for (k, v) in patch {
+                                e.insert(k.clone(), v.clone());
+                            }
+                        }
+                        Some(e.clone())
+                    }
+                    None => None,
+                }
+            } else {
+                st.events.push(event.clone());
+                Some(event)
+            };
+            drop(st);
+            match stored {
+                Some(e) => respond(&mut stream, if method == "POST" { 201 } else { 200 }, &e),
+                None => respond(
+                    &mut stream,
+                    404,
+                    &status(404, "NotFound", &format!("no event {name}")),
+                ),
+            }
+        } else if method != "GET" {
+            respond(
+                &mut stream,
+                405,
+                &status(405, "MethodNotAllowed", &format!("{method} {path}")),
             )
         } else if let Some(w) = WATCHED.iter().find(|w| path_of(w) == path) {
             if params.get("watch") == Some(&"true") || params.get("watch") == Some(&"1") {

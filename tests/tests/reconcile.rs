@@ -1090,6 +1090,26 @@ fn kubernetes_api_changes_reach_the_kernel_across_dropped_and_expired_watches() 
         connects(&client.name, "198.18.1.1:9091", Duration::from_secs(1)),
         "9091 still allowed"
     );
+    // A Kubernetes Event on the invalid object says why.
+    eventually("a Kubernetes Event on allow-metrics", || {
+        !kube.events().is_empty()
+    });
+    let events = kube.events();
+    assert_eq!(events.len(), 1, "{events:#?}");
+    let e = &events[0];
+    assert_eq!(e["type"], "Warning", "{e:#}");
+    assert_eq!(e["reason"], "InvalidPolicy", "{e:#}");
+    assert_eq!(e["reportingController"], "moat-agent", "{e:#}");
+    assert_eq!(e["regarding"]["kind"], "GlobalNetworkPolicy", "{e:#}");
+    assert_eq!(e["regarding"]["name"], "allow-metrics", "{e:#}");
+    assert_eq!(
+        e["regarding"]["apiVersion"], "crd.projectcalico.org/v1",
+        "{e:#}"
+    );
+    assert!(
+        e["note"].as_str().is_some_and(|n| n.contains("ninety")),
+        "{e:#}"
+    );
     kube.delete(CALICO, "globalnetworkpolicies", None, "allow-metrics");
     wait_for(&client, 9091, false).expect("9091 denied after the delete");
 
