@@ -989,6 +989,25 @@ fn eventually(what: &str, cond: impl Fn() -> bool) {
     }
 }
 
+/// The status file's reconcile count once it stops changing (the file is
+/// written just after the apply whose verdict a test may already see).
+fn settled_reconciles(dir: &Dir) -> u64 {
+    let read = || {
+        dir.status()["source"]["reconciles"]
+            .as_u64()
+            .expect("reconciles")
+    };
+    let mut last = read();
+    loop {
+        std::thread::sleep(Duration::from_millis(400));
+        let now = read();
+        if now == last {
+            return now;
+        }
+        last = now;
+    }
+}
+
 #[test]
 fn kubernetes_api_changes_reach_the_kernel_across_dropped_and_expired_watches() {
     let (worker, client) = lab();
@@ -1146,9 +1165,7 @@ fn kubernetes_api_changes_reach_the_kernel_across_dropped_and_expired_watches() 
 
     // History compacted (410 Gone) with a change no watch heard of: the
     // agent lists again, finds it, and nothing in force is lost meanwhile.
-    let reconciles = dir.status()["source"]["reconciles"]
-        .as_u64()
-        .expect("reconciles");
+    let reconciles = settled_reconciles(&dir);
     kube.put_unannounced(
         CALICO,
         "globalnetworkpolicies",
@@ -1173,11 +1190,11 @@ fn kubernetes_api_changes_reach_the_kernel_across_dropped_and_expired_watches() 
     });
     // The re-lists of everything else brought nothing new: one reconcile
     // (the late policy), not one per resource.
-    std::thread::sleep(Duration::from_millis(500));
-    let after = dir.status()["source"]["reconciles"]
-        .as_u64()
-        .expect("reconciles");
-    assert_eq!(after, reconciles + 1, "re-list reconciles");
+    assert_eq!(
+        settled_reconciles(&dir),
+        reconciles + 1,
+        "re-list reconciles"
+    );
 
     // Latency: create to first accepted connection.
     let mut times = Vec::new();
