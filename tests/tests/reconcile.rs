@@ -1134,7 +1134,12 @@ fn kubernetes_api_changes_reach_the_kernel_across_dropped_and_expired_watches() 
 
     // Every watch connection drops: the watches resume from the
     // resourceVersion they had (no re-list), and changes flow again.
+    // Idle watches get BOOKMARKs meanwhile (nothing ever changes among
+    // the Services): they resume from the bookmarked resourceVersion, not
+    // the listed one.
+    std::thread::sleep(moat_tests::fakekube::BOOKMARK_EVERY + Duration::from_millis(300));
     let resumed = kube.watches(CALICO, "globalnetworkpolicies").len();
+    assert_eq!(kube.watches("", "services").len(), 1);
     kube.drop_watches();
     eventually("the policy watch resumes", || {
         kube.watches(CALICO, "globalnetworkpolicies").len() > resumed
@@ -1144,6 +1149,12 @@ fn kubernetes_api_changes_reach_the_kernel_across_dropped_and_expired_watches() 
         from.parse::<u64>().is_ok_and(|rv| rv > 100),
         "resumed from resourceVersion {from:?}"
     );
+    eventually("the services watch resumes", || {
+        kube.watches("", "services").len() == 2
+    });
+    let services = kube.watches("", "services");
+    let rv = |i: usize| services[i].parse::<u64>().expect("a resourceVersion");
+    assert!(rv(1) > rv(0), "resumed from a bookmark: {services:?}");
     assert!(
         connects(&client.name, "198.18.1.1:8080", Duration::from_secs(1)),
         "8080 still allowed"
