@@ -304,6 +304,9 @@ pub enum PolicySource {
     Directory(PathBuf),
     /// Calico's etcd v3 datastore, watched.
     Etcd(crate::calicoctl::EtcdConfig),
+    /// The Kubernetes API (Calico's CRDs and the objects selectors
+    /// resolve against), watched; the kubeconfig when not inferred.
+    Kubernetes { kubeconfig: Option<PathBuf> },
 }
 
 impl PolicySource {
@@ -311,6 +314,7 @@ impl PolicySource {
         match self {
             PolicySource::Directory(_) => "directory",
             PolicySource::Etcd(_) => "etcdv3",
+            PolicySource::Kubernetes { .. } => "kubernetes",
         }
     }
 
@@ -318,6 +322,9 @@ impl PolicySource {
         match self {
             PolicySource::Directory(d) => d.display().to_string(),
             PolicySource::Etcd(e) => e.endpoints.join(","),
+            PolicySource::Kubernetes { kubeconfig } => {
+                crate::k8ssource::describe(kubeconfig.as_deref())
+            }
         }
     }
 }
@@ -326,6 +333,8 @@ impl PolicySource {
 fn start_source(
     source: &PolicySource,
     tx: tokio::sync::mpsc::Sender<crate::reconcile::Snapshot>,
+    kube: Option<kube::Config>,
+    node: &str,
 ) -> anyhow::Result<()> {
     match source {
         PolicySource::Directory(dir) => crate::dirsource::watch(dir.clone(), tx),
@@ -333,6 +342,11 @@ fn start_source(
             crate::etcdsource::spawn(cfg.clone(), tx);
             Ok(())
         }
+        PolicySource::Kubernetes { .. } => crate::k8ssource::spawn(
+            kube.context("the Kubernetes client configuration was not loaded")?,
+            node,
+            tx,
+        ),
     }
 }
 
@@ -577,7 +591,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             PolicySource::Directory(dir) => {
                 Some(std::fs::canonicalize(dir).unwrap_or_else(|_| dir.clone()))
             }
-            PolicySource::Etcd(_) => None,
+            PolicySource::Etcd(_) | PolicySource::Kubernetes { .. } => None,
         },
         profile: cfg.profile.clone(),
         node: cfg.node.clone(),
@@ -743,8 +757,21 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         cfg.auto_host_endpoints,
         stats.clone(),
     );
+    let kube = match &cfg.source {
+        PolicySource::Kubernetes { kubeconfig } => Some(
+            crate::k8ssource::load_config(kubeconfig.as_deref())
+                .await
+                .context("the Kubernetes API source")?,
+        ),
+        _ => None,
+    };
+    if let Some(k) = &kube {
+        reconciler.control_plane = crate::k8ssource::control_plane(k);
+    }
     if let PolicySource::Etcd(etcd) = &cfg.source {
         reconciler.control_plane = crate::reconcile::resolve_endpoints(&etcd.endpoints);
+    }
+    if !reconciler.control_plane.is_empty() {
         info!(
             "the control plane stays reachable whatever the policy says: outbound TCP to {} is failsafe",
             reconciler
@@ -756,7 +783,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         );
     }
     let mut outcomes = crate::reconcile::spawn(reconciler, snapshots_rx);
-    start_source(&cfg.source, snapshots_tx)?;
+    start_source(&cfg.source, snapshots_tx, kube, &cfg.node)?;
 
     let ring = dataplane
         .take_events()

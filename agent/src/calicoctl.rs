@@ -150,15 +150,23 @@ pub fn parse(text: &str) -> Result<CalicoApiConfig, String> {
             })
         }
         "kubernetes" => {
-            let _ = (
-                s.k8s_api_endpoint,
-                s.k8s_key_file,
-                s.k8s_cert_file,
-                s.k8s_ca_file,
-                s.k8s_api_token,
-                s.k8s_insecure_skip_tls_verify,
-                s.k8s_disable_node_poll,
-            );
+            // The connection settings calicoctl takes beside a kubeconfig
+            // are not read: a kubeconfig (or the in-cluster service
+            // account) says all of it. Named rather than ignored.
+            let unsupported = [
+                ("k8sAPIEndpoint", s.k8s_api_endpoint.is_some()),
+                ("k8sKeyFile", s.k8s_key_file.is_some()),
+                ("k8sCertFile", s.k8s_cert_file.is_some()),
+                ("k8sCAFile", s.k8s_ca_file.is_some()),
+                ("k8sAPIToken", s.k8s_api_token.is_some()),
+                ("k8sInsecureSkipTlsVerify", s.k8s_insecure_skip_tls_verify.is_some()),
+            ];
+            if let Some((key, _)) = unsupported.iter().find(|(_, set)| *set) {
+                return Err(format!(
+                    "spec.{key}: not supported; put the API server, its CA and the credentials in a kubeconfig (spec.kubeconfig), or leave it out to use KUBECONFIG or the in-cluster service account"
+                ));
+            }
+            let _ = s.k8s_disable_node_poll;
             Datastore::Kubernetes {
                 kubeconfig: s.kubeconfig,
             }
@@ -213,6 +221,11 @@ mod tests {
         );
         let c = parse("apiVersion: projectcalico.org/v3\nkind: CalicoAPIConfig\n").expect("valid");
         assert_eq!(c.datastore, Datastore::Kubernetes { kubeconfig: None });
+        let e = parse("apiVersion: projectcalico.org/v3\nkind: CalicoAPIConfig\nspec: {datastoreType: kubernetes, k8sAPIEndpoint: 'https://10.0.0.1:6443'}\n").unwrap_err();
+        assert!(
+            e.contains("spec.k8sAPIEndpoint") && e.contains("kubeconfig"),
+            "{e}"
+        );
     }
 
     #[test]

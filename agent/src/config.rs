@@ -262,10 +262,9 @@ pub fn resolve(
             let parsed = crate::calicoctl::from_file(&cfg)?;
             match parsed.datastore {
                 crate::calicoctl::Datastore::Etcd(etcd) => PolicySource::Etcd(etcd),
-                crate::calicoctl::Datastore::Kubernetes { .. } => anyhow::bail!(
-                    "calicoctlConfig {}: datastoreType kubernetes: the Kubernetes API source is not built yet; use datastoreType etcdv3 or a policy directory",
-                    cfg.display()
-                ),
+                crate::calicoctl::Datastore::Kubernetes { kubeconfig } => {
+                    PolicySource::Kubernetes { kubeconfig }
+                }
             }
         }
         (None, dir) => PolicySource::Directory(dir.unwrap_or_else(|| DEFAULT_POLICIES.into())),

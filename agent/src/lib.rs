@@ -16,6 +16,7 @@ pub mod event;
 pub mod event_outputs;
 pub mod events_hub;
 pub mod frame;
+pub mod k8ssource;
 pub mod kubernetes;
 pub mod metrics;
 pub mod observe;

@@ -21,6 +21,8 @@ pub const NODE: &str = "worker-1";
 /// loopback device of the caller's network namespace, ifindex 1.
 pub const TEST_RUN_IFINDEX: u32 = 1;
 
+pub mod fakekube;
+
 pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
 }

@@ -969,3 +969,262 @@ fn no_policy_cuts_the_agent_off_from_etcd() {
     wait_for(&client, 9090, true).expect("9090 allowed: the agent still hears etcd");
     agent.stop();
 }
+
+/// `yaml` (a projectcalico.org/v3 resource) as the Calico CRD object the
+/// Kubernetes API holds.
+fn crd(yaml: &str) -> serde_json::Value {
+    let mut v: serde_json::Value = serde_yaml_ng::from_str(yaml).expect("YAML");
+    v["apiVersion"] = "crd.projectcalico.org/v1".into();
+    v
+}
+
+const CALICO: &str = "crd.projectcalico.org";
+
+/// Waits until `cond` holds (10 s at most).
+fn eventually(what: &str, cond: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        assert!(Instant::now() < deadline, "never: {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The status file's reconcile count once it stops changing (the file is
+/// written just after the apply whose verdict a test may already see).
+fn settled_reconciles(dir: &Dir) -> u64 {
+    let read = || {
+        dir.status()["source"]["reconciles"]
+            .as_u64()
+            .expect("reconciles")
+    };
+    let mut last = read();
+    loop {
+        std::thread::sleep(Duration::from_millis(400));
+        let now = read();
+        if now == last {
+            return now;
+        }
+        last = now;
+    }
+}
+
+#[test]
+fn kubernetes_api_changes_reach_the_kernel_across_dropped_and_expired_watches() {
+    let (worker, client) = lab();
+    for port in [8080, 9090, 9091, 9092] {
+        listen(&worker, port);
+    }
+    let dir = Dir::new();
+    // The fake API server listens on the worker's loopback.
+    let port = free_port();
+    let listener = in_netns(&worker.name, move || {
+        TcpListener::bind(("127.0.0.1", port)).expect("bind the fake API server")
+    });
+    let kube = moat_tests::fakekube::FakeKube::start(listener, Some("moat-token"));
+    let docs: Vec<&str> = HEP.split("---\n").collect();
+    kube.put(CALICO, "hostendpoints", crd(docs[0]));
+    kube.put(CALICO, "globalnetworkpolicies", crd(docs[1]));
+    kube.put(
+        CALICO,
+        "globalnetworkpolicies",
+        crd(&allow("allow-web", 8080)),
+    );
+    // Objects selectors resolve against, as the cluster has them.
+    kube.put(
+        "",
+        "namespaces",
+        serde_json::json!({"metadata": {"name": "prod", "labels": {"env": "prod"}},
+                           "spec": {"finalizers": ["kubernetes"]}, "status": {"phase": "Active"}}),
+    );
+    kube.put(
+        "",
+        "nodes",
+        serde_json::json!({"metadata": {"name": "worker-1", "labels": {"kubernetes.io/hostname": "worker-1"}},
+                           "spec": {"podCIDR": "172.30.0.0/24"},
+                           "status": {"addresses": [{"type": "InternalIP", "address": "198.18.1.1"}],
+                                      "conditions": [{"type": "Ready", "status": "True"}]}}),
+    );
+    let kubeconfig = dir.0.join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters: [{{name: fake, cluster: {{server: 'http://{}'}}}}]\nusers: [{{name: moat, user: {{token: moat-token}}}}]\ncontexts: [{{name: fake, context: {{cluster: fake, user: moat}}}}]\ncurrent-context: fake\n",
+            kube.addr
+        ),
+    )
+    .expect("kubeconfig");
+    let cfg = dir.0.join("calicoctl.cfg");
+    std::fs::write(
+        &cfg,
+        format!(
+            "apiVersion: projectcalico.org/v3\nkind: CalicoAPIConfig\nspec:\n  datastoreType: kubernetes\n  kubeconfig: {}\n",
+            kubeconfig.display()
+        ),
+    )
+    .expect("calicoctl.cfg");
+    let mut agent = Agent::start_with(
+        &worker,
+        &dir,
+        &["--calicoctl-config".as_ref(), cfg.as_os_str()],
+        "first complete sync",
+    );
+    agent.expect("ready:");
+    assert!(wait_for(&client, 8080, true).is_some(), "8080 allowed");
+    assert!(!connects(
+        &client.name,
+        "198.18.1.1:9090",
+        Duration::from_millis(300)
+    ));
+    let status = dir.status();
+    assert_eq!(status["source"]["kind"], "kubernetes", "{status:#}");
+    assert_eq!(kube.unauthorized(), 0, "the token is sent");
+    // Every watched resource was listed once and is being watched.
+    for w in moat::watched::WATCHED {
+        assert_eq!(kube.lists(w.group, w.resource), 1, "{}", w.resource);
+    }
+
+    // Add, change, break, delete.
+    let start = Instant::now();
+    kube.put(
+        CALICO,
+        "globalnetworkpolicies",
+        crd(&allow("allow-metrics", 9090)),
+    );
+    wait_for(&client, 9090, true).expect("9090 allowed after the create");
+    eprintln!("Kubernetes create to verdict: {:?}", start.elapsed());
+    kube.put(
+        CALICO,
+        "globalnetworkpolicies",
+        crd(&allow("allow-metrics", 9091)),
+    );
+    wait_for(&client, 9090, false).expect("9090 denied after the change");
+    wait_for(&client, 9091, true).expect("9091 allowed after the change");
+    kube.put(
+        CALICO,
+        "globalnetworkpolicies",
+        crd(&allow("allow-metrics", 9091).replace("ports: [9091]", "ports: [ninety]")),
+    );
+    agent.expect("the last good one stays in force");
+    assert!(
+        connects(&client.name, "198.18.1.1:9091", Duration::from_secs(1)),
+        "9091 still allowed"
+    );
+    // A Kubernetes Event on the invalid object says why.
+    eventually("a Kubernetes Event on allow-metrics", || {
+        !kube.events().is_empty()
+    });
+    let events = kube.events();
+    assert_eq!(events.len(), 1, "{events:#?}");
+    let e = &events[0];
+    assert_eq!(e["type"], "Warning", "{e:#}");
+    assert_eq!(e["reason"], "InvalidPolicy", "{e:#}");
+    assert_eq!(e["reportingController"], "moat-agent", "{e:#}");
+    assert_eq!(e["regarding"]["kind"], "GlobalNetworkPolicy", "{e:#}");
+    assert_eq!(e["regarding"]["name"], "allow-metrics", "{e:#}");
+    assert_eq!(
+        e["regarding"]["apiVersion"], "crd.projectcalico.org/v1",
+        "{e:#}"
+    );
+    assert!(
+        e["note"].as_str().is_some_and(|n| n.contains("ninety")),
+        "{e:#}"
+    );
+    kube.delete(CALICO, "globalnetworkpolicies", None, "allow-metrics");
+    wait_for(&client, 9091, false).expect("9091 denied after the delete");
+
+    // Every watch connection drops: the watches resume from the
+    // resourceVersion they had (no re-list), and changes flow again.
+    // Idle watches get BOOKMARKs meanwhile (nothing ever changes among
+    // the Services): they resume from the bookmarked resourceVersion, not
+    // the listed one.
+    std::thread::sleep(moat_tests::fakekube::BOOKMARK_EVERY + Duration::from_millis(300));
+    let resumed = kube.watches(CALICO, "globalnetworkpolicies").len();
+    assert_eq!(kube.watches("", "services").len(), 1);
+    kube.drop_watches();
+    eventually("the policy watch resumes", || {
+        kube.watches(CALICO, "globalnetworkpolicies").len() > resumed
+    });
+    let from = kube.watches(CALICO, "globalnetworkpolicies")[resumed].clone();
+    assert!(
+        from.parse::<u64>().is_ok_and(|rv| rv > 100),
+        "resumed from resourceVersion {from:?}"
+    );
+    eventually("the services watch resumes", || {
+        kube.watches("", "services").len() == 2
+    });
+    let services = kube.watches("", "services");
+    let rv = |i: usize| services[i].parse::<u64>().expect("a resourceVersion");
+    assert!(rv(1) > rv(0), "resumed from a bookmark: {services:?}");
+    assert!(
+        connects(&client.name, "198.18.1.1:8080", Duration::from_secs(1)),
+        "8080 still allowed"
+    );
+    kube.put(
+        CALICO,
+        "globalnetworkpolicies",
+        crd(&allow("allow-metrics", 9090)),
+    );
+    wait_for(&client, 9090, true).expect("9090 allowed after the reconnect");
+    for w in moat::watched::WATCHED {
+        assert_eq!(
+            kube.lists(w.group, w.resource),
+            1,
+            "{} re-listed after a dropped connection",
+            w.resource
+        );
+    }
+
+    // History compacted (410 Gone) with a change no watch heard of: the
+    // agent lists again, finds it, and nothing in force is lost meanwhile.
+    let reconciles = settled_reconciles(&dir);
+    kube.put_unannounced(
+        CALICO,
+        "globalnetworkpolicies",
+        crd(&allow("allow-late", 9092)),
+    );
+    kube.expire();
+    agent.expect("listed 4 globalnetworkpolicies");
+    assert!(
+        connects(&client.name, "198.18.1.1:8080", Duration::from_secs(1)),
+        "8080 still allowed during the re-list"
+    );
+    wait_for(&client, 9092, true).expect("9092 allowed after the re-list");
+    assert!(connects(
+        &client.name,
+        "198.18.1.1:9090",
+        Duration::from_secs(1)
+    ));
+    eventually("every resource re-listed", || {
+        moat::watched::WATCHED
+            .iter()
+            .all(|w| kube.lists(w.group, w.resource) == 2)
+    });
+    // The re-lists of everything else brought nothing new: one reconcile
+    // (the late policy), not one per resource.
+    assert_eq!(
+        settled_reconciles(&dir),
+        reconciles + 1,
+        "re-list reconciles"
+    );
+
+    // Latency: create to first accepted connection.
+    let mut times = Vec::new();
+    for (i, port) in (22_000..22_007).enumerate() {
+        listen(&worker, port);
+        let start = Instant::now();
+        kube.put(
+            CALICO,
+            "globalnetworkpolicies",
+            crd(&allow(&format!("k{i}"), port)),
+        );
+        wait_for(&client, port, true).expect("the new port opens");
+        times.push(start.elapsed());
+    }
+    let m = median(times.clone());
+    eprintln!("reconcile latency, Kubernetes API create to verdict: median {m:?} of {times:?}");
+    assert!(
+        m < Duration::from_secs(1),
+        "median {m:?} over the 1 s target"
+    );
+    agent.stop();
+}
