@@ -1113,25 +1113,6 @@ impl Dataplane {
         test_run(self.xdp()?, program_names::INGRESS, frame, repeat)
     }
 
-    /// Runs the XDP program on `count` copies of `frame` as live frames
-    /// (`BPF_F_TEST_XDP_LIVE_FRAMES`): each is judged and really dropped or
-    /// passed up the stack of this network namespace's loopback (ifindex
-    /// 1), as a flood through a device would be. Returns the time taken.
-    pub fn flood_ingress(&mut self, frame: &[u8], count: u32) -> Result<Duration, DataplaneError> {
-        let name = program_names::INGRESS;
-        let opts = TestRunOptions {
-            data_in: Some(frame),
-            repeat: count,
-            attrs: aya::programs::TestRunAttrs::new().xdp_live_frames(64),
-            ..TestRunOptions::default()
-        };
-        let result = self
-            .xdp()?
-            .test_run(opts)
-            .map_err(|source| DataplaneError::Program { name, source })?;
-        Ok(result.duration)
-    }
-
     /// Runs the TC egress program on `frame` through `BPF_PROG_TEST_RUN`
     /// (skb on loopback, ifindex 1). Returns the TC action as `i32`.
     pub fn test_egress(
@@ -1147,7 +1128,7 @@ impl Dataplane {
     /// mode (`BPF_F_TEST_XDP_LIVE_FRAMES`): what it passes enters the stack
     /// of `ifindex` in the calling thread's network namespace, as if
     /// received there. Returns the time the call took, wall and thread CPU
-    /// (moat bench's packet generator).
+    /// (moat bench's packet generator, the atomicity test's flood).
     pub fn test_ingress_live(
         &mut self,
         frame: &[u8],

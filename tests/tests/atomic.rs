@@ -68,7 +68,9 @@ fn every_verdict_under_flipping_policies_belongs_to_one_generation() {
         let (stop, sent) = (stop.clone(), sent.clone());
         std::thread::spawn(move || {
             while !stop.load(Ordering::SeqCst) {
-                flooder.flood_ingress(&frame, 20_000).expect("live frames");
+                flooder
+                    .test_ingress_live(&frame, TEST_RUN_IFINDEX, 20_000)
+                    .expect("live frames");
                 sent.fetch_add(20_000, Ordering::SeqCst);
             }
         })

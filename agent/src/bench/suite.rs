@@ -302,12 +302,16 @@ fn verdict_name(action: u32) -> &'static str {
     }
 }
 
+/// The device the classification figures are applied on (and live
+/// frames of the event path arrive on): this namespace's loopback.
+const LOOPBACK: u32 = 1;
+
 /// The deny event path on the realistic set of the smallest rule count.
 fn event_path(dp: &mut Dataplane, opts: &Options) -> anyhow::Result<EventPath> {
     use moat_common::{counter, direction};
     let n = opts.rules.iter().copied().min().unwrap_or(1);
     let set = RuleSet::generate(Shape::Realistic, n, opts.seed).map_err(anyhow::Error::msg)?;
-    dp.apply(&BTreeMap::from([(1, compile_set(&set)?)]), 1)?;
+    dp.apply(&BTreeMap::from([(LOOPBACK, compile_set(&set)?)]), 1)?;
     let frame = no_match_frame();
     // 8,000 events of 120 bytes (header included) fit the 1 MiB ring: each
     // is really written, none lost.
@@ -341,7 +345,7 @@ fn event_path(dp: &mut Dataplane, opts: &Options) -> anyhow::Result<EventPath> {
     let started = std::time::Instant::now();
     let mut read = 0u64;
     while started.elapsed() < opts.duration.max(Duration::from_millis(200)) {
-        dp.flood_ingress(&frame, 4_000)?;
+        dp.test_ingress_live(&frame, LOOPBACK, 4_000)?;
         read += dp.drain_events().len() as u64;
     }
     let reader_events_per_s = read as f64 / started.elapsed().as_secs_f64();
@@ -357,7 +361,7 @@ fn event_path(dp: &mut Dataplane, opts: &Options) -> anyhow::Result<EventPath> {
     let mut left = flood_packets;
     while left > 0 {
         let chunk = left.min(100_000);
-        dp.flood_ingress(&frame, chunk as u32)?;
+        dp.test_ingress_live(&frame, LOOPBACK, chunk as u32)?;
         dp.drain_events();
         left -= chunk;
     }
@@ -407,7 +411,8 @@ fn classify(
         "no match (default deny)",
         "established flow",
     ];
-    let applied = compile_set(&denies).and_then(|t| Ok(dp.apply(&BTreeMap::from([(1, t)]), 1)?));
+    let applied =
+        compile_set(&denies).and_then(|t| Ok(dp.apply(&BTreeMap::from([(LOOPBACK, t)]), 1)?));
     if let Err(e) = applied {
         for case in cases {
             out.push(row(case, None, None, Some(format!("{e:#}"))));
@@ -445,7 +450,8 @@ fn classify(
         .rev()
         .find(|r| r.action == Action::Allow)
         .copied();
-    let applied = compile_set(&set).and_then(|t| Ok(dp.apply(&BTreeMap::from([(1, t)]), 2)?));
+    let applied =
+        compile_set(&set).and_then(|t| Ok(dp.apply(&BTreeMap::from([(LOOPBACK, t)]), 2)?));
     match (allow, applied) {
         (Some(r), Ok(())) => {
             dp.clear_conntrack()?;
