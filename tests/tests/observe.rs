@@ -16,7 +16,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use moat::frame::Packet;
+use moat::{bench::sys::RawXdp, frame::Packet};
 use moat_tests::{in_netns, mac_of, moat_bin, spawn_in, unique, veth, Netns};
 
 const WORKER: &str = "198.18.1.1";
@@ -728,32 +728,6 @@ fn a_subscriber_that_stops_reading_does_not_stall_the_agent() {
     drop(agent);
 }
 
-/// `bpf(2)` attributes of BPF_PROG_TEST_RUN (`union bpf_attr`, `test`).
-#[repr(C)]
-#[derive(Default)]
-struct TestRunAttr {
-    prog_fd: u32,
-    retval: u32,
-    data_size_in: u32,
-    data_size_out: u32,
-    data_in: u64,
-    data_out: u64,
-    repeat: u32,
-    duration: u32,
-    ctx_size_in: u32,
-    ctx_size_out: u32,
-    ctx_in: u64,
-    ctx_out: u64,
-    flags: u32,
-    cpu: u32,
-    batch_size: u32,
-    _pad: u32,
-}
-
-const BPF_PROG_TEST_RUN: libc::c_long = 10;
-const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
-const BPF_F_TEST_XDP_LIVE_FRAMES: u32 = 1 << 1;
-
 /// Runs the XDP program attached to `ifname` in `ns` (the agent's) on
 /// `frame` `repeat` times in live-frames mode, as if each arrived on
 /// `ifname`.
@@ -773,53 +747,19 @@ fn test_run(ns: &Netns, ifname: &str, frame: Vec<u8>, repeat: u32, live: bool) -
     let ifname = ifname.to_string();
     in_netns(&ns.name, move || {
         let ifindex = nix::net::if_::if_nametoindex(ifname.as_str()).expect("ifindex");
-        let id_attr: [u32; 4] = [prog_id, 0, 0, 0];
-        // SAFETY: bpf(BPF_PROG_GET_FD_BY_ID) with an attribute of the size
-        // given; returns a new descriptor, closed below.
-        let fd = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_PROG_GET_FD_BY_ID,
-                id_attr.as_ptr(),
-                std::mem::size_of_val(&id_attr),
-            )
-        };
-        assert!(
-            fd >= 0,
-            "program {prog_id}: {}",
-            std::io::Error::last_os_error()
-        );
-        // struct xdp_md: data, data_end, data_meta, ingress_ifindex,
-        // rx_queue_index, egress_ifindex.
-        // data_end is the frame's length, as the kernel requires.
-        let ctx: [u32; 6] = [0, frame.len() as u32, 0, ifindex, 0, 0];
-        let mut attr = TestRunAttr {
-            prog_fd: fd as u32,
-            data_size_in: frame.len() as u32,
-            data_in: frame.as_ptr() as u64,
-            repeat,
-            ctx_size_in: std::mem::size_of_val(&ctx) as u32,
-            ctx_in: ctx.as_ptr() as u64,
-            flags: if live { BPF_F_TEST_XDP_LIVE_FRAMES } else { 0 },
-            ..TestRunAttr::default()
-        };
-        let start = Instant::now();
-        // SAFETY: bpf(BPF_PROG_TEST_RUN) with pointers to buffers that
-        // outlive the call and sizes that match them.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_PROG_TEST_RUN,
-                &mut attr as *mut TestRunAttr,
-                std::mem::size_of::<TestRunAttr>(),
-            )
-        };
-        let elapsed = start.elapsed();
-        let err = std::io::Error::last_os_error();
-        // SAFETY: closing the descriptor opened above.
-        unsafe { libc::close(fd as i32) };
-        assert_eq!(rc, 0, "test run (live {live}): {err}");
-        (elapsed, attr.duration)
+        let program = RawXdp::by_id(prog_id).expect("the agent's XDP program");
+        if live {
+            let took = program
+                .live_run(&frame, ifindex, repeat)
+                .expect("live frames");
+            (took.wall, 0)
+        } else {
+            let start = Instant::now();
+            let (_, mean) = program
+                .test_run_on(&frame, ifindex, repeat)
+                .expect("test run");
+            (start.elapsed(), mean.as_nanos() as u32)
+        }
     })
 }
 

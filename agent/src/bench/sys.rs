@@ -14,6 +14,7 @@ use crate::dataplane::DataplaneError;
 
 const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_PROG_TEST_RUN: libc::c_long = 10;
+const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
 const BPF_PROG_TYPE_XDP: u32 = 6;
 const BPF_F_TEST_XDP_LIVE_FRAMES: u32 = 1 << 1;
 /// Frames the kernel injects per batch in live-frames mode.
@@ -195,20 +196,61 @@ impl RawXdp {
         })
     }
 
+    /// The loaded program with id `id` (one attached by another process,
+    /// as `ip -d link` names it).
+    pub fn by_id(id: u32) -> anyhow::Result<Self> {
+        let attr: [u32; 4] = [id, 0, 0, 0];
+        // SAFETY: bpf(BPF_PROG_GET_FD_BY_ID) with an attribute of the size
+        // given; returns a new descriptor, owned below.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_PROG_GET_FD_BY_ID,
+                attr.as_ptr(),
+                size_of_val(&attr),
+            )
+        };
+        if fd < 0 {
+            anyhow::bail!("program {id}: {}", std::io::Error::last_os_error());
+        }
+        // SAFETY: the kernel just returned this descriptor to us.
+        Ok(RawXdp {
+            fd: unsafe { OwnedFd::from_raw_fd(fd as i32) },
+        })
+    }
+
     /// `BPF_PROG_TEST_RUN`: (action, kernel's mean time per run).
     pub fn test_run(&self, frame: &[u8], repeat: u32) -> anyhow::Result<(u32, Duration)> {
-        let attr = self.run(frame, None, repeat)?;
+        let attr = self.run(frame, None, false, repeat)?;
+        Ok((attr.retval, Duration::from_nanos(attr.duration.into())))
+    }
+
+    /// `BPF_PROG_TEST_RUN` as if `frame` arrived on `ifindex` of the calling
+    /// thread's namespace: (action, kernel's mean time per run).
+    pub fn test_run_on(
+        &self,
+        frame: &[u8],
+        ifindex: u32,
+        repeat: u32,
+    ) -> anyhow::Result<(u32, Duration)> {
+        let attr = self.run(frame, Some(ifindex), false, repeat)?;
         Ok((attr.retval, Duration::from_nanos(attr.duration.into())))
     }
 
     /// Live frames into `ifindex` of the calling thread's namespace;
     /// returns the time the call took.
     pub fn live_run(&self, frame: &[u8], ifindex: u32, repeat: u32) -> anyhow::Result<Took> {
-        timed(|| self.run(frame, Some(ifindex), repeat))
+        timed(|| self.run(frame, Some(ifindex), true, repeat))
     }
 
-    fn run(&self, frame: &[u8], live: Option<u32>, repeat: u32) -> anyhow::Result<TestRunAttr> {
-        let ctx = live.map(|ifindex| xdp_md(frame.len(), ifindex));
+    fn run(
+        &self,
+        frame: &[u8],
+        ingress: Option<u32>,
+        live: bool,
+        repeat: u32,
+    ) -> anyhow::Result<TestRunAttr> {
+        let ctx = ingress.map(|ifindex| xdp_md(frame.len(), ifindex));
         let mut attr = TestRunAttr {
             prog_fd: self.fd.as_raw_fd() as u32,
             data_size_in: frame.len() as u32,
@@ -219,6 +261,8 @@ impl RawXdp {
         if let Some(ctx) = &ctx {
             attr.ctx_in = ctx.as_ptr() as u64;
             attr.ctx_size_in = ctx.len() as u32;
+        }
+        if live {
             attr.flags = BPF_F_TEST_XDP_LIVE_FRAMES;
             attr.batch_size = LIVE_BATCH;
         }
@@ -235,7 +279,7 @@ impl RawXdp {
         if rc < 0 {
             anyhow::bail!(
                 "BPF_PROG_TEST_RUN{} failed: {}",
-                if live.is_some() { " (live frames)" } else { "" },
+                if live { " (live frames)" } else { "" },
                 std::io::Error::last_os_error()
             );
         }
