@@ -493,19 +493,15 @@ impl Published {
                 }
             })
             .collect();
-        // What is in the kernel: the tables of the interfaces present.
-        let rules: usize = compiled
-            .ifaces
-            .iter()
-            .filter(|(name, _)| ifaces.present.contains_key(*name))
-            .flat_map(|(_, i)| i.tables.iter())
-            .map(|t| t.rules.len())
-            .sum();
+        let fill = dataplane.fill().unwrap_or_else(|e| {
+            warn!("reading map fill levels: {e}");
+            Default::default()
+        });
         s.maps = vec![
             MapFill {
                 name: "rules (bank)".into(),
-                entries: rules as u64,
-                max_entries: moat_common::RULE_BANK_SIZE.into(),
+                entries: fill.rule_slots,
+                max_entries: fill.rule_slots_per_bank.into(),
             },
             MapFill {
                 name: "interfaces".into(),
@@ -518,8 +514,8 @@ impl Published {
             },
             MapFill {
                 name: "conntrack".into(),
-                entries: dataplane.conntrack_len() as u64,
-                max_entries: moat_common::MAX_FLOWS.into(),
+                entries: fill.flows,
+                max_entries: fill.flows_capacity.into(),
             },
             MapFill {
                 name: "local addrs".into(),
@@ -809,18 +805,8 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             Some(reply) = observer.snapshots.recv() => {
                 let s = crate::metrics::Snapshot {
                     counters: dataplane.counters()?,
-                    conntrack_entries: dataplane.conntrack_len() as u64,
+                    fill: dataplane.fill()?,
                     local_addresses: local.len() as u64,
-                    rule_entries: compiled
-                        .ifaces
-                        .values()
-                        .map(|c| {
-                            (0..2u8)
-                                .flat_map(|d| (0..moat_common::table::KINDS).map(move |k| (d, k)))
-                                .map(|(d, k)| c.table(d, k).rules.len() as u64)
-                                .sum::<u64>()
-                        })
-                        .sum(),
                     generation,
                     last_apply_seconds: last_apply.as_secs_f64(),
                     rules: rule_counters(&dataplane, &compiled),

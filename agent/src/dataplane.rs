@@ -10,7 +10,7 @@ use std::{
 use aya::{
     maps::{
         lpm_trie::{Key, LpmTrie},
-        Array, HashMap, MapData, PerCpuArray, PerCpuValues, RingBuf,
+        Array, HashMap, IterableMap as _, MapData, PerCpuArray, PerCpuValues, RingBuf,
     },
     programs::{
         links::{FdLink, PinnedLink},
@@ -169,6 +169,19 @@ impl Default for Capacities {
             event_sources: moat_common::MAX_EVENT_SOURCES,
         }
     }
+}
+
+/// Fill levels of the maps whose capacity is a deployment choice.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Fill {
+    /// Rule slots (classifier bits) of the generation in force, every
+    /// interface and direction.
+    pub rule_slots: u64,
+    /// Rule slots one generation may use.
+    pub rule_slots_per_bank: u32,
+    /// Tracked flow orientations (two per connection).
+    pub flows: u64,
+    pub flows_capacity: u32,
 }
 
 /// Packets and bytes one rule decided or logged, on one interface and
@@ -1077,6 +1090,27 @@ impl Dataplane {
             n += 1;
         }
         Ok(n)
+    }
+
+    /// How full the maps whose capacity is a deployment choice are, read
+    /// from the maps themselves (so adopted pins and --max-connections are
+    /// reported as they are).
+    pub fn fill(&self) -> Result<Fill, DataplaneError> {
+        let mut rule_slots = 0u64;
+        for (_, config) in self.ifaces.iter().filter_map(Result::ok) {
+            rule_slots += config.tables.iter().map(|t| u64::from(t.len)).sum::<u64>();
+        }
+        Ok(Fill {
+            rule_slots,
+            rule_slots_per_bank: self.rules.len() / 2,
+            flows: self.conntrack_len() as u64,
+            flows_capacity: self
+                .conntrack
+                .map()
+                .info()
+                .map_err(map_err(map_names::CONNTRACK))?
+                .max_entries(),
+        })
     }
 
     /// Number of tracked flow orientations.

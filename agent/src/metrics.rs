@@ -46,10 +46,9 @@ pub struct RuleCounter {
 pub struct Snapshot {
     /// `[direction][counter]`, summed over CPUs.
     pub counters: [[u64; counter::COUNT as usize]; direction::COUNT],
-    pub conntrack_entries: u64,
+    /// Rule slots and tracked flows, with their capacities.
+    pub fill: crate::dataplane::Fill,
     pub local_addresses: u64,
-    /// Rule entries in force (both directions, every table).
-    pub rule_entries: u64,
     pub generation: u32,
     pub last_apply_seconds: f64,
     /// Rules that decided or logged at least one packet.
@@ -226,13 +225,13 @@ pub fn render(s: &Snapshot, stats: &AgentStats, hub: &Hub, health: &Health) -> S
         capacity.clone(),
     );
     for (map, n, cap) in [
-        ("conntrack", s.conntrack_entries, moat_common::MAX_FLOWS),
+        ("conntrack", s.fill.flows, s.fill.flows_capacity),
         (
             "local_addresses",
             s.local_addresses,
             moat_common::MAX_LOCAL_ADDRS,
         ),
-        ("rules", s.rule_entries, moat_common::RULE_BANK_SIZE),
+        ("rules", s.fill.rule_slots, s.fill.rule_slots_per_bank),
     ] {
         fill.get_or_create(&labels(&[("map", map)])).set(n as i64);
         capacity
