@@ -237,16 +237,26 @@ fn decide(
     // Failsafe traffic (never forwarded) skips the untracked and pre-DNAT
     // stages; it is still subject to connection tracking's INVALID, then
     // accepted.
-    let failsafe = if forwarded {
-        Decision::without_rule(verdict::NONE, 0)
-    } else {
-        walk_table(failsafe_table, w)
-    };
-    let is_failsafe = failsafe.verdict == verdict::ALLOW;
+    //
+    // Whether a packet is failsafe only matters before connection tracking
+    // when there are untracked rules to skip. Without them (the common
+    // case) the failsafe table is searched after it, so a packet of an
+    // established flow is never classified: same verdicts, and the
+    // established path pays no per-field lookup.
+    let untracked_empty = untracked_table.len == 0
+        && untracked_table.end_verdict != verdict::ALLOW
+        && untracked_table.end_verdict != verdict::DENY;
+    let mut failsafe = Decision::without_rule(verdict::NONE, 0);
+    if !forwarded && !untracked_empty {
+        failsafe = walk_table(failsafe_table, w);
+    }
+    let mut is_failsafe = failsafe.verdict == verdict::ALLOW;
 
     // 1. Untracked: before connection tracking; an Allow creates no entry.
     // Forwarded traffic meets only the untracked ingress rules.
-    let skip_untracked = is_failsafe || (forwarded && direction == moat_common::direction::EGRESS);
+    let skip_untracked = untracked_empty
+        || is_failsafe
+        || (forwarded && direction == moat_common::direction::EGRESS);
     if !skip_untracked {
         let untracked = walk_table(untracked_table, w);
         if untracked.verdict == verdict::ALLOW {
@@ -285,6 +295,11 @@ fn decide(
                 return Decision::without_rule(verdict::DENY, reason::CONNTRACK_INVALID);
             }
         }
+    }
+
+    if !forwarded && untracked_empty {
+        failsafe = walk_table(failsafe_table, w);
+        is_failsafe = failsafe.verdict == verdict::ALLOW;
     }
 
     // 3. Pre-DNAT (ingress only; the egress table is empty): new

@@ -483,6 +483,7 @@ fn baselines(opts: &Options, out: &mut Vec<Classification>) -> anyhow::Result<()
     for (which, name) in [
         (Baseline::Pass, "xdp-pass"),
         (Baseline::ParsePass, "xdp-parse-pass"),
+        (Baseline::ParseFlowLookup, "xdp-parse-flow-lookup"),
     ] {
         let prog = RawXdp::load(which)?;
         let (action, spread) = test_spread(|| prog.test_run(&frame, opts.repeat), opts.runs)?;

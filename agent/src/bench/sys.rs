@@ -1,4 +1,4 @@
-//! The kernel interfaces the benchmark needs beyond the dataplane's: two
+//! The kernel interfaces the benchmark needs beyond the dataplane's: three
 //! baseline XDP programs written as raw instructions (loaded with
 //! `BPF_PROG_LOAD`), `BPF_PROG_TEST_RUN` on them (also in live-frames
 //! mode, the packet generator), and entering a network namespace.
@@ -12,10 +12,12 @@ use aya::programs::{TestRun, TestRunAttrs, TestRunOptions};
 
 use crate::dataplane::DataplaneError;
 
+const BPF_MAP_CREATE: libc::c_long = 0;
 const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_PROG_TEST_RUN: libc::c_long = 10;
 const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
 const BPF_PROG_TYPE_XDP: u32 = 6;
+const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
 const BPF_F_TEST_XDP_LIVE_FRAMES: u32 = 1 << 1;
 /// Frames the kernel injects per batch in live-frames mode.
 const LIVE_BATCH: u32 = 64;
@@ -41,6 +43,14 @@ const fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> Insn {
 }
 
 const LDXW: u8 = 0x61;
+const STW_IMM: u8 = 0x62;
+const STXW: u8 = 0x63;
+const STXH: u8 = 0x6b;
+const LD_IMM64: u8 = 0x18;
+const CALL: u8 = 0x85;
+/// `src` of an `LD_IMM64` whose immediate is a map's descriptor.
+const PSEUDO_MAP_FD: u8 = 1;
+const HELPER_MAP_LOOKUP_ELEM: i32 = 1;
 const LDXH: u8 = 0x69;
 const LDXB: u8 = 0x71;
 const MOV64_IMM: u8 = 0xb7;
@@ -76,6 +86,97 @@ const PARSE_PASS: &[Insn] = &[
     insn(LDXH, 7, 2, 36, 0),                   // 13: destination port
     insn(EXIT, 0, 0, 0, 0),                    // 14
 ];
+
+/// Bytes of the flow key `PARSE_FLOW_LOOKUP` builds: the size of moat's
+/// `FlowKey` (addresses as IPv6, v4-mapped; ports; protocol; padding).
+const FLOW_KEY_BYTES: u32 = 40;
+const _: () = assert!(FLOW_KEY_BYTES as usize == size_of::<moat_common::FlowKey>());
+
+/// `PARSE_PASS`, then the one lookup every stateful filter makes for every
+/// packet: the packet's flow key in a connection table (an LRU hash map of
+/// `FLOW_KEY_BYTES` keys, `map_fd`), then `XDP_PASS` whatever it found.
+/// The floor under any design that tracks connections.
+fn parse_flow_lookup(map_fd: i32) -> Vec<Insn> {
+    const OUT: i16 = 31;
+    let to_out = |at: i16| OUT - (at + 1);
+    // A v4-mapped IPv6 address's third word, 00 00 ff ff in memory.
+    let mapped = i32::from_le_bytes([0, 0, 0xff, 0xff]);
+    vec![
+        insn(LDXW, 2, 1, 0, 0),                      // 0: r2 = ctx->data
+        insn(LDXW, 3, 1, 4, 0),                      // 1: r3 = ctx->data_end
+        insn(MOV64_REG, 4, 2, 0, 0),                 // 2: r4 = data
+        insn(ADD64_IMM, 4, 0, 0, 38),                // 3: r4 += eth + ip + ports
+        insn(JGT_REG, 4, 3, to_out(4), 0),           // 4: too short: out
+        insn(LDXH, 5, 2, 12, 0),                     // 5: ethertype
+        insn(JNE_IMM, 5, 0, to_out(6), 0x0008),      // 6: not IPv4: out
+        insn(LDXB, 5, 2, 14, 0),                     // 7: version, IHL
+        insn(AND64_IMM, 5, 0, 0, 0x0f),              // 8: IHL
+        insn(JNE_IMM, 5, 0, to_out(9), 5),           // 9: options: out
+        insn(STW_IMM, 10, 0, -40, 0),                // 10: key.src = ::ffff:saddr
+        insn(STW_IMM, 10, 0, -36, 0),                // 11
+        insn(STW_IMM, 10, 0, -32, mapped),           // 12
+        insn(LDXW, 5, 2, 26, 0),                     // 13: saddr
+        insn(STXW, 10, 5, -28, 0),                   // 14
+        insn(STW_IMM, 10, 0, -24, 0),                // 15: key.dst = ::ffff:daddr
+        insn(STW_IMM, 10, 0, -20, 0),                // 16
+        insn(STW_IMM, 10, 0, -16, mapped),           // 17
+        insn(LDXW, 5, 2, 30, 0),                     // 18: daddr
+        insn(STXW, 10, 5, -12, 0),                   // 19
+        insn(LDXH, 5, 2, 34, 0),                     // 20: key.sport
+        insn(STXH, 10, 5, -8, 0),                    // 21
+        insn(LDXH, 5, 2, 36, 0),                     // 22: key.dport
+        insn(STXH, 10, 5, -6, 0),                    // 23
+        insn(LDXB, 5, 2, 23, 0),                     // 24: key.protocol, padding 0
+        insn(STXW, 10, 5, -4, 0),                    // 25
+        insn(LD_IMM64, 1, PSEUDO_MAP_FD, 0, map_fd), // 26: r1 = the map
+        insn(0, 0, 0, 0, 0),                         // 27: (upper half)
+        insn(MOV64_REG, 2, 10, 0, 0),                // 28: r2 = &key
+        insn(ADD64_IMM, 2, 0, 0, -40),               // 29
+        insn(CALL, 0, 0, 0, HELPER_MAP_LOOKUP_ELEM), // 30: lookup
+        insn(MOV64_IMM, 0, 0, 0, XDP_PASS as i32),   // 31 (OUT): r0 = XDP_PASS
+        insn(EXIT, 0, 0, 0, 0),                      // 32
+    ]
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct MapCreateAttr {
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+    map_flags: u32,
+    _rest: [u32; 11],
+}
+
+/// A connection table for `PARSE_FLOW_LOOKUP`: an LRU hash as large as
+/// moat's default conntrack map, keys of `FLOW_KEY_BYTES`.
+fn flow_table() -> anyhow::Result<OwnedFd> {
+    let attr = MapCreateAttr {
+        map_type: BPF_MAP_TYPE_LRU_HASH,
+        key_size: FLOW_KEY_BYTES,
+        value_size: size_of::<moat_common::FlowState>() as u32,
+        max_entries: moat_common::MAX_FLOWS,
+        ..Default::default()
+    };
+    // SAFETY: a valid `bpf_attr` prefix for BPF_MAP_CREATE.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_CREATE,
+            &attr as *const MapCreateAttr,
+            size_of::<MapCreateAttr>(),
+        )
+    };
+    if fd < 0 {
+        anyhow::bail!(
+            "creating the baseline's flow table failed: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    // SAFETY: the kernel just returned this descriptor to us.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
 
 #[repr(C)]
 #[derive(Default)]
@@ -146,18 +247,32 @@ pub enum Baseline {
     Pass,
     /// Parses to the ports, then returns XDP_PASS.
     ParsePass,
+    /// Parses to the ports, looks the flow up in a connection table (a
+    /// miss), then returns XDP_PASS.
+    ParseFlowLookup,
 }
 
 /// A loaded baseline XDP program (closed on drop).
 pub struct RawXdp {
     fd: OwnedFd,
+    /// The map the program reads, if any (the program holds a reference
+    /// too; kept for clarity of ownership).
+    _map: Option<OwnedFd>,
 }
 
 impl RawXdp {
     pub fn load(which: Baseline) -> anyhow::Result<Self> {
+        let mut map = None;
+        let owned;
         let (insns, name): (&[Insn], &[u8]) = match which {
             Baseline::Pass => (PASS, b"mb_pass"),
             Baseline::ParsePass => (PARSE_PASS, b"mb_parse_pass"),
+            Baseline::ParseFlowLookup => {
+                let table = flow_table()?;
+                owned = parse_flow_lookup(table.as_raw_fd());
+                map = Some(table);
+                (&owned, b"mb_parse_flow")
+            }
         };
         let license = c"GPL";
         let mut log = vec![0u8; 64 * 1024];
@@ -193,6 +308,7 @@ impl RawXdp {
         // SAFETY: the kernel just returned this descriptor to us.
         Ok(RawXdp {
             fd: unsafe { OwnedFd::from_raw_fd(fd as i32) },
+            _map: map,
         })
     }
 
@@ -216,6 +332,7 @@ impl RawXdp {
         // SAFETY: the kernel just returned this descriptor to us.
         Ok(RawXdp {
             fd: unsafe { OwnedFd::from_raw_fd(fd as i32) },
+            _map: None,
         })
     }
 
@@ -360,7 +477,11 @@ mod tests {
             panic!("needs root (BPF_PROG_LOAD)");
         }
         let frame = Packet::tcp("198.18.200.9", 40000, "198.18.0.1", 22, 0x02).frame();
-        for which in [Baseline::Pass, Baseline::ParsePass] {
+        for which in [
+            Baseline::Pass,
+            Baseline::ParsePass,
+            Baseline::ParseFlowLookup,
+        ] {
             let prog = RawXdp::load(which).unwrap();
             let (action, _) = prog.test_run(&frame, 10).unwrap();
             assert_eq!(action, XDP_PASS, "{which:?}");
