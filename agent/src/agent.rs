@@ -213,71 +213,6 @@ pub fn local_addresses() -> anyhow::Result<std::collections::BTreeSet<std::net::
     Ok(out)
 }
 
-/// One TCP connection of this host: local address and port, remote
-/// address and port.
-pub type TcpFlow = (std::net::IpAddr, u16, std::net::IpAddr, u16);
-
-/// The host's established TCP connections (its own sockets in this network
-/// namespace, from /proc/net/tcp and tcp6), loopback excepted.
-pub fn established_tcp() -> anyhow::Result<Vec<TcpFlow>> {
-    let mut out = Vec::new();
-    for (path, v6) in [("/proc/net/tcp", false), ("/proc/net/tcp6", true)] {
-        let text = match std::fs::read_to_string(path) {
-            Ok(t) => t,
-            // No IPv6 in this kernel: no IPv6 sockets.
-            Err(e) if v6 && e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(e).with_context(|| format!("reading {path}")),
-        };
-        out.extend(parse_proc_net_tcp(&text, v6).with_context(|| format!("parsing {path}"))?);
-    }
-    Ok(out)
-}
-
-/// The ESTABLISHED entries of a /proc/net/tcp (or tcp6) table.
-pub fn parse_proc_net_tcp(text: &str, v6: bool) -> anyhow::Result<Vec<TcpFlow>> {
-    // Addresses are the kernel's words printed in host byte order.
-    fn addr(hex: &str, v6: bool) -> anyhow::Result<std::net::IpAddr> {
-        let word = |i: usize| -> anyhow::Result<[u8; 4]> {
-            let w = hex.get(i * 8..i * 8 + 8).context("short address")?;
-            Ok(u32::from_str_radix(w, 16)?.to_ne_bytes())
-        };
-        if v6 {
-            let mut b = [0u8; 16];
-            for i in 0..4 {
-                b[i * 4..i * 4 + 4].copy_from_slice(&word(i)?);
-            }
-            let a = std::net::Ipv6Addr::from(b);
-            Ok(a.to_ipv4_mapped()
-                .map_or(std::net::IpAddr::V6(a), std::net::IpAddr::V4))
-        } else {
-            Ok(std::net::IpAddr::V4(std::net::Ipv4Addr::from(word(0)?)))
-        }
-    }
-    fn endpoint(s: &str, v6: bool) -> anyhow::Result<(std::net::IpAddr, u16)> {
-        let (a, p) = s
-            .split_once(':')
-            .with_context(|| format!("no port in {s:?}"))?;
-        Ok((addr(a, v6)?, u16::from_str_radix(p, 16)?))
-    }
-    let mut out = Vec::new();
-    for line in text.lines().skip(1) {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        let [_, local, remote, state, ..] = fields.as_slice() else {
-            continue;
-        };
-        if *state != "01" {
-            continue; // only ESTABLISHED
-        }
-        let (l, lp) = endpoint(local, v6)?;
-        let (r, rp) = endpoint(remote, v6)?;
-        if l.is_loopback() || r.is_loopback() {
-            continue;
-        }
-        out.push((l, lp, r, rp));
-    }
-    Ok(out)
-}
-
 fn ifindex(name: &str) -> anyhow::Result<u32> {
     nix::net::if_::if_nametoindex(name)
         .with_context(|| format!("no interface named {name} in this network namespace"))
@@ -647,14 +582,39 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         local.len()
     );
     // Connections open before moat attaches (ssh sessions, this agent's
-    // own API watch) are adopted as established, so attaching cuts none.
-    match established_tcp() {
+    // own API watch, flows kube-proxy forwards) are adopted as
+    // established, so attaching cuts none.
+    let mut seeds = Vec::new();
+    let sockets = match crate::seed::host_sockets() {
         Ok(flows) => {
-            let n = dataplane.seed_tcp_flows(&flows)?;
-            info!("{n} established TCP connection(s) of this host tracked as allowed before attaching");
+            let n = flows.len();
+            seeds.extend(flows);
+            format!("{n} from this host's TCP sockets")
         }
-        Err(e) => warn!("cannot read this host's TCP connections ({e:#}): connections open now are judged by policy from their next packet"),
-    }
+        Err(e) => {
+            warn!("cannot read this host's TCP connections ({e:#}): those open now are judged by policy from their next packet unless Linux conntrack knows them");
+            "none from this host's TCP sockets (unreadable)".to_string()
+        }
+    };
+    let conntrack = match crate::seed::kernel_conntrack() {
+        Ok(Some(flows)) => {
+            let n = flows.len();
+            seeds.extend(flows);
+            format!("{n} from Linux connection tracking")
+        }
+        Ok(None) => format!(
+            "none from Linux connection tracking ({} absent)",
+            crate::seed::NF_CONNTRACK
+        ),
+        Err(e) => {
+            warn!("cannot read Linux connection tracking ({e:#}): UDP flows and forwarded connections open now are judged by policy from their next packet");
+            "none from Linux connection tracking (unreadable)".to_string()
+        }
+    };
+    let n = dataplane.seed_flows(&seeds)?;
+    info!(
+        "{n} established connection(s) tracked as allowed before attaching: {sockets}, {conntrack}"
+    );
     let mut ifaces = Ifaces::new(wanted.clone());
     ifaces.refresh();
 
@@ -1048,53 +1008,5 @@ fn print(e: &ResolvedEvent, output: EventFormat) {
             Ok(line) => println!("{line}"),
             Err(err) => error!("cannot encode event as JSON: {err}"),
         },
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn proc_net_tcp_established_entries() {
-        let v4 = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
-   0: 00000000:0016 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1 1 0000000000000000 100 0 0 10 0
-   1: 010112C6:0016 020112C6:D2F0 01 00000000:00000000 02:0008F5C4 00000000     0        0 2 4 0000000000000000 20 4 30 10 -1
-   2: 0100007F:1F90 0100007F:A000 01 00000000:00000000 00:00000000 00000000     0        0 3 1 0000000000000000 20 4 30 10 -1
-";
-        let flows = parse_proc_net_tcp(v4, false).unwrap();
-        assert_eq!(
-            flows,
-            vec![(
-                "198.18.1.1".parse().unwrap(),
-                22,
-                "198.18.1.2".parse().unwrap(),
-                0xd2f0
-            )]
-        );
-        let v6 =
-            "  sl  local_address                         remote_address                        st
-   0: B80D0120000000000000000001000000:0016 B80D0120000000000000000002000000:C350 01 0
-   1: 0000000000000000FFFF0000010112C6:01BB 0000000000000000FFFF0000020112C6:C351 01 0
-";
-        let flows = parse_proc_net_tcp(v6, true).unwrap();
-        assert_eq!(
-            flows,
-            vec![
-                (
-                    "2001:db8::1".parse().unwrap(),
-                    22,
-                    "2001:db8::2".parse().unwrap(),
-                    50000
-                ),
-                (
-                    "198.18.1.1".parse().unwrap(),
-                    443,
-                    "198.18.1.2".parse().unwrap(),
-                    50001
-                ),
-            ]
-        );
-        assert!(parse_proc_net_tcp("h\n 0: zz:0016 00:00 01", false).is_err());
     }
 }

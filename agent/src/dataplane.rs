@@ -1051,14 +1051,11 @@ impl Dataplane {
         self.conntrack.iter().filter_map(Result::ok).collect()
     }
 
-    /// Tracks `flows` (TCP, each `(local, local port, remote, remote port)`)
-    /// as established, in both orientations, as if moat had allowed them:
-    /// connections open before moat attached keep flowing. Returns how
-    /// many were written.
-    pub fn seed_tcp_flows(
-        &mut self,
-        flows: &[(std::net::IpAddr, u16, std::net::IpAddr, u16)],
-    ) -> Result<usize, DataplaneError> {
+    /// Tracks `flows` as established, in both orientations, as if moat had
+    /// allowed them: connections open before moat attached keep flowing.
+    /// Returns how many distinct connections (orientation pairs) were
+    /// written.
+    pub fn seed_flows(&mut self, flows: &[crate::seed::Flow]) -> Result<usize, DataplaneError> {
         let bytes = |a: &std::net::IpAddr| match a {
             std::net::IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
             std::net::IpAddr::V6(v6) => v6.octets(),
@@ -1070,26 +1067,29 @@ impl Dataplane {
             flags: 0,
             _pad: 0,
         };
-        let mut n = 0;
-        for (local, lport, remote, rport) in flows {
-            for (src, sport, dst, dport) in
-                [(remote, rport, local, lport), (local, lport, remote, rport)]
-            {
-                let key = FlowKey {
-                    src: bytes(src),
-                    dst: bytes(dst),
-                    sport: *sport,
-                    dport: *dport,
-                    protocol: moat_common::ip_proto::TCP,
-                    _pad: [0; 3],
-                };
-                self.conntrack
-                    .insert(key, state, 0)
-                    .map_err(map_err(map_names::CONNTRACK))?;
+        let mut written = std::collections::HashSet::new();
+        for flow in flows {
+            let key = |src, sport, dst, dport| FlowKey {
+                src: bytes(src),
+                dst: bytes(dst),
+                sport,
+                dport,
+                protocol: flow.protocol,
+                _pad: [0; 3],
+            };
+            let forward = key(&flow.src, flow.sport, &flow.dst, flow.dport);
+            let backward = key(&flow.dst, flow.dport, &flow.src, flow.sport);
+            if written.contains(&forward) {
+                continue;
             }
-            n += 1;
+            for k in [forward, backward] {
+                self.conntrack
+                    .insert(k, state, 0)
+                    .map_err(map_err(map_names::CONNTRACK))?;
+                written.insert(k);
+            }
         }
-        Ok(n)
+        Ok(written.len() / 2)
     }
 
     /// How full the maps whose capacity is a deployment choice are, read

@@ -27,6 +27,7 @@ pub mod profiles;
 pub mod reconcile;
 pub mod reference;
 pub mod resolve;
+pub mod seed;
 pub mod selector;
 pub mod state;
 pub mod status;

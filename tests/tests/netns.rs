@@ -674,7 +674,7 @@ fn a_connection_open_before_attach_survives_it() {
     round_trip(&mut stream, "and again").unwrap();
     let log = agent.logged().join("\n");
     assert!(
-        log.contains("1 established TCP connection(s) of this host tracked"),
+        log.contains("1 established connection(s) tracked as allowed before attaching: 1 from this host's TCP sockets"),
         "the agent seeds the open connection: {log}"
     );
     assert_eq!(
@@ -683,6 +683,99 @@ fn a_connection_open_before_attach_survives_it() {
         "a new ssh connection on the public side is still dropped"
     );
     assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+    agent.stop();
+}
+
+/// Sends one datagram from `from` (inside `ns`) to `to` and waits for
+/// its echo: Ok(()) when it came back.
+fn udp_round_trip(ns: &Netns, from: &str, to: &str) -> Result<(), std::io::ErrorKind> {
+    let (from, to): (SocketAddr, SocketAddr) = (from.parse().unwrap(), to.parse().unwrap());
+    in_netns(&ns.name, move || {
+        let socket = std::net::UdpSocket::bind(from).map_err(|e| e.kind())?;
+        socket
+            .set_read_timeout(Some(Duration::from_millis(1500)))
+            .map_err(|e| e.kind())?;
+        socket.send_to(b"moat", to).map_err(|e| e.kind())?;
+        let mut buf = [0u8; 16];
+        let (n, peer) = socket.recv_from(&mut buf).map_err(|e| e.kind())?;
+        assert_eq!((&buf[..n], peer), (&b"moat"[..], to), "the echo");
+        Ok(())
+    })
+}
+
+/// Linux connection tracking's flows are adopted at attach too: a UDP
+/// flow it saw both ways before the agent started, to a port policy
+/// denies, keeps flowing; a new flow to the same port is dropped.
+#[test]
+fn a_udp_flow_linux_conntrack_knows_survives_attach() {
+    let (worker, client, _peer) = lab();
+    // Connection tracking runs in a namespace once a rule needs it.
+    worker.exec("nft", &["add", "table", "inet", "moat_test_ct"]);
+    worker.exec(
+        "nft",
+        &[
+            "add",
+            "chain",
+            "inet",
+            "moat_test_ct",
+            "input",
+            "{ type filter hook input priority 0 ; policy accept ; }",
+        ],
+    );
+    worker.exec(
+        "nft",
+        &[
+            "add",
+            "rule",
+            "inet",
+            "moat_test_ct",
+            "input",
+            "ct",
+            "state",
+            "established",
+            "counter",
+        ],
+    );
+    let (tx, rx) = mpsc::channel();
+    spawn_in(&worker.name, move || {
+        let socket = std::net::UdpSocket::bind("198.18.1.1:5000").expect("bind udp 5000");
+        socket
+            .set_read_timeout(Some(Duration::from_secs(60)))
+            .expect("timeout");
+        tx.send(()).expect("signal bound");
+        let mut buf = [0u8; 64];
+        while let Ok((n, peer)) = socket.recv_from(&mut buf) {
+            let _ = socket.send_to(&buf[..n], peer);
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(5))
+        .expect("udp echo bound");
+    let (flow, server) = ("198.18.1.2:40000", "198.18.1.1:5000");
+    assert_eq!(udp_round_trip(&client, flow, server), Ok(()), "before moat");
+    let table = worker.exec("cat", &["/proc/net/nf_conntrack"]);
+    assert!(
+        table
+            .lines()
+            .any(|l| l.contains("sport=40000 dport=5000") && !l.contains("UNREPLIED")),
+        "Linux conntrack saw the flow both ways: {table}"
+    );
+
+    let agent = Agent::start(&worker);
+    assert_eq!(
+        udp_round_trip(&client, flow, server),
+        Ok(()),
+        "the flow open before attach still flows"
+    );
+    let log = agent.logged().join("\n");
+    assert!(
+        log.contains("1 from Linux connection tracking"),
+        "the agent seeds the flow conntrack knows: {log}"
+    );
+    assert_eq!(
+        udp_round_trip(&client, "198.18.1.2:40001", server),
+        Err(std::io::ErrorKind::WouldBlock),
+        "a new flow to the same port is dropped"
+    );
     agent.stop();
 }
 
