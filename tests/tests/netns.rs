@@ -686,6 +686,59 @@ fn a_connection_open_before_attach_survives_it() {
     agent.stop();
 }
 
+/// An upgrade whose conntrack layout changed: the old table (pinned under
+/// another name) is reported, never read, and removed once the new
+/// programs are attached; the new table starts from the kernel's own view,
+/// so a connection open across the upgrade keeps flowing.
+#[test]
+fn a_conntrack_table_of_another_layout_is_not_read_and_connections_survive() {
+    let (worker, client, _peer) = lab();
+    let accepted = echo_server(&worker, "0.0.0.0:22");
+    let stream = in_netns(&client.name, || {
+        TcpStream::connect_timeout(&"198.18.1.1:22".parse().unwrap(), Duration::from_secs(2))
+    })
+    .expect("ssh before the upgrade");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .expect("timeout");
+    let mut stream = BufReader::new(stream);
+    round_trip(&mut stream, "before the upgrade").unwrap();
+
+    // What an older moat left: its conntrack pinned under another layout's
+    // name (made here from this version's, renamed).
+    let pins = PinDir::new();
+    drop(moat::dataplane::Dataplane::load_pinned(&pins.0).expect("pinned maps"));
+    let ct = moat_common::map_names::CONNTRACK;
+    let old = "MOAT_CT_V0";
+    std::fs::rename(pins.0.join(ct), pins.0.join(old)).expect("rename the pin (bpffs)");
+
+    let mut extra = pins.args().to_vec();
+    extra.push("--detach-on-exit".into());
+    let mut agent = Agent::start_args(&worker, "json", &extra);
+    round_trip(&mut stream, "after the upgrade").unwrap();
+    let log = agent.logged().join("\n");
+    assert!(
+        log.contains(&format!(
+            "pinned map {old} is from a moat version with another map layout: not read"
+        )),
+        "the old table is reported: {log}"
+    );
+    assert!(
+        log.contains(&format!("removed the pinned map {old} of another layout")),
+        "and removed after attach: {log}"
+    );
+    assert!(!pins.0.join(old).exists(), "the old pin is gone");
+    assert!(pins.0.join(ct).exists(), "this layout's table is pinned");
+    assert_eq!(
+        connect(&client, "198.18.1.1:22"),
+        Err(std::io::ErrorKind::TimedOut),
+        "a new ssh connection on the public side is dropped"
+    );
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+    agent._pins = Some(pins);
+    agent.stop();
+}
+
 /// Sends one datagram from `from` (inside `ns`) to `to` and waits for
 /// its echo: Ok(()) when it came back.
 fn udp_round_trip(ns: &Netns, from: &str, to: &str) -> Result<(), std::io::ErrorKind> {
