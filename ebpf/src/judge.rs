@@ -198,39 +198,14 @@ fn decide(
     w: &mut Walk,
     direction: u8,
 ) -> Decision {
-    // Forwarded: to (ingress) or from (egress) an address that is not the
-    // node's. Only when the agent keeps LOCAL_ADDRS in sync; otherwise
-    // every packet is host traffic, the stricter view.
-    let forwarded = iface.flags & moat_common::IFACE_KNOWS_LOCAL != 0
-        && !is_local(
-            if direction == moat_common::direction::INGRESS {
-                &w.pkt.dst
-            } else {
-                &w.pkt.src
-            },
-            w.pkt.ip_version,
-        );
     // `get`, not indexing: a failed bounds check would be a panic, which the
     // verifier refuses as code that does not end in exit.
-    let normal_kind = if forwarded {
-        table::FORWARD
-    } else {
-        table::POLICY
-    };
-    let (
-        Some(failsafe_table),
-        Some(untracked_table),
-        Some(pre_dnat_table),
-        Some(policy_table),
-        Some(classifier),
-    ) = (
+    let (Some(failsafe_table), Some(untracked_table), Some(pre_dnat_table), Some(classifier)) = (
         iface.tables.get(table::index(direction, table::FAILSAFE)),
         iface.tables.get(table::index(direction, table::UNTRACKED)),
         iface.tables.get(table::index(direction, table::PRE_DNAT)),
-        iface.tables.get(table::index(direction, normal_kind)),
         iface.classifiers.get(direction as usize),
-    )
-    else {
+    ) else {
         return Decision::without_rule(verdict::DENY, reason::END_OF_POLICIES);
     };
     w.classifier = *classifier;
@@ -238,17 +213,21 @@ fn decide(
     // stages; it is still subject to connection tracking's INVALID, then
     // accepted.
     //
-    // Whether a packet is failsafe only matters before connection tracking
-    // when there are untracked rules to skip. Without them (the common
-    // case) the failsafe table is searched after it, so a packet of an
-    // established flow is never classified: same verdicts, and the
-    // established path pays no per-field lookup.
+    // Whether a packet is forwarded or failsafe only matters before
+    // connection tracking when there are untracked rules. Without them
+    // (the common case) both are worked out after it, so a packet of an
+    // established flow costs neither the node-address lookup nor any
+    // classification: same verdicts, a shorter established path.
     let untracked_empty = untracked_table.len == 0
         && untracked_table.end_verdict != verdict::ALLOW
         && untracked_table.end_verdict != verdict::DENY;
+    let mut forwarded = false;
     let mut failsafe = Decision::without_rule(verdict::NONE, 0);
-    if !forwarded && !untracked_empty {
-        failsafe = walk_table(failsafe_table, w);
+    if !untracked_empty {
+        forwarded = is_forwarded(iface, w, direction);
+        if !forwarded {
+            failsafe = walk_table(failsafe_table, w);
+        }
     }
     let mut is_failsafe = failsafe.verdict == verdict::ALLOW;
 
@@ -297,9 +276,12 @@ fn decide(
         }
     }
 
-    if !forwarded && untracked_empty {
-        failsafe = walk_table(failsafe_table, w);
-        is_failsafe = failsafe.verdict == verdict::ALLOW;
+    if untracked_empty {
+        forwarded = is_forwarded(iface, w, direction);
+        if !forwarded {
+            failsafe = walk_table(failsafe_table, w);
+            is_failsafe = failsafe.verdict == verdict::ALLOW;
+        }
     }
 
     // 3. Pre-DNAT (ingress only; the egress table is empty): new
@@ -324,6 +306,14 @@ fn decide(
     }
 
     // 5. Normal policy (applyOnForward policies for forwarded traffic).
+    let normal_kind = if forwarded {
+        table::FORWARD
+    } else {
+        table::POLICY
+    };
+    let Some(policy_table) = iface.tables.get(table::index(direction, normal_kind)) else {
+        return Decision::without_rule(verdict::DENY, reason::END_OF_POLICIES);
+    };
     let policy = walk_table(policy_table, w);
     if policy.verdict == verdict::ALLOW {
         if policy.policy_id == NO_POLICY_ID {
@@ -341,6 +331,22 @@ fn decide(
         conntrack::track(&w.pkt);
     }
     policy
+}
+
+/// Forwarded: to (ingress) or from (egress) an address that is not the
+/// node's. Only when the agent keeps LOCAL_ADDRS in sync; otherwise every
+/// packet is host traffic, the stricter view.
+#[inline(always)]
+fn is_forwarded(iface: &IfaceConfig, w: &Walk, direction: u8) -> bool {
+    iface.flags & moat_common::IFACE_KNOWS_LOCAL != 0
+        && !is_local(
+            if direction == moat_common::direction::INGRESS {
+                &w.pkt.dst
+            } else {
+                &w.pkt.src
+            },
+            w.pkt.ip_version,
+        )
 }
 
 /// Whether `addr` (of an IPv4 packet when `ip_version` is 4) is one of the
