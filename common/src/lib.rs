@@ -484,8 +484,9 @@ pub const FLOW_CLOSING: u32 = 1;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowState {
-    /// `bpf_ktime_get_ns` of the last packet seen (refreshed at most once a
-    /// second to keep writes off the fast path).
+    /// `bpf_ktime_get_coarse_ns` (CLOCK_MONOTONIC, a tick's resolution) of
+    /// the last packet seen (refreshed at most once a second to keep writes
+    /// off the fast path).
     pub last_seen_ns: u64,
     pub flags: u32,
     pub _pad: u32,

@@ -6,7 +6,7 @@
 //! calls INVALID (an unsolicited reply, an ICMP error about nothing, a TCP
 //! flag combination no stack sends) is reported to the caller.
 
-use aya_ebpf::helpers::bpf_ktime_get_ns;
+use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use moat_common::{flow_timeout, ip_proto, FlowKey, FlowState, FLOW_CLOSING};
 
 use crate::{
@@ -157,6 +157,10 @@ fn timeout(protocol: u8, flags: u32) -> u64 {
 }
 
 /// Whether `key` names a live tracked flow; refreshes it when found.
+///
+/// Times are `bpf_ktime_get_coarse_ns` (CLOCK_MONOTONIC_COARSE: no clock
+/// source read, a tick's resolution, plenty for timeouts of seconds); the
+/// agent's seeded entries use CLOCK_MONOTONIC, the same clock.
 #[inline(always)]
 fn lookup(key: &FlowKey, tcp_flags: u8) -> bool {
     let Some(state) = CONNTRACK.get_ptr_mut(key) else {
@@ -165,7 +169,7 @@ fn lookup(key: &FlowKey, tcp_flags: u8) -> bool {
     // SAFETY: `get_ptr_mut` returned a valid pointer to the map value; a
     // racing writer can at worst make the timestamp slightly stale.
     let state = unsafe { &mut *state };
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     let age = now.saturating_sub(state.last_seen_ns);
     if age > timeout(key.protocol, state.flags) {
         let _ = CONNTRACK.remove(key);
@@ -211,7 +215,7 @@ pub fn track(pkt: &Packet) {
     }
     let key = flow_key(pkt);
     let state = FlowState {
-        last_seen_ns: unsafe { bpf_ktime_get_ns() },
+        last_seen_ns: unsafe { bpf_ktime_get_coarse_ns() },
         flags: 0,
         _pad: 0,
     };
