@@ -12,7 +12,10 @@
 //! the global functions it calls must fit the verifier's 512-byte combined
 //! stack.
 
-use aya_ebpf::{helpers::bpf_ktime_get_ns, maps::lpm_trie::Key};
+use aya_ebpf::{
+    helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
+    maps::lpm_trie::Key,
+};
 use moat_common::{
     classify::{self, FIELDS, HEADER_WORDS, MAX_WORDS, SUMMARY_WORDS},
     counter, reason, rule_match, table, verdict, Classifier, DenyEvent, EventBucket, FragKey,
@@ -801,7 +804,10 @@ fn may_emit(w: &Walk) -> bool {
     }
     // SAFETY: same size, every bit pattern valid.
     let src = unsafe { core::mem::transmute::<[u32; 4], [u8; 16]>(w.pkt.src) };
-    let now = unsafe { bpf_ktime_get_ns() };
+    // Coarse time (a tick's resolution): the refill below counts whole
+    // microseconds since the bucket's last packet, so with a fine clock a
+    // flood (a packet every few hundred ns) would never refill it.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     let full = rate.burst as u64 * 1000;
     let Some(bucket) = EVENT_BUCKETS.get_ptr_mut(src) else {
         // A new source starts with a full bucket, less this event.
