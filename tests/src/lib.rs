@@ -21,7 +21,10 @@ pub const NODE: &str = "worker-1";
 /// loopback device of the caller's network namespace, ifindex 1.
 pub const TEST_RUN_IFINDEX: u32 = 1;
 
+pub mod agent;
 pub mod fakekube;
+
+pub use agent::AgentProcess;
 
 pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
@@ -390,4 +393,21 @@ impl KernelLog {
         }
         None
     }
+}
+
+/// Listens on `addr` inside `ns`, accepting (and closing) connections for
+/// as long as the test runs.
+pub fn listen(ns: &Netns, addr: &str) {
+    let addr: std::net::SocketAddr = addr.parse().expect("address");
+    let (tx, rx) = std::sync::mpsc::channel();
+    spawn_in(&ns.name, move || {
+        let listener =
+            std::net::TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+        tx.send(()).expect("signal bound");
+        for stream in listener.incoming() {
+            drop(stream);
+        }
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(5))
+        .expect("listener bound");
 }

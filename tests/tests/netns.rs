@@ -3,14 +3,15 @@
 //! peer, the deny events read from the agent's output.
 
 use std::{
+    ffi::OsString,
     io::{BufRead, BufReader},
     net::{SocketAddr, TcpListener, TcpStream},
-    process::{Child, Stdio},
+    process::Stdio,
     sync::mpsc,
     time::{Duration, Instant},
 };
 
-use moat_tests::{fixtures, in_netns, spawn_in, veth, Netns, PinDir};
+use moat_tests::{fixtures, in_netns, listen, spawn_in, veth, AgentProcess, Netns, PinDir};
 
 /// Tries a TCP connection from inside `ns`: Ok(()) when it was accepted.
 fn connect(ns: &Netns, to: &str) -> Result<(), std::io::ErrorKind> {
@@ -20,22 +21,6 @@ fn connect(ns: &Netns, to: &str) -> Result<(), std::io::ErrorKind> {
             .map(drop)
             .map_err(|e| e.kind())
     })
-}
-
-/// Listens on `addr` inside `ns`, accepting (and closing) connections for
-/// as long as the test runs.
-fn listen(ns: &Netns, addr: &str) {
-    let addr: SocketAddr = addr.parse().expect("address");
-    let (tx, rx) = mpsc::channel();
-    spawn_in(&ns.name, move || {
-        let listener = TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
-        tx.send(()).expect("signal bound");
-        for stream in listener.incoming() {
-            drop(stream);
-        }
-    });
-    rx.recv_timeout(Duration::from_secs(5))
-        .expect("listener bound");
 }
 
 fn ping(ns: &Netns, to: &str) -> bool {
@@ -73,14 +58,10 @@ fn lab() -> (Netns, Netns, Netns) {
     (worker, client, peer)
 }
 
+/// The agent on the worker, enforcing the `public` fixture on `eth1` and
+/// `eth0`.
 struct Agent {
-    child: Child,
-    events: mpsc::Receiver<serde_json::Value>,
-    lines: mpsc::Receiver<String>,
-    /// What the agent logged (stderr).
-    log: mpsc::Receiver<String>,
-    /// Dropped after the agent is killed (fields drop after `Drop::drop`).
-    _pins: Option<PinDir>,
+    process: AgentProcess,
     /// The agent's event socket (`moat tail --socket`).
     socket: std::path::PathBuf,
 }
@@ -90,99 +71,56 @@ impl Agent {
         Self::start_with(worker, "json")
     }
 
-    /// Starts the agent with `-o output`; JSON lines arrive as `events`,
-    /// others as `lines`.
+    /// Starts the agent with `-o output`, its pins in a directory of its
+    /// own.
     fn start_with(worker: &Netns, output: &str) -> Self {
-        let pins = PinDir::new();
-        let mut extra = pins.args().to_vec();
-        extra.push("--detach-on-exit".into());
-        let mut agent = Self::start_args(worker, output, &extra);
-        agent._pins = Some(pins);
-        agent
+        Self::launch(worker, output, &[], Some(PinDir::new()))
     }
 
+    /// Starts the agent with `extra` arguments, which say where it pins.
     fn start_args(worker: &Netns, output: &str, extra: &[String]) -> Self {
+        Self::launch(worker, output, extra, None)
+    }
+
+    fn launch(worker: &Netns, output: &str, extra: &[String], pins: Option<PinDir>) -> Self {
         let socket = std::env::temp_dir().join(format!("{}.sock", moat_tests::unique("moat-ev")));
-        let mut child = worker
-            .command(moat_tests::moat_bin().to_str().expect("utf-8 path"))
-            .args(["agent", "--policies"])
-            .arg(fixtures().join("public"))
-            .args([
+        let mut args: Vec<OsString> = vec!["--policies".into(), fixtures().join("public").into()];
+        args.extend(
+            [
                 "--iface", "eth1", "--iface", "eth0", "--node", "worker-1", "-o", output,
-            ])
-            .args(extra)
-            .arg("--socket")
-            .arg(&socket)
-            // Saved state and status stay out of /var/lib and /run.
-            .args(["--state-file", "none", "--status-file", "none"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("moat agent starts");
-        let (ready_tx, ready_rx) = mpsc::channel();
-        let (log_tx, log) = mpsc::channel();
-        let stderr = child.stderr.take().expect("stderr");
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                eprintln!("agent: {line}");
-                if line.contains("ready:") {
-                    let _ = ready_tx.send(());
-                }
-                let _ = log_tx.send(line);
-            }
-        });
-        let (tx, events) = mpsc::channel();
-        let (line_tx, lines) = mpsc::channel();
-        let stdout = child.stdout.take().expect("stdout");
-        let json = output == "json";
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let sent = if json {
-                    let value = serde_json::from_str(&line).unwrap_or_else(|e| {
-                        panic!("agent printed a line that is not JSON ({e}): {line}")
-                    });
-                    tx.send(value).is_ok()
-                } else {
-                    line_tx.send(line).is_ok()
-                };
-                if !sent {
-                    break;
-                }
-            }
-        });
-        if ready_rx.recv_timeout(Duration::from_secs(30)).is_err() {
-            let _ = child.kill();
-            panic!("the agent did not become ready: {:?}", child.wait());
-        }
-        Agent {
-            child,
-            events,
-            lines,
-            log,
-            _pins: None,
-            socket,
-        }
+            ]
+            .map(OsString::from),
+        );
+        args.extend(extra.iter().map(OsString::from));
+        args.extend(["--socket".into(), socket.clone().into()]);
+        // Saved state and status stay out of /var/lib and /run.
+        args.extend(["--state-file", "none", "--status-file", "none"].map(OsString::from));
+        let mut process = AgentProcess::spawn(worker, args, pins);
+        process.wait_for_log("ready:");
+        Agent { process, socket }
     }
 
     /// Every line the agent has logged so far.
-    fn logged(&self) -> Vec<String> {
-        self.log.try_iter().collect()
+    fn logged(&mut self) -> Vec<String> {
+        self.process.logged()
     }
 
-    /// Ends the agent with SIGKILL: no cleanup of any kind.
-    fn kill(mut self) {
-        self.child.kill().expect("SIGKILL");
-        self.child.wait().expect("wait");
+    fn kill(self) {
+        self.process.kill();
+    }
+
+    fn stop(self) {
+        self.process.stop();
     }
 
     /// The next line the agent prints (non-JSON output).
     fn expect_line(&mut self, what: &str) -> String {
-        self.lines
-            .recv_timeout(Duration::from_secs(10))
-            .unwrap_or_else(|_| panic!("no line from the agent for {what}"))
+        self.process
+            .next_stdout(Duration::from_secs(10))
+            .unwrap_or_else(|| panic!("no line from the agent for {what}"))
     }
 
-    /// Waits for an event satisfying `want`.
+    /// Waits for an event (`-o json`) satisfying `want`.
     fn expect_event(
         &self,
         what: &str,
@@ -191,37 +129,17 @@ impl Agent {
         let deadline = Instant::now() + Duration::from_secs(10);
         let mut seen = Vec::new();
         while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-            match self.events.recv_timeout(left) {
-                Ok(e) if want(&e) => return e,
-                Ok(e) => seen.push(e),
-                Err(_) => break,
+            let Some(line) = self.process.next_stdout(left) else {
+                break;
+            };
+            let e: serde_json::Value = serde_json::from_str(&line)
+                .unwrap_or_else(|e| panic!("agent printed a line that is not JSON ({e}): {line}"));
+            if want(&e) {
+                return e;
             }
+            seen.push(e);
         }
         panic!("no event for {what}; saw {seen:#?}");
-    }
-
-    fn stop(mut self) {
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        )
-        .expect("SIGTERM");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(status) = self.child.try_wait().expect("wait") {
-                assert!(status.success(), "agent exit status {status}");
-                return;
-            }
-            assert!(Instant::now() < deadline, "agent did not exit on SIGTERM");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -606,7 +524,7 @@ fn enforcement_outlives_a_killed_agent_and_a_restart_takes_over_without_a_gap() 
     round_trip(&mut stream, "with the agent dead").unwrap();
     std::thread::sleep(Duration::from_millis(500));
 
-    let second = Agent::start_args(&worker, "json", &pins.args());
+    let mut second = Agent::start_args(&worker, "json", &pins.args());
     let log = second.logged().join("\n");
     assert!(
         log.contains("adopted the dataplane pinned in"),
@@ -669,7 +587,7 @@ fn a_connection_open_before_attach_survives_it() {
     let mut stream = BufReader::new(stream);
     round_trip(&mut stream, "before attach").unwrap();
 
-    let agent = Agent::start(&worker);
+    let mut agent = Agent::start(&worker);
     round_trip(&mut stream, "after attach").unwrap();
     round_trip(&mut stream, "and again").unwrap();
     let log = agent.logged().join("\n");
@@ -711,10 +629,9 @@ fn a_conntrack_table_of_another_layout_is_not_read_and_connections_survive() {
     let ct = moat_common::map_names::CONNTRACK;
     let old = "MOAT_CT_V0";
     std::fs::rename(pins.0.join(ct), pins.0.join(old)).expect("rename the pin (bpffs)");
+    let pin_dir = pins.0.clone();
 
-    let mut extra = pins.args().to_vec();
-    extra.push("--detach-on-exit".into());
-    let mut agent = Agent::start_args(&worker, "json", &extra);
+    let mut agent = Agent::launch(&worker, "json", &[], Some(pins));
     round_trip(&mut stream, "after the upgrade").unwrap();
     let log = agent.logged().join("\n");
     assert!(
@@ -727,15 +644,14 @@ fn a_conntrack_table_of_another_layout_is_not_read_and_connections_survive() {
         log.contains(&format!("removed the pinned map {old} of another layout")),
         "and removed after attach: {log}"
     );
-    assert!(!pins.0.join(old).exists(), "the old pin is gone");
-    assert!(pins.0.join(ct).exists(), "this layout's table is pinned");
+    assert!(!pin_dir.join(old).exists(), "the old pin is gone");
+    assert!(pin_dir.join(ct).exists(), "this layout's table is pinned");
     assert_eq!(
         connect(&client, "198.18.1.1:22"),
         Err(std::io::ErrorKind::TimedOut),
         "a new ssh connection on the public side is dropped"
     );
     assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
-    agent._pins = Some(pins);
     agent.stop();
 }
 
@@ -813,7 +729,7 @@ fn a_udp_flow_linux_conntrack_knows_survives_attach() {
         "Linux conntrack saw the flow both ways: {table}"
     );
 
-    let agent = Agent::start(&worker);
+    let mut agent = Agent::start(&worker);
     assert_eq!(
         udp_round_trip(&client, flow, server),
         Ok(()),
@@ -906,7 +822,7 @@ fn a_foreign_xdp_program_is_reported_and_replaced_only_when_asked() {
 
     let mut extra = pins.args().to_vec();
     extra.extend(["--replace-xdp".into(), "--detach-on-exit".into()]);
-    let agent = Agent::start_args(&worker, "json", &extra);
+    let mut agent = Agent::start_args(&worker, "json", &extra);
     let log = agent.logged().join("\n");
     assert!(
         log.contains("replaced the XDP program that held it"),

@@ -4,20 +4,18 @@
 
 use std::{
     collections::BTreeMap,
+    ffi::OsString,
     io::{BufRead, BufReader, Read, Write},
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::{SocketAddr, TcpStream},
     os::unix::{net::UnixStream, process::CommandExt as _},
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        mpsc,
-    },
+    process::{Command, Stdio},
+    sync::atomic::{AtomicU64, Ordering},
     time::{Duration, Instant},
 };
 
 use moat::{bench::sys::RawXdp, frame::Packet};
-use moat_tests::{in_netns, mac_of, moat_bin, spawn_in, unique, veth, Netns};
+use moat_tests::{in_netns, listen, mac_of, moat_bin, unique, veth, AgentProcess, Netns};
 
 const WORKER: &str = "198.18.1.1";
 const CLIENT: &str = "198.18.1.2";
@@ -154,65 +152,15 @@ impl Lab {
     }
 }
 
-struct Agent {
-    child: Child,
-    /// Uninstalled after the agent ends (fields drop after `Drop::drop`).
-    _pins: moat_tests::PinDir,
-}
-
-impl Agent {
-    fn start(lab: &Lab, extra: &[&str]) -> Self {
-        let pins = moat_tests::PinDir::new();
-        let mut child = lab
-            .worker
-            .command(moat_bin().to_str().expect("utf-8 path"))
-            .args(["agent", "--policies"])
-            .arg(lab.dir.0.join("policies"))
-            .args(["--iface", "eth1", "--node", "worker-1", "-o", "none"])
-            .arg("--socket")
-            .arg(lab.socket())
-            .args(pins.args())
-            .arg("--detach-on-exit")
-            .args(["--state-file", "none", "--status-file", "none"])
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("moat agent starts");
-        let (tx, rx) = mpsc::channel();
-        let stderr = child.stderr.take().expect("stderr");
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                eprintln!("agent: {line}");
-                if line.contains("ready:") {
-                    let _ = tx.send(());
-                }
-            }
-        });
-        if rx.recv_timeout(Duration::from_secs(30)).is_err() {
-            let _ = child.kill();
-            panic!("the agent did not become ready: {:?}", child.wait());
-        }
-        Agent { child, _pins: pins }
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// The agent on the lab's worker, enforcing its policy on `eth1`; it ends
+/// when dropped.
+fn start_agent(lab: &Lab, extra: &[&str]) -> AgentProcess {
+    let mut args: Vec<OsString> = vec!["--policies".into(), lab.dir.0.join("policies").into()];
+    args.extend(["--iface", "eth1", "--node", "worker-1", "-o", "none"].map(OsString::from));
+    args.extend(["--socket".into(), lab.socket().into()]);
+    args.extend(["--state-file", "none", "--status-file", "none"].map(OsString::from));
+    args.extend(extra.iter().map(OsString::from));
+    AgentProcess::start(&lab.worker, args)
 }
 
 /// Runs `moat tail ARGS --socket S`; returns stdout lines and stderr.
@@ -372,25 +320,11 @@ fn wait_until(what: &str, mut ok: impl FnMut() -> bool) {
     }
 }
 
-fn listen(ns: &Netns, addr: &str) {
-    let addr: SocketAddr = addr.parse().expect("address");
-    let (tx, rx) = mpsc::channel();
-    spawn_in(&ns.name, move || {
-        let listener = TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
-        tx.send(()).expect("signal bound");
-        for stream in listener.incoming() {
-            drop(stream);
-        }
-    });
-    rx.recv_timeout(Duration::from_secs(5))
-        .expect("listener bound");
-}
-
 #[test]
 fn denies_are_attributed_log_before_allow_logs_and_allows_and_metrics_match() {
     let lab = Lab::new();
     listen(&lab.worker, "0.0.0.0:8080");
-    let agent = Agent::start(&lab, &[]);
+    let agent = start_agent(&lab, &[]);
 
     let (status, body) = scrape(&lab, "/readyz");
     assert_eq!(status, 200, "{body}");
@@ -576,7 +510,7 @@ fn tail_explains_a_missing_agent_and_a_root_only_socket() {
     let (_, stderr, status) = tail(&lab, &["--no-follow"]);
     assert!(!status.success());
     assert!(stderr.contains("is `moat agent` running?"), "{stderr}");
-    let agent = Agent::start(&lab, &["--metrics-addr", "none"]);
+    let agent = start_agent(&lab, &["--metrics-addr", "none"]);
     use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
     let meta = std::fs::metadata(lab.socket()).expect("socket");
     assert_eq!(
@@ -662,7 +596,7 @@ fn subscribe(path: &Path) -> BufReader<UnixStream> {
 #[test]
 fn a_subscriber_that_stops_reading_does_not_stall_the_agent() {
     let lab = Lab::new();
-    let agent = Agent::start(&lab, &["--event-rate", "0", "--subscriber-queue", "1024"]);
+    let agent = start_agent(&lab, &["--event-rate", "0", "--subscriber-queue", "1024"]);
     // One subscriber that never reads, one that does.
     let mut stalled = subscribe(&lab.socket());
     let mut reader = subscribe(&lab.socket());
@@ -782,7 +716,7 @@ fn a_flood_of_live_frames_is_accounted_for_exactly() {
         if let Some(r) = rate {
             extra.extend(["--event-rate", r]);
         }
-        let agent = Agent::start(&lab, &extra);
+        let agent = start_agent(&lab, &extra);
         let before = metrics(&lab);
         let n = flood_packets();
         let started = Instant::now();
@@ -835,7 +769,7 @@ fn event_path_throughput_and_cost_per_denied_packet() {
         .ok()
         .map(|v| v.parse().expect("MOAT_THROUGHPUT_BURSTS: a number"))
         .unwrap_or(10);
-    let agent = Agent::start(&lab, &["--event-rate", "0", "--subscriber-queue", "16384"]);
+    let agent = start_agent(&lab, &["--event-rate", "0", "--subscriber-queue", "16384"]);
     let mut sub = subscribe(&lab.socket());
     let started = Instant::now();
     let mut with_event_ns = Vec::new();
@@ -860,7 +794,7 @@ fn event_path_throughput_and_cost_per_denied_packet() {
 
     // The default rate limit: past the first 200, every event is
     // suppressed.
-    let agent = Agent::start(&lab, &[]);
+    let agent = start_agent(&lab, &[]);
     let mut suppressed_ns = Vec::new();
     for _ in 0..bursts {
         let (_, mean) = test_run(&lab.worker, "eth1", frame.clone(), BURST, false);
@@ -899,7 +833,7 @@ fn events_go_to_the_events_file_and_syslog() {
         .set_read_timeout(Some(Duration::from_secs(10)))
         .expect("timeout");
     let file = lab.dir.0.join("events.jsonl");
-    let agent = Agent::start(
+    let agent = start_agent(
         &lab,
         &[
             "--metrics-addr",

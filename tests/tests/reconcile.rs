@@ -5,15 +5,13 @@
 //! its source has answered.
 
 use std::{
-    io::{BufRead, BufReader},
     net::{SocketAddr, TcpListener, TcpStream},
     path::{Path, PathBuf},
     process::{Child, Stdio},
-    sync::mpsc,
     time::{Duration, Instant},
 };
 
-use moat_tests::{in_netns, spawn_in, unique, veth, Netns};
+use moat_tests::{in_netns, listen, unique, veth, AgentProcess, Netns};
 
 const HEP: &str = "apiVersion: projectcalico.org/v3
 kind: HostEndpoint
@@ -48,20 +46,6 @@ spec:
 fn connects(ns: &str, to: &str, timeout: Duration) -> bool {
     let to: SocketAddr = to.parse().expect("address");
     in_netns(ns, move || TcpStream::connect_timeout(&to, timeout).is_ok())
-}
-
-fn listen(ns: &Netns, port: u16) {
-    let addr: SocketAddr = format!("0.0.0.0:{port}").parse().expect("address");
-    let (tx, rx) = mpsc::channel();
-    spawn_in(&ns.name, move || {
-        let listener = TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
-        tx.send(()).expect("signal bound");
-        for stream in listener.incoming() {
-            drop(stream);
-        }
-    });
-    rx.recv_timeout(Duration::from_secs(5))
-        .expect("listener bound");
 }
 
 /// Polls until connections to `port` are accepted (`want`) or not; the
@@ -113,93 +97,41 @@ impl Drop for Dir {
     }
 }
 
-struct Agent {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    /// Uninstalled after the agent ends (fields drop after `Drop::drop`).
-    _pins: moat_tests::PinDir,
+/// Starts the agent on `dir` with the policy directory `policies` and
+/// waits for a log line containing `until`.
+fn start_agent(worker: &Netns, dir: &Dir, policies: &Path, until: &str) -> AgentProcess {
+    start_agent_with(
+        worker,
+        dir,
+        &["--policies".as_ref(), policies.as_os_str()],
+        until,
+    )
 }
 
-impl Agent {
-    /// Starts the agent on `dir` and waits for a stderr line containing
-    /// `until`.
-    fn start(worker: &Netns, dir: &Dir, policies: &Path, until: &str) -> Self {
-        Self::start_with(
-            worker,
-            dir,
-            &["--policies".as_ref(), policies.as_os_str()],
-            until,
-        )
-    }
-
-    /// Starts the agent with `source` arguments.
-    fn start_with(worker: &Netns, dir: &Dir, source: &[&std::ffi::OsStr], until: &str) -> Self {
-        let pins = moat_tests::PinDir::new();
-        let mut child = worker
-            .command(moat_tests::moat_bin().to_str().expect("utf-8 path"))
-            .arg("agent")
-            .args(source)
-            .args(["--iface", "eth1", "--node", "worker-1", "--profile", "none"])
-            .arg("--state-file")
-            .arg(dir.0.join("state/last-good.json"))
-            .arg("--status-file")
-            .arg(dir.0.join("status.json"))
-            .args(pins.args())
-            .arg("--detach-on-exit")
-            .arg("--socket")
-            .arg(dir.0.join("events.sock"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("moat agent starts");
-        let (tx, lines) = mpsc::channel();
-        let stderr = child.stderr.take().expect("stderr");
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                eprintln!("agent: {line}");
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut agent = Agent {
-            child,
-            lines,
-            _pins: pins,
-        };
-        agent.expect(until);
-        agent
-    }
-
-    fn expect(&mut self, what: &str) -> String {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-            match self.lines.recv_timeout(left) {
-                Ok(line) if line.contains(what) => return line,
-                Ok(_) => {}
-                Err(_) => break,
-            }
-        }
-        let _ = self.child.kill();
-        panic!("the agent never logged {what:?}: {:?}", self.child.wait());
-    }
-
-    fn stop(mut self) {
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        )
-        .expect("SIGTERM");
-        let status = self.child.wait().expect("wait");
-        assert!(status.success(), "agent exit status {status}");
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// Starts the agent with `source` arguments, its state and status files
+/// and event socket in `dir`, and waits for a log line containing `until`.
+fn start_agent_with(
+    worker: &Netns,
+    dir: &Dir,
+    source: &[&std::ffi::OsStr],
+    until: &str,
+) -> AgentProcess {
+    let mut args: Vec<std::ffi::OsString> = source.iter().map(|s| s.to_os_string()).collect();
+    args.extend(
+        ["--iface", "eth1", "--node", "worker-1", "--profile", "none"]
+            .map(std::ffi::OsString::from),
+    );
+    args.extend([
+        "--state-file".into(),
+        dir.0.join("state/last-good.json").into(),
+        "--status-file".into(),
+        dir.0.join("status.json").into(),
+        "--socket".into(),
+        dir.0.join("events.sock").into(),
+    ]);
+    let mut agent = AgentProcess::spawn(worker, args, Some(moat_tests::PinDir::new()));
+    agent.wait_for_log(until);
+    agent
 }
 
 fn lab() -> (Netns, Netns) {
@@ -225,12 +157,12 @@ fn median(mut v: Vec<Duration>) -> Duration {
 fn directory_changes_reach_the_kernel_and_invalid_edits_do_not() {
     let (worker, client) = lab();
     for port in [8080, 8081, 9090] {
-        listen(&worker, port);
+        listen(&worker, &format!("0.0.0.0:{port}"));
     }
     let dir = Dir::new();
     dir.write("hep.yaml", HEP);
     dir.write("web.yaml", &allow("allow-web", 8080));
-    let mut agent = Agent::start(&worker, &dir, &dir.policies(), "ready:");
+    let mut agent = start_agent(&worker, &dir, &dir.policies(), "ready:");
     assert!(wait_for(&client, 8080, true).is_some(), "8080 allowed");
     assert!(!connects(
         &client.name,
@@ -256,7 +188,7 @@ fn directory_changes_reach_the_kernel_and_invalid_edits_do_not() {
         "metrics.yaml",
         &allow("allow-metrics", 9090).replace("ports: [9090]", "ports: [ninety]"),
     );
-    agent.expect("the last good one stays in force");
+    agent.wait_for_log("the last good one stays in force");
     let deadline = Instant::now() + Duration::from_secs(10);
     let status = loop {
         let s = dir.status();
@@ -280,7 +212,7 @@ fn directory_changes_reach_the_kernel_and_invalid_edits_do_not() {
     ));
     // A file that does not even parse keeps everything it held.
     dir.write("metrics.yaml", "apiVersion: [unclosed\n");
-    agent.expect("the last good one stays in force");
+    agent.wait_for_log("the last good one stays in force");
     assert!(
         connects(&client.name, "198.18.1.1:9090", Duration::from_secs(1)),
         "9090 still allowed"
@@ -299,7 +231,7 @@ fn directory_changes_reach_the_kernel_and_invalid_edits_do_not() {
     // port to the first accepted connection on it.
     let mut times = Vec::new();
     for (i, port) in (20_000..20_007).enumerate() {
-        listen(&worker, port);
+        listen(&worker, &format!("0.0.0.0:{port}"));
         let start = Instant::now();
         dir.write(&format!("t{i}.yaml"), &allow(&format!("t{i}"), port));
         wait_for(&client, port, true).expect("the new port opens");
@@ -318,12 +250,12 @@ fn directory_changes_reach_the_kernel_and_invalid_edits_do_not() {
 fn the_saved_state_is_enforced_before_the_first_sync() {
     let (worker, client) = lab();
     for port in [8080, 9090] {
-        listen(&worker, port);
+        listen(&worker, &format!("0.0.0.0:{port}"));
     }
     let dir = Dir::new();
     dir.write("hep.yaml", HEP);
     dir.write("web.yaml", &allow("allow-web", 8080));
-    let agent = Agent::start(&worker, &dir, &dir.policies(), "ready:");
+    let agent = start_agent(&worker, &dir, &dir.policies(), "ready:");
     agent.stop();
     let saved: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(dir.0.join("state/last-good.json")).expect("saved state"),
@@ -334,8 +266,8 @@ fn the_saved_state_is_enforced_before_the_first_sync() {
     // Restart on a source that cannot answer yet (its directory is not
     // there): the saved state is enforced meanwhile.
     let other = dir.0.join("other");
-    let mut agent = Agent::start(&worker, &dir, &other, "enforcing the saved state");
-    agent.expect("does not exist (yet)");
+    let mut agent = start_agent(&worker, &dir, &other, "enforcing the saved state");
+    agent.wait_for_log("does not exist (yet)");
     assert!(
         wait_for(&client, 8080, true).is_some(),
         "saved: 8080 allowed"
@@ -357,7 +289,7 @@ fn the_saved_state_is_enforced_before_the_first_sync() {
     std::fs::write(tmp.join("hep.yaml"), HEP).expect("write");
     std::fs::write(tmp.join("m.yaml"), allow("allow-metrics", 9090)).expect("write");
     std::fs::rename(&tmp, &other).expect("rename");
-    agent.expect("ready:");
+    agent.wait_for_log("ready:");
     let status = dir.status();
     assert_eq!(status["state"], "in sync", "{status:#}");
     assert_eq!(
@@ -588,7 +520,7 @@ fn free_port() -> u16 {
 fn etcd_changes_reach_the_kernel_across_an_etcd_restart() {
     let (worker, client) = lab();
     for port in [8080, 9090, 9091] {
-        listen(&worker, port);
+        listen(&worker, &format!("0.0.0.0:{port}"));
     }
     let dir = Dir::new();
     let mut etcd = Etcd::start(&worker, dir.0.join("etcd"), free_port(), free_port());
@@ -611,7 +543,7 @@ fn etcd_changes_reach_the_kernel_across_an_etcd_restart() {
         ),
     )
     .expect("calicoctl.cfg");
-    let mut agent = Agent::start_with(
+    let mut agent = start_agent_with(
         &worker,
         &dir,
         &["--calicoctl-config".as_ref(), cfg.as_os_str()],
@@ -639,7 +571,7 @@ fn etcd_changes_reach_the_kernel_across_an_etcd_restart() {
         "allow-metrics",
         &allow("allow-metrics", 9090).replace("ports: [9090]", "ports: [ninety]"),
     );
-    agent.expect("the last good one stays in force");
+    agent.wait_for_log("the last good one stays in force");
     assert!(
         connects(&client.name, "198.18.1.1:9090", Duration::from_secs(1)),
         "9090 still allowed"
@@ -650,13 +582,13 @@ fn etcd_changes_reach_the_kernel_across_an_etcd_restart() {
     // etcd goes away: the policy in force stays; it comes back: the agent
     // resumes and follows changes again.
     etcd.stop();
-    agent.expect("retrying in");
+    agent.wait_for_log("retrying in");
     assert!(
         connects(&client.name, "198.18.1.1:8080", Duration::from_secs(1)),
         "8080 still allowed"
     );
     let mut etcd = Etcd::start(&worker, etcd.dir.clone(), etcd.client_port, etcd.peer_port);
-    agent.expect("listed");
+    agent.wait_for_log("listed");
     let start = Instant::now();
     etcd.put(
         "globalnetworkpolicies",
@@ -672,7 +604,7 @@ fn etcd_changes_reach_the_kernel_across_an_etcd_restart() {
     // Latency: put to first accepted connection.
     let mut times = Vec::new();
     for (i, port) in (21_000..21_007).enumerate() {
-        listen(&worker, port);
+        listen(&worker, &format!("0.0.0.0:{port}"));
         let start = Instant::now();
         etcd.put(
             "globalnetworkpolicies",
@@ -711,7 +643,7 @@ fn moat_status(dir: &Dir, json: bool) -> (Option<i32>, String) {
 fn automatic_host_endpoints_an_interface_that_appears_later_and_status() {
     let (worker, client) = lab();
     for port in [22, 8080] {
-        listen(&worker, port);
+        listen(&worker, &format!("0.0.0.0:{port}"));
     }
     let dir = Dir::new();
     // No HostEndpoint: the automatic ones (eth0 private, eth1 public).
@@ -725,13 +657,13 @@ fn automatic_host_endpoints_an_interface_that_appears_later_and_status() {
         ),
     )
     .expect("config");
-    let mut agent = Agent::start_with(
+    let mut agent = start_agent_with(
         &worker,
         &dir,
         &["--config".as_ref(), config.as_os_str()],
         "eth0: no such interface (yet)",
     );
-    agent.expect("ready:");
+    agent.wait_for_log("ready:");
     assert!(
         wait_for(&client, 8080, true).is_some(),
         "public 8080 allowed"
@@ -757,7 +689,7 @@ fn automatic_host_endpoints_an_interface_that_appears_later_and_status() {
         "eth0",
         "198.18.0.2/24",
     );
-    agent.expect("eth0 appeared");
+    agent.wait_for_log("eth0 appeared");
     let deadline = Instant::now() + Duration::from_secs(10);
     while iface(&dir.status(), "eth0")["attached"] != true {
         assert!(Instant::now() < deadline, "eth0 never attached");
@@ -847,7 +779,7 @@ fn configuration_errors_name_the_key() {
 fn etcd_over_tls_with_a_client_certificate() {
     let (worker, client) = lab();
     for port in [8080, 9090] {
-        listen(&worker, port);
+        listen(&worker, &format!("0.0.0.0:{port}"));
     }
     let dir = Dir::new();
     let pki = Pki::new(dir.0.join("pki"));
@@ -885,7 +817,7 @@ fn etcd_over_tls_with_a_client_certificate() {
     // Without a client certificate etcd refuses the agent, which says so
     // and keeps trying.
     let no_cert = calicoctl(false);
-    let agent = Agent::start_with(
+    let agent = start_agent_with(
         &worker,
         &dir,
         &["--calicoctl-config".as_ref(), no_cert.as_os_str()],
@@ -893,13 +825,13 @@ fn etcd_over_tls_with_a_client_certificate() {
     );
     agent.stop();
     let with_cert = calicoctl(true);
-    let mut agent = Agent::start_with(
+    let mut agent = start_agent_with(
         &worker,
         &dir,
         &["--calicoctl-config".as_ref(), with_cert.as_os_str()],
         "listed 2 policy objects",
     );
-    agent.expect("ready:");
+    agent.wait_for_log("ready:");
     assert!(wait_for(&client, 8080, true).is_some(), "8080 allowed");
     etcd.put(
         "globalnetworkpolicies",
@@ -914,7 +846,7 @@ fn etcd_over_tls_with_a_client_certificate() {
 fn no_policy_cuts_the_agent_off_from_etcd() {
     let (worker, client) = lab();
     for port in [8080, 9090] {
-        listen(&worker, port);
+        listen(&worker, &format!("0.0.0.0:{port}"));
     }
     let dir = Dir::new();
     // etcd across the public interface, on a port no default failsafe
@@ -947,13 +879,13 @@ fn no_policy_cuts_the_agent_off_from_etcd() {
         ),
     )
     .expect("calicoctl.cfg");
-    let mut agent = Agent::start_with(
+    let mut agent = start_agent_with(
         &worker,
         &dir,
         &["--calicoctl-config".as_ref(), cfg.as_os_str()],
         "the control plane stays reachable",
     );
-    agent.expect("ready:");
+    agent.wait_for_log("ready:");
     assert!(wait_for(&client, 8080, true).is_some(), "8080 allowed");
     assert!(!connects(
         &client.name,
@@ -1012,7 +944,7 @@ fn settled_reconciles(dir: &Dir) -> u64 {
 fn kubernetes_api_changes_reach_the_kernel_across_dropped_and_expired_watches() {
     let (worker, client) = lab();
     for port in [8080, 9090, 9091, 9092] {
-        listen(&worker, port);
+        listen(&worker, &format!("0.0.0.0:{port}"));
     }
     let dir = Dir::new();
     // The fake API server listens on the worker's loopback.
@@ -1062,13 +994,13 @@ fn kubernetes_api_changes_reach_the_kernel_across_dropped_and_expired_watches() 
         ),
     )
     .expect("calicoctl.cfg");
-    let mut agent = Agent::start_with(
+    let mut agent = start_agent_with(
         &worker,
         &dir,
         &["--calicoctl-config".as_ref(), cfg.as_os_str()],
         "first complete sync",
     );
-    agent.expect("ready:");
+    agent.wait_for_log("ready:");
     assert!(wait_for(&client, 8080, true).is_some(), "8080 allowed");
     assert!(!connects(
         &client.name,
@@ -1104,7 +1036,7 @@ fn kubernetes_api_changes_reach_the_kernel_across_dropped_and_expired_watches() 
         "globalnetworkpolicies",
         crd(&allow("allow-metrics", 9091).replace("ports: [9091]", "ports: [ninety]")),
     );
-    agent.expect("the last good one stays in force");
+    agent.wait_for_log("the last good one stays in force");
     assert!(
         connects(&client.name, "198.18.1.1:9091", Duration::from_secs(1)),
         "9091 still allowed"
@@ -1183,7 +1115,7 @@ fn kubernetes_api_changes_reach_the_kernel_across_dropped_and_expired_watches() 
         crd(&allow("allow-late", 9092)),
     );
     kube.expire();
-    agent.expect("listed 4 globalnetworkpolicies");
+    agent.wait_for_log("listed 4 globalnetworkpolicies");
     assert!(
         connects(&client.name, "198.18.1.1:8080", Duration::from_secs(1)),
         "8080 still allowed during the re-list"
@@ -1210,7 +1142,7 @@ fn kubernetes_api_changes_reach_the_kernel_across_dropped_and_expired_watches() 
     // Latency: create to first accepted connection.
     let mut times = Vec::new();
     for (i, port) in (22_000..22_007).enumerate() {
-        listen(&worker, port);
+        listen(&worker, &format!("0.0.0.0:{port}"));
         let start = Instant::now();
         kube.put(
             CALICO,
