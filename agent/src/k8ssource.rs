@@ -100,13 +100,6 @@ pub fn api_resource(w: &Watched) -> ApiResource {
     )
 }
 
-/// Whether policy.rs reads objects of `w` (EndpointSlices are watched, as
-/// the deployment's RBAC grants, but nothing in the policy model uses
-/// them yet: they are kept out of the snapshot).
-pub fn read_by_policy(w: &Watched) -> bool {
-    !(w.group == "discovery.k8s.io" && w.kind == "EndpointSlice")
-}
-
 /// The store key of `obj`: `<group>/<resource>/<namespace>/<name>`.
 pub fn key(w: &Watched, obj: &DynamicObject) -> String {
     let group = if w.group.is_empty() { "core" } else { w.group };
@@ -326,11 +319,9 @@ async fn run(client: Client, recorder: Recorder, server: String, out: mpsc::Send
                 }
             } => {
                 pending = None;
-                let objects: BTreeMap<String, String> = WATCHED
+                let objects: BTreeMap<String, String> = stores
                     .iter()
-                    .zip(&stores)
-                    .filter(|(w, _)| read_by_policy(w))
-                    .flat_map(|(_, s)| s.objects.iter().map(|(k, v)| (k.clone(), v.clone())))
+                    .flat_map(|s| s.objects.iter().map(|(k, v)| (k.clone(), v.clone())))
                     .collect();
                 if sent.as_ref() != Some(&objects) {
                     let s = snapshot(&objects, &server);
@@ -469,13 +460,7 @@ mod tests {
     }
 
     #[test]
-    fn every_watched_resource_but_endpointslices_is_read_by_policy() {
-        let skipped: Vec<&str> = WATCHED
-            .iter()
-            .filter(|w| !read_by_policy(w))
-            .map(|w| w.kind)
-            .collect();
-        assert_eq!(skipped, ["EndpointSlice"]);
+    fn watched_resources_map_to_api_resources() {
         let r = api_resource(&WATCHED[0]);
         assert_eq!(r.api_version, "crd.projectcalico.org/v1");
         assert_eq!(r.plural, "globalnetworkpolicies");

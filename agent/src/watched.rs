@@ -33,7 +33,7 @@ const fn w(
 /// Everything the Kubernetes source lists and watches (read-only: get,
 /// list, watch): Calico's CRDs, Kubernetes NetworkPolicies, and the
 /// objects selectors and `allow-node-port-dnat` resolve against.
-pub const WATCHED: [Watched; 11] = [
+pub const WATCHED: [Watched; 10] = [
     w(
         "crd.projectcalico.org",
         "v1",
@@ -77,13 +77,6 @@ pub const WATCHED: [Watched; 11] = [
         true,
     ),
     w("", "v1", "services", "Service", true),
-    w(
-        "discovery.k8s.io",
-        "v1",
-        "endpointslices",
-        "EndpointSlice",
-        true,
-    ),
     w("", "v1", "nodes", "Node", false),
     w("", "v1", "namespaces", "Namespace", false),
     w("", "v1", "pods", "Pod", true),
