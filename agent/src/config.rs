@@ -36,6 +36,10 @@ pub struct Config {
     /// A calicoctl.cfg: the policies come from the Calico datastore it
     /// names instead of a directory.
     pub calicoctl_config: Option<PathBuf>,
+    /// The Kubernetes API (Calico's CRDs, NetworkPolicies, ...) is the
+    /// source: a kubeconfig file, or `auto` (`KUBECONFIG`,
+    /// `~/.kube/config`, else the in-cluster service account).
+    pub kubeconfig: Option<PathBuf>,
     /// Bundled profile used when the source holds no policy (`iks-2019`,
     /// `iks-2017`, `none`).
     pub profile: Option<String>,
@@ -68,12 +72,13 @@ pub struct Config {
 }
 
 /// The keys of `Config`, as the file spells them.
-pub const KEYS: [&str; 19] = [
+pub const KEYS: [&str; 20] = [
     "node",
     "interfaces",
     "autoHostEndpoints",
     "policies",
     "calicoctlConfig",
+    "kubeconfig",
     "profile",
     "audit",
     "xdpMode",
@@ -212,6 +217,7 @@ impl Config {
             auto_host_endpoints: self.auto_host_endpoints.or(lower.auto_host_endpoints),
             policies: self.policies.or(lower.policies),
             calicoctl_config: self.calicoctl_config.or(lower.calicoctl_config),
+            kubeconfig: self.kubeconfig.or(lower.kubeconfig),
             profile: self.profile.or(lower.profile),
             audit: self.audit.or(lower.audit),
             xdp_mode: self.xdp_mode.or(lower.xdp_mode),
@@ -254,11 +260,26 @@ pub fn resolve(
     merged: Config,
     node_env: Option<String>,
 ) -> anyhow::Result<crate::agent::AgentConfig> {
-    let source = match (merged.calicoctl_config, merged.policies) {
-        (Some(_), Some(_)) => anyhow::bail!(
-            "policies and calicoctlConfig both given: the policies come from a directory or from the Calico datastore, not both"
-        ),
-        (Some(cfg), None) => {
+    let given: Vec<&str> = [
+        ("policies", merged.policies.is_some()),
+        ("calicoctlConfig", merged.calicoctl_config.is_some()),
+        ("kubeconfig", merged.kubeconfig.is_some()),
+    ]
+    .iter()
+    .filter(|(_, set)| *set)
+    .map(|(key, _)| *key)
+    .collect();
+    if given.len() > 1 {
+        anyhow::bail!(
+            "{} given: the policies come from one source (a directory, a Calico datastore, or the Kubernetes API)",
+            given.join(" and ")
+        );
+    }
+    let source = match (merged.calicoctl_config, merged.policies, merged.kubeconfig) {
+        (_, _, Some(kubeconfig)) => PolicySource::Kubernetes {
+            kubeconfig: (kubeconfig.as_os_str() != "auto").then_some(kubeconfig),
+        },
+        (Some(cfg), _, None) => {
             let parsed = crate::calicoctl::from_file(&cfg)?;
             match parsed.datastore {
                 crate::calicoctl::Datastore::Etcd(etcd) => PolicySource::Etcd(etcd),
@@ -267,7 +288,9 @@ pub fn resolve(
                 }
             }
         }
-        (None, dir) => PolicySource::Directory(dir.unwrap_or_else(|| DEFAULT_POLICIES.into())),
+        (None, dir, None) => {
+            PolicySource::Directory(dir.unwrap_or_else(|| DEFAULT_POLICIES.into()))
+        }
     };
     let profile = merged.profile.unwrap_or_else(|| "iks-2019".into());
     if profile != "none" && crate::profiles::find(&profile).is_none() {
@@ -471,6 +494,33 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("policies and calicoctlConfig"), "{e}");
+        let e = resolve(
+            Config {
+                calicoctl_config: Some("/c".into()),
+                kubeconfig: Some("auto".into()),
+                ..Default::default()
+            },
+            None,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("calicoctlConfig and kubeconfig"), "{e}");
+        for (given, want) in [("auto", None), ("/k/config", Some(Path::new("/k/config")))] {
+            let cfg = resolve(
+                Config {
+                    kubeconfig: Some(given.into()),
+                    ..Default::default()
+                },
+                None,
+            )
+            .expect("valid");
+            match &cfg.source {
+                crate::agent::PolicySource::Kubernetes { kubeconfig } => {
+                    assert_eq!(kubeconfig.as_deref(), want, "{given}")
+                }
+                other => panic!("kubeconfig {given}: source {other:?}"),
+            }
+        }
         let cfg = resolve(
             Config {
                 state_file: Some("none".into()),

@@ -41,6 +41,11 @@ enum Command {
         /// from instead of a directory [key: calicoctlConfig].
         #[arg(long, value_name = "FILE")]
         calicoctl_config: Option<PathBuf>,
+        /// Read the policies from the Kubernetes API with this kubeconfig,
+        /// or `auto` (KUBECONFIG, ~/.kube/config, else the in-cluster
+        /// service account) [key: kubeconfig].
+        #[arg(long, value_name = "FILE|auto")]
+        kubeconfig: Option<PathBuf>,
         /// Interface to attach to (repeat for several) [key: interfaces].
         #[arg(long = "iface", visible_alias = "interfaces", value_name = "NAME")]
         ifaces: Vec<String>,
@@ -447,6 +452,7 @@ fn main() -> ExitCode {
             config,
             policies,
             calicoctl_config,
+            kubeconfig,
             ifaces,
             profile,
             node,
@@ -473,6 +479,7 @@ fn main() -> ExitCode {
                 auto_host_endpoints,
                 policies,
                 calicoctl_config,
+                kubeconfig,
                 profile,
                 audit,
                 xdp_mode,
