@@ -69,10 +69,36 @@ pub struct Config {
     pub audit_interfaces: Option<Vec<String>>,
     /// Replace an XDP program another tool attached by netlink.
     pub replace_xdp: Option<bool>,
+    /// Unix socket serving events to `moat tail` (`none`: no socket).
+    pub socket: Option<PathBuf>,
+    /// Mode of the socket file, octal (`"0600"`; quoted in YAML).
+    pub socket_mode: Option<String>,
+    /// Group of the socket file (name or gid).
+    pub socket_group: Option<String>,
+    /// Events kept in memory for `moat tail -n/--since`.
+    pub history: Option<usize>,
+    /// Events queued per `moat tail` client.
+    pub subscriber_queue: Option<u64>,
+    /// Also write events as JSON lines to this file.
+    pub events_file: Option<PathBuf>,
+    /// Rotate the events file at this size (`100M`).
+    pub events_file_max_bytes: Option<String>,
+    /// Rotated events files kept.
+    pub events_file_keep: Option<u32>,
+    /// No events file keeps events older than this (`7d`).
+    pub events_file_max_age: Option<String>,
+    /// Also send events to syslog.
+    pub syslog: Option<bool>,
+    /// Syslog line format (`iptables`, `json`, `text`).
+    pub syslog_format: Option<String>,
+    /// The local syslog socket.
+    pub syslog_socket: Option<PathBuf>,
+    /// Prometheus metrics, /healthz and /readyz (`ADDRESS:PORT`, `none`).
+    pub metrics_addr: Option<String>,
 }
 
 /// The keys of `Config`, as the file spells them.
-pub const KEYS: [&str; 20] = [
+pub const KEYS: [&str; 33] = [
     "node",
     "interfaces",
     "autoHostEndpoints",
@@ -93,6 +119,19 @@ pub const KEYS: [&str; 20] = [
     "classWords",
     "auditInterfaces",
     "replaceXdp",
+    "socket",
+    "socketMode",
+    "socketGroup",
+    "history",
+    "subscriberQueue",
+    "eventsFile",
+    "eventsFileMaxBytes",
+    "eventsFileKeep",
+    "eventsFileMaxAge",
+    "syslog",
+    "syslogFormat",
+    "syslogSocket",
+    "metricsAddr",
 ];
 
 /// `eventRate` -> `MOAT_EVENT_RATE`.
@@ -232,6 +271,19 @@ impl Config {
             class_words: self.class_words.or(lower.class_words),
             audit_interfaces: self.audit_interfaces.or(lower.audit_interfaces),
             replace_xdp: self.replace_xdp.or(lower.replace_xdp),
+            socket: self.socket.or(lower.socket),
+            socket_mode: self.socket_mode.or(lower.socket_mode),
+            socket_group: self.socket_group.or(lower.socket_group),
+            history: self.history.or(lower.history),
+            subscriber_queue: self.subscriber_queue.or(lower.subscriber_queue),
+            events_file: self.events_file.or(lower.events_file),
+            events_file_max_bytes: self.events_file_max_bytes.or(lower.events_file_max_bytes),
+            events_file_keep: self.events_file_keep.or(lower.events_file_keep),
+            events_file_max_age: self.events_file_max_age.or(lower.events_file_max_age),
+            syslog: self.syslog.or(lower.syslog),
+            syslog_format: self.syslog_format.or(lower.syslog_format),
+            syslog_socket: self.syslog_socket.or(lower.syslog_socket),
+            metrics_addr: self.metrics_addr.or(lower.metrics_addr),
         }
     }
 }
@@ -260,6 +312,7 @@ pub fn resolve(
     merged: Config,
     node_env: Option<String>,
 ) -> anyhow::Result<crate::agent::AgentConfig> {
+    let observe = observe_config(&merged)?;
     let given: Vec<&str> = [
         ("policies", merged.policies.is_some()),
         ("calicoctlConfig", merged.calicoctl_config.is_some()),
@@ -350,9 +403,100 @@ pub fn resolve(
             class_words,
             ..Default::default()
         },
-        // Command-line only (main.rs sets them from the flags).
-        observe: crate::observe::ObserveConfig::default(),
+        observe,
     })
+}
+
+/// The socket, event outputs and metrics endpoint the layers ask for.
+fn observe_config(merged: &Config) -> anyhow::Result<crate::observe::ObserveConfig> {
+    use anyhow::Context as _;
+    let key = |k: &'static str| move |e: String| anyhow::anyhow!("{k}: {e}");
+    let socket = merged
+        .socket
+        .clone()
+        .unwrap_or_else(|| crate::observe::DEFAULT_SOCKET.into());
+    let mode =
+        parse_mode(merged.socket_mode.as_deref().unwrap_or("0600")).map_err(key("socketMode"))?;
+    let subscriber_queue = merged.subscriber_queue.unwrap_or(4096);
+    if !(1..=1_000_000).contains(&subscriber_queue) {
+        anyhow::bail!("subscriberQueue: {subscriber_queue} is not in 1..=1000000");
+    }
+    let events_file = match &merged.events_file {
+        None => None,
+        Some(path) => Some(crate::event_outputs::FileConfig {
+            path: path.clone(),
+            max_bytes: parse_size(merged.events_file_max_bytes.as_deref().unwrap_or("100M"))
+                .map_err(key("eventsFileMaxBytes"))?,
+            keep: merged.events_file_keep.unwrap_or(5),
+            max_age: std::time::Duration::from_secs(
+                crate::events_hub::parse_duration(
+                    merged.events_file_max_age.as_deref().unwrap_or("7d"),
+                )
+                .map_err(key("eventsFileMaxAge"))?,
+            ),
+        }),
+    };
+    let syslog_format = match merged.syslog_format.as_deref() {
+        None => EventFormat::Iptables,
+        Some(f) => enum_value::<EventFormat>("syslogFormat", Some(f))?,
+    };
+    let metrics_addr = match merged.metrics_addr.as_deref().unwrap_or("127.0.0.1:9464") {
+        "none" => None,
+        a => Some(a.parse().with_context(|| {
+            format!("metricsAddr: {a:?}: expected ADDRESS:PORT such as 127.0.0.1:9464, or none")
+        })?),
+    };
+    Ok(crate::observe::ObserveConfig {
+        socket: optional_path(socket).map(|path| crate::events_hub::SocketConfig {
+            path,
+            mode,
+            group: merged.socket_group.clone(),
+        }),
+        history: merged.history.unwrap_or(10_000),
+        subscriber_queue: subscriber_queue as usize,
+        events_file,
+        syslog: merged.syslog.unwrap_or(false).then(|| {
+            (
+                merged
+                    .syslog_socket
+                    .clone()
+                    .unwrap_or_else(|| "/dev/log".into()),
+                syslog_format,
+            )
+        }),
+        metrics_addr,
+    })
+}
+
+/// An octal file mode such as `0600`.
+pub fn parse_mode(s: &str) -> Result<u32, String> {
+    let m = u32::from_str_radix(s.trim_start_matches("0o"), 8)
+        .map_err(|_| format!("{s:?} is not an octal mode such as 0600 or 0660"))?;
+    if m > 0o777 {
+        return Err(format!("{s:?}: a mode is at most 0777"));
+    }
+    Ok(m)
+}
+
+/// A size such as `500K`, `10M` or `1G`.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, mult) = match t.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        None => (t, 1),
+        Some((i, _)) => (
+            &t[..i],
+            match t[i..].to_ascii_lowercase().as_str() {
+                "k" | "kb" | "kib" => 1 << 10,
+                "m" | "mb" | "mib" => 1 << 20,
+                "g" | "gb" | "gib" => 1 << 30,
+                other => return Err(format!("{s:?}: unknown unit {other:?} (use K, M or G)")),
+            },
+        ),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?}: expected a size like 500K, 10M or 1G"))?;
+    Ok(n * mult)
 }
 
 #[cfg(test)]
@@ -505,6 +649,86 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("calicoctlConfig and kubeconfig"), "{e}");
+        // The observability keys.
+        let cfg = resolve(Config::default(), None).expect("valid").observe;
+        let socket = cfg.socket.expect("a socket by default");
+        assert_eq!(
+            (
+                socket.path.to_str(),
+                socket.mode,
+                cfg.history,
+                cfg.subscriber_queue
+            ),
+            (Some(crate::observe::DEFAULT_SOCKET), 0o600, 10_000, 4096)
+        );
+        assert_eq!(cfg.metrics_addr, Some("127.0.0.1:9464".parse().unwrap()));
+        assert!(cfg.events_file.is_none() && cfg.syslog.is_none());
+        let cfg = resolve(
+            Config {
+                socket_mode: Some("0660".into()),
+                socket_group: Some("sre".into()),
+                events_file: Some("/var/log/moat.json".into()),
+                events_file_max_bytes: Some("1M".into()),
+                events_file_max_age: Some("2h".into()),
+                syslog: Some(true),
+                syslog_format: Some("json".into()),
+                metrics_addr: Some("none".into()),
+                ..Default::default()
+            },
+            None,
+        )
+        .expect("valid")
+        .observe;
+        let socket = cfg.socket.expect("socket");
+        assert_eq!((socket.mode, socket.group.as_deref()), (0o660, Some("sre")));
+        let file = cfg.events_file.expect("events file");
+        assert_eq!(
+            (file.max_bytes, file.keep, file.max_age.as_secs()),
+            (1 << 20, 5, 7200)
+        );
+        assert_eq!(cfg.syslog, Some(("/dev/log".into(), EventFormat::Json)));
+        assert_eq!(cfg.metrics_addr, None);
+        for (bad, key) in [
+            (
+                Config {
+                    socket_mode: Some("999".into()),
+                    ..Default::default()
+                },
+                "socketMode",
+            ),
+            (
+                Config {
+                    events_file: Some("/f".into()),
+                    events_file_max_bytes: Some("10Q".into()),
+                    ..Default::default()
+                },
+                "eventsFileMaxBytes",
+            ),
+            (
+                Config {
+                    metrics_addr: Some("nope".into()),
+                    ..Default::default()
+                },
+                "metricsAddr",
+            ),
+            (
+                Config {
+                    subscriber_queue: Some(0),
+                    ..Default::default()
+                },
+                "subscriberQueue",
+            ),
+            (
+                Config {
+                    syslog_format: Some("xml".into()),
+                    ..Default::default()
+                },
+                "syslogFormat",
+            ),
+        ] {
+            let e = format!("{:#}", resolve(bad, None).unwrap_err());
+            assert!(e.starts_with(key), "{key}: {e}");
+        }
         for (given, want) in [("auto", None), ("/k/config", Some(Path::new("/k/config")))] {
             let cfg = resolve(
                 Config {

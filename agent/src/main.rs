@@ -314,7 +314,7 @@ enum Command {
 }
 
 /// Where the agent serves events by default.
-const DEFAULT_SOCKET: &str = "/run/moat/events.sock";
+const DEFAULT_SOCKET: &str = moat::observe::DEFAULT_SOCKET;
 
 fn parse_duration(s: &str) -> Result<u64, String> {
     moat::events_hub::parse_duration(s)
@@ -326,115 +326,61 @@ fn parse_cidr(s: &str) -> Result<ipnet::IpNet, String> {
         .map_err(|_| format!("{s:?} is not a CIDR (e.g. 203.0.113.0/24) or an address"))
 }
 
-fn parse_mode(s: &str) -> Result<u32, String> {
-    let m = u32::from_str_radix(s.trim_start_matches("0o"), 8)
-        .map_err(|_| format!("{s:?} is not an octal mode such as 0600 or 0660"))?;
-    if m > 0o777 {
-        return Err(format!("{s:?}: a mode is at most 0777"));
-    }
-    Ok(m)
-}
-
-fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let (num, mult) = match t.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
-        None => (t, 1),
-        Some((i, _)) => (
-            &t[..i],
-            match t[i..].to_ascii_lowercase().as_str() {
-                "k" | "kb" | "kib" => 1 << 10,
-                "m" | "mb" | "mib" => 1 << 20,
-                "g" | "gb" | "gib" => 1 << 30,
-                other => return Err(format!("{s:?}: unknown unit {other:?} (use K, M or G)")),
-            },
-        ),
-    };
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?}: expected a size like 500K, 10M or 1G"))?;
-    Ok(n * mult)
-}
-
-/// Observability options of `moat agent`.
+/// Observability options of `moat agent` (each also a config key; the
+/// defaults are the config's).
 #[derive(clap::Args)]
 struct ObserveArgs {
-    /// Unix socket serving events to `moat tail` ("none": no socket).
-    #[arg(long, value_name = "PATH", default_value = DEFAULT_SOCKET)]
-    socket: String,
-    /// Mode of the socket file (octal): who may read events.
-    #[arg(long, value_name = "MODE", default_value = "0600", value_parser = parse_mode)]
-    socket_mode: u32,
-    /// Group of the socket file (name or gid), with --socket-mode 0660.
+    /// Unix socket serving events to `moat tail` ("none": no socket)
+    /// [key: socket; default /run/moat/events.sock].
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// Mode of the socket file (octal): who may read events [key:
+    /// socketMode; default 0600].
+    #[arg(long, value_name = "MODE")]
+    socket_mode: Option<String>,
+    /// Group of the socket file (name or gid), with --socket-mode 0660
+    /// [key: socketGroup].
     #[arg(long, value_name = "GROUP")]
     socket_group: Option<String>,
-    /// Events kept in memory for `moat tail -n/--since`.
-    #[arg(long, value_name = "N", default_value_t = 10_000)]
-    history: usize,
+    /// Events kept in memory for `moat tail -n/--since` [key: history;
+    /// default 10000].
+    #[arg(long, value_name = "N")]
+    history: Option<usize>,
     /// Events queued per `moat tail` client; a client that falls further
-    /// behind gets a gap marker with the count it missed.
-    #[arg(long, value_name = "N", default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
-    subscriber_queue: u64,
+    /// behind gets a gap marker with the count it missed [key:
+    /// subscriberQueue; default 4096].
+    #[arg(long, value_name = "N")]
+    subscriber_queue: Option<u64>,
     /// Also write events as JSON lines to PATH (mode 0600; holds client
-    /// addresses, which are personal data).
+    /// addresses, which are personal data) [key: eventsFile].
     #[arg(long, value_name = "PATH")]
     events_file: Option<PathBuf>,
-    /// Rotate the events file at this size.
-    #[arg(long, value_name = "SIZE", default_value = "100M", value_parser = parse_size)]
-    events_file_max_bytes: u64,
-    /// Rotated events files kept (PATH.1 ... PATH.N).
-    #[arg(long, value_name = "N", default_value_t = 5)]
-    events_file_keep: u32,
-    /// No events file keeps events older than this.
-    #[arg(long, value_name = "DURATION", default_value = "7d", value_parser = parse_duration)]
-    events_file_max_age: u64,
-    /// Also send events to syslog.
-    #[arg(long)]
-    syslog: bool,
-    /// Syslog line format (iptables: the `calico-packet:` line SREs grep).
-    #[arg(long, value_enum, default_value_t = moat::EventFormat::Iptables)]
-    syslog_format: moat::EventFormat,
-    /// The local syslog socket.
-    #[arg(long, value_name = "PATH", default_value = "/dev/log")]
-    syslog_socket: PathBuf,
-    /// Prometheus metrics, /healthz and /readyz ("none": off).
-    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9464")]
-    metrics_addr: String,
-}
-
-impl ObserveArgs {
-    fn config(self) -> anyhow::Result<moat::observe::ObserveConfig> {
-        use anyhow::Context as _;
-        Ok(moat::observe::ObserveConfig {
-            socket: (self.socket != "none").then(|| moat::events_hub::SocketConfig {
-                path: PathBuf::from(&self.socket),
-                mode: self.socket_mode,
-                group: self.socket_group,
-            }),
-            history: self.history,
-            subscriber_queue: self.subscriber_queue as usize,
-            events_file: self
-                .events_file
-                .map(|path| moat::event_outputs::FileConfig {
-                    path,
-                    max_bytes: self.events_file_max_bytes,
-                    keep: self.events_file_keep,
-                    max_age: std::time::Duration::from_secs(self.events_file_max_age),
-                }),
-            syslog: self
-                .syslog
-                .then_some((self.syslog_socket, self.syslog_format)),
-            metrics_addr: if self.metrics_addr == "none" {
-                None
-            } else {
-                Some(self.metrics_addr.parse().with_context(|| {
-                    format!(
-                        "--metrics-addr {:?}: expected ADDRESS:PORT such as 127.0.0.1:9464, or none",
-                        self.metrics_addr
-                    )
-                })?)
-            },
-        })
-    }
+    /// Rotate the events file at this size [key: eventsFileMaxBytes;
+    /// default 100M].
+    #[arg(long, value_name = "SIZE")]
+    events_file_max_bytes: Option<String>,
+    /// Rotated events files kept (PATH.1 ... PATH.N) [key: eventsFileKeep;
+    /// default 5].
+    #[arg(long, value_name = "N")]
+    events_file_keep: Option<u32>,
+    /// No events file keeps events older than this [key:
+    /// eventsFileMaxAge; default 7d].
+    #[arg(long, value_name = "DURATION")]
+    events_file_max_age: Option<String>,
+    /// Also send events to syslog [key: syslog].
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    syslog: Option<bool>,
+    /// Syslog line format (iptables: the `calico-packet:` line SREs grep)
+    /// [key: syslogFormat; default iptables].
+    #[arg(long, value_name = "FORMAT")]
+    syslog_format: Option<String>,
+    /// The local syslog socket [key: syslogSocket; default /dev/log].
+    #[arg(long, value_name = "PATH")]
+    syslog_socket: Option<PathBuf>,
+    /// Prometheus metrics, /healthz and /readyz ("none": off) [key:
+    /// metricsAddr; default 127.0.0.1:9464].
+    #[arg(long, value_name = "ADDR")]
+    metrics_addr: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -494,9 +440,21 @@ fn main() -> ExitCode {
                 class_words,
                 audit_interfaces: (!audit_ifaces.is_empty()).then_some(audit_ifaces),
                 replace_xdp,
+                socket: observe.socket,
+                socket_mode: observe.socket_mode,
+                socket_group: observe.socket_group,
+                history: observe.history,
+                subscriber_queue: observe.subscriber_queue,
+                events_file: observe.events_file,
+                events_file_max_bytes: observe.events_file_max_bytes,
+                events_file_keep: observe.events_file_keep,
+                events_file_max_age: observe.events_file_max_age,
+                syslog: observe.syslog,
+                syslog_format: observe.syslog_format,
+                syslog_socket: observe.syslog_socket,
+                metrics_addr: observe.metrics_addr,
             };
-            agent_config(flags, config).and_then(|mut cfg| {
-                cfg.observe = observe.config()?;
+            agent_config(flags, config).and_then(|cfg| {
                 tokio::runtime::Builder::new_multi_thread()
                     .worker_threads(2)
                     .enable_all()

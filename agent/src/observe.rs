@@ -23,6 +23,9 @@ use crate::{
     EventFormat,
 };
 
+/// Where the event socket is by default.
+pub const DEFAULT_SOCKET: &str = "/run/moat/events.sock";
+
 /// The observability options of `moat agent`.
 #[derive(Clone, Debug)]
 pub struct ObserveConfig {
