@@ -516,6 +516,17 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         if support.tcx { ", TCX attach" } else { "" }
     );
 
+    // A bad client configuration is refused before anything is loaded or
+    // attached (what is pinned keeps enforcing).
+    let kube = match &cfg.source {
+        PolicySource::Kubernetes { kubeconfig } => Some(
+            crate::k8ssource::load_config(kubeconfig.as_deref())
+                .await
+                .context("the Kubernetes API source")?,
+        ),
+        _ => None,
+    };
+
     let stats = std::sync::Arc::new(crate::reconcile::Stats::default());
     let check = crate::observe::CheckContext {
         policies: match &cfg.source {
@@ -713,14 +724,6 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         cfg.auto_host_endpoints,
         stats.clone(),
     );
-    let kube = match &cfg.source {
-        PolicySource::Kubernetes { kubeconfig } => Some(
-            crate::k8ssource::load_config(kubeconfig.as_deref())
-                .await
-                .context("the Kubernetes API source")?,
-        ),
-        _ => None,
-    };
     if let Some(k) = &kube {
         reconciler.control_plane = crate::k8ssource::control_plane(k);
     }

@@ -773,6 +773,35 @@ fn configuration_errors_name_the_key() {
         stderr.contains("apiVersion: projectcalico.org/v3"),
         "{stderr}"
     );
+    // A kubeconfig that cannot be read is refused before any program is
+    // loaded (nothing is attached, nothing pinned is touched).
+    let (worker, _client) = lab();
+    let pins = moat_tests::PinDir::new();
+    let missing = dir.0.join("missing/kubeconfig");
+    let out = worker
+        .command(moat_tests::moat_bin().to_str().expect("utf-8 path"))
+        .args(["agent", "--iface", "eth1", "--kubeconfig"])
+        .arg(&missing)
+        .args(pins.args())
+        .args(["--state-file", "none", "--status-file", "none"])
+        .arg("--socket")
+        .arg(dir.0.join("events.sock"))
+        .output()
+        .expect("runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("kubeconfig {}", missing.display())),
+        "names the file: {stderr}"
+    );
+    assert!(
+        !stderr.contains("local addresses")
+            && !pins.0.join(moat_common::map_names::IFACES).exists(),
+        "refused before loading: {stderr}"
+    );
+    assert!(!worker
+        .exec("ip", &["-d", "link", "show", "eth1"])
+        .contains("prog/xdp"));
 }
 
 #[test]
