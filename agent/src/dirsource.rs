@@ -52,42 +52,69 @@ pub fn watch(dir: PathBuf, out: mpsc::Sender<Snapshot>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The identity of a directory: a new directory at the same path (a
+/// volume re-mounted, a directory replaced) has another.
+fn identity(dir: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata(dir)
+        .ok()
+        .filter(|m| m.is_dir())
+        .map(|m| (m.dev(), m.ino()))
+}
+
+/// How often the watched directory's identity is checked.
+const IDENTITY_CHECK: Duration = Duration::from_secs(1);
+
 fn run(dir: &Path, out: &mpsc::Sender<Snapshot>) -> anyhow::Result<()> {
-    let mut reported = false;
-    while !dir.is_dir() {
-        if !reported {
-            warn!("{} does not exist (yet): waiting for it", dir.display());
-            reported = true;
-        }
-        if out.is_closed() {
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    let (tx, rx) = std_mpsc::channel();
-    let mut watcher = notify::recommended_watcher(move |event| {
-        let _ = tx.send(event);
-    })
-    .context("starting the file watcher")?;
-    watcher
-        .watch(dir, RecursiveMode::Recursive)
-        .with_context(|| format!("watching {}", dir.display()))?;
-    info!(
-        "watching {} for changes (debounce {} ms)",
-        dir.display(),
-        DEBOUNCE.as_millis()
-    );
-    match snapshot(dir) {
-        Ok(s) => {
-            if out.blocking_send(s).is_err() {
+    loop {
+        let mut reported = false;
+        let id = loop {
+            if let Some(id) = identity(dir) {
+                break id;
+            }
+            if !reported {
+                warn!(
+                    "{} does not exist (yet): waiting for it; the policy in force stays",
+                    dir.display()
+                );
+                reported = true;
+            }
+            if out.is_closed() {
                 return Ok(());
             }
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        let (tx, rx) = std_mpsc::channel();
+        let mut watcher = notify::recommended_watcher(move |event| {
+            let _ = tx.send(event);
+        })
+        .context("starting the file watcher")?;
+        watcher
+            .watch(dir, RecursiveMode::Recursive)
+            .with_context(|| format!("watching {}", dir.display()))?;
+        info!(
+            "watching {} for changes (debounce {} ms)",
+            dir.display(),
+            DEBOUNCE.as_millis()
+        );
+        match snapshot(dir) {
+            Ok(s) => {
+                if out.blocking_send(s).is_err() {
+                    return Ok(());
+                }
+            }
+            Err(e) => error!("{e}; retrying on the next change"),
         }
-        Err(e) => error!("{e}; retrying on the next change"),
+        let replaced = debounce_loop(dir, id, &rx, out);
+        drop(watcher);
+        if !replaced {
+            return Ok(());
+        }
+        warn!(
+            "{} was removed or replaced: the policy in force stays; watching it again",
+            dir.display()
+        );
     }
-    debounce_loop(dir, &rx, out);
-    drop(watcher);
-    Ok(())
 }
 
 /// A change worth a re-read: anything but reads (the agent's own reads
@@ -106,12 +133,29 @@ fn relevant(event: &notify::Result<notify::Event>) -> bool {
     }
 }
 
+/// Re-reads `dir` after each burst of changes. Returns true when the
+/// directory was removed or replaced (its inotify watch is then gone), false
+/// when the agent stopped listening or the watcher ended.
 fn debounce_loop(
     dir: &Path,
+    id: (u64, u64),
     rx: &std_mpsc::Receiver<notify::Result<notify::Event>>,
     out: &mpsc::Sender<Snapshot>,
-) {
-    while let Ok(event) = rx.recv() {
+) -> bool {
+    loop {
+        let event = match rx.recv_timeout(IDENTITY_CHECK) {
+            Ok(event) => event,
+            Err(std_mpsc::RecvTimeoutError::Timeout) => {
+                if out.is_closed() {
+                    return false;
+                }
+                if identity(dir) != Some(id) {
+                    return true;
+                }
+                continue;
+            }
+            Err(std_mpsc::RecvTimeoutError::Disconnected) => return false,
+        };
         if !relevant(&event) {
             continue;
         }
@@ -126,13 +170,13 @@ fn debounce_loop(
                 Ok(e) if relevant(&e) => continue,
                 Ok(_) => continue,
                 Err(std_mpsc::RecvTimeoutError::Timeout) => break,
-                Err(std_mpsc::RecvTimeoutError::Disconnected) => return,
+                Err(std_mpsc::RecvTimeoutError::Disconnected) => return false,
             }
         }
         match snapshot(dir) {
             Ok(s) => {
                 if out.blocking_send(s).is_err() {
-                    return;
+                    return false;
                 }
             }
             // The policy in force stays; the next change retries.

@@ -227,6 +227,19 @@ fn directory_changes_reach_the_kernel_and_invalid_edits_do_not() {
         Duration::from_secs(1)
     ));
 
+    // The directory replaced by a new one (a volume re-mounted, a
+    // deployment tool swapping directories): the new one is watched.
+    let old = dir.0.join("policies.old");
+    std::fs::rename(dir.policies(), &old).expect("move the directory away");
+    std::fs::create_dir(dir.policies()).expect("a new directory");
+    dir.write("hep.yaml", HEP);
+    dir.write("web.yaml", &allow("allow-web", 8081));
+    dir.write("other.yaml", &allow("allow-other", 8080));
+    wait_for(&client, 8080, true).expect("8080 allowed by the new directory");
+    agent.wait_for_log("was removed or replaced");
+    dir.remove("other.yaml");
+    wait_for(&client, 8080, false).expect("changes in the new directory are seen");
+
     // Reconcile latency: from the write (rename) of a file opening a new
     // port to the first accepted connection on it.
     let mut times = Vec::new();
