@@ -154,7 +154,24 @@ fn smoke_run_has_every_engines_figures_and_leaves_nothing_behind() {
     assert!(e["reader_events_per_s"].as_f64().unwrap() > 0.0);
     assert_eq!(json["memory"].as_array().unwrap().len(), 2);
     assert!(json["memory"][0]["map_bytes"].as_u64().unwrap() > 0);
-    assert_eq!(json["bar"].as_array().unwrap().len(), 4);
+    let bar = json["bar"].as_array().unwrap();
+    assert_eq!(bar.len(), 5);
+    let floor = bar
+        .iter()
+        .find(|b| {
+            b["claim"]
+                .as_str()
+                .unwrap_or("")
+                .contains("only parses and passes")
+        })
+        .expect("the parse-and-pass bar");
+    assert!(
+        floor["detail"]
+            .as_str()
+            .unwrap_or("")
+            .contains("one flow-table lookup alone"),
+        "the floor beside it: {floor}"
+    );
     for key in ["cpu", "kernel", "bpf_jit_enable", "date_utc"] {
         assert!(
             !json["machine"][key].as_str().unwrap_or("").is_empty(),
