@@ -166,6 +166,9 @@ pub struct Written {
     pub deleted: usize,
     /// `RULE_STATS` slots zeroed.
     pub zeroed: usize,
+    /// Of all these, how many took a syscall each (the kernel refused
+    /// batches for their map).
+    pub per_element: usize,
 }
 
 /// Writes maps in batches, per element where the kernel refuses batches
@@ -173,6 +176,10 @@ pub struct Written {
 #[derive(Debug, Default)]
 pub struct Writer {
     refused: BTreeSet<(&'static str, &'static str)>,
+    /// Refuse every batch without asking the kernel (tests of the
+    /// per-element path).
+    no_batches: bool,
+    per_element: usize,
 }
 
 fn write_err(name: &'static str, op: &'static str) -> impl Fn(io::Error) -> DataplaneError {
@@ -180,6 +187,12 @@ fn write_err(name: &'static str, op: &'static str) -> impl Fn(io::Error) -> Data
 }
 
 impl Writer {
+    /// From now on writes one element per syscall, as where the kernel
+    /// refuses batches (tests of that path).
+    pub fn refuse_batches(&mut self) {
+        self.no_batches = true;
+    }
+
     /// `keys[i] -> values[i]`; per-CPU maps: `values` holds one run of
     /// values per key (`bpf_sys::update_batch`).
     fn update<K: aya::Pod, V: aya::Pod>(
@@ -192,7 +205,7 @@ impl Writer {
         if keys.is_empty() {
             return Ok(());
         }
-        if !self.refused.contains(&(name, "update")) {
+        if !self.no_batches && !self.refused.contains(&(name, "update")) {
             match bpf_sys::update_batch(map, keys, values) {
                 Ok(()) => return Ok(()),
                 Err(BatchError::Failed { error, .. }) => {
@@ -206,6 +219,7 @@ impl Writer {
                 }
             }
         }
+        self.per_element += keys.len();
         let per_key = values.len() / keys.len();
         for (key, value) in keys.iter().zip(values.chunks(per_key)) {
             bpf_sys::update_elem(map, key, value).map_err(write_err(name, "update"))?;
@@ -222,7 +236,7 @@ impl Writer {
         keys: &[K],
     ) -> Result<(), DataplaneError> {
         let mut start = 0;
-        if !self.refused.contains(&(name, "delete")) {
+        if !self.no_batches && !self.refused.contains(&(name, "delete")) {
             while start < keys.len() {
                 match bpf_sys::delete_batch(map, &keys[start..]) {
                     Ok(()) => return Ok(()),
@@ -244,6 +258,7 @@ impl Writer {
                 }
             }
         }
+        self.per_element += keys.len() - start.min(keys.len());
         for key in keys.iter().skip(start) {
             match bpf_sys::delete_elem(map, key) {
                 Err(e) if e.raw_os_error() != Some(libc::ENOENT) => {
@@ -271,6 +286,7 @@ impl Writer {
     ) -> Result<Written, DataplaneError> {
         use moat_common::map_names as n;
         let mut out = Written::default();
+        self.per_element = 0;
         // Deletions first: the class maps' capacity covers both banks, not
         // a bank's old and new entries at once.
         out.deleted += self.delete_stale(maps.src, n::CLASS_SRC, &mut record.src, &new.src)?;
@@ -307,6 +323,7 @@ impl Writer {
         out.updated += self.sync_class(maps.sport, n::CLASS_SPORT, &mut record.sport, new.sport)?;
         out.updated += self.sync_class(maps.dport, n::CLASS_DPORT, &mut record.dport, new.dport)?;
         out.updated += self.sync_class(maps.proto, n::CLASS_PROTO, &mut record.proto, new.proto)?;
+        out.per_element = self.per_element;
         Ok(out)
     }
 

@@ -730,6 +730,12 @@ impl Dataplane {
         self.banks = [self.walk_bank(0), self.walk_bank(1)];
     }
 
+    /// From now on `apply` writes one element per syscall, as on a kernel
+    /// that refuses batch operations (tests of that path).
+    pub fn refuse_batches(&mut self) {
+        self.writer.refuse_batches();
+    }
+
     /// What the last successful `apply` cost.
     pub fn last_apply(&self) -> ApplyStats {
         self.last_apply
