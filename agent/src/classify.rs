@@ -264,8 +264,7 @@ fn addr_field(
     classes: &mut Classes,
 ) -> (Vec<(u128, u8, u32)>, u32, bool) {
     let mut any = classes.empty();
-    let mut exact: HashMap<(u128, u8), BitVec, foldhash::fast::RandomState> =
-        HashMap::default();
+    let mut exact: HashMap<(u128, u8), BitVec, foldhash::fast::RandomState> = HashMap::default();
     for (i, b) in bits.iter().enumerate() {
         match get(b) {
             None => set(&mut any, i),
