@@ -224,7 +224,10 @@ fn or(a: &mut BitVec, b: &BitVec) {
 struct Classes {
     words: usize,
     all: Vec<BitVec>,
-    index: HashMap<BitVec, u32>,
+    /// Vectors are hashed whole (a word per 64 rules) for every prefix and
+    /// port interval: foldhash's fast hasher, not SipHash (the keys are the
+    /// agent's own vectors; no flooding concern).
+    index: HashMap<BitVec, u32, foldhash::fast::RandomState>,
 }
 
 impl Classes {
@@ -261,7 +264,7 @@ fn addr_field(
     classes: &mut Classes,
 ) -> (Vec<(u128, u8, u32)>, u32, bool) {
     let mut any = classes.empty();
-    let mut exact: HashMap<(u128, u8), BitVec> = HashMap::new();
+    let mut exact: HashMap<(u128, u8), BitVec, foldhash::fast::RandomState> = HashMap::default();
     for (i, b) in bits.iter().enumerate() {
         match get(b) {
             None => set(&mut any, i),
@@ -417,7 +420,7 @@ impl ClassifierImage {
         let mut classes = Classes {
             words,
             all: Vec::new(),
-            index: HashMap::new(),
+            index: HashMap::default(),
         };
         let (src, any_src, l_src) = addr_field(&bits, |b| &b.src, &mut classes);
         let (dst, any_dst, l_dst) = addr_field(&bits, |b| &b.dst, &mut classes);

@@ -3,15 +3,13 @@
 
 use std::{
     collections::BTreeMap,
+    os::fd::AsFd as _,
     path::{Path, PathBuf},
     time::Duration,
 };
 
 use aya::{
-    maps::{
-        lpm_trie::{Key, LpmTrie},
-        Array, HashMap, IterableMap as _, MapData, PerCpuArray, PerCpuValues, RingBuf,
-    },
+    maps::{lpm_trie::LpmTrie, Array, HashMap, IterableMap as _, MapData, PerCpuArray, RingBuf},
     programs::{
         links::{FdLink, PinnedLink},
         tc::{self, SchedClassifierLink, TcAttachType},
@@ -27,6 +25,9 @@ use moat_common::{
 };
 
 use crate::{
+    bank::{
+        lpm_key, lpm_key_id, AddrKey, BankContent, BankMaps, BankRecord, PortKey, Writer, Written,
+    },
     classify::{encode, ClassifierImage, ClassifyError},
     compile::CompiledIface,
 };
@@ -102,6 +103,13 @@ pub enum DataplaneError {
         "the compiled policy needs {needed} words of class vectors; this load holds at most {max} per generation (raise it with --class-words)"
     )]
     WordsFull { needed: usize, max: u32 },
+    #[error("map {name}: {op} failed: {source}")]
+    Write {
+        name: &'static str,
+        op: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("more than {max} enforced interfaces")]
     TooManyIfaces { max: u32 },
     #[error("bpffs pin {path}: {source}")]
@@ -184,6 +192,15 @@ pub struct Fill {
     pub flows_capacity: u32,
 }
 
+/// What one `apply` cost: planning (classifier images, encoding, the
+/// bank's layout) and writing (the bank's differences, the switch).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ApplyStats {
+    pub plan: Duration,
+    pub write: Duration,
+    pub written: Written,
+}
+
 /// Packets and bytes one rule decided or logged, on one interface and
 /// direction, since the generation in force was applied.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
@@ -208,8 +225,10 @@ pub struct Dataplane {
     class_dport: LpmTrie<MapData, PortClassKey, u32>,
     class_proto: HashMap<MapData, u32, u32>,
     class_words: Array<MapData, u64>,
-    /// Class map entries written into each bank.
-    written: [Vec<ClassKey>; 2],
+    /// What this agent wrote into each bank.
+    banks: [BankRecord; 2],
+    writer: Writer,
+    last_apply: ApplyStats,
     /// Banks written by an earlier agent (adopted pins): entries unknown.
     unknown_bank: [bool; 2],
     /// bpffs directory of the pins, if pinned.
@@ -320,7 +339,9 @@ impl Dataplane {
             class_dport: take(&mut ebpf, map_names::CLASS_DPORT)?,
             class_proto: take(&mut ebpf, map_names::CLASS_PROTO)?,
             class_words: take(&mut ebpf, map_names::CLASS_WORDS)?,
-            written: [Vec::new(), Vec::new()],
+            banks: Default::default(),
+            writer: Writer::default(),
+            last_apply: ApplyStats::default(),
             counters: take(&mut ebpf, map_names::COUNTERS)?,
             conntrack: take(&mut ebpf, map_names::CONNTRACK)?,
             fragments: take(&mut ebpf, map_names::FRAGMENTS)?,
@@ -639,17 +660,102 @@ impl Dataplane {
     /// `IFACES` entry (a hash map value, replaced whole) is switched to
     /// them. Interfaces absent from `compiled` stop being enforced. On an
     /// error nothing in force has changed.
+    ///
+    /// Only what differs from what the bank held (the policy before the
+    /// one in force) is written, in batches (`bank::Writer`).
     pub fn apply(
         &mut self,
         compiled: &BTreeMap<u32, CompiledIface>,
         generation: u32,
     ) -> Result<(), DataplaneError> {
+        let started = std::time::Instant::now();
         let bank = match self.active_bank {
             Some(0) => 1,
             _ => 0,
         };
-        // Build every classifier first: a policy too large is refused before
+        // Planned in full first: a policy too large is refused before
         // anything is written.
+        let (content, configs) = self.plan(compiled, generation, bank)?;
+        let planned = started.elapsed();
+        if std::mem::take(&mut self.unknown_bank[bank as usize]) {
+            self.banks[bank as usize] = self.walk_bank(bank);
+        }
+        let cpus = nr_cpus()?;
+        let maps = BankMaps {
+            rules: self.rules.map().fd().as_fd(),
+            rule_stats: self.rule_stats.map().fd().as_fd(),
+            words: self.class_words.map().fd().as_fd(),
+            src: self.class_src.map().fd().as_fd(),
+            dst: self.class_dst.map().fd().as_fd(),
+            sport: self.class_sport.map().fd().as_fd(),
+            dport: self.class_dport.map().fd().as_fd(),
+            proto: self.class_proto.map().fd().as_fd(),
+        };
+        let written = self.writer.write_bank(
+            &maps,
+            bank * (self.rules.len() / 2),
+            bank * (self.class_words.len() / 2),
+            cpus,
+            &mut self.banks[bank as usize],
+            content,
+        )?;
+        for (ifindex, config) in &configs {
+            self.ifaces
+                .insert(ifindex, config, 0)
+                .map_err(map_err(map_names::IFACES))?;
+        }
+        for stale in self.configured.iter().filter(|i| !compiled.contains_key(i)) {
+            self.ifaces
+                .remove(stale)
+                .map_err(map_err(map_names::IFACES))?;
+        }
+        self.configured = compiled.keys().copied().collect();
+        self.active_bank = Some(bank);
+        self.last_apply = ApplyStats {
+            plan: planned,
+            write: started.elapsed() - planned,
+            written,
+        };
+        tracing::debug!(
+            "applied generation {generation} to bank {bank}: planned in {planned:?}, written in {:?} ({written:?})",
+            self.last_apply.write
+        );
+        Ok(())
+    }
+
+    /// Forgets what this agent wrote into both banks (the class map keys
+    /// are found again in the maps), so the next applies write their bank
+    /// in full, as into fresh maps (the benchmark's full-write figure).
+    pub fn forget_written(&mut self) {
+        self.banks = [self.walk_bank(0), self.walk_bank(1)];
+    }
+
+    /// From now on `apply` writes one element per syscall, as on a kernel
+    /// that refuses batch operations (tests of that path).
+    pub fn refuse_batches(&mut self) {
+        self.writer.refuse_batches();
+    }
+
+    /// What the last successful `apply` cost.
+    pub fn last_apply(&self) -> ApplyStats {
+        self.last_apply
+    }
+
+    /// The bank the policy in force lives in (`None` before the first
+    /// apply).
+    pub fn active_bank(&self) -> Option<u32> {
+        self.active_bank
+    }
+
+    /// What `apply` would write into `bank` for `compiled`, and the
+    /// `IFACES` entries that would switch to it. Fails as `apply` does on a
+    /// policy the banks cannot hold.
+    pub fn plan(
+        &self,
+        compiled: &BTreeMap<u32, CompiledIface>,
+        generation: u32,
+        bank: u32,
+    ) -> Result<(BankContent, Vec<(u32, IfaceConfig)>), DataplaneError> {
         let mut images = Vec::new();
         for (slot, (&ifindex, iface)) in compiled.iter().enumerate() {
             if slot >= MAX_IFACES as usize {
@@ -697,13 +803,13 @@ impl Dataplane {
                 max: rules_per_bank,
             });
         }
-        self.clear_bank(bank)?;
-        let cpus = nr_cpus()?;
-        let zero_stats = || {
-            PerCpuValues::try_from(vec![RuleStats::default(); cpus]).map_err(DataplaneError::Cpus)
+        let rule_base0 = bank * rules_per_bank;
+        let word_base0 = bank * words_per_bank;
+        let mut content = BankContent {
+            rules: Vec::with_capacity(needed_rules),
+            words: Vec::with_capacity(needed_words),
+            ..Default::default()
         };
-        let mut next_rule = bank * rules_per_bank;
-        let mut next_word = bank * words_per_bank;
         let mut configs = Vec::new();
         for ((ifindex, slot, per_dir), encoded) in images.iter().zip(&encoded) {
             let mut config = IfaceConfig {
@@ -723,27 +829,14 @@ impl Dataplane {
             };
             for (dir, (image, vectors)) in per_dir.iter().zip(encoded).enumerate() {
                 let id = classifier_id(bank, *slot, dir as u32);
-                let rule_base = next_rule;
-                for (i, rule) in image.bits.iter().enumerate() {
-                    self.rules
-                        .set(rule_base + i as u32, rule, 0)
-                        .map_err(map_err(map_names::RULES))?;
-                    self.rule_stats
-                        .set(rule_base + i as u32, zero_stats()?, 0)
-                        .map_err(map_err(map_names::RULE_STATS))?;
-                }
-                next_rule += image.bits.len() as u32;
+                let rule_base = rule_base0 + content.rules.len() as u32;
+                content.rules.extend_from_slice(&image.bits);
                 let mut offsets = Vec::with_capacity(vectors.len());
                 for vector in vectors {
-                    offsets.push(next_word);
-                    for &word in vector {
-                        self.class_words
-                            .set(next_word, word, 0)
-                            .map_err(map_err(map_names::CLASS_WORDS))?;
-                        next_word += 1;
-                    }
+                    offsets.push(word_base0 + content.words.len() as u32);
+                    content.words.extend_from_slice(vector);
                 }
-                self.write_class_entries(bank, id, image, &offsets)?;
+                content.add_class_entries(id, image, &offsets);
                 let mut any = [0u32; classify::FIELDS];
                 for (f, a) in any.iter_mut().enumerate() {
                     *a = offsets[image.any[f] as usize];
@@ -760,140 +853,103 @@ impl Dataplane {
             }
             configs.push((*ifindex, config));
         }
-        for (ifindex, config) in &configs {
-            self.ifaces
-                .insert(ifindex, config, 0)
-                .map_err(map_err(map_names::IFACES))?;
-        }
-        for stale in self.configured.iter().filter(|i| !compiled.contains_key(i)) {
-            self.ifaces
-                .remove(stale)
-                .map_err(map_err(map_names::IFACES))?;
-        }
-        self.configured = compiled.keys().copied().collect();
-        self.active_bank = Some(bank);
-        Ok(())
+        Ok((content, configs))
     }
 
-    /// Removes the class map entries a previous apply wrote into `bank`
-    /// (not in force: no interface refers to its ids). For a bank written
-    /// by an earlier agent (adopted pins), every entry with an id of the
-    /// bank is found by walking the maps.
-    fn clear_bank(&mut self, bank: u32) -> Result<(), DataplaneError> {
-        if std::mem::take(&mut self.unknown_bank[bank as usize]) {
-            let id_bank =
-                |data: &[u8]| bank_of(u32::from_be_bytes([data[0], data[1], data[2], data[3]]));
-            let mut keys = Vec::new();
-            for k in self.class_src.keys().filter_map(Result::ok) {
-                if id_bank(&k.data()) == bank {
-                    keys.push(ClassKey::Src(k));
-                }
-            }
-            for k in self.class_dst.keys().filter_map(Result::ok) {
-                if id_bank(&k.data()) == bank {
-                    keys.push(ClassKey::Dst(k));
-                }
-            }
-            for k in self.class_sport.keys().filter_map(Result::ok) {
-                if id_bank(&k.data()) == bank {
-                    keys.push(ClassKey::Sport(k));
-                }
-            }
-            for k in self.class_dport.keys().filter_map(Result::ok) {
-                if id_bank(&k.data()) == bank {
-                    keys.push(ClassKey::Dport(k));
-                }
-            }
-            for k in self.class_proto.keys().filter_map(Result::ok) {
-                if bank_of(k >> 8) == bank {
-                    keys.push(ClassKey::Proto(k));
-                }
-            }
-            self.written[bank as usize].extend(keys);
-        }
-        for key in std::mem::take(&mut self.written[bank as usize]) {
-            // Already gone is fine: the goal is its absence.
-            let _ = match key {
-                ClassKey::Src(k) => self.class_src.remove(&k),
-                ClassKey::Dst(k) => self.class_dst.remove(&k),
-                ClassKey::Sport(k) => self.class_sport.remove(&k),
-                ClassKey::Dport(k) => self.class_dport.remove(&k),
-                ClassKey::Proto(k) => self.class_proto.remove(&k),
-            };
-        }
-        Ok(())
-    }
-
-    /// Writes the lookup entries of one classifier.
-    fn write_class_entries(
-        &mut self,
+    /// Reads what `bank` holds from the maps: `rules` and `words` slots
+    /// from its first, and every class map entry under its ids (tests
+    /// compare it with `plan`).
+    pub fn read_bank(
+        &self,
         bank: u32,
-        id: u32,
-        image: &ClassifierImage,
-        offsets: &[u32],
-    ) -> Result<(), DataplaneError> {
-        let written = &mut self.written[bank as usize];
-        for (field, entries) in [(classify::SRC, &image.src), (classify::DST, &image.dst)] {
-            if image.lookup & (1 << field) == 0 {
-                continue;
+        rules: usize,
+        words: usize,
+    ) -> Result<BankContent, DataplaneError> {
+        let rule_base = bank * (self.rules.len() / 2);
+        let word_base = bank * (self.class_words.len() / 2);
+        let mut out = BankContent::default();
+        for i in 0..rules as u32 {
+            out.rules.push(
+                self.rules
+                    .get(&(rule_base + i), 0)
+                    .map_err(map_err(map_names::RULES))?,
+            );
+        }
+        for i in 0..words as u32 {
+            out.words.push(
+                self.class_words
+                    .get(&(word_base + i), 0)
+                    .map_err(map_err(map_names::CLASS_WORDS))?,
+            );
+        }
+        let addr = |map: &LpmTrie<MapData, AddrClassKey, u32>, name| {
+            let mut m = BTreeMap::new();
+            for k in map.keys() {
+                let k = k.map_err(map_err(name))?;
+                let key: AddrKey = lpm_key(k.prefix_len(), &k.data());
+                if bank_of(lpm_key_id(&key)) == bank {
+                    m.insert(key, map.get(&k, 0).map_err(map_err(name))?);
+                }
             }
-            let (map, name) = if field == classify::SRC {
-                (&mut self.class_src, map_names::CLASS_SRC)
-            } else {
-                (&mut self.class_dst, map_names::CLASS_DST)
-            };
-            for &(net, len, class) in entries {
-                let mut data: AddrClassKey = [0; 20];
-                data[..4].copy_from_slice(&id.to_be_bytes());
-                data[4..].copy_from_slice(&net.to_be_bytes());
-                let key = Key::new(classify::ADDR_ROOT_BITS + u32::from(len), data);
-                map.insert(&key, offsets[class as usize], 0)
-                    .map_err(map_err(name))?;
-                written.push(if field == classify::SRC {
-                    ClassKey::Src(key)
-                } else {
-                    ClassKey::Dst(key)
-                });
+            Ok::<_, DataplaneError>(m)
+        };
+        let port = |map: &LpmTrie<MapData, PortClassKey, u32>, name| {
+            let mut m = BTreeMap::new();
+            for k in map.keys() {
+                let k = k.map_err(map_err(name))?;
+                let key: PortKey = lpm_key(k.prefix_len(), &k.data());
+                if bank_of(lpm_key_id(&key)) == bank {
+                    m.insert(key, map.get(&k, 0).map_err(map_err(name))?);
+                }
+            }
+            Ok::<_, DataplaneError>(m)
+        };
+        out.src = addr(&self.class_src, map_names::CLASS_SRC)?;
+        out.dst = addr(&self.class_dst, map_names::CLASS_DST)?;
+        out.sport = port(&self.class_sport, map_names::CLASS_SPORT)?;
+        out.dport = port(&self.class_dport, map_names::CLASS_DPORT)?;
+        for k in self.class_proto.keys() {
+            let k = k.map_err(map_err(map_names::CLASS_PROTO))?;
+            if bank_of(k >> 8) == bank {
+                out.proto.insert(
+                    k,
+                    self.class_proto
+                        .get(&k, 0)
+                        .map_err(map_err(map_names::CLASS_PROTO))?,
+                );
             }
         }
-        for (field, entries) in [
-            (classify::SPORT, &image.sport),
-            (classify::DPORT, &image.dport),
-        ] {
-            if image.lookup & (1 << field) == 0 {
-                continue;
-            }
-            let (map, name) = if field == classify::SPORT {
-                (&mut self.class_sport, map_names::CLASS_SPORT)
-            } else {
-                (&mut self.class_dport, map_names::CLASS_DPORT)
-            };
-            // Root first: a port no range names is in the `any` class.
-            let root = std::iter::once((0u16, 0u8, image.any[field]));
-            for (port, len, class) in root.chain(entries.iter().copied()) {
-                let mut data: PortClassKey = [0; 8];
-                data[..4].copy_from_slice(&id.to_be_bytes());
-                data[4..6].copy_from_slice(&port.to_be_bytes());
-                let key = Key::new(classify::PORT_ROOT_BITS + u32::from(len), data);
-                map.insert(&key, offsets[class as usize], 0)
-                    .map_err(map_err(name))?;
-                written.push(if field == classify::SPORT {
-                    ClassKey::Sport(key)
-                } else {
-                    ClassKey::Dport(key)
-                });
-            }
-        }
-        if image.lookup & (1 << classify::PROTO) != 0 {
-            for &(protocol, class) in &image.proto {
-                let key = classify::proto_key(id, protocol);
-                self.class_proto
-                    .insert(key, offsets[class as usize], 0)
-                    .map_err(map_err(map_names::CLASS_PROTO))?;
-                written.push(ClassKey::Proto(key));
-            }
-        }
-        Ok(())
+        Ok(out)
+    }
+
+    /// What a bank written by an earlier agent (adopted pins) holds, as far
+    /// as it matters: every class map key with an id of the bank (found by
+    /// walking the maps), values and arrays unknown (written in full).
+    fn walk_bank(&self, bank: u32) -> BankRecord {
+        let addr = |map: &LpmTrie<MapData, AddrClassKey, u32>| -> Vec<AddrKey> {
+            map.keys()
+                .filter_map(Result::ok)
+                .map(|k| lpm_key(k.prefix_len(), &k.data()))
+                .filter(|k: &AddrKey| bank_of(lpm_key_id(k)) == bank)
+                .collect()
+        };
+        let port = |map: &LpmTrie<MapData, PortClassKey, u32>| -> Vec<PortKey> {
+            map.keys()
+                .filter_map(Result::ok)
+                .map(|k| lpm_key(k.prefix_len(), &k.data()))
+                .filter(|k: &PortKey| bank_of(lpm_key_id(k)) == bank)
+                .collect()
+        };
+        BankRecord::unknown(
+            addr(&self.class_src),
+            addr(&self.class_dst),
+            port(&self.class_sport),
+            port(&self.class_dport),
+            self.class_proto
+                .keys()
+                .filter_map(Result::ok)
+                .filter(|k| bank_of(k >> 8) == bank),
+        )
     }
 
     /// Sum over CPUs of every counter, `[direction][counter]`.
@@ -1281,14 +1337,4 @@ fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> DataplaneError
 
 fn nr_cpus() -> Result<usize, DataplaneError> {
     aya::util::nr_cpus().map_err(|(_, e)| DataplaneError::Cpus(e))
-}
-
-/// A class map entry written into a bank, to remove before the bank is
-/// written again.
-enum ClassKey {
-    Src(Key<AddrClassKey>),
-    Dst(Key<AddrClassKey>),
-    Sport(Key<PortClassKey>),
-    Dport(Key<PortClassKey>),
-    Proto(u32),
 }

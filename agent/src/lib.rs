@@ -3,7 +3,9 @@
 //! and tools can drive it directly.
 
 pub mod agent;
+pub mod bank;
 pub mod bench;
+mod bpf_sys;
 pub mod calicoctl;
 pub mod check;
 pub mod classify;

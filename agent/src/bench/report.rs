@@ -331,7 +331,22 @@ pub fn markdown(report: &Report) -> String {
     for u in &report.updates {
         let note = match (&u.compile_ms, &u.apply_ms, &u.unsupported) {
             (_, _, Some(why)) => why.clone(),
-            (Some(c), Some(a), None) => format!("compile {c:.1} + apply {a:.1}"),
+            (Some(c), Some(a), None) => {
+                let mut note = format!("full: compile {c:.1} + apply {a:.1}");
+                for (what, split) in [
+                    ("rule in front", u.change),
+                    ("port changed in the middle", u.port_change),
+                    ("rule appended", u.append),
+                ] {
+                    if let Some(x) = split {
+                        note += &format!(
+                            "; {what}: compile {:.1} + apply {:.1}",
+                            x.compile_ms, x.apply_ms
+                        );
+                    }
+                }
+                note
+            }
             _ => String::new(),
         };
         let _ = writeln!(

@@ -324,6 +324,36 @@ impl RuleSet {
         (out, rule)
     }
 
+    /// The same rule set with the destination port of one generated rule
+    /// in the middle changed (a one-rule change that moves no rule).
+    pub fn with_port_changed(&self) -> Self {
+        let mut out = self.clone();
+        let rules = &mut out.policies[1].rules;
+        let mid = rules.len() / 2;
+        let at = (mid..rules.len())
+            .chain(0..mid)
+            .find(|&i| rules[i].dport.is_some())
+            .unwrap_or(mid);
+        let rule = &mut rules[at];
+        if !matches!(rule.proto, Proto::Tcp | Proto::Udp) {
+            rule.proto = Proto::Tcp;
+        }
+        rule.dport = Some(match rule.dport {
+            Some((7777, 7777)) => (7778, 7778),
+            _ => (7777, 7777),
+        });
+        out
+    }
+
+    /// The same rule set with `with_one_more`'s rule appended after the
+    /// generated rules instead of in front.
+    pub fn with_one_appended(&self) -> Self {
+        let (_, rule) = self.with_one_more();
+        let mut out = self.clone();
+        out.policies[1].rules.push(rule);
+        out
+    }
+
     /// Calico resources for moat: the HostEndpoint, an empty failsafe
     /// profile (Calico's failsafe ports would open :22), the policies.
     pub fn moat_yaml(&self) -> String {

@@ -108,7 +108,26 @@ pub struct Update {
     /// kernel, atomic switch) parts of `full_ms`.
     pub compile_ms: Option<f64>,
     pub apply_ms: Option<f64>,
+    /// moat only: compile and apply of one-rule changes from the set in
+    /// force, both banks holding it: the rule in front (`change_ms`), one
+    /// rule's port changed in the middle, one rule appended at the end.
+    pub change: Option<Split>,
+    pub port_change: Option<Split>,
+    pub append: Option<Split>,
     pub unsupported: Option<String>,
+}
+
+/// Compile and apply parts of one update, ms.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct Split {
+    pub compile_ms: f64,
+    pub apply_ms: f64,
+}
+
+impl Split {
+    pub fn total(&self) -> f64 {
+        self.compile_ms + self.apply_ms
+    }
 }
 
 /// moat's memory at a rule count.
@@ -631,6 +650,9 @@ fn moat_stack(
     let n = set.n;
     let name = Engine::MoatXdp.name();
     let lab = Lab::new()?;
+    // A full write: whatever the banks hold from the rule count before is
+    // written again, as into fresh maps.
+    dp.forget_written();
     let started = Instant::now();
     let compiled = compile_set(set);
     let compile_took = started.elapsed();
@@ -658,6 +680,9 @@ fn moat_stack(
                 change_ms: None,
                 compile_ms: None,
                 apply_ms: None,
+                change: None,
+                port_change: None,
+                append: None,
                 unsupported: Some(why.clone()),
             });
             report.memory.push(Memory {
@@ -675,19 +700,47 @@ fn moat_stack(
         rss_bytes: rss(),
         unsupported: None,
     });
-    let (bigger, _) = set.with_one_more();
-    let started = Instant::now();
-    let change = compile_set(&bigger)
-        .and_then(|t| Ok(dp.apply(&BTreeMap::from([(lab.ifindex, t)]), 2)?))
-        .map(|()| started.elapsed());
+    // One-rule changes in the steady state: both banks hold the set, the
+    // change goes in, the set comes back (twice, so both banks hold it
+    // again).
+    let mut generation = 1;
+    let mut update = |dp: &mut Dataplane, set: &RuleSet| -> anyhow::Result<Split> {
+        generation += 1;
+        let started = Instant::now();
+        let table = compile_set(set)?;
+        let compiled = started.elapsed();
+        dp.apply(&BTreeMap::from([(lab.ifindex, table)]), generation)?;
+        Ok(Split {
+            compile_ms: ms(compiled),
+            apply_ms: ms(started.elapsed() - compiled),
+        })
+    };
+    let (front, _) = set.with_one_more();
+    let changes = (|| {
+        update(dp, set)?;
+        let mut out = Vec::new();
+        for changed in [front, set.with_port_changed(), set.with_one_appended()] {
+            out.push(update(dp, &changed)?);
+            update(dp, set)?;
+            update(dp, set)?;
+        }
+        Ok::<_, anyhow::Error>(out)
+    })();
+    let split = |i: usize| changes.as_ref().ok().map(|c| c[i]);
     report.updates.push(Update {
         engine: name.into(),
         rules: n,
         full_ms: Some(ms(compile_took + apply_took)),
-        change_ms: change.as_ref().ok().map(|d| ms(*d)),
+        change_ms: split(0).map(|s| s.total()),
         compile_ms: Some(ms(compile_took)),
         apply_ms: Some(ms(apply_took)),
-        unsupported: change.err().map(|e| format!("one-rule change: {e:#}")),
+        change: split(0),
+        port_change: split(1),
+        append: split(2),
+        unsupported: changes
+            .as_ref()
+            .err()
+            .map(|e| format!("one-rule change: {e:#}")),
     });
     dp.clear_conntrack()?;
     let ifindex = lab.ifindex;
@@ -755,6 +808,9 @@ fn linux_stack(
             change_ms: None,
             compile_ms: None,
             apply_ms: None,
+            change: None,
+            port_change: None,
+            append: None,
             unsupported: Some(why),
         });
     };
@@ -778,6 +834,9 @@ fn linux_stack(
         change_ms: change.as_ref().ok().map(|d| ms(*d)),
         compile_ms: None,
         apply_ms: None,
+        change: None,
+        port_change: None,
+        append: None,
         unsupported: change.err().map(|e| format!("one-rule change: {e:#}")),
     });
     let generator = RawXdp::load(Baseline::Pass)?;

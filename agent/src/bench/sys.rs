@@ -10,12 +10,11 @@ use std::{
 
 use aya::programs::{TestRun, TestRunAttrs, TestRunOptions};
 
-use crate::dataplane::DataplaneError;
+use crate::{
+    bpf_sys::{bpf, BPF_MAP_CREATE, BPF_PROG_GET_FD_BY_ID, BPF_PROG_LOAD, BPF_PROG_TEST_RUN},
+    dataplane::DataplaneError,
+};
 
-const BPF_MAP_CREATE: libc::c_long = 0;
-const BPF_PROG_LOAD: libc::c_long = 5;
-const BPF_PROG_TEST_RUN: libc::c_long = 10;
-const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
 const BPF_PROG_TYPE_XDP: u32 = 6;
 const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
 const BPF_F_TEST_XDP_LIVE_FRAMES: u32 = 1 << 1;
@@ -152,7 +151,7 @@ struct MapCreateAttr {
 /// A connection table for `PARSE_FLOW_LOOKUP`: an LRU hash as large as
 /// moat's default conntrack map, keys of `FLOW_KEY_BYTES`.
 fn flow_table() -> anyhow::Result<OwnedFd> {
-    let attr = MapCreateAttr {
+    let mut attr = MapCreateAttr {
         map_type: BPF_MAP_TYPE_LRU_HASH,
         key_size: FLOW_KEY_BYTES,
         value_size: size_of::<moat_common::FlowState>() as u32,
@@ -160,20 +159,8 @@ fn flow_table() -> anyhow::Result<OwnedFd> {
         ..Default::default()
     };
     // SAFETY: a valid `bpf_attr` prefix for BPF_MAP_CREATE.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_MAP_CREATE,
-            &attr as *const MapCreateAttr,
-            size_of::<MapCreateAttr>(),
-        )
-    };
-    if fd < 0 {
-        anyhow::bail!(
-            "creating the baseline's flow table failed: {}",
-            std::io::Error::last_os_error()
-        );
-    }
+    let fd = unsafe { bpf(BPF_MAP_CREATE, &mut attr) }
+        .map_err(|e| anyhow::anyhow!("creating the baseline's flow table failed: {e}"))?;
     // SAFETY: the kernel just returned this descriptor to us.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
@@ -289,22 +276,16 @@ impl RawXdp {
         attr.prog_name[..name.len()].copy_from_slice(name);
         // SAFETY: `attr` is a valid `bpf_attr` prefix for BPF_PROG_LOAD;
         // every pointer in it outlives the call.
-        let fd = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_PROG_LOAD,
-                &mut attr as *mut ProgLoadAttr,
-                size_of::<ProgLoadAttr>(),
-            )
+        let fd = match unsafe { bpf(BPF_PROG_LOAD, &mut attr) } {
+            Ok(fd) => fd,
+            Err(err) => {
+                let log = String::from_utf8_lossy(&log);
+                anyhow::bail!(
+                    "loading the baseline XDP program {which:?} failed: {err}; verifier: {}",
+                    log.trim_end_matches('\0').trim()
+                );
+            }
         };
-        if fd < 0 {
-            let err = std::io::Error::last_os_error();
-            let log = String::from_utf8_lossy(&log);
-            anyhow::bail!(
-                "loading the baseline XDP program {which:?} failed: {err}; verifier: {}",
-                log.trim_end_matches('\0').trim()
-            );
-        }
         // SAFETY: the kernel just returned this descriptor to us.
         Ok(RawXdp {
             fd: unsafe { OwnedFd::from_raw_fd(fd as i32) },
@@ -315,20 +296,11 @@ impl RawXdp {
     /// The loaded program with id `id` (one attached by another process,
     /// as `ip -d link` names it).
     pub fn by_id(id: u32) -> anyhow::Result<Self> {
-        let attr: [u32; 4] = [id, 0, 0, 0];
+        let mut attr: [u32; 4] = [id, 0, 0, 0];
         // SAFETY: bpf(BPF_PROG_GET_FD_BY_ID) with an attribute of the size
         // given; returns a new descriptor, owned below.
-        let fd = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_PROG_GET_FD_BY_ID,
-                attr.as_ptr(),
-                size_of_val(&attr),
-            )
-        };
-        if fd < 0 {
-            anyhow::bail!("program {id}: {}", std::io::Error::last_os_error());
-        }
+        let fd = unsafe { bpf(BPF_PROG_GET_FD_BY_ID, &mut attr) }
+            .map_err(|e| anyhow::anyhow!("program {id}: {e}"))?;
         // SAFETY: the kernel just returned this descriptor to us.
         Ok(RawXdp {
             fd: unsafe { OwnedFd::from_raw_fd(fd as i32) },
@@ -385,19 +357,10 @@ impl RawXdp {
         }
         // SAFETY: a valid `bpf_attr` for BPF_PROG_TEST_RUN; `frame` and
         // `ctx` outlive the call; no output buffers are given.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_PROG_TEST_RUN,
-                &mut attr as *mut TestRunAttr,
-                size_of::<TestRunAttr>(),
-            )
-        };
-        if rc < 0 {
+        if let Err(e) = unsafe { bpf(BPF_PROG_TEST_RUN, &mut attr) } {
             anyhow::bail!(
-                "BPF_PROG_TEST_RUN{} failed: {}",
+                "BPF_PROG_TEST_RUN{} failed: {e}",
                 if live { " (live frames)" } else { "" },
-                std::io::Error::last_os_error()
             );
         }
         Ok(attr)
