@@ -7,7 +7,7 @@
 use std::{
     process::{Command, Stdio},
     sync::{
-        atomic::{AtomicU32, Ordering},
+        atomic::{AtomicBool, AtomicU32, Ordering},
         Mutex,
     },
     time::{Duration, Instant},
@@ -26,6 +26,16 @@ const PEER: &str = "peer0";
 /// Namespaces alive now, for the Ctrl-C handler.
 static LIVE: Mutex<Vec<String>> = Mutex::new(Vec::new());
 static NEXT: AtomicU32 = AtomicU32::new(0);
+/// Set when Ctrl-C (or SIGTERM) arrived: the handler is removing the
+/// namespaces and will exit 130.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// Whether the run was interrupted. A failure of the run's own while the
+/// handler removes its namespaces from under it is then no failure to
+/// report: the caller waits for the handler's exit instead.
+pub fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::SeqCst)
+}
 
 /// Installs (once) a Ctrl-C / SIGTERM handler that removes every live
 /// namespace, then exits 130. BPF programs and maps are file descriptors
@@ -35,6 +45,7 @@ pub fn install_interrupt_cleanup() -> anyhow::Result<()> {
     let mut result = Ok(());
     ONCE.call_once(|| {
         result = ctrlc::set_handler(|| {
+            INTERRUPTED.store(true, Ordering::SeqCst);
             let names = LIVE.lock().map(|v| v.clone()).unwrap_or_default();
             for name in names {
                 let _ = Command::new("ip").args(["netns", "del", &name]).status();
@@ -79,10 +90,17 @@ impl Lab {
             std::process::id(),
             NEXT.fetch_add(1, Ordering::Relaxed)
         );
-        run(Command::new("ip").args(["netns", "add", &name]))?;
+        // Listed before it exists: a Ctrl-C between its creation and the
+        // listing would otherwise leave it behind.
         LIVE.lock()
             .map_err(|_| anyhow::anyhow!("namespace list poisoned"))?
             .push(name.clone());
+        if let Err(e) = run(Command::new("ip").args(["netns", "add", &name])) {
+            if let Ok(mut live) = LIVE.lock() {
+                live.retain(|n| n != &name);
+            }
+            return Err(e);
+        }
         let mut lab = Lab {
             name,
             ifindex: 0,

@@ -937,6 +937,18 @@ pub fn machine() -> Machine {
 /// Runs everything `opts` asks for. Refuses, naming what is missing,
 /// when the machine lacks something.
 pub fn run(opts: &Options) -> anyhow::Result<Report> {
+    let result = run_all(opts);
+    if result.is_err() && lab::interrupted() {
+        // Ctrl-C: the handler is removing the namespaces this run was
+        // using (which is likely why it failed) and exits 130.
+        loop {
+            std::thread::park();
+        }
+    }
+    result
+}
+
+fn run_all(opts: &Options) -> anyhow::Result<Report> {
     let lacking = missing(&opts.engines);
     if !lacking.is_empty() {
         anyhow::bail!(
