@@ -287,8 +287,9 @@ impl RawXdp {
     }
 }
 
-/// `struct xdp_md` for live frames: the whole frame, arriving on `ifindex`.
-fn xdp_md(len: usize, ifindex: u32) -> Vec<u8> {
+/// `struct xdp_md` for `BPF_PROG_TEST_RUN`: the whole frame, arriving on
+/// `ifindex`.
+pub(crate) fn xdp_md(len: usize, ifindex: u32) -> Vec<u8> {
     [0, len as u32, 0, ifindex, 0, 0]
         .iter()
         .flat_map(|v: &u32| v.to_ne_bytes())
