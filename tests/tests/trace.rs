@@ -14,7 +14,7 @@ use std::{
 
 use aya::maps::{HashMap, Map, MapData, PerCpuArray};
 use moat_common::{map_names, EventBucket, FlowKey, FlowState, FragKey, FragmentL4, RuleStats};
-use moat_tests::{in_netns, moat_bin, spawn_in, unique, veth, Netns, PinDir};
+use moat_tests::{in_netns, mac_of, moat_bin, spawn_in, unique, veth, Netns, PinDir};
 
 const WORKER: &str = "198.18.1.1";
 const CLIENT: &str = "198.18.1.2";
@@ -126,6 +126,33 @@ impl Lab {
             "eth0",
             "198.18.1.2/24",
         );
+        // Permanent neighbours: no ARP to move the counters meanwhile.
+        let (wmac, cmac) = (mac_of(&worker, "eth1"), mac_of(&client, "eth0"));
+        let hex = |m: [u8; 6]| {
+            m.iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<Vec<_>>()
+                .join(":")
+        };
+        for (ns, ifname, addr, mac) in [
+            (&worker, "eth1", CLIENT, hex(cmac)),
+            (&client, "eth0", WORKER, hex(wmac)),
+        ] {
+            ns.exec(
+                "ip",
+                &[
+                    "neigh",
+                    "replace",
+                    addr,
+                    "lladdr",
+                    &mac,
+                    "dev",
+                    ifname,
+                    "nud",
+                    "permanent",
+                ],
+            );
+        }
         let dir = TempDir::new();
         std::fs::create_dir_all(dir.0.join("policies")).expect("policy dir");
         std::fs::write(dir.0.join("policies/policy.yaml"), POLICY).expect("policy");
@@ -437,6 +464,18 @@ fn live_trace_judges_with_the_node_state_and_leaves_it_untouched() {
         (Some("allow"), Some("policy_allowed")),
         "{v:#}"
     );
+    // Forwarded or not is the node's call (its address list), not the
+    // flag's: a packet to a pod address is forwarded traffic, allowed with
+    // no applyOnForward policy.
+    let (v, code, _) =
+        lab.trace_with_policies(&["--ingress", "tcp 198.18.1.2:40000 -> 172.30.1.5:80"]);
+    assert_eq!(code, 0, "{v:#}");
+    assert_eq!(
+        (v["path"].as_str(), v["reference"]["forwarded"].as_bool()),
+        (Some("forwarded_allowed"), Some(true)),
+        "{v:#}"
+    );
+    assert_eq!(v["agree"], true, "{v:#}");
     // Without --policies: the kernel's verdict, names from the saved
     // state, no reference (and no invented agreement).
     let (v, code, _) = lab.trace(&["--ingress", "tcp 198.18.1.2:40001 -> 198.18.1.1:23"]);
