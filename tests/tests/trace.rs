@@ -627,3 +627,61 @@ fn no_live_state_is_a_clear_error() {
     assert_eq!(v["kernel"]["rule"], 1, "{v:#}");
     assert_eq!(v["agree"], true, "{v:#}");
 }
+
+/// Puts `prog` behind the link pinned at `pin` (bpf(BPF_LINK_UPDATE)), as
+/// an upgrade to another build would.
+fn replace_program_behind(pin: &Path, prog: std::os::fd::BorrowedFd<'_>) {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_LINK_UPDATE: libc::c_long = 29;
+    let path = std::ffi::CString::new(pin.to_str().expect("utf-8")).expect("no NUL");
+    // union bpf_attr for BPF_OBJ_GET: pathname, bpf_fd, file_flags.
+    let attr: [u64; 2] = [path.as_ptr() as u64, 0];
+    // SAFETY: a valid attribute for BPF_OBJ_GET; `path` outlives the call.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_GET, attr.as_ptr(), 16) };
+    assert!(
+        fd >= 0,
+        "BPF_OBJ_GET {}: {}",
+        pin.display(),
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: the kernel just returned this descriptor.
+    let link = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    // link_fd, new_prog_fd, flags, old_prog_fd.
+    let attr: [u32; 4] = [link.as_raw_fd() as u32, prog.as_raw_fd() as u32, 0, 0];
+    // SAFETY: a valid attribute for BPF_LINK_UPDATE of the size given.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_LINK_UPDATE, attr.as_ptr(), 16) };
+    assert_eq!(
+        rc,
+        0,
+        "BPF_LINK_UPDATE: {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+#[test]
+fn another_build_on_the_node_is_said_loudly() {
+    let lab = Lab::new();
+    // Another program behind the node's XDP link (here: one that passes
+    // everything): trace runs this binary's program on the node's maps,
+    // says the node runs something else, and exits 3.
+    let other =
+        moat::bench::sys::RawXdp::load(moat::bench::sys::Baseline::Pass).expect("baseline program");
+    replace_program_behind(&lab.pins.0.join("links/eth1_xdp"), other.fd());
+    let (v, code, _) =
+        lab.trace_with_policies(&["--ingress", "tcp 198.18.1.2:40001 -> 198.18.1.1:23"]);
+    assert_eq!(code, 3, "{v:#}");
+    assert_eq!(v["program"]["same"], false, "{v:#}");
+    assert_ne!(v["program"]["tag"], v["program"]["traced_tag"], "{v:#}");
+    assert_eq!(v["agree"], true, "{v:#}");
+    let notes = v["notes"].to_string();
+    assert!(notes.contains("does not read the map pinned as"), "{v:#}");
+    // The egress program is still this build's: no alarm there.
+    let (v, code, _) =
+        lab.trace_with_policies(&["--egress", "tcp 198.18.1.1:40000 -> 198.18.1.2:443"]);
+    assert_eq!(
+        (code, &v["program"]["same"]),
+        (0, &serde_json::Value::Bool(true)),
+        "{v:#}"
+    );
+}

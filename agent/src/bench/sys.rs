@@ -16,6 +16,8 @@ const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_PROG_TEST_RUN: libc::c_long = 10;
 const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
 const BPF_PROG_TYPE_XDP: u32 = 6;
+/// `enum bpf_attach_type` BPF_XDP.
+const BPF_XDP: u32 = 37;
 const BPF_F_TEST_XDP_LIVE_FRAMES: u32 = 1 << 1;
 /// Frames the kernel injects per batch in live-frames mode.
 const LIVE_BATCH: u32 = 64;
@@ -90,7 +92,9 @@ struct ProgLoadAttr {
     kern_version: u32,
     prog_flags: u32,
     prog_name: [u8; 16],
-    _rest: [u64; 8],
+    prog_ifindex: u32,
+    expected_attach_type: u32,
+    _rest: [u64; 7],
 }
 
 #[repr(C)]
@@ -169,6 +173,9 @@ impl RawXdp {
             log_level: 1,
             log_size: log.len() as u32,
             log_buf: log.as_mut_ptr() as u64,
+            // As aya loads XDP programs: then one can replace another
+            // behind a BPF link.
+            expected_attach_type: BPF_XDP,
             ..Default::default()
         };
         attr.prog_name[..name.len()].copy_from_slice(name);
@@ -217,6 +224,12 @@ impl RawXdp {
         Ok(RawXdp {
             fd: unsafe { OwnedFd::from_raw_fd(fd as i32) },
         })
+    }
+
+    /// The program's descriptor (to attach it, or put it behind a link).
+    pub fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd as _;
+        self.fd.as_fd()
     }
 
     /// `BPF_PROG_TEST_RUN`: (action, kernel's mean time per run).
