@@ -268,6 +268,9 @@ enum Command {
         ingress: Option<String>,
         #[arg(long, value_name = "PACKET")]
         egress: Option<String>,
+        /// The packet is forwarded, not to or from the host (--offline;
+        /// live, the node's own addresses decide and a difference is
+        /// noted).
         #[arg(long)]
         forwarded: bool,
         /// Trace DIR's policy compiled here, on maps of the trace's own,
