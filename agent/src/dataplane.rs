@@ -1282,6 +1282,17 @@ const LINKS_DIR: &str = "links";
 const XDP_SUFFIX: &str = "_xdp";
 const TC_SUFFIX: &str = "_tc_egress";
 
+/// Where the agent pins the link of `iface`'s program for `dir`
+/// (`direction::INGRESS`: XDP, else TC egress) under pin directory `pins`.
+pub fn link_pin(pins: &Path, iface: &str, dir: u8) -> PathBuf {
+    let suffix = if dir == direction::INGRESS {
+        XDP_SUFFIX
+    } else {
+        TC_SUFFIX
+    };
+    pins.join(LINKS_DIR).join(format!("{iface}{suffix}"))
+}
+
 /// `(interface, path)` of every link pinned under `dir`.
 fn pinned_links(dir: &Path) -> Vec<(String, PathBuf)> {
     let Ok(read) = std::fs::read_dir(dir.join(LINKS_DIR)) else {

@@ -35,6 +35,7 @@ pub mod state;
 pub mod status;
 pub mod tail;
 pub mod trace;
+pub mod trace_live;
 pub mod watched;
 
 /// `-o/--output` of `moat agent`: how each deny event is printed.

@@ -248,12 +248,16 @@ enum Command {
         #[arg(short, long, value_enum, default_value_t)]
         output: OutputFormat,
     },
-    /// Run a packet through the kernel program (BPF_PROG_TEST_RUN on the
-    /// object loaded with DIR's policy) beside the reference semantics;
-    /// exits 3 when they disagree.
+    /// Run a packet through the kernel program with the policy the node
+    /// enforces (the running agent's pinned maps; a trace copy of the
+    /// program writes only private maps) beside the reference semantics of
+    /// --policies DIR; exits 3 when they disagree or the node runs another
+    /// build. --offline: DIR's policy on maps of the trace's own.
     Trace {
-        #[arg(long, value_name = "DIR")]
-        policies: PathBuf,
+        /// The policy the reference judges with (the directory the agent
+        /// reads, or an export of the cluster's); required with --offline.
+        #[arg(long, value_name = "DIR", required_if_eq("offline", "true"))]
+        policies: Option<PathBuf>,
         #[arg(long = "iface", value_name = "NAME")]
         iface: String,
         #[arg(long)]
@@ -269,8 +273,21 @@ enum Command {
         ingress: Option<String>,
         #[arg(long, value_name = "PACKET")]
         egress: Option<String>,
+        /// The packet is forwarded, not to or from the host (--offline;
+        /// live, the node's own addresses decide and a difference is
+        /// noted).
         #[arg(long)]
         forwarded: bool,
+        /// Trace DIR's policy compiled here, on maps of the trace's own,
+        /// instead of what the node enforces.
+        #[arg(long)]
+        offline: bool,
+        /// The running agent's bpffs pin directory.
+        #[arg(long, value_name = "DIR", default_value = moat::agent::DEFAULT_PIN_DIR, conflicts_with = "offline")]
+        pin_dir: PathBuf,
+        /// The agent's saved state, for policy names ("none": unknown).
+        #[arg(long, value_name = "FILE", default_value = moat::state::DEFAULT_PATH, conflicts_with = "offline")]
+        state_file: PathBuf,
         #[arg(short, long, value_enum, default_value_t)]
         output: OutputFormat,
     },
@@ -576,32 +593,55 @@ fn main() -> ExitCode {
             ingress,
             egress,
             forwarded,
+            offline,
+            pin_dir,
+            state_file,
             output,
         } => (|| {
             moat::preflight::check()?;
             let node = node.unwrap_or_else(agent::default_node_name);
-            let loaded = agent::load_policies(&policies, profile_arg(&profile).as_deref())?;
-            for e in &loaded.errors {
-                eprintln!("error: {e} (left out)");
-            }
+            let loaded = match &policies {
+                Some(dir) => {
+                    let loaded = agent::load_policies(dir, profile_arg(&profile).as_deref())?;
+                    for e in &loaded.errors {
+                        eprintln!("error: {e} (left out)");
+                    }
+                    Some(loaded)
+                }
+                None => None,
+            };
             let (dir, packet) = match (ingress, egress) {
                 (Some(p), _) => (moat_common::direction::INGRESS, p),
                 (None, Some(p)) => (moat_common::direction::EGRESS, p),
                 (None, None) => anyhow::bail!("--ingress or --egress PACKET"),
             };
-            let query = moat::reference::Query {
-                forwarded,
-                established: false,
+            let t = match (offline, &loaded) {
+                (true, Some(loaded)) => {
+                    let query = moat::reference::Query {
+                        forwarded,
+                        established: false,
+                    };
+                    moat::trace::trace(&loaded.set, &node, &iface, dir, &packet, query)?
+                }
+                (true, None) => anyhow::bail!("--offline needs --policies DIR"),
+                (false, _) => moat::trace::trace_live(&moat::trace::LiveTrace {
+                    pin_dir: &pin_dir,
+                    state_file: (state_file.as_os_str() != "none").then_some(state_file.as_path()),
+                    iface: &iface,
+                    dir,
+                    packet: &packet,
+                    forwarded,
+                    reference: loaded.as_ref().map(|l| (&l.set, node.as_str())),
+                })?,
             };
-            let t = moat::trace::trace(&loaded.set, &node, &iface, dir, &packet, query)?;
             match output {
                 OutputFormat::Json => println!("{}", serde_json::to_string(&t)?),
                 OutputFormat::Text => print!("{}", t.text()),
             }
-            Ok(if t.agree {
-                ExitCode::SUCCESS
-            } else {
+            Ok(if t.alarming() {
                 ExitCode::from(3)
+            } else {
+                ExitCode::SUCCESS
             })
         })(),
         Command::Bench {

@@ -248,6 +248,7 @@ fn trace_runs_the_kernel_program_beside_the_reference() {
         let out = moat()
             .args([
                 "trace",
+                "--offline",
                 "--policies",
                 &dir,
                 "--node",

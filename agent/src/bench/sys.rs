@@ -17,6 +17,8 @@ use crate::{
 
 const BPF_PROG_TYPE_XDP: u32 = 6;
 const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
+/// `enum bpf_attach_type` BPF_XDP.
+const BPF_XDP: u32 = 37;
 const BPF_F_TEST_XDP_LIVE_FRAMES: u32 = 1 << 1;
 /// Frames the kernel injects per batch in live-frames mode.
 const LIVE_BATCH: u32 = 64;
@@ -178,7 +180,9 @@ struct ProgLoadAttr {
     kern_version: u32,
     prog_flags: u32,
     prog_name: [u8; 16],
-    _rest: [u64; 8],
+    prog_ifindex: u32,
+    expected_attach_type: u32,
+    _rest: [u64; 7],
 }
 
 #[repr(C)]
@@ -271,6 +275,9 @@ impl RawXdp {
             log_level: 1,
             log_size: log.len() as u32,
             log_buf: log.as_mut_ptr() as u64,
+            // As aya loads XDP programs: then one can replace another
+            // behind a BPF link.
+            expected_attach_type: BPF_XDP,
             ..Default::default()
         };
         attr.prog_name[..name.len()].copy_from_slice(name);
@@ -306,6 +313,12 @@ impl RawXdp {
             fd: unsafe { OwnedFd::from_raw_fd(fd as i32) },
             _map: None,
         })
+    }
+
+    /// The program's descriptor (to attach it, or put it behind a link).
+    pub fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd as _;
+        self.fd.as_fd()
     }
 
     /// `BPF_PROG_TEST_RUN`: (action, kernel's mean time per run).
@@ -367,8 +380,9 @@ impl RawXdp {
     }
 }
 
-/// `struct xdp_md` for live frames: the whole frame, arriving on `ifindex`.
-fn xdp_md(len: usize, ifindex: u32) -> Vec<u8> {
+/// `struct xdp_md` for `BPF_PROG_TEST_RUN`: the whole frame, arriving on
+/// `ifindex`.
+pub(crate) fn xdp_md(len: usize, ifindex: u32) -> Vec<u8> {
     [0, len as u32, 0, ifindex, 0, 0]
         .iter()
         .flat_map(|v: &u32| v.to_ne_bytes())
