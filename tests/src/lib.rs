@@ -411,3 +411,22 @@ pub fn listen(ns: &Netns, addr: &str) {
     rx.recv_timeout(std::time::Duration::from_secs(5))
         .expect("listener bound");
 }
+
+/// A temporary directory, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    /// A new directory under the system's temporary directory, named
+    /// `prefix` and a unique suffix.
+    pub fn new(prefix: &str) -> Self {
+        let p = std::env::temp_dir().join(unique(prefix));
+        std::fs::create_dir_all(&p).expect("temp dir");
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

@@ -15,7 +15,7 @@ use std::{
 };
 
 use moat::{bench::sys::RawXdp, frame::Packet};
-use moat_tests::{in_netns, listen, mac_of, moat_bin, unique, veth, AgentProcess, Netns};
+use moat_tests::{in_netns, listen, mac_of, moat_bin, veth, AgentProcess, Netns, TempDir};
 
 const WORKER: &str = "198.18.1.1";
 const CLIENT: &str = "198.18.1.2";
@@ -81,23 +81,6 @@ spec:
     - action: Allow
 "#;
 
-/// A temporary directory, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> Self {
-        let p = std::env::temp_dir().join(unique("moat-obs-"));
-        std::fs::create_dir_all(&p).expect("temp dir");
-        TempDir(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// A worker (`eth1` 198.18.1.1) and a client (198.18.1.2), IPv6 off so
 /// the namespaces' own router solicitations do not add to the counts.
 struct Lab {
@@ -127,7 +110,7 @@ impl Lab {
             "eth0",
             "198.18.1.2/24",
         );
-        let dir = TempDir::new();
+        let dir = TempDir::new("moat-obs-");
         std::fs::create_dir_all(dir.0.join("policies")).expect("policy dir");
         std::fs::write(dir.0.join("policies/policy.yaml"), POLICY).expect("policy");
         let macs = (mac_of(&worker, "eth1"), mac_of(&client, "eth0"));

@@ -4,17 +4,18 @@
 
 use std::{
     collections::BTreeSet,
-    io::{BufRead, BufReader},
     net::{SocketAddr, TcpListener, TcpStream},
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::Command,
     sync::mpsc,
     time::{Duration, Instant},
 };
 
 use aya::maps::{HashMap, Map, MapData, PerCpuArray};
 use moat_common::{map_names, EventBucket, FlowKey, FlowState, FragKey, FragmentL4, RuleStats};
-use moat_tests::{in_netns, mac_of, moat_bin, spawn_in, unique, veth, Netns, PinDir};
+use moat_tests::{
+    in_netns, mac_of, moat_bin, spawn_in, veth, AgentProcess, Netns, PinDir, TempDir,
+};
 
 const WORKER: &str = "198.18.1.1";
 const CLIENT: &str = "198.18.1.2";
@@ -80,23 +81,6 @@ spec:
     - action: Allow
 "#;
 
-/// A temporary directory, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> Self {
-        let p = std::env::temp_dir().join(unique("moat-trace-"));
-        std::fs::create_dir_all(&p).expect("temp dir");
-        TempDir(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// A worker (`eth1` 198.18.1.1) running the agent, a client (198.18.1.2);
 /// IPv6 off so nothing but the test's packets moves the counters.
 struct Lab {
@@ -104,7 +88,7 @@ struct Lab {
     client: Netns,
     dir: TempDir,
     pins: PinDir,
-    agent: Option<Child>,
+    agent: Option<AgentProcess>,
 }
 
 impl Lab {
@@ -153,7 +137,7 @@ impl Lab {
                 ],
             );
         }
-        let dir = TempDir::new();
+        let dir = TempDir::new("moat-trace-");
         std::fs::create_dir_all(dir.0.join("policies")).expect("policy dir");
         std::fs::write(dir.0.join("policies/policy.yaml"), POLICY).expect("policy");
         let mut lab = Lab {
@@ -180,38 +164,24 @@ impl Lab {
     }
 
     fn start_agent(&mut self) {
-        let mut child = self
-            .worker
-            .command(moat_bin().to_str().expect("utf-8 path"))
-            .args(["agent", "--policies"])
-            .arg(self.policies())
-            .args(["--iface", "eth1", "--node", "worker-1", "-o", "none"])
-            .arg("--socket")
-            .arg(self.socket())
-            .args(self.pins.args())
-            .arg("--detach-on-exit")
-            .arg("--state-file")
-            .arg(self.state_file())
-            .args(["--status-file", "none", "--metrics-addr", "none"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("moat agent starts");
-        let (tx, rx) = mpsc::channel();
-        let stderr = child.stderr.take().expect("stderr");
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                eprintln!("agent: {line}");
-                if line.contains("ready:") {
-                    let _ = tx.send(());
-                }
-            }
-        });
-        if rx.recv_timeout(Duration::from_secs(30)).is_err() {
-            let _ = child.kill();
-            panic!("the agent did not become ready: {:?}", child.wait());
-        }
-        self.agent = Some(child);
+        let mut args: Vec<std::ffi::OsString> = vec!["--policies".into(), self.policies().into()];
+        args.extend(
+            ["--iface", "eth1", "--node", "worker-1", "-o", "none"].map(std::ffi::OsString::from),
+        );
+        args.extend(["--socket".into(), self.socket().into()]);
+        args.extend(self.pins.args().map(std::ffi::OsString::from));
+        args.extend([
+            "--detach-on-exit".into(),
+            "--state-file".into(),
+            self.state_file().into(),
+        ]);
+        args.extend(
+            ["--status-file", "none", "--metrics-addr", "none"].map(std::ffi::OsString::from),
+        );
+        // The pins are the lab's: the trace reads them while the agent runs.
+        let mut agent = AgentProcess::spawn(&self.worker, args, None);
+        agent.wait_for_log("ready:");
+        self.agent = Some(agent);
     }
 
     /// `moat trace` in the worker's namespace against the agent's pins:
@@ -260,22 +230,9 @@ impl Lab {
 }
 
 impl Drop for Lab {
+    /// The agent ends before the namespaces and pins go.
     fn drop(&mut self) {
-        if let Some(mut child) = self.agent.take() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(child.id() as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = child.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        drop(self.agent.take());
     }
 }
 
@@ -526,7 +483,7 @@ fn a_policy_the_node_does_not_enforce_disagrees_loudly() {
     let lab = Lab::new();
     // A directory where ssh is allowed: the node still denies it (the
     // agent enforces its own directory), and trace says so, exit 3.
-    let other = TempDir::new();
+    let other = TempDir::new("moat-trace-");
     std::fs::write(
         other.0.join("policy.yaml"),
         POLICY.replace("    - action: Deny\n", "    - action: Allow\n"),
@@ -575,7 +532,7 @@ fn no_live_state_is_a_clear_error() {
     let lab = Lab::new();
     // A pin directory nobody uses, and an interface the agent does not
     // enforce.
-    let nowhere = format!("{}/{}", moat_tests::TEST_BPFFS, unique("none-"));
+    let nowhere = format!("{}/{}", moat_tests::TEST_BPFFS, moat_tests::unique("none-"));
     for (pin_dir, iface) in [
         (nowhere.as_str(), "eth1"),
         (&*lab.pins.0.to_string_lossy(), "lo"),
