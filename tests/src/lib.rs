@@ -430,3 +430,37 @@ impl Drop for TempDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// The end-to-end labs' policy (`fixtures/lab/policy.yaml`).
+pub fn lab_policy() -> String {
+    let path = fixtures().join("lab/policy.yaml");
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// A worker (`eth1` 198.18.1.1/24) and a public client (`eth0`
+/// 198.18.1.2/24) on a veth pair, in namespaces named from the prefixes.
+/// Without `ipv6`, IPv6 is off in both, so the namespaces' own router
+/// solicitations move no counter a test reads.
+pub fn worker_and_client(worker: &str, client: &str, ipv6: bool) -> (Netns, Netns) {
+    let worker = Netns::new(worker);
+    let client = Netns::new(client);
+    if !ipv6 {
+        for ns in [&worker, &client] {
+            for key in ["all", "default"] {
+                ns.exec(
+                    "sysctl",
+                    &["-q", "-w", &format!("net.ipv6.conf.{key}.disable_ipv6=1")],
+                );
+            }
+        }
+    }
+    veth(
+        &worker,
+        "eth1",
+        "198.18.1.1/24",
+        &client,
+        "eth0",
+        "198.18.1.2/24",
+    );
+    (worker, client)
+}

@@ -11,7 +11,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use moat_tests::{fixtures, in_netns, listen, spawn_in, veth, AgentProcess, Netns, PinDir};
+use moat_tests::{
+    fixtures, in_netns, listen, spawn_in, veth, worker_and_client, AgentProcess, Netns, PinDir,
+};
 
 /// Tries a TCP connection from inside `ns`: Ok(()) when it was accepted.
 fn connect(ns: &Netns, to: &str) -> Result<(), std::io::ErrorKind> {
@@ -36,17 +38,8 @@ fn ping(ns: &Netns, to: &str) -> bool {
 /// The test worker (public `eth1` 198.18.1.1, private `eth0` 198.18.0.1),
 /// a public client (198.18.1.2) and a private peer (198.18.0.2).
 fn lab() -> (Netns, Netns, Netns) {
-    let worker = Netns::new("mw");
-    let client = Netns::new("mc");
+    let (worker, client) = worker_and_client("mw", "mc", true);
     let peer = Netns::new("mp");
-    veth(
-        &worker,
-        "eth1",
-        "198.18.1.1/24",
-        &client,
-        "eth0",
-        "198.18.1.2/24",
-    );
     veth(
         &worker,
         "eth0",

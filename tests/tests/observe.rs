@@ -15,71 +15,12 @@ use std::{
 };
 
 use moat::{bench::sys::RawXdp, frame::Packet};
-use moat_tests::{in_netns, listen, mac_of, moat_bin, veth, AgentProcess, Netns, TempDir};
+use moat_tests::{
+    in_netns, lab_policy, listen, mac_of, moat_bin, worker_and_client, AgentProcess, Netns, TempDir,
+};
 
 const WORKER: &str = "198.18.1.1";
 const CLIENT: &str = "198.18.1.2";
-
-/// The policy: a Log rule before an Allow (port 8080), a Deny of ssh and
-/// telnet as rule 1 of its policy, every egress allowed; anything else
-/// arriving is denied by default.
-const POLICY: &str = r#"
-apiVersion: projectcalico.org/v3
-kind: HostEndpoint
-metadata:
-  name: worker-1-public
-  labels:
-    ibm.role: worker_public
-spec:
-  node: worker-1
-  interfaceName: eth1
-  expectedIPs: [198.18.1.1]
----
-apiVersion: projectcalico.org/v3
-kind: GlobalNetworkPolicy
-metadata:
-  name: log-then-allow-web
-spec:
-  selector: ibm.role == 'worker_public'
-  order: 10
-  ingress:
-    - action: Log
-      protocol: TCP
-      destination:
-        ports: [8080]
-    - action: Allow
-      protocol: TCP
-      destination:
-        ports: [8080]
----
-apiVersion: projectcalico.org/v3
-kind: GlobalNetworkPolicy
-metadata:
-  name: deny-remote-shells
-spec:
-  selector: ibm.role == 'worker_public'
-  order: 20
-  ingress:
-    - action: Allow
-      protocol: UDP
-      destination:
-        ports: [9999]
-    - action: Deny
-      protocol: TCP
-      destination:
-        ports: ["22:23"]
----
-apiVersion: projectcalico.org/v3
-kind: GlobalNetworkPolicy
-metadata:
-  name: allow-all-outbound
-spec:
-  selector: ibm.role == 'worker_public'
-  order: 30
-  types: [Egress]
-  egress:
-    - action: Allow
-"#;
 
 /// A worker (`eth1` 198.18.1.1) and a client (198.18.1.2), IPv6 off so
 /// the namespaces' own router solicitations do not add to the counts.
@@ -93,26 +34,10 @@ struct Lab {
 
 impl Lab {
     fn new() -> Self {
-        let worker = Netns::new("ow");
-        let client = Netns::new("oc");
-        for ns in [&worker, &client] {
-            ns.exec("sysctl", &["-q", "-w", "net.ipv6.conf.all.disable_ipv6=1"]);
-            ns.exec(
-                "sysctl",
-                &["-q", "-w", "net.ipv6.conf.default.disable_ipv6=1"],
-            );
-        }
-        veth(
-            &worker,
-            "eth1",
-            "198.18.1.1/24",
-            &client,
-            "eth0",
-            "198.18.1.2/24",
-        );
+        let (worker, client) = worker_and_client("ow", "oc", false);
         let dir = TempDir::new("moat-obs-");
         std::fs::create_dir_all(dir.0.join("policies")).expect("policy dir");
-        std::fs::write(dir.0.join("policies/policy.yaml"), POLICY).expect("policy");
+        std::fs::write(dir.0.join("policies/policy.yaml"), lab_policy()).expect("policy");
         let macs = (mac_of(&worker, "eth1"), mac_of(&client, "eth0"));
         Lab {
             worker,

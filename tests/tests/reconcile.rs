@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use moat_tests::{in_netns, listen, unique, veth, AgentProcess, Netns};
+use moat_tests::{in_netns, listen, unique, veth, worker_and_client, AgentProcess, Netns};
 
 const HEP: &str = "apiVersion: projectcalico.org/v3
 kind: HostEndpoint
@@ -135,17 +135,7 @@ fn start_agent_with(
 }
 
 fn lab() -> (Netns, Netns) {
-    let worker = Netns::new("mrw");
-    let client = Netns::new("mrc");
-    veth(
-        &worker,
-        "eth1",
-        "198.18.1.1/24",
-        &client,
-        "eth0",
-        "198.18.1.2/24",
-    );
-    (worker, client)
+    worker_and_client("mrw", "mrc", true)
 }
 
 fn median(mut v: Vec<Duration>) -> Duration {
@@ -189,10 +179,15 @@ fn directory_changes_reach_the_kernel_and_invalid_edits_do_not() {
         &allow("allow-metrics", 9090).replace("ports: [9090]", "ports: [ninety]"),
     );
     agent.wait_for_log("the last good one stays in force");
+    // The status file is rewritten every second: wait for the reconcile
+    // of the invalid edit to show (an earlier write may still show the
+    // change before it).
     let deadline = Instant::now() + Duration::from_secs(10);
     let status = loop {
         let s = dir.status();
-        if s["source"]["reconciles"].as_u64() > Some(before) {
+        if s["source"]["reconciles"].as_u64() > Some(before)
+            && s["source"]["invalid_objects"].as_u64() > Some(0)
+        {
             break s;
         }
         assert!(Instant::now() < deadline, "status not updated: {s:#}");

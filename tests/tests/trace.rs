@@ -14,72 +14,12 @@ use std::{
 use aya::maps::{HashMap, Map, MapData, PerCpuArray};
 use moat_common::{map_names, EventBucket, FlowKey, FlowState, FragKey, FragmentL4, RuleStats};
 use moat_tests::{
-    in_netns, mac_of, moat_bin, spawn_in, veth, AgentProcess, Netns, PinDir, TempDir,
+    in_netns, lab_policy, mac_of, moat_bin, spawn_in, worker_and_client, AgentProcess, Netns,
+    PinDir, TempDir,
 };
 
 const WORKER: &str = "198.18.1.1";
 const CLIENT: &str = "198.18.1.2";
-
-/// Log then Allow of 8080; ssh and telnet denied by rule 1 of
-/// deny-remote-shells; every egress allowed; anything else arriving
-/// denied by default.
-const POLICY: &str = r#"
-apiVersion: projectcalico.org/v3
-kind: HostEndpoint
-metadata:
-  name: worker-1-public
-  labels:
-    ibm.role: worker_public
-spec:
-  node: worker-1
-  interfaceName: eth1
-  expectedIPs: [198.18.1.1]
----
-apiVersion: projectcalico.org/v3
-kind: GlobalNetworkPolicy
-metadata:
-  name: log-then-allow-web
-spec:
-  selector: ibm.role == 'worker_public'
-  order: 10
-  ingress:
-    - action: Log
-      protocol: TCP
-      destination:
-        ports: [8080]
-    - action: Allow
-      protocol: TCP
-      destination:
-        ports: [8080]
----
-apiVersion: projectcalico.org/v3
-kind: GlobalNetworkPolicy
-metadata:
-  name: deny-remote-shells
-spec:
-  selector: ibm.role == 'worker_public'
-  order: 20
-  ingress:
-    - action: Allow
-      protocol: UDP
-      destination:
-        ports: [9999]
-    - action: Deny
-      protocol: TCP
-      destination:
-        ports: ["22:23"]
----
-apiVersion: projectcalico.org/v3
-kind: GlobalNetworkPolicy
-metadata:
-  name: allow-all-outbound
-spec:
-  selector: ibm.role == 'worker_public'
-  order: 30
-  types: [Egress]
-  egress:
-    - action: Allow
-"#;
 
 /// A worker (`eth1` 198.18.1.1) running the agent, a client (198.18.1.2);
 /// IPv6 off so nothing but the test's packets moves the counters.
@@ -93,23 +33,7 @@ struct Lab {
 
 impl Lab {
     fn new() -> Self {
-        let worker = Netns::new("tw");
-        let client = Netns::new("tc");
-        for ns in [&worker, &client] {
-            ns.exec("sysctl", &["-q", "-w", "net.ipv6.conf.all.disable_ipv6=1"]);
-            ns.exec(
-                "sysctl",
-                &["-q", "-w", "net.ipv6.conf.default.disable_ipv6=1"],
-            );
-        }
-        veth(
-            &worker,
-            "eth1",
-            "198.18.1.1/24",
-            &client,
-            "eth0",
-            "198.18.1.2/24",
-        );
+        let (worker, client) = worker_and_client("tw", "tc", false);
         // Permanent neighbours: no ARP to move the counters meanwhile.
         let (wmac, cmac) = (mac_of(&worker, "eth1"), mac_of(&client, "eth0"));
         let hex = |m: [u8; 6]| {
@@ -139,7 +63,7 @@ impl Lab {
         }
         let dir = TempDir::new("moat-trace-");
         std::fs::create_dir_all(dir.0.join("policies")).expect("policy dir");
-        std::fs::write(dir.0.join("policies/policy.yaml"), POLICY).expect("policy");
+        std::fs::write(dir.0.join("policies/policy.yaml"), lab_policy()).expect("policy");
         let mut lab = Lab {
             worker,
             client,
@@ -486,7 +410,7 @@ fn a_policy_the_node_does_not_enforce_disagrees_loudly() {
     let other = TempDir::new("moat-trace-");
     std::fs::write(
         other.0.join("policy.yaml"),
-        POLICY.replace("    - action: Deny\n", "    - action: Allow\n"),
+        lab_policy().replace("    - action: Deny\n", "    - action: Allow\n"),
     )
     .expect("policy");
     let other_dir = other.0.display().to_string();
