@@ -665,26 +665,7 @@ fn moat_stack(
         Ok(t) => t,
         Err(e) => {
             let why = format!("{e:#}");
-            for traffic in ["denied", "allowed"] {
-                report.throughput.push(throughput_row(
-                    name,
-                    n,
-                    traffic,
-                    Err(anyhow::anyhow!("{why}")),
-                ));
-            }
-            report.updates.push(Update {
-                engine: name.into(),
-                rules: n,
-                full_ms: None,
-                change_ms: None,
-                compile_ms: None,
-                apply_ms: None,
-                change: None,
-                port_change: None,
-                append: None,
-                unsupported: Some(why.clone()),
-            });
+            unsupported_engine(report, name, n, &why);
             report.memory.push(Memory {
                 rules: n,
                 map_bytes: map_memory(),
@@ -783,6 +764,31 @@ fn moat_stack(
     Ok(())
 }
 
+/// An engine that could not run at `n` rules: its throughput and update
+/// rows say why.
+fn unsupported_engine(report: &mut Report, name: &str, n: usize, why: &str) {
+    for traffic in ["denied", "allowed"] {
+        report.throughput.push(throughput_row(
+            name,
+            n,
+            traffic,
+            Err(anyhow::anyhow!("{why}")),
+        ));
+    }
+    report.updates.push(Update {
+        engine: name.into(),
+        rules: n,
+        full_ms: None,
+        change_ms: None,
+        compile_ms: None,
+        apply_ms: None,
+        change: None,
+        port_change: None,
+        append: None,
+        unsupported: Some(why.to_string()),
+    });
+}
+
 /// A Linux engine through the stack, and its update latency.
 fn linux_stack(
     engine: Engine,
@@ -792,28 +798,7 @@ fn linux_stack(
 ) -> anyhow::Result<()> {
     let n = set.n;
     let name = engine.name();
-    let fail = |report: &mut Report, why: String| {
-        for traffic in ["denied", "allowed"] {
-            report.throughput.push(throughput_row(
-                name,
-                n,
-                traffic,
-                Err(anyhow::anyhow!("{why}")),
-            ));
-        }
-        report.updates.push(Update {
-            engine: name.into(),
-            rules: n,
-            full_ms: None,
-            change_ms: None,
-            compile_ms: None,
-            apply_ms: None,
-            change: None,
-            port_change: None,
-            append: None,
-            unsupported: Some(why),
-        });
-    };
+    let fail = |report: &mut Report, why: String| unsupported_engine(report, name, n, &why);
     if let Err(why) = engine.applies(set) {
         fail(report, why);
         return Ok(());
