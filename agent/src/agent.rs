@@ -741,7 +741,26 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                 .join(", ")
         );
     }
-    let mut outcomes = crate::reconcile::spawn(reconciler, snapshots_rx);
+    // Names move (an etcd member replaced, the API server's address
+    // changed): resolve them again every 30 s and exempt where they are.
+    let resolver = match (&cfg.source, &kube) {
+        (PolicySource::Etcd(etcd), _) => {
+            let endpoints = etcd.endpoints.clone();
+            Some(crate::reconcile::ControlPlaneResolver {
+                resolve: Box::new(move || crate::reconcile::resolve_endpoints(&endpoints)),
+                every: crate::reconcile::RERESOLVE,
+            })
+        }
+        (_, Some(k)) => {
+            let k = k.clone();
+            Some(crate::reconcile::ControlPlaneResolver {
+                resolve: Box::new(move || crate::k8ssource::control_plane(&k)),
+                every: crate::reconcile::RERESOLVE,
+            })
+        }
+        _ => None,
+    };
+    let mut outcomes = crate::reconcile::spawn(reconciler, snapshots_rx, resolver);
     start_source(&cfg.source, snapshots_tx, kube, &cfg.node)?;
 
     let ring = dataplane

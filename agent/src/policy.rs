@@ -377,7 +377,7 @@ impl PolicySet {
 }
 
 /// Result of loading: what is valid, and every error about what is not.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Loaded {
     pub set: PolicySet,
     pub errors: Vec<PolicyError>,

@@ -23,7 +23,7 @@ use crate::{
 };
 
 /// Everything a source holds at one moment.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Snapshot {
     pub loaded: Loaded,
     /// What it was read from, for logs and `moat status`.
@@ -283,16 +283,65 @@ pub fn add_auto_host_endpoints(set: &mut PolicySet, node: &str) {
 /// that queue up) on a blocking thread; results come out of the returned
 /// channel (a snapshot that does not compile as an error, the policy in
 /// force staying). Ends when the sender side is dropped.
+/// Resolves the control plane's addresses again (etcd endpoints, the API
+/// server), for `spawn` to follow names that move.
+pub struct ControlPlaneResolver {
+    pub resolve: Box<dyn Fn() -> Vec<std::net::SocketAddr> + Send + Sync>,
+    /// How often (the first time one period after the start).
+    pub every: std::time::Duration,
+}
+
+/// How often the control plane's names are resolved again.
+pub const RERESOLVE: std::time::Duration = std::time::Duration::from_secs(30);
+
 pub fn spawn(
     mut reconciler: Reconciler,
     mut snapshots: mpsc::Receiver<Snapshot>,
+    resolver: Option<ControlPlaneResolver>,
 ) -> mpsc::Receiver<Result<Outcome, String>> {
     let (tx, rx) = mpsc::channel(1);
     tokio::spawn(async move {
-        while let Some(mut snapshot) = snapshots.recv().await {
-            while let Ok(newer) = snapshots.try_recv() {
-                snapshot = newer;
-            }
+        let resolver = resolver.map(Arc::new);
+        let period = resolver
+            .as_ref()
+            .map_or(std::time::Duration::from_secs(3600), |r| r.every);
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        // The last snapshot, compiled again when the control plane moves.
+        let mut last: Option<Snapshot> = None;
+        loop {
+            let snapshot = tokio::select! {
+                s = snapshots.recv() => {
+                    let Some(mut snapshot) = s else { return };
+                    while let Ok(newer) = snapshots.try_recv() {
+                        snapshot = newer;
+                    }
+                    last = Some(snapshot.clone());
+                    snapshot
+                }
+                _ = tick.tick(), if resolver.is_some() => {
+                    let Some(r) = resolver.clone() else { continue };
+                    let Ok(now) = tokio::task::spawn_blocking(move || (r.resolve)()).await else {
+                        continue;
+                    };
+                    // A failed resolution keeps the addresses exempted now.
+                    if now.is_empty() || now == reconciler.control_plane {
+                        continue;
+                    }
+                    let show = |v: &[std::net::SocketAddr]| {
+                        v.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(", ")
+                    };
+                    info!(
+                        "the control plane moved: outbound TCP to {} is failsafe now (was {})",
+                        show(&now),
+                        show(&reconciler.control_plane)
+                    );
+                    reconciler.control_plane = now;
+                    match &last {
+                        Some(s) => s.clone(),
+                        None => continue,
+                    }
+                }
+            };
             let done = tokio::task::spawn_blocking(move || {
                 let result = reconciler.reconcile(snapshot);
                 (reconciler, result)
@@ -342,5 +391,69 @@ mod tests {
             .filter_map(|p| Some(format!("{}:{}", p.net?, p.port)))
             .collect();
         assert_eq!(added, ["127.0.0.1/32:2381", "::1/128:2379"]);
+    }
+
+    /// Whether the eth1 egress failsafe table exempts TCP to `addr`.
+    fn exempts(outcome: &Outcome, addr: std::net::SocketAddr) -> bool {
+        let std::net::IpAddr::V4(v4) = addr.ip() else {
+            panic!("IPv4 only here");
+        };
+        let net = v4.to_ipv6_mapped().octets();
+        outcome.compiled.ifaces["eth1"]
+            .table(moat_common::direction::EGRESS, moat_common::table::FAILSAFE)
+            .rules
+            .iter()
+            .any(|r| {
+                r.dst_net == net && r.dst_port_lo == addr.port() && r.dst_port_hi == addr.port()
+            })
+    }
+
+    #[tokio::test]
+    async fn a_control_plane_that_moves_is_exempted_where_it_is() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/public");
+        let snapshot = crate::dirsource::snapshot(&dir).expect("the public fixture");
+        let mut reconciler = Reconciler::new(
+            "worker-1".into(),
+            vec!["eth1".into()],
+            None,
+            false,
+            Arc::new(Stats::default()),
+        );
+        let (old, new): (std::net::SocketAddr, std::net::SocketAddr) = (
+            "198.51.100.7:2379".parse().unwrap(),
+            "198.51.100.9:2379".parse().unwrap(),
+        );
+        reconciler.control_plane = vec![old];
+        // The name resolves to `old` twice (no change, no recompile), then
+        // fails once (kept), then moves to `new`.
+        let calls = Arc::new(AtomicU64::new(0));
+        let counted = calls.clone();
+        let resolver = ControlPlaneResolver {
+            resolve: Box::new(move || match counted.fetch_add(1, Ordering::SeqCst) {
+                0 | 1 => vec![old],
+                2 => Vec::new(),
+                _ => vec![new],
+            }),
+            every: std::time::Duration::from_millis(30),
+        };
+        let (tx, rx) = mpsc::channel(4);
+        let mut outcomes = spawn(reconciler, rx, Some(resolver));
+        tx.send(snapshot).await.expect("send");
+        let first = outcomes.recv().await.expect("outcome").expect("compiled");
+        assert!(exempts(&first, old) && !exempts(&first, new));
+        let moved = tokio::time::timeout(std::time::Duration::from_secs(5), outcomes.recv())
+            .await
+            .expect("a recompile once the name moves")
+            .expect("outcome")
+            .expect("compiled");
+        assert!(
+            calls.load(Ordering::SeqCst) >= 4,
+            "recompiled only after the move"
+        );
+        assert!(exempts(&moved, new) && !exempts(&moved, old));
+        assert_eq!(
+            moved.origin, first.origin,
+            "the same snapshot, compiled again"
+        );
     }
 }
