@@ -60,16 +60,16 @@ pub fn reason_name(r: u8) -> &'static str {
 
 /// An event with every identifier resolved; also the JSON form
 /// (`moat agent -o json`): the field names are stable.
-#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq, Eq)]
 pub struct ResolvedEvent {
     /// RFC 3339, UTC.
     pub time: String,
     pub iface: String,
-    pub direction: &'static str,
+    pub direction: String,
     /// "deny", "log", or "audit" (would have been denied; audit mode let it
     /// pass).
-    pub verdict: &'static str,
-    pub reason: &'static str,
+    pub verdict: String,
+    pub reason: String,
     /// Deciding policy, absent for default deny, parse errors, conntrack.
     pub policy: Option<String>,
     /// Index of the rule in the policy's ingress or egress list.
@@ -107,13 +107,14 @@ pub fn resolve(
     ResolvedEvent {
         time: rfc3339(wall),
         iface: iface_name(e.ifindex),
-        direction: direction::name(e.direction),
+        direction: direction::name(e.direction).into(),
         verdict: match e.verdict {
             verdict::LOG => "log",
             verdict::AUDIT => "audit",
             _ => "deny",
-        },
-        reason: reason_name(e.reason),
+        }
+        .into(),
+        reason: reason_name(e.reason).into(),
         rule: policy.as_ref().map(|_| e.rule_index),
         policy,
         generation: e.generation,
@@ -162,6 +163,39 @@ fn endpoint(addr: IpAddr, port: Option<u16>) -> String {
 }
 
 impl ResolvedEvent {
+    /// The packet in `moat check`'s grammar (`tcp SRC:PORT -> DST:PORT
+    /// flags SYN`, `icmp SRC -> DST type 8 code 0`, `proto N SRC -> DST`).
+    pub fn packet_spec(&self) -> String {
+        match self.protocol.as_str() {
+            "tcp" | "udp" | "sctp" => {
+                let mut s = format!(
+                    "{} {} -> {}",
+                    self.protocol,
+                    endpoint(self.src, self.sport),
+                    endpoint(self.dst, self.dport)
+                );
+                if let Some(f) = &self.tcp_flags {
+                    s.push_str(&format!(" flags {f}"));
+                }
+                s
+            }
+            "icmp" | "icmpv6" => format!(
+                "{} {} -> {} type {} code {}",
+                self.protocol,
+                self.src,
+                self.dst,
+                self.icmp_type.unwrap_or(0),
+                self.icmp_code.unwrap_or(0)
+            ),
+            _ => format!(
+                "proto {} {} -> {}",
+                crate::events_hub::protocol_number(&self.protocol).unwrap_or(0),
+                self.src,
+                self.dst
+            ),
+        }
+    }
+
     /// One line: time, interface, direction, verdict, protocol, addresses
     /// and ports, then what decided.
     pub fn line(&self) -> String {

@@ -51,26 +51,10 @@ pub struct WireEvent {
     pub seq: u64,
     /// Unix time in nanoseconds (`time` in RFC 3339).
     pub time_ns: i64,
-    pub time: String,
-    pub iface: String,
-    pub direction: String,
-    /// "deny", "log" or "audit".
-    pub verdict: String,
-    pub reason: String,
-    pub policy: Option<String>,
-    pub rule: Option<u32>,
-    /// The policy generation that judged the packet.
-    pub generation: u32,
-    pub protocol: String,
-    pub src: IpAddr,
-    pub dst: IpAddr,
-    pub sport: Option<u16>,
-    pub dport: Option<u16>,
-    pub icmp_type: Option<u8>,
-    pub icmp_code: Option<u8>,
-    pub tcp_flags: Option<String>,
-    /// Bytes of the frame, link layer included.
-    pub length: u32,
+    /// What `moat agent -o json` prints of it, the same fields at the same
+    /// level.
+    #[serde(flatten)]
+    pub event: ResolvedEvent,
     pub ttl: u8,
     /// The kernel LOG target's line for the packet, without a prefix.
     pub iptables: String,
@@ -79,68 +63,14 @@ pub struct WireEvent {
 }
 
 impl WireEvent {
-    pub fn new(seq: u64, time_ns: i64, r: ResolvedEvent, ttl: u8, iptables: String) -> Self {
+    pub fn new(seq: u64, time_ns: i64, event: ResolvedEvent, ttl: u8, iptables: String) -> Self {
         WireEvent {
             seq,
             time_ns,
-            time: r.time,
-            iface: r.iface,
-            direction: r.direction.into(),
-            verdict: r.verdict.into(),
-            reason: r.reason.into(),
-            policy: r.policy,
-            rule: r.rule,
-            generation: r.generation,
-            protocol: r.protocol,
-            src: r.src,
-            dst: r.dst,
-            sport: r.sport,
-            dport: r.dport,
-            icmp_type: r.icmp_type,
-            icmp_code: r.icmp_code,
-            tcp_flags: r.tcp_flags,
-            length: r.length,
+            event,
             ttl,
             iptables,
             check: String::new(),
-        }
-    }
-
-    /// The packet in `moat check`'s grammar (`tcp SRC:PORT -> DST:PORT
-    /// flags SYN`, `icmp SRC -> DST type 8 code 0`, `proto N SRC -> DST`).
-    pub fn packet_spec(&self) -> String {
-        let ep = |a: IpAddr, p: Option<u16>| match (a, p) {
-            (IpAddr::V6(a), Some(p)) => format!("[{a}]:{p}"),
-            (a, Some(p)) => format!("{a}:{p}"),
-            (a, None) => a.to_string(),
-        };
-        match self.protocol.as_str() {
-            "tcp" | "udp" | "sctp" => {
-                let mut s = format!(
-                    "{} {} -> {}",
-                    self.protocol,
-                    ep(self.src, self.sport),
-                    ep(self.dst, self.dport)
-                );
-                if let Some(f) = &self.tcp_flags {
-                    s.push_str(&format!(" flags {f}"));
-                }
-                s
-            }
-            "icmp" | "icmpv6" => format!(
-                "{} {} -> {} type {} code {}",
-                self.protocol,
-                self.src,
-                self.dst,
-                self.icmp_type.unwrap_or(0),
-                self.icmp_code.unwrap_or(0)
-            ),
-            _ => format!(
-                "proto {} {} -> {}",
-                crate::events_hub::protocol_number(&self.protocol).unwrap_or(0),
-                self.src,
-                self.dst
-            ),
         }
     }
 }
@@ -213,23 +143,26 @@ impl Filter {
 
     pub fn matches(&self, e: &WireEvent) -> bool {
         let net = |n: &Option<IpNet>, a: IpAddr| n.is_none_or(|n| n.contains(&a));
-        (self.iface.is_empty() || self.iface.contains(&e.iface))
-            && self.direction.as_ref().is_none_or(|d| *d == e.direction)
-            && self.verdict.as_ref().is_none_or(|v| *v == e.verdict)
+        (self.iface.is_empty() || self.iface.contains(&e.event.iface))
+            && self
+                .direction
+                .as_ref()
+                .is_none_or(|d| *d == e.event.direction)
+            && self.verdict.as_ref().is_none_or(|v| *v == e.event.verdict)
             && self.policy.as_ref().is_none_or(|want| {
-                e.policy.as_ref().is_some_and(|p| {
+                e.event.policy.as_ref().is_some_and(|p| {
                     p == want || p.rsplit_once('/').is_some_and(|(_, name)| name == want)
                 })
             })
-            && net(&self.src, e.src)
-            && net(&self.dst, e.dst)
+            && net(&self.src, e.event.src)
+            && net(&self.dst, e.event.dst)
             && self
                 .port
-                .is_none_or(|p| e.sport == Some(p) || e.dport == Some(p))
+                .is_none_or(|p| e.event.sport == Some(p) || e.event.dport == Some(p))
             && self
                 .proto
                 .as_ref()
-                .is_none_or(|p| protocol_number(p) == protocol_number(&e.protocol))
+                .is_none_or(|p| protocol_number(p) == protocol_number(&e.event.protocol))
     }
 }
 
@@ -593,30 +526,31 @@ mod tests {
     use super::*;
 
     fn ev(src: &str, dport: u16, policy: Option<&str>) -> WireEvent {
-        WireEvent {
-            seq: 0,
-            time_ns: now_ns(),
-            time: String::new(),
-            iface: "eth1".into(),
-            direction: "ingress".into(),
-            verdict: "deny".into(),
-            reason: "rule".into(),
-            policy: policy.map(Into::into),
-            rule: policy.map(|_| 1),
-            generation: 1,
-            protocol: "tcp".into(),
-            src: src.parse().expect("addr"),
-            dst: "198.51.100.10".parse().expect("addr"),
-            sport: Some(40000),
-            dport: Some(dport),
-            icmp_type: None,
-            icmp_code: None,
-            tcp_flags: Some("SYN".into()),
-            length: 60,
-            ttl: 64,
-            iptables: String::new(),
-            check: String::new(),
-        }
+        WireEvent::new(
+            0,
+            now_ns(),
+            ResolvedEvent {
+                time: String::new(),
+                iface: "eth1".into(),
+                direction: "ingress".into(),
+                verdict: "deny".into(),
+                reason: "rule".into(),
+                policy: policy.map(Into::into),
+                rule: policy.map(|_| 1),
+                generation: 1,
+                protocol: "tcp".into(),
+                src: src.parse().expect("addr"),
+                dst: "198.51.100.10".parse().expect("addr"),
+                sport: Some(40000),
+                dport: Some(dport),
+                icmp_type: None,
+                icmp_code: None,
+                tcp_flags: Some("SYN".into()),
+                length: 60,
+            },
+            64,
+            String::new(),
+        )
     }
 
     #[test]
@@ -640,18 +574,26 @@ mod tests {
     #[test]
     fn packet_specs_parse_back() {
         let mut e = ev("2001:db8::7", 22, None);
-        e.dst = "2001:db8::1".parse().expect("addr");
-        for spec in [e.packet_spec(), ev("203.0.113.7", 22, None).packet_spec()] {
+        e.event.dst = "2001:db8::1".parse().expect("addr");
+        for spec in [
+            e.event.packet_spec(),
+            ev("203.0.113.7", 22, None).event.packet_spec(),
+        ] {
             crate::packet_spec::parse(&spec).unwrap_or_else(|err| panic!("{spec}: {err}"));
         }
         let mut icmp = ev("203.0.113.7", 0, None);
-        icmp.protocol = "icmp".into();
-        (icmp.sport, icmp.dport, icmp.icmp_type, icmp.icmp_code) = (None, None, Some(3), Some(1));
+        icmp.event.protocol = "icmp".into();
+        (
+            icmp.event.sport,
+            icmp.event.dport,
+            icmp.event.icmp_type,
+            icmp.event.icmp_code,
+        ) = (None, None, Some(3), Some(1));
         assert_eq!(
-            icmp.packet_spec(),
+            icmp.event.packet_spec(),
             "icmp 203.0.113.7 -> 198.51.100.10 type 3 code 1"
         );
-        crate::packet_spec::parse(&icmp.packet_spec()).expect("icmp");
+        crate::packet_spec::parse(&icmp.event.packet_spec()).expect("icmp");
     }
 
     #[test]
@@ -700,7 +642,7 @@ mod tests {
         };
         let got = ask("{\"filter\":{\"policy\":\"deny-ssh\"}}\n").await;
         assert_eq!(got.len(), 2, "{got:?}");
-        assert!(matches!(&got[0], Message::Event(e) if e.src.to_string() == "203.0.113.7"));
+        assert!(matches!(&got[0], Message::Event(e) if e.event.src.to_string() == "203.0.113.7"));
         assert_eq!(got[1], Message::EndOfHistory { count: 1 });
         let got = ask("{\"filter\":{\"verdict\":\"dropped\"}}\n").await;
         assert!(matches!(&got[..], [Message::Error { message }] if message.contains("verdict")));

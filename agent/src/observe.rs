@@ -16,7 +16,7 @@ use tracing::{info, warn};
 
 use crate::{
     compile::Compiled,
-    event,
+    event::{self, ResolvedEvent},
     event_outputs::{EventsFile, FileConfig, Syslog},
     events_hub::{self, Hub, SocketConfig, WireEvent},
     metrics::{self, AgentStats, Health, SnapshotRequest},
@@ -81,7 +81,7 @@ pub fn shell_quote(s: &str) -> String {
 impl CheckContext {
     /// The `moat check` command that judges `e` against the policy
     /// directory; `local` tells forwarded packets from host traffic.
-    pub fn command(&self, e: &WireEvent, local: &BTreeSet<IpAddr>) -> String {
+    pub fn command(&self, e: &ResolvedEvent, local: &BTreeSet<IpAddr>) -> String {
         let ingress = e.direction == direction::name(direction::INGRESS);
         let host_side = if ingress { e.dst } else { e.src };
         let to_host = local.is_empty()
@@ -200,7 +200,7 @@ impl Observer {
         let iptables = event::iptables_line(e, &iface, "");
         let time_ns = (e.timestamp_ns as i128 + wall_offset_ns) as i64;
         let mut w = WireEvent::new(0, time_ns, resolved, e.detail.ttl, iptables);
-        w.check = self.check.command(&w, local);
+        w.check = self.check.command(&w.event, local);
         let w = self.hub.publish(w);
         if let Some(f) = self.file.as_mut() {
             let written = serde_json::to_string(&*w)

@@ -198,7 +198,8 @@ fn endpoint(a: std::net::IpAddr, p: Option<u16>) -> String {
 }
 
 impl Widths {
-    fn line(&mut self, e: &WireEvent, colour: bool) -> String {
+    fn line(&mut self, w: &WireEvent, colour: bool) -> String {
+        let e = &w.event;
         let src = endpoint(e.src, e.sport);
         let dst = endpoint(e.dst, e.dport);
         self.iface = self.iface.max(e.iface.len());
@@ -258,7 +259,8 @@ impl Top {
         }
     }
 
-    fn add(&mut self, e: &WireEvent) {
+    fn add(&mut self, w: &WireEvent) {
+        let e = &w.event;
         if e.verdict == "log" {
             return;
         }
@@ -272,7 +274,7 @@ impl Top {
             _ => format!("({})", e.reason),
         };
         self.window
-            .push_back((e.time_ns, e.src.to_string(), port, policy));
+            .push_back((w.time_ns, e.src.to_string(), port, policy));
     }
 
     fn maybe_draw(&mut self, out: &mut impl std::io::Write, missed: u64) -> anyhow::Result<()> {
