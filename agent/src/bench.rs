@@ -4,7 +4,7 @@
 //!
 //! The comparison with iptables and nftables (`moat bench` without
 //! `--policies`) lives in the submodules: `rules` (the generator and its
-//! renderings), `lab` (namespaces), `engines`, `sys` (raw BPF calls),
+//! renderings), `lab` (namespaces), `engines`,
 //! `suite` (the measurements) and `report`.
 
 pub mod cli;
@@ -13,7 +13,6 @@ pub mod lab;
 pub mod report;
 pub mod rules;
 pub mod suite;
-pub mod sys;
 
 use std::collections::BTreeMap;
 
@@ -22,8 +21,10 @@ use serde::Serialize;
 
 use crate::{
     compile::compile,
-    dataplane::Dataplane,
-    frame::{arp_request, Packet},
+    dataplane::{
+        frame::{arp_request, Packet},
+        Dataplane,
+    },
     policy::PolicySet,
 };
 

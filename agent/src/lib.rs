@@ -1,42 +1,29 @@
 //! moat: a node-level eBPF packet filter enforcing Calico host endpoint
 //! policy. This library holds everything the `moat` binary does, so tests
 //! and tools can drive it directly.
+//!
+//! It is built in layers, each a folder; a layer uses only the layers
+//! listed beside it (checked by the `layers` test in `tests/layers.rs`):
+//!
+//! | layer | owns | may use |
+//! |---|---|---|
+//! | `policy` | resources, validation, selectors, profiles, the reference semantics | nothing |
+//! | `compile` | from a validated policy set to tables and classifiers | `policy` |
+//! | `dataplane` | the loaded object, attach, banks, raw bpf(2), seeding, preflight, saved state, test runs | `policy`, `compile` |
+//! | `events` | event resolution, the hub, outputs, metrics | `policy`, `compile`, `dataplane` |
+//! | `sources` | directory, etcd and Kubernetes sources, reconcile (validate and compile each snapshot) | `policy`, `compile` |
+//! | `bench` | `moat bench` against iptables and nftables | `policy`, `compile`, `dataplane`, `events` |
+//! | `cli` | one module per subcommand, the configuration schema | every layer |
+//!
+//! Only `moat_common` crosses the kernel boundary; it depends on nothing.
 
-pub mod agent;
-pub mod bank;
 pub mod bench;
-mod bpf_sys;
-pub mod calicoctl;
-pub mod check;
-pub mod classify;
+pub mod cli;
 pub mod compile;
-pub mod config;
 pub mod dataplane;
-pub mod dirsource;
-pub mod etcdsource;
-pub mod event;
-pub mod event_outputs;
-pub mod events_hub;
-pub mod frame;
-pub mod k8ssource;
-pub mod kubernetes;
-pub mod metrics;
-pub mod observe;
-pub mod packet_spec;
+pub mod events;
 pub mod policy;
-pub mod preflight;
-pub mod profiles;
-pub mod reconcile;
-pub mod reference;
-pub mod resolve;
-pub mod seed;
-pub mod selector;
-pub mod state;
-pub mod status;
-pub mod tail;
-pub mod trace;
-pub mod trace_live;
-pub mod watched;
+pub mod sources;
 
 /// `-o/--output` of `moat agent`: how each deny event is printed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]

@@ -4,7 +4,7 @@ use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
 use moat::{
-    agent::{self, AgentConfig},
+    cli::agent::{self, AgentConfig},
     compile::compile,
     policy, OutputFormat,
 };
@@ -127,7 +127,7 @@ enum Command {
     /// Show the running agent's state (from its status file).
     Status {
         /// The agent's status file.
-        #[arg(long, value_name = "FILE", default_value = moat::status::DEFAULT_PATH)]
+        #[arg(long, value_name = "FILE", default_value = moat::cli::status::DEFAULT_PATH)]
         status_file: PathBuf,
         #[arg(short, long, value_enum, default_value_t)]
         output: OutputFormat,
@@ -135,7 +135,7 @@ enum Command {
     /// Remove every program, link and map an agent pinned (enforcement
     /// stops on every interface it attached).
     Uninstall {
-        #[arg(long, value_name = "DIR", default_value = moat::agent::DEFAULT_PIN_DIR)]
+        #[arg(long, value_name = "DIR", default_value = moat::cli::agent::DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
     },
     /// Show the agent's recent and live deny events (from its socket),
@@ -181,7 +181,7 @@ enum Command {
         #[arg(long)]
         proto: Option<String>,
         #[arg(short, long, value_enum, default_value_t)]
-        output: moat::tail::TailFormat,
+        output: moat::cli::tail::TailFormat,
         /// Prefix of `-o iptables` lines.
         #[arg(long, default_value = "calico-packet: ")]
         log_prefix: String,
@@ -283,10 +283,10 @@ enum Command {
         #[arg(long)]
         offline: bool,
         /// The running agent's bpffs pin directory.
-        #[arg(long, value_name = "DIR", default_value = moat::agent::DEFAULT_PIN_DIR, conflicts_with = "offline")]
+        #[arg(long, value_name = "DIR", default_value = moat::cli::agent::DEFAULT_PIN_DIR, conflicts_with = "offline")]
         pin_dir: PathBuf,
         /// The agent's saved state, for policy names ("none": unknown).
-        #[arg(long, value_name = "FILE", default_value = moat::state::DEFAULT_PATH, conflicts_with = "offline")]
+        #[arg(long, value_name = "FILE", default_value = moat::dataplane::state::DEFAULT_PATH, conflicts_with = "offline")]
         state_file: PathBuf,
         #[arg(short, long, value_enum, default_value_t)]
         output: OutputFormat,
@@ -331,10 +331,10 @@ enum Command {
 }
 
 /// Where the agent serves events by default.
-const DEFAULT_SOCKET: &str = moat::observe::DEFAULT_SOCKET;
+const DEFAULT_SOCKET: &str = moat::events::observe::DEFAULT_SOCKET;
 
 fn parse_duration(s: &str) -> Result<u64, String> {
-    moat::events_hub::parse_duration(s)
+    moat::events::hub::parse_duration(s)
 }
 
 fn parse_cidr(s: &str) -> Result<ipnet::IpNet, String> {
@@ -436,7 +436,7 @@ fn main() -> ExitCode {
             status_file,
             auto_host_endpoints,
         } => {
-            let flags = moat::config::Config {
+            let flags = moat::cli::config::Config {
                 node,
                 interfaces: (!ifaces.is_empty()).then_some(ifaces),
                 auto_host_endpoints,
@@ -518,13 +518,13 @@ fn main() -> ExitCode {
             interval,
             rows,
         } => (|| {
-            let terminal = moat::tail::stdout_is_terminal();
+            let terminal = moat::cli::tail::stdout_is_terminal();
             let follow = top || follow || (terminal && !no_follow);
             let filter =
-                moat::tail::filter(ifaces, direction, policy, verdict, src, dst, port, proto)?;
-            let cfg = moat::tail::TailConfig {
+                moat::cli::tail::filter(ifaces, direction, policy, verdict, src, dst, port, proto)?;
+            let cfg = moat::cli::tail::TailConfig {
                 socket,
-                request: moat::events_hub::Request {
+                request: moat::events::hub::Request {
                     // --top counts the window's history, then follows.
                     history: lines.or((follow && !top && since.is_none()).then_some(10)),
                     since_seconds: since.or(top.then_some(window)),
@@ -532,7 +532,7 @@ fn main() -> ExitCode {
                     filter,
                 },
                 format: output,
-                top: top.then(|| moat::tail::TopConfig {
+                top: top.then(|| moat::cli::tail::TopConfig {
                     window: std::time::Duration::from_secs(window.max(1)),
                     interval: std::time::Duration::from_secs(interval.max(1)),
                     rows,
@@ -541,7 +541,7 @@ fn main() -> ExitCode {
                 prefix: log_prefix,
                 colour: terminal,
             };
-            let gaps = moat::tail::run(cfg)?;
+            let gaps = moat::cli::tail::run(cfg)?;
             Ok(if gaps {
                 ExitCode::from(2)
             } else {
@@ -578,7 +578,7 @@ fn main() -> ExitCode {
                 ingress
                     .map(|p| (moat_common::direction::INGRESS, p))
                     .or(egress.map(|p| (moat_common::direction::EGRESS, p))),
-                moat::reference::Query {
+                moat::policy::reference::Query {
                     forwarded,
                     established,
                 },
@@ -598,7 +598,7 @@ fn main() -> ExitCode {
             state_file,
             output,
         } => (|| {
-            moat::preflight::check()?;
+            moat::dataplane::preflight::check()?;
             let node = node.unwrap_or_else(agent::default_node_name);
             let loaded = match &policies {
                 Some(dir) => {
@@ -617,14 +617,14 @@ fn main() -> ExitCode {
             };
             let t = match (offline, &loaded) {
                 (true, Some(loaded)) => {
-                    let query = moat::reference::Query {
+                    let query = moat::policy::reference::Query {
                         forwarded,
                         established: false,
                     };
-                    moat::trace::trace(&loaded.set, &node, &iface, dir, &packet, query)?
+                    moat::cli::trace::trace(&loaded.set, &node, &iface, dir, &packet, query)?
                 }
                 (true, None) => anyhow::bail!("--offline needs --policies DIR"),
-                (false, _) => moat::trace::trace_live(&moat::trace::LiveTrace {
+                (false, _) => moat::cli::trace::trace_live(&moat::cli::trace::LiveTrace {
                     pin_dir: &pin_dir,
                     state_file: (state_file.as_os_str() != "none").then_some(state_file.as_path()),
                     iface: &iface,
@@ -699,8 +699,11 @@ fn main() -> ExitCode {
 
 /// `--profile none` means no profile.
 /// Flags over the environment over the config file over the defaults.
-fn agent_config(flags: moat::config::Config, file: Option<PathBuf>) -> anyhow::Result<AgentConfig> {
-    use moat::config;
+fn agent_config(
+    flags: moat::cli::config::Config,
+    file: Option<PathBuf>,
+) -> anyhow::Result<AgentConfig> {
+    use moat::cli::config;
     let vars: Vec<(String, String)> = std::env::vars().collect();
     for unknown in config::unknown_env(vars.clone()) {
         tracing::warn!(
@@ -726,7 +729,7 @@ fn agent_config(flags: moat::config::Config, file: Option<PathBuf>) -> anyhow::R
 /// `moat status`: exit 0 when the agent runs and is in sync, 1 when it
 /// runs but is not (yet), 3 when it is not running.
 fn status(path: &std::path::Path, output: OutputFormat) -> anyhow::Result<ExitCode> {
-    use moat::status::{read, render, Found};
+    use moat::cli::status::{read, render, Found};
     match read(path)? {
         Found::Missing => {
             if output == OutputFormat::Json {
@@ -886,7 +889,7 @@ fn bench(
     runs: u32,
     output: OutputFormat,
 ) -> anyhow::Result<ExitCode> {
-    moat::preflight::check()?;
+    moat::dataplane::preflight::check()?;
     let node = node.unwrap_or_else(agent::default_node_name);
     let loaded = policy::load_dir(dir)?;
     if let Some(e) = loaded.errors.first() {
@@ -918,7 +921,7 @@ fn check_packet(
     ifaces: &[String],
     node: Option<String>,
     packet: Option<(u8, String)>,
-    query: moat::reference::Query,
+    query: moat::policy::reference::Query,
     output: OutputFormat,
 ) -> anyhow::Result<ExitCode> {
     let [iface] = ifaces else {
@@ -932,7 +935,7 @@ fn check_packet(
     for e in &loaded.errors {
         eprintln!("error: {e} (left out of the answer)");
     }
-    let answer = moat::check::answer(&loaded.set, &node, iface, dir, &packet, query)?;
+    let answer = moat::cli::check::answer(&loaded.set, &node, iface, dir, &packet, query)?;
     match output {
         OutputFormat::Json => println!("{}", serde_json::to_string(&answer)?),
         OutputFormat::Text => print!("{}", answer.text()),

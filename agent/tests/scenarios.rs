@@ -6,9 +6,11 @@ use std::path::Path;
 
 use moat::{
     compile::endpoint_for,
-    packet_spec,
-    policy::{load_str, PolicySet},
-    reference::{evaluate, DecidedBy, Query, Stage, Verdict},
+    policy::{
+        load_str, packet_spec,
+        reference::{evaluate, DecidedBy, Query, Stage, Verdict},
+        PolicySet,
+    },
 };
 use moat_common::direction::{EGRESS, INGRESS};
 
@@ -617,7 +619,7 @@ spec:
 
 #[test]
 fn kubernetes_network_policies_on_pods() {
-    use moat::reference::{evaluate_workload, Workload};
+    use moat::policy::reference::{evaluate_workload, Workload};
     let l = load_str(
         Path::new("k8s.yaml"),
         r#"

@@ -1,6 +1,6 @@
 //! A fake Kubernetes API server for the Kubernetes source's tests: plain
 //! HTTP/1.1 (keep-alive, chunked watch streams), serving the resources in
-//! `moat::watched::WATCHED` with the list/watch protocol a client such as
+//! `moat::sources::watched::WATCHED` with the list/watch protocol a client such as
 //! kube-rs' watcher relies on: lists carry `metadata.resourceVersion`;
 //! `?watch=true&resourceVersion=N` streams the changes after N as JSON
 //! lines (`ADDED`, `MODIFIED`, `DELETED`, periodic `BOOKMARK`s when
@@ -22,7 +22,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use moat::watched::{Watched, WATCHED};
+use moat::sources::watched::{Watched, WATCHED};
 use serde_json::{json, Value};
 
 /// How often an idle watch gets a BOOKMARK.

@@ -155,7 +155,7 @@ impl PinDir {
     pub fn new() -> Self {
         static MOUNT: std::sync::Once = std::sync::Once::new();
         MOUNT.call_once(|| {
-            if !moat::agent::on_bpffs(Path::new(TEST_BPFFS)) {
+            if !moat::cli::agent::on_bpffs(Path::new(TEST_BPFFS)) {
                 std::fs::create_dir_all(TEST_BPFFS).expect("creating the test bpffs mount point");
                 run("mount", &["-t", "bpf", "bpf", TEST_BPFFS]);
             }

@@ -11,7 +11,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use moat::{compile::compile, dataplane::Dataplane, frame::Packet, policy};
+use moat::{
+    compile::compile,
+    dataplane::{frame::Packet, Dataplane},
+    policy,
+};
 use moat_common::{counter, direction, reason};
 use moat_tests::{fixtures, PinDir, NODE, TEST_RUN_IFINDEX};
 

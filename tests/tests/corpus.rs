@@ -112,10 +112,11 @@ fn every_corpus_policy_parses_validates_and_compiles() {
                 largest = largest.max(t.rules.len());
             }
             for dir in 0..2u8 {
-                let image = moat::classify::ClassifierImage::build(std::array::from_fn(|k| {
-                    i.table(dir, k)
-                }))
-                .unwrap_or_else(|e| panic!("{} {}: {e}", i.name, dir));
+                let image =
+                    moat::compile::classify::ClassifierImage::build(std::array::from_fn(|k| {
+                        i.table(dir, k)
+                    }))
+                    .unwrap_or_else(|e| panic!("{} {}: {e}", i.name, dir));
                 largest_bits = largest_bits.max(image.bits.len());
             }
         }
@@ -141,8 +142,8 @@ fn every_corpus_policy_parses_validates_and_compiles() {
 #[test]
 fn private_network_isolation_us_south_in_the_kernel() {
     use moat::{
-        frame::Packet,
-        reference::{self, Verdict},
+        dataplane::frame::Packet,
+        policy::reference::{self, Verdict},
     };
     use moat_common::{direction, reason};
     use moat_tests::Kernel;

@@ -1,7 +1,7 @@
 //! The deployment manifests, checked statically (no cluster runs here):
 //! every document parses into its Kubernetes type (k8s-openapi) with no
 //! field left over, the RBAC rules grant read access to exactly what the
-//! Kubernetes source watches (`moat::watched`) and nothing more, and the
+//! Kubernetes source watches (`moat::sources::watched`) and nothing more, and the
 //! DaemonSet runs with the privileges, volumes and probes the agent needs.
 
 use std::{
@@ -106,17 +106,17 @@ fn rbac_grants_exactly_what_the_kubernetes_source_watches() {
         }
     }
     let mut wanted: BTreeMap<(String, String), BTreeSet<String>> = BTreeMap::new();
-    for w in moat::watched::WATCHED {
+    for w in moat::sources::watched::WATCHED {
         wanted
             .entry((w.group.into(), w.resource.into()))
             .or_default()
-            .extend(moat::watched::READ_VERBS.map(String::from));
+            .extend(moat::sources::watched::READ_VERBS.map(String::from));
     }
-    for (g, r) in moat::watched::EVENTS {
+    for (g, r) in moat::sources::watched::EVENTS {
         wanted
             .entry((g.into(), r.into()))
             .or_default()
-            .extend(moat::watched::EVENT_VERBS.map(String::from));
+            .extend(moat::sources::watched::EVENT_VERBS.map(String::from));
     }
     assert_eq!(
         granted, wanted,
@@ -284,7 +284,7 @@ fn the_daemonset_has_what_the_agent_needs_and_no_more() {
         .expect("name")
         .to_str()
         .expect("utf-8");
-    let config: moat::config::Config =
+    let config: moat::cli::config::Config =
         serde_yaml_ng::from_str(&data[file_name]).expect("the agent accepts its ConfigMap");
     assert_eq!(config.audit, Some(true), "the rollout starts in audit mode");
     for path in [&config.state_file, &config.status_file] {
@@ -300,8 +300,8 @@ fn the_daemonset_has_what_the_agent_needs_and_no_more() {
         .expect("name")
         .to_str()
         .expect("utf-8");
-    let parsed = moat::calicoctl::parse(&data[name]).expect("calicoctl.cfg");
-    let moat::calicoctl::Datastore::Etcd(etcd) = parsed.datastore else {
+    let parsed = moat::sources::calicoctl::parse(&data[name]).expect("calicoctl.cfg");
+    let moat::sources::calicoctl::Datastore::Etcd(etcd) = parsed.datastore else {
         panic!("etcdv3 datastore expected")
     };
     let secret = &m.secrets[0];

@@ -10,14 +10,16 @@ use std::{collections::BTreeMap, net::IpAddr, path::PathBuf};
 use ipnet::IpNet;
 use moat::{
     compile::{Compiled, CompiledIface},
-    dataplane::{Capacities, Dataplane, DataplaneError},
-    frame::{Fragmentation, Packet, Transport},
+    dataplane::{
+        frame::{Fragmentation, Packet, Transport},
+        Capacities, Dataplane, DataplaneError,
+    },
     policy::{
+        reference::{self, DecidedBy, Fragment, Frame, Stage, Verdict},
+        selector::Selector,
         Action, EntityMatch, FailsafePort, FailsafeProfile, Failsafes, HostEndpoint, IcmpMatch,
         Origin, Policy, PolicyKind, PolicySet, PortRange, Rule,
     },
-    reference::{self, DecidedBy, Fragment, Frame, Stage, Verdict},
-    selector::Selector,
 };
 use moat_common::{direction, verdict};
 use moat_tests::{Kernel, NODE, TEST_RUN_IFINDEX};
@@ -229,7 +231,10 @@ fn fits(set: &PolicySet) -> bool {
     let compiled = moat::compile::compile(set, NODE, &["eth1".into()]).expect("compiles");
     compiled.ifaces.values().all(|i| {
         (0..2u8).all(|dir| {
-            moat::classify::ClassifierImage::build(std::array::from_fn(|k| i.table(dir, k))).is_ok()
+            moat::compile::classify::ClassifierImage::build(std::array::from_fn(|k| {
+                i.table(dir, k)
+            }))
+            .is_ok()
         })
     })
 }

@@ -220,7 +220,7 @@ impl Drop for Sysctl {
 
 #[test]
 fn iptables_lines_match_the_kernel_log_target_field_for_field() {
-    use moat::frame::Packet;
+    use moat::dataplane::frame::Packet;
     use moat_tests::{mac_of, send_frame, KernelLog};
 
     let (worker, client, peer) = lab();
@@ -317,8 +317,8 @@ fn iptables_lines_match_the_kernel_log_target_field_for_field() {
         send_frame(&from.name, ifname, frame.clone());
         // This packet's line, not one about the namespaces' own background
         // traffic: the kernel prints the source address as moat parses it.
-        let src = match moat::reference::parse(frame) {
-            moat::reference::Frame::Ip(f) => match f.src {
+        let src = match moat::policy::reference::parse(frame) {
+            moat::policy::reference::Frame::Ip(f) => match f.src {
                 std::net::IpAddr::V4(a) => format!("SRC={a} "),
                 std::net::IpAddr::V6(a) => format!(
                     "SRC={} ",

@@ -14,7 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use moat::{bench::sys::RawXdp, frame::Packet};
+use moat::dataplane::{frame::Packet, testrun::RawXdp};
 use moat_tests::{
     in_netns, lab_policy, listen, mac_of, moat_bin, worker_and_client, AgentProcess, Netns, TempDir,
 };

@@ -494,13 +494,13 @@ impl Etcd {
     }
 
     fn put_raw(&self, plural: &str, name: &str, text: String) {
-        let key = format!("{}{plural}/{name}", moat::etcdsource::PREFIX);
+        let key = format!("{}{plural}/{name}", moat::sources::etcd::PREFIX);
         self.try_op(move |mut c| async move { c.put(key, text, None).await.map(drop) })
             .expect("etcd put");
     }
 
     fn delete(&self, plural: &str, name: &str) {
-        let key = format!("{}{plural}/{name}", moat::etcdsource::PREFIX);
+        let key = format!("{}{plural}/{name}", moat::sources::etcd::PREFIX);
         self.try_op(move |mut c| async move { c.delete(key, None).await.map(drop) })
             .expect("etcd delete");
     }
@@ -1048,7 +1048,7 @@ fn kubernetes_api_changes_reach_the_kernel_across_dropped_and_expired_watches() 
     assert_eq!(status["source"]["kind"], "kubernetes", "{status:#}");
     assert_eq!(kube.unauthorized(), 0, "the token is sent");
     // Every watched resource was listed once and is being watched.
-    for w in moat::watched::WATCHED {
+    for w in moat::sources::watched::WATCHED {
         assert_eq!(kube.lists(w.group, w.resource), 1, "{}", w.resource);
     }
 
@@ -1134,7 +1134,7 @@ fn kubernetes_api_changes_reach_the_kernel_across_dropped_and_expired_watches() 
         crd(&allow("allow-metrics", 9090)),
     );
     wait_for(&client, 9090, true).expect("9090 allowed after the reconnect");
-    for w in moat::watched::WATCHED {
+    for w in moat::sources::watched::WATCHED {
         assert_eq!(
             kube.lists(w.group, w.resource),
             1,
@@ -1164,7 +1164,7 @@ fn kubernetes_api_changes_reach_the_kernel_across_dropped_and_expired_watches() 
         Duration::from_secs(1)
     ));
     eventually("every resource re-listed", || {
-        moat::watched::WATCHED
+        moat::sources::watched::WATCHED
             .iter()
             .all(|w| kube.lists(w.group, w.resource) == 2)
     });

@@ -546,8 +546,8 @@ fn another_build_on_the_node_is_said_loudly() {
     // Another program behind the node's XDP link (here: one that passes
     // everything): trace runs this binary's program on the node's maps,
     // says the node runs something else, and exits 3.
-    let other =
-        moat::bench::sys::RawXdp::load(moat::bench::sys::Baseline::Pass).expect("baseline program");
+    let other = moat::dataplane::testrun::RawXdp::load(moat::dataplane::testrun::Baseline::Pass)
+        .expect("baseline program");
     replace_program_behind(&lab.pins.0.join("links/eth1_xdp"), other.fd());
     let (v, code, _) =
         lab.trace_with_policies(&["--ingress", "tcp 198.18.1.2:40001 -> 198.18.1.1:23"]);

@@ -3,9 +3,9 @@
 //! semantics must agree with the kernel on each.
 
 use moat::{
-    event,
-    frame::{arp_request, ip, Fragmentation, Packet, Transport},
-    reference::{self, DecidedBy, Verdict},
+    dataplane::frame::{arp_request, ip, Fragmentation, Packet, Transport},
+    events::event,
+    policy::reference::{self, DecidedBy, Verdict},
 };
 use moat_common::{direction, reason, verdict, DenyEvent, NO_POLICY_ID};
 use moat_tests::{load_fixture, Kernel, TEST_RUN_IFINDEX};
@@ -884,7 +884,7 @@ fn the_largest_supported_policy_is_enforced_exactly() {
     let base = load_fixture("public");
     let fixture_bits = {
         let c = moat::compile::compile(&base, moat_tests::NODE, &["eth1".into()]).unwrap();
-        moat::classify::ClassifierImage::build(std::array::from_fn(|k| {
+        moat::compile::classify::ClassifierImage::build(std::array::from_fn(|k| {
             c.ifaces["eth1"].table(direction::INGRESS, k)
         }))
         .unwrap()

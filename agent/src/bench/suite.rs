@@ -15,9 +15,16 @@ use super::{
     engines::{self, Engine},
     lab::{self, Lab},
     rules::{Action, Proto, Rule, RuleSet, Shape, HOST_ADDR, IFACE, NODE, STRANGER},
-    sys::{Baseline, InNetns, RawXdp, Took, XDP_PASS},
 };
-use crate::{compile::compile, dataplane::Dataplane, frame::Packet, policy};
+use crate::{
+    compile::compile,
+    dataplane::{
+        frame::Packet,
+        testrun::{Baseline, InNetns, RawXdp, Took, XDP_PASS},
+        Dataplane,
+    },
+    policy,
+};
 
 const XDP_DROP: u32 = 1;
 
@@ -242,7 +249,7 @@ fn frame64(p: &Packet) -> Vec<u8> {
             pseudo.extend_from_slice(&[0, f[23]]);
             pseudo.extend_from_slice(&len.to_be_bytes());
             pseudo.extend_from_slice(&f[l4..14 + total]);
-            let sum = crate::frame::checksum(&pseudo);
+            let sum = crate::dataplane::frame::checksum(&pseudo);
             let sum = if sum == 0 && f[23] == 17 { 0xffff } else { sum };
             f[at..at + 2].copy_from_slice(&sum.to_be_bytes());
         }
@@ -943,7 +950,7 @@ fn run_all(opts: &Options) -> anyhow::Result<Report> {
     }
     anyhow::ensure!(!opts.rules.is_empty(), "--rules names no rule count");
     lab::install_interrupt_cleanup()?;
-    crate::preflight::check()?;
+    crate::dataplane::preflight::check()?;
     let mut report = Report {
         machine: machine(),
         options: opts.clone(),

@@ -41,7 +41,7 @@ use tokio::{
 };
 use tracing::{debug, info, warn};
 
-use crate::event::ResolvedEvent;
+use crate::events::event::ResolvedEvent;
 
 /// One event as subscribers, the events file and `moat tail -o json` see
 /// it. The field names are stable (README, "Event fields").
@@ -579,7 +579,7 @@ mod tests {
             e.event.packet_spec(),
             ev("203.0.113.7", 22, None).event.packet_spec(),
         ] {
-            crate::packet_spec::parse(&spec).unwrap_or_else(|err| panic!("{spec}: {err}"));
+            crate::policy::packet_spec::parse(&spec).unwrap_or_else(|err| panic!("{spec}: {err}"));
         }
         let mut icmp = ev("203.0.113.7", 0, None);
         icmp.event.protocol = "icmp".into();
@@ -593,7 +593,7 @@ mod tests {
             icmp.event.packet_spec(),
             "icmp 203.0.113.7 -> 198.51.100.10 type 3 code 1"
         );
-        crate::packet_spec::parse(&icmp.event.packet_spec()).expect("icmp");
+        crate::policy::packet_spec::parse(&icmp.event.packet_spec()).expect("icmp");
     }
 
     #[test]

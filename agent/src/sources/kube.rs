@@ -36,8 +36,10 @@ use tracing::{info, warn};
 
 use crate::{
     policy,
-    reconcile::Snapshot,
-    watched::{Watched, WATCHED},
+    sources::{
+        reconcile::Snapshot,
+        watched::{Watched, WATCHED},
+    },
 };
 
 /// Quiet time after a change before a snapshot is sent.

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use serde_yaml_ng::Value;
 
-use crate::{agent::PolicySource, dataplane::XdpAttachMode, EventFormat};
+use crate::{cli::agent::PolicySource, dataplane::XdpAttachMode, EventFormat};
 
 /// The config file read when `--config` is not given, if it exists.
 pub const DEFAULT_FILE: &str = "/etc/moat/config.yaml";
@@ -311,7 +311,7 @@ fn optional_path(p: PathBuf) -> Option<PathBuf> {
 pub fn resolve(
     merged: Config,
     node_env: Option<String>,
-) -> anyhow::Result<crate::agent::AgentConfig> {
+) -> anyhow::Result<crate::cli::agent::AgentConfig> {
     let observe = observe_config(&merged)?;
     let given: Vec<&str> = [
         ("policies", merged.policies.is_some()),
@@ -333,10 +333,10 @@ pub fn resolve(
             kubeconfig: (kubeconfig.as_os_str() != "auto").then_some(kubeconfig),
         },
         (Some(cfg), _, None) => {
-            let parsed = crate::calicoctl::from_file(&cfg)?;
+            let parsed = crate::sources::calicoctl::from_file(&cfg)?;
             match parsed.datastore {
-                crate::calicoctl::Datastore::Etcd(etcd) => PolicySource::Etcd(etcd),
-                crate::calicoctl::Datastore::Kubernetes { kubeconfig } => {
+                crate::sources::calicoctl::Datastore::Etcd(etcd) => PolicySource::Etcd(etcd),
+                crate::sources::calicoctl::Datastore::Kubernetes { kubeconfig } => {
                     PolicySource::Kubernetes { kubeconfig }
                 }
             }
@@ -346,8 +346,11 @@ pub fn resolve(
         }
     };
     let profile = merged.profile.unwrap_or_else(|| "iks-2019".into());
-    if profile != "none" && crate::profiles::find(&profile).is_none() {
-        let known: Vec<&str> = crate::profiles::PROFILES.iter().map(|p| p.name).collect();
+    if profile != "none" && crate::policy::profiles::find(&profile).is_none() {
+        let known: Vec<&str> = crate::policy::profiles::PROFILES
+            .iter()
+            .map(|p| p.name)
+            .collect();
         anyhow::bail!(
             "profile: no bundled profile {profile:?} (known: {}, or none)",
             known.join(", ")
@@ -368,8 +371,8 @@ pub fn resolve(
     let node = merged
         .node
         .or(node_env.filter(|n| !n.is_empty()))
-        .unwrap_or_else(crate::agent::default_node_name);
-    Ok(crate::agent::AgentConfig {
+        .unwrap_or_else(crate::cli::agent::default_node_name);
+    Ok(crate::cli::agent::AgentConfig {
         source,
         profile: (profile != "none").then_some(profile),
         ifaces: merged.interfaces.unwrap_or_default(),
@@ -383,19 +386,19 @@ pub fn resolve(
         state_file: optional_path(
             merged
                 .state_file
-                .unwrap_or_else(|| crate::state::DEFAULT_PATH.into()),
+                .unwrap_or_else(|| crate::dataplane::state::DEFAULT_PATH.into()),
         ),
         status_file: optional_path(
             merged
                 .status_file
-                .unwrap_or_else(|| crate::status::DEFAULT_PATH.into()),
+                .unwrap_or_else(|| crate::cli::status::DEFAULT_PATH.into()),
         ),
         audit_ifaces: merged.audit_interfaces.unwrap_or_default(),
         replace_xdp: merged.replace_xdp.unwrap_or(false),
         pin_dir: optional_path(
             merged
                 .pin_dir
-                .unwrap_or_else(|| crate::agent::DEFAULT_PIN_DIR.into()),
+                .unwrap_or_else(|| crate::cli::agent::DEFAULT_PIN_DIR.into()),
         ),
         detach_on_exit: merged.detach_on_exit.unwrap_or(false),
         capacities: crate::dataplane::Capacities {
@@ -408,13 +411,13 @@ pub fn resolve(
 }
 
 /// The socket, event outputs and metrics endpoint the layers ask for.
-fn observe_config(merged: &Config) -> anyhow::Result<crate::observe::ObserveConfig> {
+fn observe_config(merged: &Config) -> anyhow::Result<crate::events::observe::ObserveConfig> {
     use anyhow::Context as _;
     let key = |k: &'static str| move |e: String| anyhow::anyhow!("{k}: {e}");
     let socket = merged
         .socket
         .clone()
-        .unwrap_or_else(|| crate::observe::DEFAULT_SOCKET.into());
+        .unwrap_or_else(|| crate::events::observe::DEFAULT_SOCKET.into());
     let mode =
         parse_mode(merged.socket_mode.as_deref().unwrap_or("0600")).map_err(key("socketMode"))?;
     let subscriber_queue = merged.subscriber_queue.unwrap_or(4096);
@@ -423,13 +426,13 @@ fn observe_config(merged: &Config) -> anyhow::Result<crate::observe::ObserveConf
     }
     let events_file = match &merged.events_file {
         None => None,
-        Some(path) => Some(crate::event_outputs::FileConfig {
+        Some(path) => Some(crate::events::outputs::FileConfig {
             path: path.clone(),
             max_bytes: parse_size(merged.events_file_max_bytes.as_deref().unwrap_or("100M"))
                 .map_err(key("eventsFileMaxBytes"))?,
             keep: merged.events_file_keep.unwrap_or(5),
             max_age: std::time::Duration::from_secs(
-                crate::events_hub::parse_duration(
+                crate::events::hub::parse_duration(
                     merged.events_file_max_age.as_deref().unwrap_or("7d"),
                 )
                 .map_err(key("eventsFileMaxAge"))?,
@@ -446,8 +449,8 @@ fn observe_config(merged: &Config) -> anyhow::Result<crate::observe::ObserveConf
             format!("metricsAddr: {a:?}: expected ADDRESS:PORT such as 127.0.0.1:9464, or none")
         })?),
     };
-    Ok(crate::observe::ObserveConfig {
-        socket: optional_path(socket).map(|path| crate::events_hub::SocketConfig {
+    Ok(crate::events::observe::ObserveConfig {
+        socket: optional_path(socket).map(|path| crate::events::hub::SocketConfig {
             path,
             mode,
             group: merged.socket_group.clone(),
@@ -605,7 +608,7 @@ mod tests {
         assert_eq!(cfg.xdp_mode, XdpAttachMode::Skb);
         assert_eq!(
             cfg.state_file.as_deref(),
-            Some(Path::new(crate::state::DEFAULT_PATH))
+            Some(Path::new(crate::dataplane::state::DEFAULT_PATH))
         );
         let cfg = resolve(from_env.over(from_file.clone()), None).expect("valid");
         assert_eq!(cfg.node, "env");
@@ -659,7 +662,12 @@ mod tests {
                 cfg.history,
                 cfg.subscriber_queue
             ),
-            (Some(crate::observe::DEFAULT_SOCKET), 0o600, 10_000, 4096)
+            (
+                Some(crate::events::observe::DEFAULT_SOCKET),
+                0o600,
+                10_000,
+                4096
+            )
         );
         assert_eq!(cfg.metrics_addr, Some("127.0.0.1:9464".parse().unwrap()));
         assert!(cfg.events_file.is_none() && cfg.syslog.is_none());
@@ -739,7 +747,7 @@ mod tests {
             )
             .expect("valid");
             match &cfg.source {
-                crate::agent::PolicySource::Kubernetes { kubeconfig } => {
+                crate::cli::agent::PolicySource::Kubernetes { kubeconfig } => {
                     assert_eq!(kubeconfig.as_deref(), want, "{given}")
                 }
                 other => panic!("kubeconfig {given}: source {other:?}"),
@@ -793,7 +801,7 @@ mod dataplane_keys {
         let defaults = resolve(Config::default(), Some("w1".into())).expect("resolves");
         assert_eq!(
             defaults.pin_dir.as_deref(),
-            Some(std::path::Path::new(crate::agent::DEFAULT_PIN_DIR))
+            Some(std::path::Path::new(crate::cli::agent::DEFAULT_PIN_DIR))
         );
         let e = resolve(
             Config {

@@ -17,7 +17,7 @@ use notify::{
 use tokio::sync::mpsc;
 use tracing::{debug, error, info, warn};
 
-use crate::{policy, reconcile::Snapshot};
+use crate::{policy, sources::reconcile::Snapshot};
 
 /// Quiet time after the last change before the directory is read.
 pub const DEBOUNCE: Duration = Duration::from_millis(150);

@@ -9,9 +9,9 @@ use tracing::{error, info, warn};
 
 use crate::{
     compile::{compile, Compiled, CompiledIface},
-    dataplane::{Dataplane, XdpAttachMode},
-    event::{self, ResolvedEvent},
-    policy, preflight, EventFormat,
+    dataplane::{preflight, Dataplane, XdpAttachMode},
+    events::event::{self, ResolvedEvent},
+    policy, EventFormat,
 };
 
 /// What `moat agent` was asked to do.
@@ -40,7 +40,7 @@ pub struct AgentConfig {
     /// Map capacities.
     pub capacities: crate::dataplane::Capacities,
     /// History, socket, events file, syslog, metrics.
-    pub observe: crate::observe::ObserveConfig,
+    pub observe: crate::events::observe::ObserveConfig,
     /// HostEndpoints for eth0 (`ibm.role: worker_private`) and eth1
     /// (`worker_public`) when the source names none for them.
     pub auto_host_endpoints: bool,
@@ -136,8 +136,11 @@ pub fn load_policies(
 ) -> anyhow::Result<policy::Loaded> {
     let mut loaded = policy::load_dir(dir)?;
     if let Some(name) = profile {
-        let p = crate::profiles::find(name).ok_or_else(|| {
-            let known: Vec<&str> = crate::profiles::PROFILES.iter().map(|p| p.name).collect();
+        let p = crate::policy::profiles::find(name).ok_or_else(|| {
+            let known: Vec<&str> = crate::policy::profiles::PROFILES
+                .iter()
+                .map(|p| p.name)
+                .collect();
             anyhow::anyhow!(
                 "no bundled profile {name:?} (known: {}, or none)",
                 known.join(", ")
@@ -150,7 +153,7 @@ pub fn load_policies(
                 p.name,
                 p.applies_to
             );
-            crate::profiles::add_to(&mut loaded.set, p);
+            crate::policy::profiles::add_to(&mut loaded.set, p);
         }
     }
     Ok(loaded)
@@ -238,7 +241,7 @@ pub enum PolicySource {
     /// A directory of policy files, watched.
     Directory(PathBuf),
     /// Calico's etcd v3 datastore, watched.
-    Etcd(crate::calicoctl::EtcdConfig),
+    Etcd(crate::sources::calicoctl::EtcdConfig),
     /// The Kubernetes API (Calico's CRDs and the objects selectors
     /// resolve against), watched; the kubeconfig when not inferred.
     Kubernetes { kubeconfig: Option<PathBuf> },
@@ -258,7 +261,7 @@ impl PolicySource {
             PolicySource::Directory(d) => d.display().to_string(),
             PolicySource::Etcd(e) => e.endpoints.join(","),
             PolicySource::Kubernetes { kubeconfig } => {
-                crate::k8ssource::describe(kubeconfig.as_deref())
+                crate::sources::kube::describe(kubeconfig.as_deref())
             }
         }
     }
@@ -267,17 +270,17 @@ impl PolicySource {
 /// Starts `source`; it stops when the receiving side of `tx` is dropped.
 fn start_source(
     source: &PolicySource,
-    tx: tokio::sync::mpsc::Sender<crate::reconcile::Snapshot>,
+    tx: tokio::sync::mpsc::Sender<crate::sources::reconcile::Snapshot>,
     kube: Option<kube::Config>,
     node: &str,
 ) -> anyhow::Result<()> {
     match source {
-        PolicySource::Directory(dir) => crate::dirsource::watch(dir.clone(), tx),
+        PolicySource::Directory(dir) => crate::sources::directory::watch(dir.clone(), tx),
         PolicySource::Etcd(cfg) => {
-            crate::etcdsource::spawn(cfg.clone(), tx);
+            crate::sources::etcd::spawn(cfg.clone(), tx);
             Ok(())
         }
-        PolicySource::Kubernetes { .. } => crate::k8ssource::spawn(
+        PolicySource::Kubernetes { .. } => crate::sources::kube::spawn(
             kube.context("the Kubernetes client configuration was not loaded")?,
             node,
             tx,
@@ -380,7 +383,7 @@ fn settle_pins(dataplane: &Dataplane, wanted: &[String]) -> anyhow::Result<()> {
 
 /// Everything `moat status` shows, from the agent's current state.
 struct Published {
-    status: crate::status::Status,
+    status: crate::cli::status::Status,
     labels: BTreeMap<String, BTreeMap<String, String>>,
 }
 
@@ -390,15 +393,15 @@ impl Published {
         dataplane: &Dataplane,
         ifaces: &Ifaces,
         compiled: &Compiled,
-        stats: &crate::reconcile::Stats,
+        stats: &crate::sources::reconcile::Stats,
         mode: XdpAttachMode,
         local: usize,
     ) {
         use moat_common::{counter, direction};
 
-        use crate::{reconcile::Stats as S, status::*};
+        use crate::{cli::status::*, sources::reconcile::Stats as S};
         let s = &mut self.status;
-        s.updated_at = crate::state::now();
+        s.updated_at = crate::dataplane::state::now();
         s.source.reconciles = S::get(&stats.reconciles);
         s.source.failed_reconciles = S::get(&stats.failed);
         s.source.rejected_objects_total = S::get(&stats.rejected_objects);
@@ -480,7 +483,7 @@ impl Published {
 
     fn write(&self, path: Option<&std::path::Path>) {
         if let Some(path) = path {
-            if let Err(e) = crate::status::write(path, &self.status) {
+            if let Err(e) = crate::cli::status::write(path, &self.status) {
                 warn!("writing the status file: {e:#}");
             }
         }
@@ -490,7 +493,7 @@ impl Published {
 pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let mut wanted = cfg.ifaces.clone();
     if cfg.auto_host_endpoints {
-        for (iface, _) in crate::reconcile::AUTO_HOST_ENDPOINTS {
+        for (iface, _) in crate::sources::reconcile::AUTO_HOST_ENDPOINTS {
             if !wanted.iter().any(|w| w == iface) {
                 wanted.push(iface.to_string());
             }
@@ -501,8 +504,11 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     }
     let profile = match cfg.profile.as_deref() {
         None => None,
-        Some(name) => Some(crate::profiles::find(name).ok_or_else(|| {
-            let known: Vec<&str> = crate::profiles::PROFILES.iter().map(|p| p.name).collect();
+        Some(name) => Some(crate::policy::profiles::find(name).ok_or_else(|| {
+            let known: Vec<&str> = crate::policy::profiles::PROFILES
+                .iter()
+                .map(|p| p.name)
+                .collect();
             anyhow::anyhow!(
                 "no bundled profile {name:?} (known: {}, or none)",
                 known.join(", ")
@@ -520,15 +526,15 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     // attached (what is pinned keeps enforcing).
     let kube = match &cfg.source {
         PolicySource::Kubernetes { kubeconfig } => Some(
-            crate::k8ssource::load_config(kubeconfig.as_deref())
+            crate::sources::kube::load_config(kubeconfig.as_deref())
                 .await
                 .context("the Kubernetes API source")?,
         ),
         _ => None,
     };
 
-    let stats = std::sync::Arc::new(crate::reconcile::Stats::default());
-    let check = crate::observe::CheckContext {
+    let stats = std::sync::Arc::new(crate::sources::reconcile::Stats::default());
+    let check = crate::events::observe::CheckContext {
         policies: match &cfg.source {
             PolicySource::Directory(dir) => {
                 Some(std::fs::canonicalize(dir).unwrap_or_else(|_| dir.clone()))
@@ -538,7 +544,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         profile: cfg.profile.clone(),
         node: cfg.node.clone(),
     };
-    let mut observer = crate::observe::Observer::start(&cfg.observe, check).await?;
+    let mut observer = crate::events::observe::Observer::start(&cfg.observe, check).await?;
     observer.health.beat();
     let _lock = match &cfg.pin_dir {
         Some(dir) => {
@@ -596,7 +602,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     // own API watch, flows kube-proxy forwards) are adopted as
     // established, so attaching cuts none.
     let mut seeds = Vec::new();
-    let sockets = match crate::seed::host_sockets() {
+    let sockets = match crate::dataplane::seed::host_sockets() {
         Ok(flows) => {
             let n = flows.len();
             seeds.extend(flows);
@@ -607,7 +613,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             "none from this host's TCP sockets (unreadable)".to_string()
         }
     };
-    let conntrack = match crate::seed::kernel_conntrack() {
+    let conntrack = match crate::dataplane::seed::kernel_conntrack() {
         Ok(Some(flows)) => {
             let n = flows.len();
             seeds.extend(flows);
@@ -615,7 +621,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         }
         Ok(None) => format!(
             "none from Linux connection tracking ({} absent)",
-            crate::seed::NF_CONNTRACK
+            crate::dataplane::seed::NF_CONNTRACK
         ),
         Err(e) => {
             warn!("cannot read Linux connection tracking ({e:#}): UDP flows and forwarded connections open now are judged by policy from their next packet");
@@ -629,9 +635,9 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let mut ifaces = Ifaces::new(wanted.clone());
     ifaces.refresh();
 
-    let now = crate::state::now();
+    let now = crate::dataplane::state::now();
     let mut published = Published {
-        status: crate::status::Status {
+        status: crate::cli::status::Status {
             pid: std::process::id(),
             version: env!("CARGO_PKG_VERSION").into(),
             node: cfg.node.clone(),
@@ -639,7 +645,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             audit: cfg.audit,
             started_at: now,
             updated_at: now,
-            source: crate::status::SourceStatus {
+            source: crate::cli::status::SourceStatus {
                 kind: cfg.source.kind().into(),
                 location: cfg.source.location(),
                 ..Default::default()
@@ -660,7 +666,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let mut last_apply = std::time::Duration::ZERO;
     let mut pins_settled = false;
     if let Some(path) = &cfg.state_file {
-        match crate::state::load(path, &cfg.node) {
+        match crate::dataplane::state::load(path, &cfg.node) {
             Ok(saved) => {
                 compiled = saved
                     .compiled()
@@ -681,13 +687,13 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                 published.labels = saved.labels.clone();
                 published.status.state = "enforcing saved state".into();
                 published.status.generation = generation;
-                published.status.applied_at = Some(crate::state::now());
+                published.status.applied_at = Some(crate::dataplane::state::now());
                 published.status.applied_from = format!("saved state ({})", saved.origin);
                 published.status.saved_state = Some(format!(
                     "{}: generation {}, saved {}",
                     path.display(),
                     saved.generation,
-                    crate::event::rfc3339(i128::from(saved.saved_at) * 1_000_000_000)
+                    crate::events::event::rfc3339(i128::from(saved.saved_at) * 1_000_000_000)
                 ));
                 info!(
                     "enforcing the saved state {} (generation {}, {} interfaces) until the first complete sync",
@@ -696,11 +702,11 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                     compiled.ifaces.len()
                 );
             }
-            Err(crate::state::Unusable::Missing) => info!(
+            Err(crate::dataplane::state::Unusable::Missing) => info!(
                 "no saved state at {}: enforcing from the first complete sync",
                 path.display()
             ),
-            Err(crate::state::Unusable::Invalid(why)) => warn!(
+            Err(crate::dataplane::state::Unusable::Invalid(why)) => warn!(
                 "saved state {} not used: {why}; enforcing from the first complete sync",
                 path.display()
             ),
@@ -717,7 +723,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     published.write(status_file);
 
     let (snapshots_tx, snapshots_rx) = tokio::sync::mpsc::channel(4);
-    let mut reconciler = crate::reconcile::Reconciler::new(
+    let mut reconciler = crate::sources::reconcile::Reconciler::new(
         cfg.node.clone(),
         cfg.ifaces.clone(),
         profile,
@@ -725,10 +731,10 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         stats.clone(),
     );
     if let Some(k) = &kube {
-        reconciler.control_plane = crate::k8ssource::control_plane(k);
+        reconciler.control_plane = crate::sources::kube::control_plane(k);
     }
     if let PolicySource::Etcd(etcd) = &cfg.source {
-        reconciler.control_plane = crate::reconcile::resolve_endpoints(&etcd.endpoints);
+        reconciler.control_plane = crate::sources::reconcile::resolve_endpoints(&etcd.endpoints);
     }
     if !reconciler.control_plane.is_empty() {
         info!(
@@ -746,21 +752,21 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let resolver = match (&cfg.source, &kube) {
         (PolicySource::Etcd(etcd), _) => {
             let endpoints = etcd.endpoints.clone();
-            Some(crate::reconcile::ControlPlaneResolver {
-                resolve: Box::new(move || crate::reconcile::resolve_endpoints(&endpoints)),
-                every: crate::reconcile::RERESOLVE,
+            Some(crate::sources::reconcile::ControlPlaneResolver {
+                resolve: Box::new(move || crate::sources::reconcile::resolve_endpoints(&endpoints)),
+                every: crate::sources::reconcile::RERESOLVE,
             })
         }
         (_, Some(k)) => {
             let k = k.clone();
-            Some(crate::reconcile::ControlPlaneResolver {
-                resolve: Box::new(move || crate::k8ssource::control_plane(&k)),
-                every: crate::reconcile::RERESOLVE,
+            Some(crate::sources::reconcile::ControlPlaneResolver {
+                resolve: Box::new(move || crate::sources::kube::control_plane(&k)),
+                every: crate::sources::reconcile::RERESOLVE,
             })
         }
         _ => None,
     };
-    let mut outcomes = crate::reconcile::spawn(reconciler, snapshots_rx, resolver);
+    let mut outcomes = crate::sources::reconcile::spawn(reconciler, snapshots_rx, resolver);
     start_source(&cfg.source, snapshots_tx, kube, &cfg.node)?;
 
     let ring = dataplane
@@ -775,8 +781,9 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     // Addresses move (VRRP virtual IPs, DHCP) and interfaces come and go:
     // resynchronise every second.
     let mut resync = tokio::time::interval(std::time::Duration::from_secs(1));
-    let mut publish =
-        tokio::time::interval(std::time::Duration::from_secs(crate::status::INTERVAL_SECS));
+    let mut publish = tokio::time::interval(std::time::Duration::from_secs(
+        crate::cli::status::INTERVAL_SECS,
+    ));
     let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())?;
     let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
     let mut synced = false;
@@ -785,7 +792,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             _ = sigint.recv() => { info!("SIGINT: detaching"); break; }
             _ = sigterm.recv() => { info!("SIGTERM: detaching"); break; }
             Some(reply) = observer.snapshots.recv() => {
-                let s = crate::metrics::Snapshot {
+                let s = crate::events::metrics::Snapshot {
                     counters: dataplane.counters()?,
                     fill: dataplane.fill()?,
                     local_addresses: local.len() as u64,
@@ -838,7 +845,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                         compiled.pod_policies.len()
                     );
                 }
-                let now = crate::state::now();
+                let now = crate::dataplane::state::now();
                 published.labels = outcome.labels.clone();
                 let s = &mut published.status;
                 s.generation = generation;
@@ -849,13 +856,13 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                 s.source.last_sync_at = Some(now);
                 s.source.last_error = None;
                 if let Some(path) = &cfg.state_file {
-                    let saved = crate::state::SavedState::new(&compiled, outcome.labels, &cfg.node, generation, &outcome.origin);
-                    match crate::state::save(path, &saved) {
+                    let saved = crate::dataplane::state::SavedState::new(&compiled, outcome.labels, &cfg.node, generation, &outcome.origin);
+                    match crate::dataplane::state::save(path, &saved) {
                         Ok(()) => {
                             s.saved_state = Some(format!(
                                 "{}: generation {generation}, saved {}",
                                 path.display(),
-                                crate::event::rfc3339(i128::from(now) * 1_000_000_000)
+                                crate::events::event::rfc3339(i128::from(now) * 1_000_000_000)
                             ))
                         }
                         Err(e) => warn!("saving the policy in force to {}: {e:#}", path.display()),
@@ -914,7 +921,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                         .unwrap_or_else(|| format!("if{i}"))
                 };
                 while let Some(item) = ring.next() {
-                    match event::decode(&item) {
+                    match crate::dataplane::decode_event(&item) {
                         Some(e) => {
                             let w = observer.event(&e, &iface_name, &compiled, offset, &local);
                             match cfg.output {
@@ -987,7 +994,10 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
 
 /// The kernel's per-rule counters by policy name, rule and direction
 /// (summed over interfaces); failsafe rules under `failsafe`.
-fn rule_counters(dataplane: &Dataplane, compiled: &Compiled) -> Vec<crate::metrics::RuleCounter> {
+fn rule_counters(
+    dataplane: &Dataplane,
+    compiled: &Compiled,
+) -> Vec<crate::events::metrics::RuleCounter> {
     let counters = match dataplane.rule_counters() {
         Ok(c) => c,
         Err(e) => {
@@ -1012,7 +1022,7 @@ fn rule_counters(dataplane: &Dataplane, compiled: &Compiled) -> Vec<crate::metri
     }
     sums.into_iter()
         .map(
-            |((policy, rule, direction), (packets, bytes))| crate::metrics::RuleCounter {
+            |((policy, rule, direction), (packets, bytes))| crate::events::metrics::RuleCounter {
                 policy,
                 rule,
                 direction,

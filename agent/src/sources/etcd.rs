@@ -16,7 +16,10 @@ use etcd_client::{
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-use crate::{calicoctl::EtcdConfig, policy, reconcile::Snapshot};
+use crate::{
+    policy,
+    sources::{calicoctl::EtcdConfig, reconcile::Snapshot},
+};
 
 /// Calico's v3 resources.
 pub const PREFIX: &str = "/calico/resources/v3/projectcalico.org/";

@@ -1,6 +1,14 @@
 //! The loaded eBPF object: programs, maps, attachments, and the atomic
 //! switch between rule banks.
 
+pub mod bank;
+pub mod bpf_sys;
+pub mod frame;
+pub mod preflight;
+pub mod seed;
+pub mod state;
+pub mod testrun;
+
 use std::{
     collections::BTreeMap,
     os::fd::AsFd as _,
@@ -25,12 +33,25 @@ use moat_common::{
 };
 
 use crate::{
-    bank::{
+    compile::{
+        classify::{encode, ClassifierImage, ClassifyError},
+        CompiledIface,
+    },
+    dataplane::bank::{
         lpm_key, lpm_key_id, AddrKey, BankContent, BankMaps, BankRecord, PortKey, Writer, Written,
     },
-    classify::{encode, ClassifierImage, ClassifyError},
-    compile::CompiledIface,
 };
+
+/// Reads a `DenyEvent` out of a ring buffer record.
+pub fn decode_event(bytes: &[u8]) -> Option<DenyEvent> {
+    if bytes.len() < std::mem::size_of::<DenyEvent>() {
+        return None;
+    }
+    // SAFETY: the record holds at least size_of::<DenyEvent>() bytes, the
+    // type is plain old data (any bit pattern valid) and read_unaligned
+    // does not need the ring buffer's alignment.
+    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<DenyEvent>()) })
+}
 
 /// The eBPF object built by `build.rs` from the `ebpf` crate.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/moat-ebpf"));
@@ -1111,7 +1132,10 @@ impl Dataplane {
     /// allowed them: connections open before moat attached keep flowing.
     /// Returns how many distinct connections (orientation pairs) were
     /// written.
-    pub fn seed_flows(&mut self, flows: &[crate::seed::Flow]) -> Result<usize, DataplaneError> {
+    pub fn seed_flows(
+        &mut self,
+        flows: &[crate::dataplane::seed::Flow],
+    ) -> Result<usize, DataplaneError> {
         let bytes = |a: &std::net::IpAddr| match a {
             std::net::IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
             std::net::IpAddr::V6(v6) => v6.octets(),
@@ -1184,7 +1208,7 @@ impl Dataplane {
         let mut out = Vec::new();
         if let Some(ring) = self.events.as_mut() {
             while let Some(item) = ring.next() {
-                if let Some(event) = crate::event::decode(&item) {
+                if let Some(event) = decode_event(&item) {
                     out.push(event);
                 }
             }
@@ -1224,8 +1248,14 @@ impl Dataplane {
         frame: &[u8],
         ifindex: u32,
         repeat: u32,
-    ) -> Result<crate::bench::sys::Took, DataplaneError> {
-        crate::bench::sys::live_run(self.xdp()?, program_names::INGRESS, frame, ifindex, repeat)
+    ) -> Result<crate::dataplane::testrun::Took, DataplaneError> {
+        crate::dataplane::testrun::live_run(
+            self.xdp()?,
+            program_names::INGRESS,
+            frame,
+            ifindex,
+            repeat,
+        )
     }
 }
 

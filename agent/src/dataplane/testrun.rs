@@ -10,9 +10,9 @@ use std::{
 
 use aya::programs::{TestRun, TestRunAttrs, TestRunOptions};
 
-use crate::{
+use crate::dataplane::{
     bpf_sys::{bpf, BPF_MAP_CREATE, BPF_PROG_GET_FD_BY_ID, BPF_PROG_LOAD, BPF_PROG_TEST_RUN},
-    dataplane::DataplaneError,
+    DataplaneError,
 };
 
 const BPF_PROG_TYPE_XDP: u32 = 6;
@@ -446,7 +446,7 @@ impl Drop for InNetns {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::frame::Packet;
+    use crate::dataplane::frame::Packet;
 
     #[test]
     fn baselines_load_and_pass() {

@@ -6,6 +6,8 @@
 //! `ports` list several values becomes one entry per combination, all with
 //! the same policy and rule index; entries of one rule are contiguous.
 
+pub mod classify;
+
 use std::collections::BTreeMap;
 
 use ipnet::IpNet;
@@ -401,7 +403,7 @@ pub fn expand(
     out: &mut Vec<RuleEntry>,
 ) {
     if rule.destination.service_frontends {
-        for f in crate::resolve::service_frontends(set) {
+        for f in crate::policy::resolve::service_frontends(set) {
             let port_ok = rule.destination.ports.is_empty()
                 || rule
                     .destination
@@ -448,7 +450,7 @@ pub fn expand(
             &mut r.destination
         };
         if let Some(sel) = m.not_selector.take() {
-            m.not_nets.extend(crate::resolve::selected_nets(
+            m.not_nets.extend(crate::policy::resolve::selected_nets(
                 set,
                 policy,
                 &sel,
@@ -456,7 +458,7 @@ pub fn expand(
             ));
             // Keep namespace_selector: it scopes `selector` too (handled next).
             if m.selector.is_none() && m.namespace_selector.is_some() {
-                m.selector = Some(crate::selector::Selector::All);
+                m.selector = Some(crate::policy::selector::Selector::All);
             }
         }
         if !m.not_nets.is_empty() {
@@ -496,9 +498,16 @@ pub fn expand(
             &rule.destination
         };
         if e.selector.is_some() || e.namespace_selector.is_some() {
-            let sel = e.selector.clone().unwrap_or(crate::selector::Selector::All);
-            let resolved =
-                crate::resolve::selected_nets(set, policy, &sel, e.namespace_selector.as_ref());
+            let sel = e
+                .selector
+                .clone()
+                .unwrap_or(crate::policy::selector::Selector::All);
+            let resolved = crate::policy::resolve::selected_nets(
+                set,
+                policy,
+                &sel,
+                e.namespace_selector.as_ref(),
+            );
             let nets = narrow(&e.nets, &resolved);
             if nets.is_empty() {
                 return; // selects nothing: the rule matches nothing

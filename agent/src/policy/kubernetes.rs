@@ -8,9 +8,8 @@ use ipnet::IpNet;
 use serde::Deserialize;
 use serde_yaml_ng::Value;
 
-use crate::{
-    policy::{parse_net, Action, EntityMatch, Origin, Policy, PolicyKind, PortRange, Rule},
-    selector::Selector,
+use crate::policy::{
+    parse_net, selector::Selector, Action, EntityMatch, Origin, Policy, PolicyKind, PortRange, Rule,
 };
 
 type FieldResult<T> = Result<T, (String, String)>;

@@ -19,12 +19,12 @@ pub const PROFILES: [Profile; 2] = [
         name: "iks-2019",
         applies_to:
             "IKS classic clusters created from 2019 on (allow-bigfix-port, no kubelet port)",
-        yaml: include_str!("../profiles/iks-2019.yaml"),
+        yaml: include_str!("../../profiles/iks-2019.yaml"),
     },
     Profile {
         name: "iks-2017",
         applies_to: "IKS classic clusters created in 2017-2018 (allow-kubelet-port)",
-        yaml: include_str!("../profiles/iks-2017.yaml"),
+        yaml: include_str!("../../profiles/iks-2017.yaml"),
     },
 ];
 

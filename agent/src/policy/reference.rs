@@ -14,10 +14,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use moat_common::{direction, has_ports, reason};
 use serde::Serialize;
 
-use crate::{
-    policy::{Action, EntityMatch, FailsafePort, HostEndpoint, Policy, PolicySet, Rule},
-    resolve,
-    selector::Selector,
+use crate::policy::{
+    resolve, selector::Selector, Action, EntityMatch, FailsafePort, HostEndpoint, Policy,
+    PolicySet, Rule,
 };
 
 /// What the parser makes of a frame.
@@ -773,7 +772,7 @@ impl Workload {
     /// The pod `namespace/name` among the set's objects.
     pub fn find(set: &PolicySet, namespace: &str, name: &str) -> Option<Workload> {
         set.objects.iter().find_map(|o| match o {
-            crate::kubernetes::Object::Pod {
+            crate::policy::kubernetes::Object::Pod {
                 namespace: ns,
                 name: n,
                 labels,

@@ -7,11 +7,7 @@ use std::{collections::BTreeMap, net::IpAddr};
 
 use ipnet::IpNet;
 
-use crate::{
-    kubernetes::Object,
-    policy::{Policy, PolicySet},
-    selector::Selector,
-};
+use crate::policy::{kubernetes::Object, selector::Selector, Policy, PolicySet};
 
 /// An endpoint or network set a rule selector can pick: its labels, its
 /// namespace (none for host endpoints and global sets) and its addresses.

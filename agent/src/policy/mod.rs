@@ -6,6 +6,13 @@
 //! or kind it does not enforce yet is rejected with an error that says so,
 //! never skipped. Errors name the file, the resource and the field.
 
+pub mod kubernetes;
+pub mod packet_spec;
+pub mod profiles;
+pub mod reference;
+pub mod resolve;
+pub mod selector;
+
 use std::{
     collections::BTreeMap,
     fmt,
@@ -16,7 +23,7 @@ use ipnet::IpNet;
 use serde::Deserialize;
 use serde_yaml_ng::Value;
 
-use crate::selector::Selector;
+use crate::policy::selector::Selector;
 
 /// API groups under which Calico resources are accepted.
 const CALICO_API_VERSIONS: [&str; 2] = ["projectcalico.org/v3", "crd.projectcalico.org/v1"];
@@ -269,7 +276,7 @@ pub struct PolicySet {
     pub network_sets: Vec<NetworkSet>,
     /// Namespaces, pods, nodes and services that selectors and
     /// `allow-node-port-dnat` resolve against.
-    pub objects: Vec<crate::kubernetes::Object>,
+    pub objects: Vec<crate::policy::kubernetes::Object>,
 }
 
 /// A GlobalNetworkSet (no namespace) or NetworkSet: labelled nets that rule
@@ -392,7 +399,7 @@ pub struct Loaded {
 /// key far from every known one is not reported (its objects may simply
 /// not be in the set).
 pub fn label_key_warnings(set: &PolicySet) -> Vec<PolicyError> {
-    use crate::kubernetes::Object;
+    use crate::policy::kubernetes::Object;
     let mut known: Vec<String> = [
         "projectcalico.org/namespace",
         "projectcalico.org/orchestrator",
@@ -823,7 +830,7 @@ fn load_value(file: &Path, index: &mut usize, value: Value, loaded: &mut Loaded)
                 .map(|p| loaded.set.policies.push(p))
         }
         ("NetworkPolicy", "networking.k8s.io/v1") => {
-            crate::kubernetes::network_policy(&meta.name, meta.namespace.as_deref(), spec, origin)
+            crate::policy::kubernetes::network_policy(&meta.name, meta.namespace.as_deref(), spec, origin)
                 .map(|p| loaded.set.policies.push(p))
         }
         ("GlobalNetworkSet" | "NetworkSet", a) if CALICO_API_VERSIONS.contains(&a) => {
@@ -831,7 +838,7 @@ fn load_value(file: &Path, index: &mut usize, value: Value, loaded: &mut Loaded)
                 .map(|n| loaded.set.network_sets.push(n))
         }
         ("Namespace" | "Pod" | "Node" | "Service", "v1") => {
-            crate::kubernetes::object(&kind, &meta.name, meta.namespace.as_deref(), &meta.labels, spec, value.get("status").cloned())
+            crate::policy::kubernetes::object(&kind, &meta.name, meta.namespace.as_deref(), &meta.labels, spec, value.get("status").cloned())
                 .map(|o| loaded.set.objects.push(o))
         }
         ("HostEndpoint", a) if CALICO_API_VERSIONS.contains(&a) => {

@@ -70,7 +70,7 @@ pub struct Reconciler {
     pub node: String,
     pub ifaces: Vec<String>,
     /// Bundled profile used when the source holds no policy of its own.
-    pub profile: Option<&'static crate::profiles::Profile>,
+    pub profile: Option<&'static crate::policy::profiles::Profile>,
     /// HostEndpoints for eth0 (private) and eth1 (public) of this node,
     /// added when the source has none for them.
     pub auto_host_endpoints: bool,
@@ -87,7 +87,7 @@ impl Reconciler {
     pub fn new(
         node: String,
         ifaces: Vec<String>,
-        profile: Option<&'static crate::profiles::Profile>,
+        profile: Option<&'static crate::policy::profiles::Profile>,
         auto_host_endpoints: bool,
         stats: Arc<Stats>,
     ) -> Self {
@@ -135,7 +135,7 @@ impl Reconciler {
                     "{origin} holds no policy of its own: using the bundled profile {} ({})",
                     p.name, p.applies_to
                 );
-                crate::profiles::add_to(&mut set, p);
+                crate::policy::profiles::add_to(&mut set, p);
             }
         }
         if self.auto_host_endpoints {
@@ -411,7 +411,7 @@ mod tests {
     #[tokio::test]
     async fn a_control_plane_that_moves_is_exempted_where_it_is() {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/public");
-        let snapshot = crate::dirsource::snapshot(&dir).expect("the public fixture");
+        let snapshot = crate::sources::directory::snapshot(&dir).expect("the public fixture");
         let mut reconciler = Reconciler::new(
             "worker-1".into(),
             vec!["eth1".into()],

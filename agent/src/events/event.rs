@@ -10,17 +10,6 @@ use serde::Serialize;
 
 use crate::compile::Compiled;
 
-/// Reads a `DenyEvent` out of a ring buffer record.
-pub fn decode(bytes: &[u8]) -> Option<DenyEvent> {
-    if bytes.len() < std::mem::size_of::<DenyEvent>() {
-        return None;
-    }
-    // SAFETY: the record holds at least size_of::<DenyEvent>() bytes, the
-    // type is plain old data (any bit pattern valid) and read_unaligned
-    // does not need the ring buffer's alignment.
-    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<DenyEvent>()) })
-}
-
 /// An address as the event carries it (IPv4 mapped into IPv6).
 pub fn address(bytes: [u8; 16], ip_version: u8) -> IpAddr {
     let v6 = Ipv6Addr::from(bytes);
@@ -189,7 +178,7 @@ impl ResolvedEvent {
             ),
             _ => format!(
                 "proto {} {} -> {}",
-                crate::events_hub::protocol_number(&self.protocol).unwrap_or(0),
+                crate::events::hub::protocol_number(&self.protocol).unwrap_or(0),
                 self.src,
                 self.dst
             ),

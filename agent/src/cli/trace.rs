@@ -14,16 +14,20 @@ use anyhow::Context as _;
 use moat_common::{counter, direction, verdict, DenyEvent};
 use serde::Serialize;
 
-pub use crate::trace_live::{trace_live, LiveTrace, Program};
+pub use crate::cli::trace_live::{trace_live, LiveTrace, Program};
 use crate::{
-    check::{self, Answer},
+    cli::check::{self, Answer},
     compile::compile,
-    dataplane::Dataplane,
-    event,
-    frame::{Packet, Transport},
-    packet_spec,
-    policy::PolicySet,
-    reference::{Fields, Query, Verdict},
+    dataplane::{
+        frame::{Packet, Transport},
+        Dataplane,
+    },
+    events::event,
+    policy::{
+        packet_spec,
+        reference::{Fields, Query, Verdict},
+        PolicySet,
+    },
 };
 
 /// What the kernel decided.

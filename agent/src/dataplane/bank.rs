@@ -14,9 +14,11 @@ use std::{
 use moat_common::{classify, AddrClassKey, PortClassKey, RuleEntry, RuleStats};
 
 use crate::{
-    bpf_sys::{self, BatchError},
-    classify::ClassifierImage,
-    dataplane::DataplaneError,
+    compile::classify::ClassifierImage,
+    dataplane::{
+        bpf_sys::{self, BatchError},
+        DataplaneError,
+    },
 };
 
 /// An `LpmTrie<AddrClassKey, _>` key as the kernel takes it: prefix length

@@ -5,9 +5,11 @@ use serde::Serialize;
 
 use crate::{
     compile::endpoint_for,
-    packet_spec,
-    policy::PolicySet,
-    reference::{evaluate, DecidedBy, Query, Stage, Step, Verdict},
+    policy::{
+        packet_spec,
+        reference::{evaluate, DecidedBy, Query, Stage, Step, Verdict},
+        PolicySet,
+    },
 };
 
 /// The answer, also the JSON form (`-o json`); field names are stable.
@@ -154,11 +156,11 @@ pub fn answer_pod(
     query: Query,
 ) -> anyhow::Result<Answer> {
     let fields = packet_spec::parse(packet)?;
-    let pod = crate::reference::Workload::find(set, namespace, name).ok_or_else(|| {
+    let pod = crate::policy::reference::Workload::find(set, namespace, name).ok_or_else(|| {
         anyhow::anyhow!("no Pod {namespace}/{name} among the objects read (add its `kubectl get pod -o yaml` to the directory)")
     })?;
     let direction = moat_common::direction::name(dir);
-    let j = crate::reference::evaluate_workload(set, &pod, dir, &fields, query);
+    let j = crate::policy::reference::evaluate_workload(set, &pod, dir, &fields, query);
     let (policy, rule) = match &j.by {
         DecidedBy::Rule { policy, rule, .. } => (
             set.policies
@@ -211,7 +213,7 @@ impl Answer {
         iface: String,
         direction: &'static str,
         query: Query,
-        j: crate::reference::Judgement,
+        j: crate::policy::reference::Judgement,
         policy: Option<String>,
         rule: Option<usize>,
         decided_by: String,

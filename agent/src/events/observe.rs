@@ -16,10 +16,12 @@ use tracing::{info, warn};
 
 use crate::{
     compile::Compiled,
-    event::{self, ResolvedEvent},
-    event_outputs::{EventsFile, FileConfig, Syslog},
-    events_hub::{self, Hub, SocketConfig, WireEvent},
-    metrics::{self, AgentStats, Health, SnapshotRequest},
+    events::{
+        event::{self, ResolvedEvent},
+        hub::{self, Hub, SocketConfig, WireEvent},
+        metrics::{self, AgentStats, Health, SnapshotRequest},
+        outputs::{EventsFile, FileConfig, Syslog},
+    },
     EventFormat,
 };
 
@@ -135,7 +137,7 @@ impl Observer {
         let (snap_tx, snap_rx) = mpsc::channel(8);
         let mut tasks = Vec::new();
         if let Some(sock) = &cfg.socket {
-            let listener = events_hub::bind(sock)?;
+            let listener = hub::bind(sock)?;
             info!(
                 "serving events on {} (mode {:o}{}; moat tail --socket {})",
                 sock.path.display(),
@@ -146,7 +148,7 @@ impl Observer {
                     .unwrap_or_default(),
                 sock.path.display()
             );
-            tasks.push(tokio::spawn(events_hub::serve(
+            tasks.push(tokio::spawn(hub::serve(
                 listener,
                 sock.path.clone(),
                 hub.clone(),

@@ -31,12 +31,16 @@ use moat_common::{
 use serde::Serialize;
 
 use crate::{
-    check,
+    cli::{
+        check,
+        trace::{agrees, decision_path, frame, kernel_answer, resource, Trace, ICMP_REST},
+    },
     dataplane::{self, EBPF_OBJECT},
-    packet_spec,
-    policy::PolicySet,
-    reference::{Fields, Query},
-    trace::{agrees, decision_path, frame, kernel_answer, resource, Trace, ICMP_REST},
+    policy::{
+        packet_spec,
+        reference::{Fields, Query},
+        PolicySet,
+    },
 };
 
 /// The maps the programs only read: the trace copy uses the node's own.
@@ -363,7 +367,7 @@ pub fn trace_live(t: &LiveTrace) -> anyhow::Result<Trace> {
             .context("the ingress program")?
             .try_into()
             .context("the ingress program is not XDP")?;
-        let ctx = crate::bench::sys::xdp_md(data.len(), ifindex);
+        let ctx = crate::dataplane::testrun::xdp_md(data.len(), ifindex);
         let result = prog
             .test_run(TestRunOptions {
                 data_in: Some(&data),
@@ -404,7 +408,7 @@ pub fn trace_live(t: &LiveTrace) -> anyhow::Result<Trace> {
     let mut ring: RingBuf<MapData> = take(&mut ebpf, map_names::EVENTS)?;
     let mut events = Vec::new();
     while let Some(item) = ring.next() {
-        if let Some(e) = crate::event::decode(&item) {
+        if let Some(e) = crate::dataplane::decode_event(&item) {
             events.push(e);
         }
     }
@@ -419,7 +423,8 @@ pub fn trace_live(t: &LiveTrace) -> anyhow::Result<Trace> {
         Some(path) => match std::fs::read(path)
             .map_err(|e| e.to_string())
             .and_then(|b| {
-                serde_json::from_slice::<crate::state::SavedState>(&b).map_err(|e| e.to_string())
+                serde_json::from_slice::<crate::dataplane::state::SavedState>(&b)
+                    .map_err(|e| e.to_string())
             }) {
             Err(e) => {
                 notes.push(format!(

@@ -124,7 +124,7 @@ pub fn tables_of(
 }
 
 pub fn write(path: &Path, status: &Status) -> anyhow::Result<()> {
-    crate::state::write_atomically(path, &serde_json::to_vec_pretty(status)?)
+    crate::dataplane::state::write_atomically(path, &serde_json::to_vec_pretty(status)?)
 }
 
 /// What `moat status` found.
@@ -148,7 +148,7 @@ pub fn read(path: &Path) -> anyhow::Result<Found> {
     // Judged by the file alone: `moat status` may run in another PID
     // namespace than the agent (on the node, the agent in its pod), where
     // the recorded pid means nothing. A killed agent stops rewriting it.
-    let age = crate::state::now().saturating_sub(status.updated_at);
+    let age = crate::dataplane::state::now().saturating_sub(status.updated_at);
     if status.state == "stopped" {
         return Ok(Found::Stale(
             Box::new(status),
@@ -168,8 +168,8 @@ fn ago(t: Option<u64>) -> String {
     match t {
         Some(t) => format!(
             "{} ({} s ago)",
-            crate::event::rfc3339(i128::from(t) * 1_000_000_000),
-            crate::state::now().saturating_sub(t)
+            crate::events::event::rfc3339(i128::from(t) * 1_000_000_000),
+            crate::dataplane::state::now().saturating_sub(t)
         ),
         None => "never".into(),
     }
@@ -308,7 +308,7 @@ mod tests {
         assert!(matches!(read(&path), Ok(Found::Missing)));
         let mut s = Status {
             state: "in sync".into(),
-            updated_at: crate::state::now(),
+            updated_at: crate::dataplane::state::now(),
             ..Default::default()
         };
         write(&path, &s).expect("writes");
@@ -316,7 +316,7 @@ mod tests {
         s.updated_at -= STALE_SECS + 5;
         write(&path, &s).expect("writes");
         assert!(matches!(read(&path), Ok(Found::Stale(_, _, why)) if why.contains("not updated")));
-        s.updated_at = crate::state::now();
+        s.updated_at = crate::dataplane::state::now();
         s.state = "stopped".into();
         write(&path, &s).expect("writes");
         assert!(matches!(read(&path), Ok(Found::Stale(_, _, why)) if why.contains("stopped")));

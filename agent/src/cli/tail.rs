@@ -12,7 +12,7 @@ use std::{
 
 use anyhow::Context as _;
 
-use crate::events_hub::{Filter, Message, Request, WireEvent};
+use crate::events::hub::{Filter, Message, Request, WireEvent};
 
 /// `-o/--output` of `moat tail`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -289,7 +289,7 @@ impl Top {
 
     fn draw(&mut self, out: &mut impl std::io::Write, missed: u64) -> anyhow::Result<()> {
         self.last_draw = Some(Instant::now());
-        let oldest = crate::events_hub::now_ns() - self.cfg.window.as_nanos() as i64;
+        let oldest = crate::events::hub::now_ns() - self.cfg.window.as_nanos() as i64;
         while self.window.front().is_some_and(|(t, ..)| *t < oldest) {
             self.window.pop_front();
         }
@@ -314,7 +314,7 @@ impl Top {
         writeln!(
             out,
             "moat tail --top  {}  last {}s: {} denied event(s){}",
-            crate::event::rfc3339(crate::events_hub::now_ns() as i128),
+            crate::events::event::rfc3339(crate::events::hub::now_ns() as i128),
             self.cfg.window.as_secs(),
             self.window.len(),
             if missed > 0 {

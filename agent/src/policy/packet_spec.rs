@@ -12,7 +12,7 @@
 
 use std::net::IpAddr;
 
-use crate::reference::{Fields, Fragment};
+use crate::policy::reference::{Fields, Fragment};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("packet {text:?}: {message} (expected e.g. 'tcp 198.51.100.7:40000 -> 198.51.100.10:22', 'icmp 2001:db8::1 -> 2001:db8::2 type 128', 'proto 112 10.0.0.1 -> 10.0.0.2')")]
@@ -176,8 +176,8 @@ pub fn parse(text: &str) -> Result<Fields, PacketSpecError> {
     }
     if icmp
         && matches!(
-            crate::reference::icmp_class(ip_version, f.icmp_type),
-            crate::reference::IcmpClass::Query | crate::reference::IcmpClass::Reply
+            crate::policy::reference::icmp_class(ip_version, f.icmp_type),
+            crate::policy::reference::IcmpClass::Query | crate::policy::reference::IcmpClass::Reply
         )
     {
         // The echo identifier, which conntrack keys on; any value will do.

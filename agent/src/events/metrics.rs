@@ -28,7 +28,7 @@ use prometheus_client::{
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
 
-use crate::events_hub::Hub;
+use crate::events::hub::Hub;
 
 /// Packets and bytes one rule decided or logged (per direction, all
 /// interfaces), since the generation in force was applied.
@@ -82,7 +82,7 @@ pub struct Health {
 impl Health {
     pub fn beat(&self) {
         self.reader_beat_ns
-            .store(crate::events_hub::now_ns(), Ordering::Relaxed);
+            .store(crate::events::hub::now_ns(), Ordering::Relaxed);
     }
 
     pub fn set_ready(&self, detail: String) {
@@ -354,7 +354,7 @@ async fn handle(state: &State, path: &str) -> Response<Full<Bytes>> {
         }
         "/healthz" => {
             let beat = state.health.reader_beat_ns.load(Ordering::Relaxed);
-            let silent = crate::events_hub::now_ns() - beat;
+            let silent = crate::events::hub::now_ns() - beat;
             if beat > 0 && silent < READER_STALL.as_nanos() as i64 {
                 reply(StatusCode::OK, TEXT, "ok: event reader running\n".into())
             } else if beat == 0 {
