@@ -229,9 +229,30 @@ pub fn run(root: &Path) -> Result<()> {
     mount_bpffs()?;
     println!("demo: lab: {WORKER} (eth1 198.18.1.1 public, eth0 198.18.0.1 private), {PUBLIC} (198.18.1.2, 198.19.128.7), {PRIVATE} (198.18.0.2)");
     let _lab = Lab::create()?;
+    start_listeners(&xtask)?;
+
+    let mut agent = start_agent(&moat, &policies)?;
+
+    let wrong = run_steps(&xtask, &steps())?;
+
+    println!("\ndemo: stopping the agent (SIGINT)");
+    kill(&AGENT_PID, SIGINT);
+    let status = agent.wait().context("waiting for the agent")?;
+    if !status.success() {
+        bail!("the agent exited with {status}");
+    }
+    if wrong > 0 {
+        bail!("{wrong} step(s) did not get the verdict the policy gives");
+    }
+    println!("demo: every packet got the verdict the policy gives; lab removed");
+    Ok(())
+}
+
+/// Listeners on the worker for every port the steps connect to.
+fn start_listeners(xtask: &Path) -> Result<()> {
     let listener = Command::new("ip")
         .args(["netns", "exec", WORKER])
-        .arg(&xtask)
+        .arg(xtask)
         .args([
             "probe",
             "listen",
@@ -244,7 +265,11 @@ pub fn run(root: &Path) -> Result<()> {
         .spawn()
         .context("starting listeners on the worker")?;
     LISTENER_PID.store(listener.id() as i32, Ordering::SeqCst);
+    Ok(())
+}
 
+/// Starts the agent on the worker and waits until it says it is ready.
+fn start_agent(moat: &Path, policies: &Path) -> Result<Child> {
     println!(
         "demo: starting: moat agent --policies {} --iface eth1 --iface eth0 --node worker-1",
         policies.display()
@@ -252,9 +277,9 @@ pub fn run(root: &Path) -> Result<()> {
     println!("demo: denied packets appear below as the agent reports them\n");
     let mut agent = Command::new("ip")
         .args(["netns", "exec", WORKER])
-        .arg(&moat)
+        .arg(moat)
         .args(["agent", "--policies"])
-        .arg(&policies)
+        .arg(policies)
         .args(["--iface", "eth1", "--iface", "eth0", "--node", "worker-1"])
         .args(["--pin-dir", DEMO_PINS, "--detach-on-exit"])
         // The demo leaves no saved state behind in /var/lib/moat.
@@ -264,8 +289,12 @@ pub fn run(root: &Path) -> Result<()> {
         .context("starting the agent")?;
     AGENT_PID.store(agent.id() as i32, Ordering::SeqCst);
     wait_ready(&mut agent)?;
+    Ok(agent)
+}
 
-    let steps = [
+/// What the demo tries, from where, and the verdict the policy gives.
+fn steps() -> [Step; 8] {
+    [
         Step {
             from: PUBLIC,
             what: "ping 198.18.1.1",
@@ -340,11 +369,15 @@ pub fn run(root: &Path) -> Result<()> {
             expect_pass: false,
             action: Action::Ping("198.18.0.1"),
         },
-    ];
+    ]
+}
 
+/// Runs each step, prints its verdict beside the expected one, and counts
+/// the steps whose verdict is not what the policy gives.
+fn run_steps(xtask: &Path, steps: &[Step]) -> Result<usize> {
     let mut wrong = 0;
-    for step in &steps {
-        let passed = attempt(&xtask, step.from, &step.action)?;
+    for step in steps {
+        let passed = attempt(xtask, step.from, &step.action)?;
         let ok = passed == step.expect_pass;
         wrong += usize::from(!ok);
         println!(
@@ -363,17 +396,7 @@ pub fn run(root: &Path) -> Result<()> {
         std::thread::sleep(Duration::from_millis(200));
     }
 
-    println!("\ndemo: stopping the agent (SIGINT)");
-    kill(&AGENT_PID, SIGINT);
-    let status = agent.wait().context("waiting for the agent")?;
-    if !status.success() {
-        bail!("the agent exited with {status}");
-    }
-    if wrong > 0 {
-        bail!("{wrong} step(s) did not get the verdict the policy gives");
-    }
-    println!("demo: every packet got the verdict the policy gives; lab removed");
-    Ok(())
+    Ok(wrong)
 }
 
 /// Forwards the agent's log to our stderr until it says it is ready.
