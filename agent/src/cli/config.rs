@@ -617,6 +617,11 @@ mod tests {
         assert_eq!(cfg.node, "k8s-node");
         let cfg = resolve(from_file, Some("k8s-node".into())).expect("valid");
         assert_eq!(cfg.node, "file");
+    }
+
+    /// A bad value names its key; two sources at once name both.
+    #[test]
+    fn bad_values_and_exclusive_sources_name_their_keys() {
         let e = resolve(
             Config {
                 xdp_mode: Some("fast".into()),
@@ -652,7 +657,10 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("calicoctlConfig and kubeconfig"), "{e}");
-        // The observability keys.
+    }
+
+    #[test]
+    fn observability_keys_have_defaults_and_refuse_bad_values() {
         let cfg = resolve(Config::default(), None).expect("valid").observe;
         let socket = cfg.socket.expect("a socket by default");
         assert_eq!(
@@ -737,6 +745,11 @@ mod tests {
             let e = format!("{:#}", resolve(bad, None).unwrap_err());
             assert!(e.starts_with(key), "{key}: {e}");
         }
+    }
+
+    /// `kubeconfig` picks the Kubernetes source; `stateFile: none` turns saved state off.
+    #[test]
+    fn kubeconfig_and_state_file_keys() {
         for (given, want) in [("auto", None), ("/k/config", Some(Path::new("/k/config")))] {
             let cfg = resolve(
                 Config {
