@@ -6,6 +6,7 @@
 //!   docs show; `MOAT_BLESS_DOCS=1` rewrites the shown outputs instead;
 //! - every `$ moat check` or `$ moat trace --offline` block is marked, so
 //!   none is left unrun;
+//! - every repository path the docs name in code (`agent/src/...`) exists;
 //! - the reference names every configuration key and metric the code has;
 //! - `deploy/kustomization.yaml` lists exactly the manifests of `deploy/`.
 //!
@@ -187,6 +188,47 @@ fn every_relative_link_and_anchor_resolves() {
     assert!(
         problems.is_empty(),
         "broken links:\n{}",
+        problems.join("\n")
+    );
+}
+
+/// The repository's folders a path in the docs may start with.
+const TOP: [&str; 7] = [
+    "agent/", "common/", "ebpf/", "tests/", "xtask/", "deploy/", "docs/",
+];
+
+#[test]
+fn every_repository_path_named_in_code_exists() {
+    let root = root();
+    let mut problems = Vec::new();
+    let mut checked = 0;
+    for file in doc_files() {
+        let text = std::fs::read_to_string(&file).expect("read doc");
+        for (event, range) in Parser::new_ext(&text, Options::ENABLE_TABLES).into_offset_iter() {
+            let Event::Code(code) = event else {
+                continue;
+            };
+            let path = code.trim_end_matches('/');
+            let plain = path
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "/._-".contains(c));
+            if !plain || !TOP.iter().any(|t| path.starts_with(t)) {
+                continue;
+            }
+            checked += 1;
+            if !root.join(path).exists() {
+                problems.push(format!(
+                    "{}:{}: `{code}` does not exist",
+                    shown(&file),
+                    line_of(&text, range.start)
+                ));
+            }
+        }
+    }
+    assert!(checked > 10, "only {checked} paths found");
+    assert!(
+        problems.is_empty(),
+        "paths named in the docs that the repository does not have (renamed? update the docs):\n{}",
         problems.join("\n")
     );
 }
