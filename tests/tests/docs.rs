@@ -7,7 +7,8 @@
 //! - every `$ moat check` or `$ moat trace --offline` block is marked, so
 //!   none is left unrun;
 //! - every repository path the docs name in code (`agent/src/...`) exists;
-//! - the reference names every configuration key and metric the code has;
+//! - the reference names every configuration key and metric the code has,
+//!   and docs/examples/config.yaml shows every key at its default;
 //! - `deploy/kustomization.yaml` lists exactly the manifests of `deploy/`.
 //!
 //! The example format is described in docs/testing.md ("Examples in the
@@ -655,6 +656,40 @@ fn the_reference_names_every_config_key_and_metric() {
     assert!(
         missing.is_empty(),
         "metrics registered in agent/src/events/metrics.rs but not in docs/reference.md: {missing:?}"
+    );
+}
+
+/// docs/examples/config.yaml shows every key at its default: the agent's
+/// own schema reads it, it resolves to what no configuration at all
+/// resolves to, and every key is in it (set, or commented when it has no
+/// default).
+#[test]
+fn the_example_config_shows_every_key_at_its_default() {
+    use moat::cli::config;
+    let path = root().join("docs/examples/config.yaml");
+    let file = config::from_file(&path).unwrap_or_else(|e| panic!("{e:#}"));
+    let node = Some("worker-1".to_string());
+    let from_file = config::resolve(file, node.clone()).unwrap_or_else(|e| panic!("{e:#}"));
+    let defaults = config::resolve(config::Config::default(), node).expect("the defaults resolve");
+    assert_eq!(
+        format!("{from_file:?}"),
+        format!("{defaults:?}"),
+        "docs/examples/config.yaml does not show the defaults"
+    );
+    let text = std::fs::read_to_string(&path).expect("read");
+    let missing: Vec<&str> = config::KEYS
+        .iter()
+        .copied()
+        .filter(|k| {
+            !text.lines().any(|l| {
+                let l = l.trim_start_matches(['#', ' ']);
+                l.starts_with(&format!("{k}:"))
+            })
+        })
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "keys not in docs/examples/config.yaml: {missing:?}"
     );
 }
 
