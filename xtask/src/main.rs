@@ -30,7 +30,8 @@ enum Cmd {
     Setup,
     /// Set up, then build the agent (and, through it, the eBPF programs).
     Build,
-    /// Set up, build, check formatting and lints, run every test.
+    /// Set up, build, check formatting, lints and doc comments, run every
+    /// test.
     Test,
     /// Set up, build, and show moat dropping packets in a lab of network
     /// namespaces; ends by itself and cleans up.
@@ -286,6 +287,10 @@ fn test() -> Result<()> {
             "warnings",
         ])
         .current_dir(root().join("ebpf")))?;
+    println!("test: rustdoc (every doc comment's links and HTML, -D warnings)");
+    run(cargo()
+        .args(["doc", "--no-deps", "--workspace", "--exclude", "moat-ebpf"])
+        .env("RUSTDOCFLAGS", "-D warnings"))?;
     build()?;
     println!("test: cargo test");
     run(cargo().args(["test", "--workspace", "--exclude", "moat-ebpf"]))?;

@@ -444,7 +444,7 @@ impl RuleSet {
 
     /// iptables-restore input in Calico's layout: INPUT jumps to
     /// cali-INPUT, which sends the host endpoint's traffic to its
-    /// cali-fh-<iface> chain: conntrack first, then a jump per policy
+    /// `cali-fh-<iface>` chain: conntrack first, then a jump per policy
     /// (policies mark what they allow), then a DROP of the rest.
     /// `ipset`: the generated allows grouped by protocol and ports, each
     /// group's sources in an ipset (`ipset_script` makes them).
