@@ -217,3 +217,87 @@ fn the_exit_codes_are_one_table() {
         );
     }
 }
+
+/// Every subcommand's name, `help` left out.
+fn every_subcommand() -> Vec<String> {
+    let subs = subcommands();
+    for sub in [
+        "agent",
+        "check",
+        "trace",
+        "tail",
+        "status",
+        "bench",
+        "uninstall",
+        "completions",
+        "man",
+    ] {
+        assert!(subs.iter().any(|s| s == sub), "{sub} missing from {subs:?}");
+    }
+    subs
+}
+
+#[test]
+fn completions_for_bash_zsh_and_fish_name_every_subcommand() {
+    let subs = every_subcommand();
+    for shell in ["bash", "zsh", "fish"] {
+        let out = moat(&["completions", shell]);
+        assert!(out.status.success(), "{shell}: {}", text(&out));
+        let script = String::from_utf8_lossy(&out.stdout);
+        for sub in &subs {
+            assert!(script.contains(sub.as_str()), "{shell} script lacks {sub}");
+        }
+        // Flags of a subcommand complete too.
+        assert!(
+            script.contains("xdp-mode"),
+            "{shell} script lacks --xdp-mode"
+        );
+    }
+    // The scripts are valid for their shell where the shell is here.
+    let out = moat(&["completions", "bash"]);
+    if let Ok(check) = Command::new("bash")
+        .args(["-n", "-c", &String::from_utf8_lossy(&out.stdout)])
+        .output()
+    {
+        assert!(check.status.success(), "bash -n: {}", text(&check));
+    }
+    assert_eq!(
+        moat(&["completions", "powershell-7"]).status.code(),
+        Some(2)
+    );
+}
+
+#[test]
+fn man_pages_are_generated_for_every_subcommand() {
+    let subs = every_subcommand();
+    let out = moat(&["man"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let page = String::from_utf8_lossy(&out.stdout);
+    assert!(page.contains(".TH moat 1"), "{page}");
+    for sub in &subs {
+        assert!(page.contains(sub.as_str()), "moat(1) lacks {sub}");
+    }
+    let dir = std::env::temp_dir().join(format!("moat-man-{}", std::process::id()));
+    let out = moat(&["man", "--out", dir.to_str().expect("utf-8")]);
+    assert!(out.status.success(), "{}", text(&out));
+    for sub in &subs {
+        let path = dir.join(format!("moat-{sub}.1"));
+        let page =
+            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        assert!(page.contains(&format!(".TH moat-{sub} 1")), "{page}");
+        // Each page documents its subcommand's options.
+        for (option, _) in options(sub) {
+            let long = option
+                .split([',', ' ', '='])
+                .find(|w| w.starts_with("--"))
+                .expect("a long option");
+            let roff = long.replace('-', "\\-");
+            assert!(
+                page.contains(&roff) || page.contains(long),
+                "moat-{sub}.1 lacks {long}"
+            );
+        }
+    }
+    assert!(dir.join("moat.1").exists());
+    std::fs::remove_dir_all(&dir).expect("remove the pages");
+}

@@ -14,6 +14,8 @@ use clap::{Parser, Subcommand};
 pub mod agent;
 pub mod bench;
 pub mod check;
+pub mod completions;
+pub mod man;
 pub mod status;
 pub mod tail;
 pub mod trace;
@@ -44,6 +46,8 @@ pub enum Command {
     Trace(trace::Args),
     Bench(bench::Args),
     Uninstall(uninstall::Args),
+    Completions(completions::Args),
+    Man(man::Args),
 }
 
 /// `--profile none` means no profile.
