@@ -406,7 +406,7 @@ fn an_established_flow_is_allowed_by_conntrack_as_on_the_node() {
 fn a_policy_the_node_does_not_enforce_disagrees_loudly() {
     let lab = Lab::new();
     // A directory where ssh is allowed: the node still denies it (the
-    // agent enforces its own directory), and trace says so, exit 3.
+    // agent enforces its own directory), and trace says so, exit 5.
     let other = TempDir::new("moat-trace-");
     std::fs::write(
         other.0.join("policy.yaml"),
@@ -420,7 +420,7 @@ fn a_policy_the_node_does_not_enforce_disagrees_loudly() {
         "--ingress",
         "tcp 198.18.1.2:40001 -> 198.18.1.1:23",
     ]);
-    assert_eq!(code, 3, "{v:#}");
+    assert_eq!(code, 5, "{v:#}");
     assert_eq!(v["agree"], false, "{v:#}");
     assert_eq!(v["kernel"]["verdict"], "deny", "{v:#}");
     assert_eq!(v["reference"]["verdict"], "allow", "{v:#}");
@@ -443,7 +443,7 @@ fn a_policy_the_node_does_not_enforce_disagrees_loudly() {
         .output()
         .expect("moat trace runs");
     let text = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(3), "{text}");
+    assert_eq!(out.status.code(), Some(5), "{text}");
     assert!(
         text.contains("!!! THE NODE'S KERNEL AND THE REFERENCE DISAGREE"),
         "{text}"
@@ -545,13 +545,13 @@ fn another_build_on_the_node_is_said_loudly() {
     let lab = Lab::new();
     // Another program behind the node's XDP link (here: one that passes
     // everything): trace runs this binary's program on the node's maps,
-    // says the node runs something else, and exits 3.
+    // says the node runs something else, and exits 5.
     let other = moat::dataplane::testrun::RawXdp::load(moat::dataplane::testrun::Baseline::Pass)
         .expect("baseline program");
     replace_program_behind(&lab.pins.0.join("links/eth1_xdp"), other.fd());
     let (v, code, _) =
         lab.trace_with_policies(&["--ingress", "tcp 198.18.1.2:40001 -> 198.18.1.1:23"]);
-    assert_eq!(code, 3, "{v:#}");
+    assert_eq!(code, 5, "{v:#}");
     assert_eq!(v["program"]["same"], false, "{v:#}");
     assert_ne!(v["program"]["tag"], v["program"]["traced_tag"], "{v:#}");
     assert_eq!(v["agree"], true, "{v:#}");

@@ -16,6 +16,29 @@ use crate::{cli::agent::PolicySource, dataplane::XdpAttachMode, EventFormat};
 pub const DEFAULT_FILE: &str = "/etc/moat/config.yaml";
 /// The policy directory when none is configured.
 pub const DEFAULT_POLICIES: &str = "/etc/moat/policies";
+/// What `maxConnections` may be.
+pub const MAX_CONNECTIONS_RANGE: std::ops::RangeInclusive<i64> = 512..=8_388_608;
+/// What `classWords` may be.
+pub const CLASS_WORDS_RANGE: std::ops::RangeInclusive<i64> = 4096..=67_108_864;
+/// What `eventBurst` may be.
+pub const EVENT_BURST_RANGE: std::ops::RangeInclusive<i64> = 1..=1_000_000;
+/// What `subscriberQueue` may be.
+pub const SUBSCRIBER_QUEUE_RANGE: std::ops::RangeInclusive<u64> = 1..=1_000_000;
+
+fn in_range<T: PartialOrd + std::fmt::Display>(
+    key: &str,
+    value: T,
+    range: std::ops::RangeInclusive<T>,
+) -> anyhow::Result<()> {
+    if !range.contains(&value) {
+        anyhow::bail!(
+            "{key}: {value} is not in {}..={}",
+            range.start(),
+            range.end()
+        );
+    }
+    Ok(())
+}
 
 /// Every setting, all optional: what one layer (file, environment or
 /// flags) says.
@@ -357,17 +380,15 @@ pub fn resolve(
         );
     }
     let max_connections = merged.max_connections.unwrap_or(moat_common::MAX_FLOWS / 2);
-    if !(512..=8_388_608).contains(&max_connections) {
-        anyhow::bail!("maxConnections: {max_connections} is not in 512..=8388608");
-    }
+    in_range(
+        "maxConnections",
+        i64::from(max_connections),
+        MAX_CONNECTIONS_RANGE,
+    )?;
     let class_words = merged.class_words.unwrap_or(moat_common::MAX_CLASS_WORDS);
-    if !(4096..=67_108_864).contains(&class_words) {
-        anyhow::bail!("classWords: {class_words} is not in 4096..=67108864");
-    }
+    in_range("classWords", i64::from(class_words), CLASS_WORDS_RANGE)?;
     let event_burst = merged.event_burst.unwrap_or(200);
-    if !(1..=1_000_000).contains(&event_burst) {
-        anyhow::bail!("eventBurst: {event_burst} is not in 1..=1000000");
-    }
+    in_range("eventBurst", i64::from(event_burst), EVENT_BURST_RANGE)?;
     let node = merged
         .node
         .or(node_env.filter(|n| !n.is_empty()))
@@ -421,9 +442,7 @@ fn observe_config(merged: &Config) -> anyhow::Result<crate::events::observe::Obs
     let mode =
         parse_mode(merged.socket_mode.as_deref().unwrap_or("0600")).map_err(key("socketMode"))?;
     let subscriber_queue = merged.subscriber_queue.unwrap_or(4096);
-    if !(1..=1_000_000).contains(&subscriber_queue) {
-        anyhow::bail!("subscriberQueue: {subscriber_queue} is not in 1..=1000000");
-    }
+    in_range("subscriberQueue", subscriber_queue, SUBSCRIBER_QUEUE_RANGE)?;
     let events_file = match &merged.events_file {
         None => None,
         Some(path) => Some(crate::events::outputs::FileConfig {

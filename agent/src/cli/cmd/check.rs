@@ -1,0 +1,217 @@
+//! `moat check`: validate and compile a policy directory offline, or judge
+//! one packet against it.
+
+use std::path::PathBuf;
+
+use crate::{
+    cli::{agent, exit::Exit},
+    compile::compile,
+    policy, OutputFormat,
+};
+
+/// Validate and compile a policy directory without touching the kernel;
+/// exits 1 when any resource is invalid. With --ingress/--egress: what
+/// would happen to that packet, and why.
+#[derive(clap::Args)]
+pub struct Args {
+    /// The policy directory (.yaml, .yml, .json files, read recursively).
+    #[arg(long, value_name = "DIR")]
+    pub policies: PathBuf,
+    /// Interfaces to compile for [default: every interface a HostEndpoint
+    /// of the node names].
+    #[arg(long = "iface", value_name = "NAME")]
+    pub ifaces: Vec<String>,
+    /// Bundled profile used when DIR holds no policy of its own.
+    #[arg(long, value_name = "NAME", default_value = "iks-2019", value_parser = super::profile_parser())]
+    pub profile: String,
+    /// Calico node name whose HostEndpoints apply [default: NODE_NAME,
+    /// else the host name].
+    #[arg(long, value_name = "NAME")]
+    pub node: Option<String>,
+    /// A packet arriving on the (one) --iface, e.g.
+    /// 'tcp 203.0.113.7:40000 -> 198.51.100.10:22'.
+    #[arg(long, value_name = "PACKET", conflicts_with = "egress")]
+    pub ingress: Option<String>,
+    /// A packet leaving through the (one) --iface.
+    #[arg(long, value_name = "PACKET")]
+    pub egress: Option<String>,
+    /// Judge the packet at pod NAMESPACE/NAME (a Pod object in DIR)
+    /// instead of at an interface: Calico's answer for pod policies, which
+    /// moat does not enforce.
+    #[arg(long, value_name = "NAMESPACE/NAME", conflicts_with = "ifaces")]
+    pub pod: Option<String>,
+    /// The packet is forwarded (to or from a pod, or between interfaces),
+    /// not to or from the host.
+    #[arg(long)]
+    pub forwarded: bool,
+    /// The packet belongs to a connection already allowed.
+    #[arg(long)]
+    pub established: bool,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value_t)]
+    pub output: OutputFormat,
+}
+
+/// Checks the directory, or answers the packet query.
+pub fn run(args: Args) -> anyhow::Result<Exit> {
+    let profile = super::profile_arg(&args.profile);
+    match (args.ingress, args.egress) {
+        (None, None) if args.pod.is_some() => Err(crate::cli::exit::usage(
+            "--pod needs --ingress or --egress PACKET",
+        )),
+        (None, None) => check(
+            &args.policies,
+            profile.as_deref(),
+            args.ifaces,
+            args.node,
+            args.output,
+        ),
+        (ingress, egress) => check_packet(
+            &args.policies,
+            profile.as_deref(),
+            &args.ifaces,
+            args.node,
+            ingress
+                .map(|p| (moat_common::direction::INGRESS, p))
+                .or(egress.map(|p| (moat_common::direction::EGRESS, p))),
+            policy::reference::Query {
+                forwarded: args.forwarded,
+                established: args.established,
+            },
+            args.output,
+        ),
+    }
+}
+
+fn check(
+    dir: &std::path::Path,
+    profile: Option<&str>,
+    ifaces: Vec<String>,
+    node: Option<String>,
+    output: OutputFormat,
+) -> anyhow::Result<Exit> {
+    let node = node.unwrap_or_else(agent::default_node_name);
+    let loaded = agent::load_policies(dir, profile)?;
+    let ifaces = if ifaces.is_empty() {
+        let mut names: Vec<String> = loaded
+            .set
+            .host_endpoints
+            .iter()
+            .filter(|h| h.node == node)
+            .map(|h| h.interface_name.clone())
+            .collect();
+        names.sort();
+        names.dedup();
+        names
+    } else {
+        ifaces
+    };
+    let compiled = compile(&loaded.set, &node, &ifaces);
+    let errors: Vec<String> = loaded.errors.iter().map(ToString::to_string).collect();
+    let warnings: Vec<String> = policy::label_key_warnings(&loaded.set)
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    let compile_error = compiled.as_ref().err().map(ToString::to_string);
+    match output {
+        OutputFormat::Json => {
+            let tables = compiled.as_ref().ok().map(|c| {
+                c.ifaces
+                    .values()
+                    .map(|i| {
+                        serde_json::json!({
+                            "iface": i.name,
+                            "host_endpoint": i.host_endpoint,
+                            "ingress_rules": i.table(0, moat_common::table::POLICY).rules.len(),
+                            "egress_rules": i.table(1, moat_common::table::POLICY).rules.len(),
+                            "ingress_failsafes": i.table(0, moat_common::table::FAILSAFE).rules.len(),
+                            "egress_failsafes": i.table(1, moat_common::table::FAILSAFE).rules.len(),
+                        })
+                    })
+                    .collect::<Vec<_>>()
+            });
+            println!(
+                "{}",
+                serde_json::json!({
+                    "files": loaded.files,
+                    "policies": loaded.set.policies.len(),
+                    "host_endpoints": loaded.set.host_endpoints.len(),
+                    "errors": errors,
+                    "warnings": warnings,
+                    "compile_error": compile_error,
+                    "node": node,
+                    "enforced": tables,
+                })
+            );
+        }
+        OutputFormat::Text => {
+            for e in &errors {
+                println!("error: {e}");
+            }
+            for w in &warnings {
+                println!("warning: {w}");
+            }
+            if let Some(e) = &compile_error {
+                println!("error: {e}");
+            }
+            println!(
+                "{} file(s): {} GlobalNetworkPolicies, {} HostEndpoints valid; {} error(s)",
+                loaded.files,
+                loaded.set.policies.len(),
+                loaded.set.host_endpoints.len(),
+                errors.len() + usize::from(compile_error.is_some())
+            );
+            if let Ok(c) = &compiled {
+                for i in c.ifaces.values() {
+                    println!(
+                        "node {node} {}: HostEndpoint {}, ingress {} entries, egress {} entries",
+                        i.name,
+                        i.host_endpoint,
+                        i.table(0, moat_common::table::POLICY).rules.len(),
+                        i.table(1, moat_common::table::POLICY).rules.len()
+                    );
+                }
+                for i in &c.unenforced {
+                    println!("node {node} {i}: no HostEndpoint, not enforced");
+                }
+            }
+        }
+    }
+    Ok(if errors.is_empty() && compile_error.is_none() {
+        Exit::Ok
+    } else {
+        Exit::Error
+    })
+}
+
+fn check_packet(
+    dir_path: &std::path::Path,
+    profile: Option<&str>,
+    ifaces: &[String],
+    node: Option<String>,
+    packet: Option<(u8, String)>,
+    query: crate::policy::reference::Query,
+    output: OutputFormat,
+) -> anyhow::Result<Exit> {
+    let [iface] = ifaces else {
+        return Err(crate::cli::exit::usage(
+            "a packet query needs exactly one --iface (the interface it arrives on or leaves by)",
+        ));
+    };
+    let (dir, packet) = packet.ok_or_else(|| anyhow::anyhow!("--ingress or --egress PACKET"))?;
+    let node = node.unwrap_or_else(agent::default_node_name);
+    let loaded = agent::load_policies(dir_path, profile)?;
+    for e in &loaded.errors {
+        eprintln!("error: {e} (left out of the answer)");
+    }
+    let answer = crate::cli::check::answer(&loaded.set, &node, iface, dir, &packet, query)?;
+    match output {
+        OutputFormat::Json => println!("{}", serde_json::to_string(&answer)?),
+        OutputFormat::Text => print!("{}", answer.text()),
+    }
+    Ok(if loaded.errors.is_empty() {
+        Exit::Ok
+    } else {
+        Exit::Error
+    })
+}
