@@ -7,6 +7,7 @@
 //! never skipped. Errors name the file, the resource and the field.
 
 pub mod kubernetes;
+pub mod limits;
 pub mod packet_spec;
 pub mod profiles;
 pub mod reference;
@@ -547,7 +548,7 @@ pub fn load_dir(dir: &Path) -> Result<Loaded, PolicyError> {
     files.sort();
     let mut loaded = Loaded::default();
     for file in &files {
-        match std::fs::read_to_string(file) {
+        match read_bounded(file) {
             Ok(text) => load_text(file, &text, &mut loaded),
             Err(e) => loaded.errors.push(PolicyError {
                 file: file.clone(),
@@ -584,6 +585,55 @@ pub fn load_texts<'a>(texts: impl IntoIterator<Item = (&'a Path, &'a str)>) -> L
     check_duplicates(&mut loaded);
     loaded.set.sort();
     loaded
+}
+
+/// Reads `file` whole unless it is over `limits::MAX_FILE_BYTES` (checked
+/// while reading, so a growing file or a pipe cannot exceed it either).
+pub fn read_bounded(file: &Path) -> Result<String, String> {
+    use std::io::Read;
+    let limit = limits::MAX_FILE_BYTES;
+    let f = std::fs::File::open(file).map_err(|e| e.to_string())?;
+    let mut bytes = Vec::new();
+    f.take(limit as u64 + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| e.to_string())?;
+    if bytes.len() > limit {
+        return Err(too_big_file(&format!("more than {limit}")));
+    }
+    String::from_utf8(bytes).map_err(|e| format!("not UTF-8 text: {e}"))
+}
+
+/// The error for a file of `size` (in words) over the file limit.
+fn too_big_file(size: &str) -> String {
+    format!(
+        "{size} bytes, over the limit of {} bytes for one policy file; split it into several files (each document at most {} bytes)",
+        limits::MAX_FILE_BYTES,
+        limits::MAX_DOCUMENT_BYTES
+    )
+}
+
+/// Refuses a text over the size and nesting limits before it is parsed.
+fn check_limits(text: &str) -> Result<(), String> {
+    if text.len() > limits::MAX_FILE_BYTES {
+        return Err(too_big_file(&text.len().to_string()));
+    }
+    for (n, (start, end)) in limits::documents(text).into_iter().enumerate() {
+        if end - start > limits::MAX_DOCUMENT_BYTES {
+            return Err(format!(
+                "document {} is {} bytes, over the limit of {} bytes for one resource; nothing in the file is applied",
+                n + 1,
+                end - start,
+                limits::MAX_DOCUMENT_BYTES
+            ));
+        }
+    }
+    if let Some(line) = limits::flow_depth_exceeded(text, limits::MAX_FLOW_DEPTH) {
+        return Err(format!(
+            "line {line}: flow collections ([...] or {{...}}) nested deeper than {} levels; nothing in the file is applied",
+            limits::MAX_FLOW_DEPTH
+        ));
+    }
+    Ok(())
 }
 
 fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
@@ -689,6 +739,15 @@ fn load_text(file: &Path, text: &str, loaded: &mut Loaded) {
                 "placeholder file: fill in {} before applying it; nothing in it is applied",
                 holes.join(", ")
             ),
+        });
+        return;
+    }
+    if let Err(message) = check_limits(text) {
+        loaded.errors.push(PolicyError {
+            file: file.to_path_buf(),
+            resource: String::new(),
+            field: String::new(),
+            message,
         });
         return;
     }
@@ -1381,6 +1440,21 @@ fn entity(
 
 /// A CIDR, or a bare address meaning a single host.
 pub fn parse_net(text: &str) -> Result<IpNet, String> {
+    // Calico (Go's parser) refuses IPv4 octets with leading zeros, which
+    // some parsers read as decimal and others as octal: `198.010.1.1`.
+    let addr = text.split('/').next().unwrap_or_default();
+    if addr.contains('.')
+        && addr
+            .rsplit(':')
+            .next()
+            .unwrap_or_default()
+            .split('.')
+            .any(|o| o.len() > 1 && o.starts_with('0'))
+    {
+        return Err(format!(
+            "{text:?} has an IPv4 octet with a leading zero (ambiguous: decimal or octal); write it without"
+        ));
+    }
     if let Ok(net) = text.parse::<IpNet>() {
         return Ok(net.trunc());
     }
