@@ -7,6 +7,7 @@
 //! never skipped. Errors name the file, the resource and the field.
 
 pub mod kubernetes;
+pub mod limits;
 pub mod packet_spec;
 pub mod profiles;
 pub mod reference;
@@ -547,7 +548,7 @@ pub fn load_dir(dir: &Path) -> Result<Loaded, PolicyError> {
     files.sort();
     let mut loaded = Loaded::default();
     for file in &files {
-        match std::fs::read_to_string(file) {
+        match read_bounded(file) {
             Ok(text) => load_text(file, &text, &mut loaded),
             Err(e) => loaded.errors.push(PolicyError {
                 file: file.clone(),
@@ -584,6 +585,55 @@ pub fn load_texts<'a>(texts: impl IntoIterator<Item = (&'a Path, &'a str)>) -> L
     check_duplicates(&mut loaded);
     loaded.set.sort();
     loaded
+}
+
+/// Reads `file` whole unless it is over `limits::MAX_FILE_BYTES` (checked
+/// while reading, so a growing file or a pipe cannot exceed it either).
+pub fn read_bounded(file: &Path) -> Result<String, String> {
+    use std::io::Read;
+    let limit = limits::MAX_FILE_BYTES;
+    let f = std::fs::File::open(file).map_err(|e| e.to_string())?;
+    let mut bytes = Vec::new();
+    f.take(limit as u64 + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| e.to_string())?;
+    if bytes.len() > limit {
+        return Err(too_big_file(&format!("more than {limit}")));
+    }
+    String::from_utf8(bytes).map_err(|e| format!("not UTF-8 text: {e}"))
+}
+
+/// The error for a file of `size` (in words) over the file limit.
+fn too_big_file(size: &str) -> String {
+    format!(
+        "{size} bytes, over the limit of {} bytes for one policy file; split it into several files (each document at most {} bytes)",
+        limits::MAX_FILE_BYTES,
+        limits::MAX_DOCUMENT_BYTES
+    )
+}
+
+/// Refuses a text over the size and nesting limits before it is parsed.
+fn check_limits(text: &str) -> Result<(), String> {
+    if text.len() > limits::MAX_FILE_BYTES {
+        return Err(too_big_file(&text.len().to_string()));
+    }
+    for (n, (start, end)) in limits::documents(text).into_iter().enumerate() {
+        if end - start > limits::MAX_DOCUMENT_BYTES {
+            return Err(format!(
+                "document {} is {} bytes, over the limit of {} bytes for one resource; nothing in the file is applied",
+                n + 1,
+                end - start,
+                limits::MAX_DOCUMENT_BYTES
+            ));
+        }
+    }
+    if let Some(line) = limits::flow_depth_exceeded(text, limits::MAX_FLOW_DEPTH) {
+        return Err(format!(
+            "line {line}: flow collections ([...] or {{...}}) nested deeper than {} levels; nothing in the file is applied",
+            limits::MAX_FLOW_DEPTH
+        ));
+    }
+    Ok(())
 }
 
 fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
@@ -689,6 +739,15 @@ fn load_text(file: &Path, text: &str, loaded: &mut Loaded) {
                 "placeholder file: fill in {} before applying it; nothing in it is applied",
                 holes.join(", ")
             ),
+        });
+        return;
+    }
+    if let Err(message) = check_limits(text) {
+        loaded.errors.push(PolicyError {
+            file: file.to_path_buf(),
+            resource: String::new(),
+            field: String::new(),
+            message,
         });
         return;
     }
@@ -819,6 +878,10 @@ fn load_value(file: &Path, index: &mut usize, value: Value, loaded: &mut Loaded)
         loaded.errors.push(err(&resource, "metadata.name", message));
         return;
     }
+    if let Err((field, message)) = check_labels(&meta.labels) {
+        loaded.errors.push(err(&resource, &field, message));
+        return;
+    }
     let spec = get("spec").cloned().unwrap_or(Value::Null);
     let result = match (kind.as_str(), api.as_str()) {
         ("GlobalNetworkPolicy", a) if CALICO_API_VERSIONS.contains(&a) => {
@@ -889,6 +952,55 @@ fn check_name(name: &str) -> Result<(), String> {
             "{name:?} is not a valid name (lower-case letters, digits, '-' and '.', starting and ending with a letter or digit); a placeholder left unfilled?"
         ))
     }
+}
+
+/// `[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?`, at most 63 characters: a
+/// label value, or the name part of a label key (Kubernetes'
+/// `IsValidLabelValue` and `IsQualifiedName`).
+fn is_label_name(s: &str) -> bool {
+    s.len() <= 63
+        && s.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && s.ends_with(|c: char| c.is_ascii_alphanumeric())
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+/// Label keys and values as Calico's validator (and the Kubernetes API
+/// server) accept them: keys `[prefix/]name` with a DNS subdomain prefix,
+/// values empty or a label name.
+fn check_labels(labels: &BTreeMap<String, String>) -> FieldResult<()> {
+    for (k, v) in labels {
+        let field = format!("metadata.labels.{k}");
+        let (prefix, name) = match k.rsplit_once('/') {
+            Some((p, n)) => (Some(p), n),
+            None => (None, k.as_str()),
+        };
+        let prefix_ok = prefix.is_none_or(|p| {
+            !p.is_empty()
+                && p.len() <= 253
+                && p.split('.').all(|part| {
+                    !part.is_empty()
+                        && part.starts_with(|c: char| c.is_ascii_alphanumeric())
+                        && part.ends_with(|c: char| c.is_ascii_alphanumeric())
+                        && part
+                            .chars()
+                            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+                })
+        });
+        if !prefix_ok || !is_label_name(name) {
+            return field_err(
+                field,
+                format!("{k:?} is not a valid label key ([DNS-subdomain/]name, the name at most 63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit)"),
+            );
+        }
+        if !v.is_empty() && !is_label_name(v) {
+            return field_err(
+                field,
+                format!("{v:?} is not a valid label value (at most 63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit, or empty)"),
+            );
+        }
+    }
+    Ok(())
 }
 
 /// "unknown field `x`", with a suggestion when a known field is close.
@@ -1331,7 +1443,17 @@ fn entity(
     }
     let mut not_nets = Vec::new();
     for (i, n) in raw.not_nets.iter().flatten().enumerate() {
-        not_nets.push(parse_net(n).map_err(|m| (format!("{field}.notNets[{i}]"), m))?);
+        let f = format!("{field}.notNets[{i}]");
+        let net = parse_net(n).map_err(|m| (f.clone(), m))?;
+        if net.prefix_len() == 0 {
+            // Calico's validator: "catch-all CIDR in negation creates
+            // logical contradiction (matches no traffic)".
+            return field_err(
+                f,
+                format!("{n} in notNets excludes every address, so the rule could never match; remove the rule or the net"),
+            );
+        }
+        not_nets.push(net);
     }
     let mut selectors = [None, None, None];
     for (slot, (name, value)) in selectors.iter_mut().zip([
@@ -1381,6 +1503,21 @@ fn entity(
 
 /// A CIDR, or a bare address meaning a single host.
 pub fn parse_net(text: &str) -> Result<IpNet, String> {
+    // Calico (Go's parser) refuses IPv4 octets with leading zeros, which
+    // some parsers read as decimal and others as octal: `198.010.1.1`.
+    let addr = text.split('/').next().unwrap_or_default();
+    if addr.contains('.')
+        && addr
+            .rsplit(':')
+            .next()
+            .unwrap_or_default()
+            .split('.')
+            .any(|o| o.len() > 1 && o.starts_with('0'))
+    {
+        return Err(format!(
+            "{text:?} has an IPv4 octet with a leading zero (ambiguous: decimal or octal); write it without"
+        ));
+    }
     if let Ok(net) = text.parse::<IpNet>() {
         return Ok(net.trunc());
     }
@@ -1437,10 +1574,11 @@ fn rule(raw: RawRule, field: &str) -> FieldResult<Rule> {
         .as_ref()
         .map(|i| icmp(i, &format!("{field}.notICMP")))
         .transpose()?;
-    if (icmp_m.is_some() || not_icmp.is_some()) && !icmp_proto {
-        let f = if icmp_m.is_some() { "icmp" } else { "notICMP" };
+    // Calico's CRD rule: `icmp` needs protocol ICMP or ICMPv6; `notICMP`
+    // needs no protocol.
+    if icmp_m.is_some() && !icmp_proto {
         return field_err(
-            format!("{field}.{f}"),
+            format!("{field}.icmp"),
             "ICMP fields need protocol ICMP or ICMPv6",
         );
     }
@@ -2035,5 +2173,48 @@ mod tests {
         );
         let e = only_error("apiVersion: projectcalico.org/v3\nkind: FelixConfiguration\nmetadata: {name: default}\nspec: {logSeverityScreen: Info}\n");
         assert!(e.message.contains("only the failsafe port fields"), "{e}");
+    }
+
+    #[test]
+    fn calico_validator_cases() {
+        // notNets of everything can never match: refused, as Calico does.
+        for net in ["0.0.0.0/0", "::/0"] {
+            let e = only_error(&gnp(&format!(
+                "  ingress:\n    - action: Allow\n      source: {{notNets: ['{net}']}}\n"
+            )));
+            assert_eq!(e.field, "spec.ingress[0].source.notNets[0]", "{e}");
+            assert!(e.message.contains("excludes every address"), "{e}");
+        }
+        // notICMP needs no protocol (only icmp does).
+        let l = load(&gnp(
+            "  ingress:\n    - action: Allow\n      notICMP: {type: 8}\n",
+        ));
+        assert!(l.errors.is_empty(), "{:?}", l.errors);
+        assert_eq!(l.set.policies[0].ingress[0].not_icmp.unwrap().icmp_type, 8);
+        let e = only_error(&gnp(
+            "  ingress:\n    - action: Allow\n      icmp: {type: 8}\n",
+        ));
+        assert_eq!(e.field, "spec.ingress[0].icmp");
+        // IPv4 octets with leading zeros: refused everywhere a net is read.
+        for net in ["198.010.1.1", "010.0.0.0/8", "::ffff:1.02.3.4"] {
+            let e = only_error(&gnp(&format!(
+                "  ingress:\n    - action: Allow\n      source: {{nets: ['{net}']}}\n"
+            )));
+            assert!(e.message.contains("leading zero"), "{net}: {e}");
+        }
+        assert!(parse_net("10.0.0.0/8").is_ok() && parse_net("0.0.0.0/0").is_ok());
+        // Label keys and values as Calico's validator has them.
+        for (labels, field) in [
+            ("{a: '\"'}", "metadata.labels.a"),
+            ("{a: \"'\"}", "metadata.labels.a"),
+            ("{a: -x}", "metadata.labels.a"),
+            ("{'Bad_/x': y}", "metadata.labels.Bad_/x"),
+            ("{'a b': y}", "metadata.labels.a b"),
+        ] {
+            let e = only_error(&format!("apiVersion: projectcalico.org/v3\nkind: HostEndpoint\nmetadata: {{name: h, labels: {labels}}}\nspec: {{node: n, interfaceName: eth1}}\n"));
+            assert_eq!(e.field, field, "{labels}: {e}");
+        }
+        let l = load("apiVersion: projectcalico.org/v3\nkind: HostEndpoint\nmetadata: {name: h, labels: {ibm.role: worker_public, 'projectcalico.org/name': x.y-z_1, empty: ''}}\nspec: {node: n, interfaceName: eth1}\n");
+        assert!(l.errors.is_empty(), "{:?}", l.errors);
     }
 }

@@ -40,7 +40,21 @@ pub struct SelectorError {
 impl Selector {
     /// Parses `text`; an empty or all-blank selector is `all()`.
     pub fn parse(text: &str) -> Result<Selector, SelectorError> {
-        let mut p = Parser { text, pos: 0 };
+        if text.len() > MAX_SELECTOR_BYTES {
+            return Err(SelectorError {
+                source_text: shortened(text),
+                column: 1,
+                message: format!(
+                    "{} bytes, over the limit of {MAX_SELECTOR_BYTES}",
+                    text.len()
+                ),
+            });
+        }
+        let mut p = Parser {
+            text,
+            pos: 0,
+            depth: 0,
+        };
         p.skip_ws();
         if p.at_end() {
             return Ok(Selector::All);
@@ -142,19 +156,60 @@ impl fmt::Display for Selector {
     }
 }
 
+/// Longest selector accepted, in bytes: far beyond any written by hand,
+/// small enough that parsing and matching stay cheap.
+pub const MAX_SELECTOR_BYTES: usize = 64 * 1024;
+/// Deepest nesting of parentheses accepted (Calico has no limit; 64 levels
+/// is more than any real selector and keeps the parser's stack bounded).
+pub const MAX_SELECTOR_DEPTH: usize = 64;
+/// Longest label key (Calico's tokenizer limit, `MaxLabelLength`).
+pub const MAX_LABEL_KEY_LEN: usize = 512;
+
 struct Parser<'a> {
     text: &'a str,
     pos: usize,
+    depth: usize,
 }
 
+/// The selector as quoted in an error: the first 120 bytes of a long one.
+fn shortened(text: &str) -> String {
+    if text.len() <= 160 {
+        text.to_string()
+    } else {
+        format!("{}...", &text[..text.floor_char_boundary(120)])
+    }
+}
+
+/// Calico's identifier characters (`identifierChar` in its tokenizer).
 fn is_key_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '/' | '-')
+}
+
+/// Joins `terms` with `join` as a balanced tree: `&&` and `||` are
+/// associative, and a balanced tree keeps evaluation depth logarithmic in
+/// the number of terms (a left-deep chain of thousands of terms would not).
+fn balanced(
+    mut terms: Vec<Selector>,
+    join: fn(Box<Selector>, Box<Selector>) -> Selector,
+) -> Selector {
+    while terms.len() > 1 {
+        let mut next = Vec::with_capacity(terms.len().div_ceil(2));
+        let mut it = terms.into_iter();
+        while let Some(a) = it.next() {
+            match it.next() {
+                Some(b) => next.push(join(Box::new(a), Box::new(b))),
+                None => next.push(a),
+            }
+        }
+        terms = next;
+    }
+    terms.pop().unwrap_or(Selector::All)
 }
 
 impl Parser<'_> {
     fn error(&self, message: &str) -> SelectorError {
         SelectorError {
-            source_text: self.text.to_string(),
+            source_text: shortened(self.text),
             column: self.text[..self.pos].chars().count() + 1,
             message: message.to_string(),
         }
@@ -168,8 +223,9 @@ impl Parser<'_> {
         self.pos >= self.text.len()
     }
 
+    /// Calico skips spaces and tabs only: a newline is an error there.
     fn skip_ws(&mut self) {
-        let trimmed = self.rest().trim_start();
+        let trimmed = self.rest().trim_start_matches([' ', '\t']);
         self.pos = self.text.len() - trimmed.len();
     }
 
@@ -184,51 +240,84 @@ impl Parser<'_> {
         }
     }
 
-    /// Consumes the keyword `word` when it is next and not the start of a
-    /// longer identifier.
-    fn eat_word(&mut self, word: &str) -> bool {
-        self.skip_ws();
-        let rest = self.rest();
-        if rest.starts_with(word) && !rest[word.len()..].starts_with(is_key_char) {
-            self.pos += word.len();
+    /// Consumes `tok` when it is next, without skipping blanks first.
+    fn eat_here(&mut self, tok: &str) -> bool {
+        if self.rest().starts_with(tok) {
+            self.pos += tok.len();
             true
         } else {
             false
         }
     }
 
-    fn or(&mut self) -> Result<Selector, SelectorError> {
-        let mut left = self.and()?;
-        while self.eat("||") {
-            let right = self.and()?;
-            left = Selector::Or(Box::new(left), Box::new(right));
+    /// Consumes the words `words` (blanks allowed between them, none
+    /// needed: Calico reads `notin` as `not in`) when they are next and the
+    /// last is not the start of a longer identifier.
+    fn eat_words(&mut self, words: &[&str]) -> bool {
+        let save = self.pos;
+        self.skip_ws();
+        for w in words {
+            self.skip_ws();
+            if !self.eat_here(w) {
+                self.pos = save;
+                return false;
+            }
         }
-        Ok(left)
+        if self.rest().starts_with(is_key_char) {
+            self.pos = save;
+            return false;
+        }
+        true
+    }
+
+    fn or(&mut self) -> Result<Selector, SelectorError> {
+        let mut terms = vec![self.and()?];
+        while self.eat("||") {
+            terms.push(self.and()?);
+        }
+        Ok(balanced(terms, Selector::Or))
     }
 
     fn and(&mut self) -> Result<Selector, SelectorError> {
-        let mut left = self.unary()?;
+        let mut terms = vec![self.unary()?];
         while self.eat("&&") {
-            let right = self.unary()?;
-            left = Selector::And(Box::new(left), Box::new(right));
+            terms.push(self.unary()?);
         }
-        Ok(left)
+        Ok(balanced(terms, Selector::And))
     }
 
     fn unary(&mut self) -> Result<Selector, SelectorError> {
-        self.skip_ws();
-        // `!=` never starts a term, so a leading `!` is always negation.
-        if self.eat("!") {
-            return Ok(Selector::Not(Box::new(self.unary()?)));
+        // Leading `!`s collapse to one negation or none, as in Calico
+        // (read in a loop: 100,000 of them cost no stack).
+        let mut negated = false;
+        loop {
+            self.skip_ws();
+            if self.rest().starts_with("!=") || !self.eat_here("!") {
+                break;
+            }
+            negated = !negated;
         }
-        if self.eat("(") {
+        let inner = if self.eat("(") {
+            if self.depth >= MAX_SELECTOR_DEPTH {
+                return Err(self.error(&format!(
+                    "parentheses nested deeper than {MAX_SELECTOR_DEPTH} levels"
+                )));
+            }
+            self.depth += 1;
             let inner = self.or()?;
+            self.depth -= 1;
             if !self.eat(")") {
                 return Err(self.error("expected ')'"));
             }
-            return Ok(inner);
-        }
-        self.term()
+            inner
+        } else {
+            self.term()?
+        };
+        Ok(if negated {
+            Selector::Not(Box::new(inner))
+        } else {
+            inner
+        })
     }
 
     fn key(&mut self) -> Result<String, SelectorError> {
@@ -239,6 +328,11 @@ impl Parser<'_> {
             .unwrap_or(self.rest().len());
         if len == 0 {
             return Err(self.error("expected a label key, has(), all() or '('"));
+        }
+        if len > MAX_LABEL_KEY_LEN {
+            return Err(self.error(&format!(
+                "label key of {len} characters, over the limit of {MAX_LABEL_KEY_LEN}"
+            )));
         }
         let key = self.rest()[..len].to_string();
         self.pos += len;
@@ -265,15 +359,16 @@ impl Parser<'_> {
         Ok(value)
     }
 
+    /// `{'a', 'b'}`; a trailing comma is allowed, as in Calico.
     fn string_set(&mut self) -> Result<Vec<String>, SelectorError> {
         if !self.eat("{") {
             return Err(self.error("expected '{'"));
         }
         let mut values = Vec::new();
-        if self.eat("}") {
-            return Ok(values);
-        }
         loop {
+            if self.eat("}") {
+                return Ok(values);
+            }
             values.push(self.string()?);
             if self.eat("}") {
                 return Ok(values);
@@ -286,24 +381,23 @@ impl Parser<'_> {
 
     fn term(&mut self) -> Result<Selector, SelectorError> {
         self.skip_ws();
-        for (word, sel) in [("all", Selector::All), ("global", Selector::Global)] {
-            let save = self.pos;
-            if self.eat_word(word) {
-                if self.eat("(") && self.eat(")") {
-                    return Ok(sel);
+        // `all(`, `global(` and `has(` are single tokens in Calico: no
+        // blank between the word and the parenthesis.
+        for (word, sel) in [("all(", Selector::All), ("global(", Selector::Global)] {
+            if self.eat_here(word) {
+                if !self.eat(")") {
+                    return Err(self.error(&format!("expected ')' after {word}")));
                 }
-                self.pos = save;
+                return Ok(sel);
             }
         }
-        let save = self.pos;
-        if self.eat_word("has") && self.eat("(") {
+        if self.eat_here("has(") {
             let key = self.key()?;
             if !self.eat(")") {
                 return Err(self.error("expected ')' after the label key"));
             }
             return Ok(Selector::Has(key));
         }
-        self.pos = save;
         let key = self.key()?;
         if self.eat("==") {
             return Ok(Selector::Eq(key, self.string()?));
@@ -311,37 +405,20 @@ impl Parser<'_> {
         if self.eat("!=") {
             return Ok(Selector::NotEq(key, self.string()?));
         }
-        if self.eat_word("in") {
-            return Ok(Selector::In(key, self.string_set()?));
-        }
-        let save = self.pos;
-        if self.eat_word("not") {
-            if self.eat_word("in") {
-                return Ok(Selector::NotIn(key, self.string_set()?));
-            }
-            self.pos = save;
-        }
-        if self.eat_word("contains") {
+        if self.eat_words(&["contains"]) {
             return Ok(Selector::Contains(key, self.string()?));
         }
-        if self.eat_word("startswith") {
+        if self.eat_words(&["starts", "with"]) {
             return Ok(Selector::StartsWith(key, self.string()?));
         }
-        if self.eat_word("endswith") {
+        if self.eat_words(&["ends", "with"]) {
             return Ok(Selector::EndsWith(key, self.string()?));
         }
-        let save = self.pos;
-        if self.eat_word("starts") {
-            if self.eat_word("with") {
-                return Ok(Selector::StartsWith(key, self.string()?));
-            }
-            self.pos = save;
+        if self.eat_words(&["not", "in"]) {
+            return Ok(Selector::NotIn(key, self.string_set()?));
         }
-        if self.eat_word("ends") {
-            if self.eat_word("with") {
-                return Ok(Selector::EndsWith(key, self.string()?));
-            }
-            self.pos = save;
+        if self.eat_words(&["in"]) {
+            return Ok(Selector::In(key, self.string_set()?));
         }
         self.skip_ws();
         Err(self
@@ -439,5 +516,75 @@ mod tests {
             let err = Selector::parse(text).expect_err(text);
             assert_eq!(err.column, *column, "{text:?}: {err}");
         }
+    }
+
+    #[test]
+    fn hostile_selectors_are_refused_without_exhausting_the_stack() {
+        // 10,000 nested parentheses: refused at the depth limit.
+        let deep = format!("{}has(a){}", "(".repeat(10_000), ")".repeat(10_000));
+        let err = Selector::parse(&deep).expect_err("too deep");
+        assert!(err.message.contains("nested deeper than 64"), "{err}");
+        assert!(
+            err.to_string().len() < 400,
+            "the error quotes a prefix: {err}"
+        );
+        // Exactly at the limit is fine.
+        let ok = format!("{}has(a){}", "(".repeat(64), ")".repeat(64));
+        assert_eq!(Selector::parse(&ok).unwrap(), Selector::Has("a".into()));
+        // 100,000 `!`: over the size limit; 60,000 collapse, as in Calico.
+        let nots = format!("{}has(a)", "!".repeat(100_000));
+        assert!(Selector::parse(&nots).is_err());
+        let nots = format!("{}has(a)", "!".repeat(60_000));
+        assert_eq!(Selector::parse(&nots).unwrap(), Selector::Has("a".into()));
+        let odd = format!("{}has(a)", "! ".repeat(10_001));
+        assert_eq!(
+            Selector::parse(&odd).unwrap(),
+            Selector::Not(Box::new(Selector::Has("a".into())))
+        );
+        // Thousands of terms: a balanced tree, matched and dropped cheaply.
+        let wide = vec!["has(a)"; 4000].join(" && ");
+        let sel = Selector::parse(&wide).unwrap();
+        assert!(sel.matches(&labels(&[("a", "1")])));
+        assert!(!sel.matches(&labels(&[("b", "1")])));
+        assert_eq!(Selector::parse(&sel.to_string()).unwrap(), sel);
+        // Over the size limit.
+        let huge = vec!["has(a)"; 10_000].join(" || ");
+        let err = Selector::parse(&huge).expect_err("too long");
+        assert!(err.message.contains("over the limit of 65536"), "{err}");
+    }
+
+    #[test]
+    fn calico_tokenizer_rules() {
+        // Label keys: at most 512 characters (Calico's MaxLabelLength).
+        let key = "k".repeat(512);
+        assert!(Selector::parse(&format!("has({key})")).is_ok());
+        let err = Selector::parse(&format!("has({key}k)")).expect_err("513");
+        assert!(err.message.contains("513 characters"), "{err}");
+        assert!(Selector::parse(&format!("{key}k == 'x'")).is_err());
+        // `notin` is `not in`; `startswith` is `starts with`.
+        let l = labels(&[("a", "y")]);
+        for text in ["a notin {\"x\"}", "a not  in {'x'}", "a not\tin {'x'}"] {
+            let sel = Selector::parse(text).unwrap_or_else(|e| panic!("{text:?}: {e}"));
+            assert!(sel.matches(&l), "{text:?}");
+        }
+        // Only spaces and tabs are blanks.
+        for text in [
+            "has(a)\n",
+            "\nhas(a)",
+            "has(a)\r",
+            "a ==\n'x'",
+            "has(a)\u{a0}",
+        ] {
+            assert!(Selector::parse(text).is_err(), "{text:?} must be refused");
+        }
+        assert!(Selector::parse("\thas(a)\t&&\thas(b)\t").is_ok());
+        // `has(`, `all(` and `global(` are single tokens.
+        assert!(Selector::parse("has (a)").is_err());
+        assert!(Selector::parse("all ()").is_err());
+        assert!(Selector::parse("all( )").is_ok());
+        // A trailing comma in a set is allowed.
+        let sel = Selector::parse("a in {'x', 'y',}").unwrap();
+        assert_eq!(sel, Selector::In("a".into(), vec!["x".into(), "y".into()]));
+        assert!(Selector::parse("a in {,}").is_err());
     }
 }
