@@ -563,6 +563,18 @@ fn main() -> ExitCode {
             (None, None) if pod.is_some() => {
                 Err(anyhow::anyhow!("--pod needs --ingress or --egress PACKET"))
             }
+            (ingress, egress) if pod.is_some() => check_pod(
+                &policies,
+                pod.as_deref().unwrap_or_default(),
+                ingress
+                    .map(|p| (moat_common::direction::INGRESS, p))
+                    .or(egress.map(|p| (moat_common::direction::EGRESS, p))),
+                moat::policy::reference::Query {
+                    forwarded,
+                    established,
+                },
+                output,
+            ),
             (None, None) => check(
                 &policies,
                 profile_arg(&profile).as_deref(),
@@ -913,6 +925,39 @@ fn bench(
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `moat check --pod NAMESPACE/NAME --ingress|--egress PACKET`: Calico's
+/// verdict at the pod (the bundled host profiles play no part).
+fn check_pod(
+    dir_path: &std::path::Path,
+    pod: &str,
+    packet: Option<(u8, String)>,
+    query: moat::policy::reference::Query,
+    output: OutputFormat,
+) -> anyhow::Result<ExitCode> {
+    let Some((namespace, name)) = pod
+        .split_once('/')
+        .filter(|(ns, n)| !ns.is_empty() && !n.is_empty() && !n.contains('/'))
+    else {
+        anyhow::bail!("--pod {pod:?}: expected NAMESPACE/NAME, e.g. --pod default/web-0");
+    };
+    let (dir, packet) =
+        packet.ok_or_else(|| anyhow::anyhow!("--pod needs --ingress or --egress PACKET"))?;
+    let loaded = agent::load_policies(dir_path, None)?;
+    for e in &loaded.errors {
+        eprintln!("error: {e} (left out of the answer)");
+    }
+    let answer = moat::cli::check::answer_pod(&loaded.set, namespace, name, dir, &packet, query)?;
+    match output {
+        OutputFormat::Json => println!("{}", serde_json::to_string(&answer)?),
+        OutputFormat::Text => print!("{}", answer.text()),
+    }
+    Ok(if loaded.errors.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 fn check_packet(

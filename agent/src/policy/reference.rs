@@ -323,6 +323,9 @@ pub enum DecidedBy {
     /// Forwarded traffic with no applyOnForward policy for this endpoint
     /// and direction: allowed.
     ForwardedWithoutPolicy,
+    /// A pod's packet to (or from) its own address: it never leaves the
+    /// pod, so no policy sees it.
+    OwnAddress,
 }
 
 /// A verdict and how it came about.
@@ -766,6 +769,8 @@ pub struct Workload {
     /// Its labels plus `projectcalico.org/namespace` and
     /// `projectcalico.org/orchestrator: k8s`, as Calico gives them.
     pub labels: std::collections::BTreeMap<String, String>,
+    /// Its addresses (`status.podIPs`).
+    pub ips: Vec<IpAddr>,
 }
 
 impl Workload {
@@ -776,6 +781,7 @@ impl Workload {
                 namespace: ns,
                 name: n,
                 labels,
+                ips,
                 ..
             } if ns == namespace && n == name => {
                 let mut labels = labels.clone();
@@ -785,6 +791,7 @@ impl Workload {
                     namespace: ns.clone(),
                     name: n.clone(),
                     labels,
+                    ips: ips.clone(),
                 })
             }
             _ => None,
@@ -808,6 +815,21 @@ pub fn evaluate_workload(
     let mut trace = Vec::new();
     let mut logged = Vec::new();
     let done = Judgement::at;
+    // A pod's traffic to its own address never leaves it: no policy sees it.
+    let peer = if dir == direction::INGRESS {
+        f.src
+    } else {
+        f.dst
+    };
+    if pod.ips.contains(&peer) {
+        return done(
+            Verdict::Allow,
+            DecidedBy::OwnAddress,
+            Stage::Normal,
+            trace,
+            logged,
+        );
+    }
     if let Some((verdict, by)) = conntrack_stage(f, q) {
         return done(verdict, by, Stage::Conntrack, trace, logged);
     }
