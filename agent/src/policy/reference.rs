@@ -735,7 +735,7 @@ fn entity_matches(
 /// Whether `rule` of `policy` matches the packet `f` (Calico's rule
 /// semantics; selectors resolve against `set`).
 pub fn rule_matches_in(set: &PolicySet, policy: &Policy, rule: &Rule, f: &Fields) -> bool {
-    if rule.ip_version.is_some_and(|v| v != f.ip_version) {
+    if !rule_applies_to_version(rule, f.ip_version) {
         return false;
     }
     if let Some(p) = rule.protocol {
@@ -759,6 +759,21 @@ pub fn rule_matches_in(set: &PolicySet, policy: &Policy, rule: &Rule, f: &Fields
     }
     entity_matches(set, policy, &rule.source, f.src, f.sport, f.protocol)
         && entity_matches(set, policy, &rule.destination, f.dst, f.dport, f.protocol)
+}
+
+/// Whether Calico renders `rule` for IP version `v` at all (Felix's
+/// `FilterRuleToIPVersion`): not when `ipVersion` says another version,
+/// nor when one of its `nets` / `notNets` lists (source or destination)
+/// holds addresses of the other version only. So a rule whose only
+/// address match is an IPv4 `notNets` does not apply to IPv6 packets.
+pub fn rule_applies_to_version(rule: &Rule, v: u8) -> bool {
+    let has_version = |nets: &[ipnet::IpNet]| {
+        nets.is_empty() || nets.iter().any(|n| (n.addr().is_ipv4()) == (v == 4))
+    };
+    rule.ip_version.is_none_or(|rv| rv == v)
+        && [&rule.source, &rule.destination]
+            .iter()
+            .all(|e| has_version(&e.nets) && has_version(&e.not_nets))
 }
 
 /// A pod as policy sees it (a workload endpoint).
