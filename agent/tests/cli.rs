@@ -269,3 +269,119 @@ fn trace_runs_the_kernel_program_beside_the_reference() {
         assert_eq!(v["reference"]["verdict"], verdict, "{args:?}: {v}");
     }
 }
+
+#[test]
+fn check_pod_answers_for_ingress_and_egress() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures/pods")
+        .display()
+        .to_string();
+    let ask = |pod: &str, dir_flag: &str, packet: &str| {
+        let (v, ok) = json(&[
+            "check",
+            "--policies",
+            &dir,
+            "--pod",
+            pod,
+            dir_flag,
+            packet,
+            "-o",
+            "json",
+        ]);
+        assert!(ok, "{v}");
+        (
+            v["verdict"].as_str().unwrap_or_default().to_string(),
+            v["policy"].as_str().unwrap_or_default().to_string(),
+        )
+    };
+    let allow = |p: &str| ("allow".to_string(), p.to_string());
+    let deny = |p: &str| ("deny".to_string(), p.to_string());
+    // Kubernetes policy, ingress.
+    assert_eq!(
+        ask(
+            "prod/backend",
+            "--ingress",
+            "tcp 172.30.1.11:4000 -> 172.30.1.10:8080"
+        ),
+        allow("KubernetesNetworkPolicy/prod/knp.default.backend-from-frontend")
+    );
+    assert_eq!(
+        ask(
+            "prod/backend",
+            "--ingress",
+            "tcp 172.30.1.11:4000 -> 172.30.1.10:8081"
+        ),
+        deny("")
+    );
+    assert_eq!(
+        ask(
+            "prod/backend",
+            "--ingress",
+            "tcp 172.30.2.10:4000 -> 172.30.1.10:8080"
+        ),
+        deny("")
+    );
+    // Not isolated for egress: allowed.
+    assert_eq!(
+        ask(
+            "prod/backend",
+            "--egress",
+            "tcp 172.30.1.10:4000 -> 172.30.2.10:443"
+        ),
+        allow("")
+    );
+    // Calico namespaced policy, egress.
+    assert_eq!(
+        ask(
+            "finance/ledger",
+            "--egress",
+            "udp 172.30.2.10:4000 -> 172.21.0.10:53"
+        ),
+        allow("NetworkPolicy/finance/ledger-egress")
+    );
+    assert_eq!(
+        ask(
+            "finance/ledger",
+            "--egress",
+            "tcp 172.30.2.10:4000 -> 172.30.1.10:8080"
+        ),
+        deny("")
+    );
+    // The isolated pod's traffic to its own address is not policed.
+    assert_eq!(
+        ask(
+            "prod/backend",
+            "--ingress",
+            "tcp 172.30.1.10:4000 -> 172.30.1.10:9999"
+        ),
+        allow("")
+    );
+    assert_eq!(
+        ask(
+            "finance/ledger",
+            "--egress",
+            "tcp 172.30.2.10:4000 -> 172.30.2.10:9999"
+        ),
+        allow("")
+    );
+    // Bad --pod values say what is wrong.
+    for (pod, says) in [
+        ("backend", "expected NAMESPACE/NAME"),
+        ("prod/nope", "no Pod prod/nope"),
+    ] {
+        let out = moat()
+            .args([
+                "check",
+                "--policies",
+                &dir,
+                "--pod",
+                pod,
+                "--ingress",
+                "tcp 1.2.3.4:1 -> 5.6.7.8:2",
+            ])
+            .output()
+            .expect("runs");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(says), "{err}");
+    }
+}

@@ -65,6 +65,7 @@ fn by_name(by: &DecidedBy) -> String {
         DecidedBy::Profile { .. } => "profile".into(),
         DecidedBy::Conntrack => "conntrack".into(),
         DecidedBy::ForwardedWithoutPolicy => "forwarded-without-policy".into(),
+        DecidedBy::OwnAddress => "own-address".into(),
         DecidedBy::ConntrackInvalid { .. } => "conntrack-invalid".into(),
         other => format!("{other:?}"),
     }
@@ -725,7 +726,7 @@ spec:
     assert_eq!(
         judge(
             &pod("prod", "other"),
-            "tcp 172.30.1.12:4000 -> 172.30.1.12:80"
+            "tcp 172.30.1.11:4000 -> 172.30.1.12:80"
         ),
         (Allow, "profile".into())
     );

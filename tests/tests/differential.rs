@@ -390,6 +390,7 @@ fn path_name(by: &DecidedBy, v: Verdict) -> &'static str {
         DecidedBy::Conntrack => "conntrack",
         DecidedBy::Misconfigured { .. } => "misconfigured",
         DecidedBy::ForwardedWithoutPolicy => "forwarded",
+        DecidedBy::OwnAddress => "own-address",
     }
 }
 

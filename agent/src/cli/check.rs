@@ -177,6 +177,7 @@ pub fn answer_pod(
         DecidedBy::Profile { .. } => format!("no policy selects pod {namespace}/{name} for {direction}: allowed (Kubernetes' default)"),
         DecidedBy::Conntrack => "part of a connection already allowed (ESTABLISHED)".into(),
         DecidedBy::ConntrackInvalid { why } => format!("connection tracking: INVALID ({why})"),
+        DecidedBy::OwnAddress => format!("traffic between pod {namespace}/{name} and its own address never leaves the pod: no policy applies"),
         other => format!("{other:?}"),
     };
     let notes = vec![

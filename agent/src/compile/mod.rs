@@ -393,7 +393,9 @@ fn narrow(nets: &[IpNet], within: &[IpNet]) -> Vec<IpNet> {
 /// Appends the entries of `rule` (of `policy`, in `set`) to `out`. Rule
 /// selectors become the nets they resolve to, Service frontends become one
 /// entry per address, protocol and port; an empty resolution adds nothing
-/// (it matches nothing).
+/// (it matches nothing). Each phase rewrites the rule into simpler ones
+/// and expands those again, until only positive nets, ports, protocol and
+/// ICMP matches are left.
 pub fn expand(
     set: &PolicySet,
     policy: &Policy,
@@ -402,8 +404,66 @@ pub fn expand(
     rule_index: u32,
     out: &mut Vec<RuleEntry>,
 ) {
-    if rule.destination.service_frontends {
-        for f in crate::policy::resolve::service_frontends(set) {
+    let mut at = Expansion {
+        set,
+        policy,
+        policy_id,
+        rule_index,
+        out,
+    };
+    at.rule(rule);
+}
+
+/// Where the entries of one rule go.
+struct Expansion<'a, 'o> {
+    set: &'a PolicySet,
+    policy: &'a Policy,
+    policy_id: u32,
+    rule_index: u32,
+    out: &'o mut Vec<RuleEntry>,
+}
+
+impl Expansion<'_, '_> {
+    fn rule(&mut self, rule: &Rule) {
+        // Felix renders a rule only for the IP versions its literal nets
+        // and notNets allow (FilterRuleToIPVersion).
+        let versions: Vec<u8> = [4, 6]
+            .into_iter()
+            .filter(|v| crate::policy::reference::rule_applies_to_version(rule, *v))
+            .collect();
+        match versions.as_slice() {
+            [] => {}
+            [v] if rule.ip_version.is_none() => {
+                let mut r = rule.clone();
+                r.ip_version = Some(*v);
+                self.phases(&r);
+            }
+            _ => self.phases(rule),
+        }
+    }
+
+    fn phases(&mut self, rule: &Rule) {
+        if rule.destination.service_frontends {
+            return self.service_frontends(rule);
+        }
+        for side in [Side::Source, Side::Destination] {
+            let e = side.of(rule);
+            if e.not_selector.is_some() || !e.not_nets.is_empty() || !e.not_ports.is_empty() {
+                return self.negations(rule, side);
+            }
+        }
+        for side in [Side::Source, Side::Destination] {
+            let e = side.of(rule);
+            if e.selector.is_some() || e.namespace_selector.is_some() {
+                return self.selector(rule, side);
+            }
+        }
+        self.entries(rule);
+    }
+
+    /// One rule per Service frontend the rule's destination can match.
+    fn service_frontends(&mut self, rule: &Rule) {
+        for f in crate::policy::resolve::service_frontends(self.set) {
             let port_ok = rule.destination.ports.is_empty()
                 || rule
                     .destination
@@ -428,31 +488,19 @@ pub fn expand(
                 hi: f.port,
             }];
             r.destination.nets = nets;
-            expand(set, policy, &r, policy_id, rule_index, out);
+            self.rule(&r);
         }
-        return;
     }
-    // Negations become positive matches: the complement of notSelector's
-    // and notNets' prefixes within nets, of notPorts' ranges within ports.
-    for side in 0..2 {
-        let e = if side == 0 {
-            &rule.source
-        } else {
-            &rule.destination
-        };
-        if e.not_selector.is_none() && e.not_nets.is_empty() && e.not_ports.is_empty() {
-            continue;
-        }
+
+    /// Negations become positive matches: the complement of notSelector's
+    /// and notNets' prefixes within nets, of notPorts' ranges within ports.
+    fn negations(&mut self, rule: &Rule, side: Side) {
         let mut r = rule.clone();
-        let m = if side == 0 {
-            &mut r.source
-        } else {
-            &mut r.destination
-        };
+        let m = side.of_mut(&mut r);
         if let Some(sel) = m.not_selector.take() {
             m.not_nets.extend(crate::policy::resolve::selected_nets(
-                set,
-                policy,
+                self.set,
+                self.policy,
                 &sel,
                 m.namespace_selector.as_ref(),
             ));
@@ -488,152 +536,180 @@ pub fn expand(
             }
             m.ports = ports;
         }
-        expand(set, policy, &r, policy_id, rule_index, out);
-        return;
+        self.rule(&r);
     }
-    for side in 0..2 {
-        let e = if side == 0 {
-            &rule.source
-        } else {
-            &rule.destination
-        };
-        if e.selector.is_some() || e.namespace_selector.is_some() {
-            let sel = e
-                .selector
-                .clone()
-                .unwrap_or(crate::policy::selector::Selector::All);
-            let resolved = crate::policy::resolve::selected_nets(
-                set,
-                policy,
-                &sel,
-                e.namespace_selector.as_ref(),
-            );
-            let nets = narrow(&e.nets, &resolved);
-            if nets.is_empty() {
-                return; // selects nothing: the rule matches nothing
-            }
-            let mut r = rule.clone();
-            let e = if side == 0 {
-                &mut r.source
-            } else {
-                &mut r.destination
-            };
-            e.nets = nets;
-            e.selector = None;
-            e.namespace_selector = None;
-            expand(set, policy, &r, policy_id, rule_index, out);
+
+    /// A rule selector becomes the nets it resolves to.
+    fn selector(&mut self, rule: &Rule, side: Side) {
+        let e = side.of(rule);
+        let sel = e
+            .selector
+            .clone()
+            .unwrap_or(crate::policy::selector::Selector::All);
+        let resolved = crate::policy::resolve::selected_nets(
+            self.set,
+            self.policy,
+            &sel,
+            e.namespace_selector.as_ref(),
+        );
+        let nets = narrow(&e.nets, &resolved);
+        if nets.is_empty() {
+            return; // selects nothing: the rule matches nothing
+        }
+        let mut r = rule.clone();
+        let e = side.of_mut(&mut r);
+        e.nets = nets;
+        e.selector = None;
+        e.namespace_selector = None;
+        self.rule(&r);
+    }
+
+    /// The entries of a rule with positive matches only: one per
+    /// combination of source and destination nets and ports.
+    fn entries(&mut self, rule: &Rule) {
+        let Some((base, version)) = self.base_entry(rule) else {
             return;
-        }
-    }
-    let mut base = RuleEntry {
-        action: action_code(rule.action),
-        policy_id,
-        rule_index,
-        ..Default::default()
-    };
-    // The IP version a rule is limited to: explicit, or implied by ICMP /
-    // ICMPv6 (Felix renders those into one address family only).
-    let mut version = rule.ip_version;
-    match (rule.protocol, rule.not_protocol) {
-        (Some(p), Some(np)) if p == np => return, // can never match
-        (Some(p), _) => {
-            base.protocol = p;
-            base.match_flags |= rule_match::PROTOCOL;
-            match p {
-                1 => version = version.or(Some(4)),
-                58 => version = version.or(Some(6)),
-                _ => {}
-            }
-        }
-        (None, Some(np)) => {
-            base.protocol = np;
-            base.match_flags |= rule_match::NOT_PROTOCOL;
-        }
-        (None, None) => {}
-    }
-    if let Some(i) = rule.icmp {
-        base.icmp_type = i.icmp_type;
-        base.match_flags |= rule_match::ICMP_TYPE;
-        if let Some(c) = i.code {
-            base.icmp_code = c;
-            base.match_flags |= rule_match::ICMP_CODE;
-        }
-    }
-    if let Some(i) = rule.not_icmp {
-        if rule.icmp.is_some() {
-            // Both: a packet must have icmp's type and not notICMP's. With
-            // equal types the code decides; otherwise notICMP is implied.
-            let same_type = rule.icmp.is_some_and(|m| m.icmp_type == i.icmp_type);
-            if same_type {
-                match (rule.icmp.and_then(|m| m.code), i.code) {
-                    (_, None) => return,                      // never matches
-                    (Some(c), Some(nc)) if c == nc => return, // never matches
-                    (Some(_), Some(_)) => {}                  // implied
-                    (None, Some(_)) => {
-                        // Needs "type T and code != C": one entry per code.
-                        let nc = i.code.unwrap_or(0);
-                        for code in (0..=255u8).filter(|c| *c != nc) {
-                            let mut r = rule.clone();
-                            r.icmp = Some(crate::policy::IcmpMatch {
-                                icmp_type: i.icmp_type,
-                                code: Some(code),
-                            });
-                            r.not_icmp = None;
-                            expand(set, policy, &r, policy_id, rule_index, out);
+        };
+        for src in nets_or_any(&rule.source.nets) {
+            for dst in nets_or_any(&rule.destination.nets) {
+                // Every constraint on the IP version must agree.
+                let mut v = version;
+                let mut possible = true;
+                for implied in [version_of(src), version_of(dst)].into_iter().flatten() {
+                    match v {
+                        Some(have) if have != implied => possible = false,
+                        _ => v = Some(implied),
+                    }
+                }
+                if !possible {
+                    continue;
+                }
+                for sp in ports_or_any(&rule.source.ports) {
+                    for dp in ports_or_any(&rule.destination.ports) {
+                        let mut e = base;
+                        if let Some(v) = v {
+                            e.ip_version = v;
+                            e.match_flags |= rule_match::IP_VERSION;
                         }
-                        return;
+                        if let Some(n) = src {
+                            (e.src_net, e.src_mask) = net_bytes(n);
+                            e.match_flags |= rule_match::SRC_NET;
+                        }
+                        if let Some(n) = dst {
+                            (e.dst_net, e.dst_mask) = net_bytes(n);
+                            e.match_flags |= rule_match::DST_NET;
+                        }
+                        if let Some(p) = sp {
+                            (e.src_port_lo, e.src_port_hi) = (p.lo, p.hi);
+                            e.match_flags |= rule_match::SRC_PORTS;
+                        }
+                        if let Some(p) = dp {
+                            (e.dst_port_lo, e.dst_port_hi) = (p.lo, p.hi);
+                            e.match_flags |= rule_match::DST_PORTS;
+                        }
+                        self.out.push(e);
                     }
                 }
             }
-        } else {
+        }
+    }
+
+    /// The protocol and ICMP part every entry of `rule` shares, and the IP
+    /// version the rule is limited to; `None` when it can never match (or
+    /// was expanded into per-code rules instead).
+    fn base_entry(&mut self, rule: &Rule) -> Option<(RuleEntry, Option<u8>)> {
+        let mut base = RuleEntry {
+            action: action_code(rule.action),
+            policy_id: self.policy_id,
+            rule_index: self.rule_index,
+            ..Default::default()
+        };
+        // The IP version a rule is limited to: explicit, or implied by ICMP /
+        // ICMPv6 (Felix renders those into one address family only).
+        let mut version = rule.ip_version;
+        match (rule.protocol, rule.not_protocol) {
+            (Some(p), Some(np)) if p == np => return None, // can never match
+            (Some(p), _) => {
+                base.protocol = p;
+                base.match_flags |= rule_match::PROTOCOL;
+                match p {
+                    1 => version = version.or(Some(4)),
+                    58 => version = version.or(Some(6)),
+                    _ => {}
+                }
+            }
+            (None, Some(np)) => {
+                base.protocol = np;
+                base.match_flags |= rule_match::NOT_PROTOCOL;
+            }
+            (None, None) => {}
+        }
+        if let Some(i) = rule.icmp {
+            base.icmp_type = i.icmp_type;
+            base.match_flags |= rule_match::ICMP_TYPE;
+            if let Some(c) = i.code {
+                base.icmp_code = c;
+                base.match_flags |= rule_match::ICMP_CODE;
+            }
+        }
+        let Some(i) = rule.not_icmp else {
+            return Some((base, version));
+        };
+        let Some(m) = rule.icmp else {
             base.icmp_type = i.icmp_type;
             base.match_flags |= rule_match::NOT_ICMP_TYPE;
             if let Some(c) = i.code {
                 base.icmp_code = c;
                 base.match_flags |= rule_match::NOT_ICMP_CODE;
             }
+            return Some((base, version));
+        };
+        // Both: a packet must have icmp's type and not notICMP's. With
+        // different types notICMP is implied; with equal ones the code
+        // decides.
+        if m.icmp_type != i.icmp_type {
+            return Some((base, version));
+        }
+        match (m.code, i.code) {
+            (_, None) => None,                           // never matches
+            (Some(c), Some(nc)) if c == nc => None,      // never matches
+            (Some(_), Some(_)) => Some((base, version)), // implied
+            (None, Some(nc)) => {
+                // Needs "type T and code != C": one rule per code.
+                for code in (0..=255u8).filter(|c| *c != nc) {
+                    let mut r = rule.clone();
+                    r.icmp = Some(crate::policy::IcmpMatch {
+                        icmp_type: i.icmp_type,
+                        code: Some(code),
+                    });
+                    r.not_icmp = None;
+                    self.rule(&r);
+                }
+                None
+            }
         }
     }
-    for src in nets_or_any(&rule.source.nets) {
-        for dst in nets_or_any(&rule.destination.nets) {
-            // Every constraint on the IP version must agree.
-            let mut v = version;
-            let mut possible = true;
-            for implied in [version_of(src), version_of(dst)].into_iter().flatten() {
-                match v {
-                    Some(have) if have != implied => possible = false,
-                    _ => v = Some(implied),
-                }
-            }
-            if !possible {
-                continue;
-            }
-            for sp in ports_or_any(&rule.source.ports) {
-                for dp in ports_or_any(&rule.destination.ports) {
-                    let mut e = base;
-                    if let Some(v) = v {
-                        e.ip_version = v;
-                        e.match_flags |= rule_match::IP_VERSION;
-                    }
-                    if let Some(n) = src {
-                        (e.src_net, e.src_mask) = net_bytes(n);
-                        e.match_flags |= rule_match::SRC_NET;
-                    }
-                    if let Some(n) = dst {
-                        (e.dst_net, e.dst_mask) = net_bytes(n);
-                        e.match_flags |= rule_match::DST_NET;
-                    }
-                    if let Some(p) = sp {
-                        (e.src_port_lo, e.src_port_hi) = (p.lo, p.hi);
-                        e.match_flags |= rule_match::SRC_PORTS;
-                    }
-                    if let Some(p) = dp {
-                        (e.dst_port_lo, e.dst_port_hi) = (p.lo, p.hi);
-                        e.match_flags |= rule_match::DST_PORTS;
-                    }
-                    out.push(e);
-                }
-            }
+}
+
+/// The source or the destination of a rule.
+#[derive(Clone, Copy)]
+enum Side {
+    Source,
+    Destination,
+}
+
+impl Side {
+    fn of(self, rule: &Rule) -> &crate::policy::EntityMatch {
+        match self {
+            Side::Source => &rule.source,
+            Side::Destination => &rule.destination,
+        }
+    }
+
+    fn of_mut(self, rule: &mut Rule) -> &mut crate::policy::EntityMatch {
+        match self {
+            Side::Source => &mut rule.source,
+            Side::Destination => &mut rule.destination,
         }
     }
 }
@@ -721,6 +797,37 @@ mod tests {
                 Some(r) => assert_eq!(&c, r, "shuffle {round}: {order:?}"),
             }
         }
+    }
+
+    #[test]
+    fn a_rule_is_rendered_only_for_the_ip_versions_its_nets_allow() {
+        // Felix's FilterRuleToIPVersion: an IPv4-only notNets drops the rule
+        // for IPv6; nets of both versions with an IPv6-only notNets keep
+        // IPv6 only.
+        let s = set(&format!("{HEP}apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {{name: p}}\nspec:\n  ingress:\n    - action: Allow\n      source: {{notNets: [10.0.0.0/8]}}\n    - action: Deny\n      source: {{nets: [10.0.0.0/8, \"2001:db8::/32\"], notNets: [\"2001:db8::/64\"]}}\n"));
+        let c = compile(&s, "n", &["eth1".into()]).expect("compiles");
+        let t = c.ifaces["eth1"].table(direction::INGRESS, table::POLICY);
+        let versions = |i: u32| {
+            let mut v: Vec<u8> = t
+                .rules
+                .iter()
+                .filter(|r| r.rule_index == i)
+                .map(|r| r.ip_version)
+                .collect();
+            v.dedup();
+            v
+        };
+        assert_eq!(versions(0), [4]);
+        assert_eq!(versions(1), [6]);
+        let v6 = crate::policy::packet_spec::parse("tcp [2001:db8:1::1]:1000 -> [2001:db8::10]:80")
+            .expect("packet");
+        let rule = &s.policies[0].ingress[0];
+        assert!(!crate::policy::reference::rule_matches_in(
+            &s,
+            &s.policies[0],
+            rule,
+            &v6
+        ));
     }
 
     #[test]

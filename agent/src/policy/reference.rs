@@ -323,6 +323,9 @@ pub enum DecidedBy {
     /// Forwarded traffic with no applyOnForward policy for this endpoint
     /// and direction: allowed.
     ForwardedWithoutPolicy,
+    /// A pod's packet to (or from) its own address: it never leaves the
+    /// pod, so no policy sees it.
+    OwnAddress,
 }
 
 /// A verdict and how it came about.
@@ -732,7 +735,7 @@ fn entity_matches(
 /// Whether `rule` of `policy` matches the packet `f` (Calico's rule
 /// semantics; selectors resolve against `set`).
 pub fn rule_matches_in(set: &PolicySet, policy: &Policy, rule: &Rule, f: &Fields) -> bool {
-    if rule.ip_version.is_some_and(|v| v != f.ip_version) {
+    if !rule_applies_to_version(rule, f.ip_version) {
         return false;
     }
     if let Some(p) = rule.protocol {
@@ -758,6 +761,21 @@ pub fn rule_matches_in(set: &PolicySet, policy: &Policy, rule: &Rule, f: &Fields
         && entity_matches(set, policy, &rule.destination, f.dst, f.dport, f.protocol)
 }
 
+/// Whether Calico renders `rule` for IP version `v` at all (Felix's
+/// `FilterRuleToIPVersion`): not when `ipVersion` says another version,
+/// nor when one of its `nets` / `notNets` lists (source or destination)
+/// holds addresses of the other version only. So a rule whose only
+/// address match is an IPv4 `notNets` does not apply to IPv6 packets.
+pub fn rule_applies_to_version(rule: &Rule, v: u8) -> bool {
+    let has_version = |nets: &[ipnet::IpNet]| {
+        nets.is_empty() || nets.iter().any(|n| (n.addr().is_ipv4()) == (v == 4))
+    };
+    rule.ip_version.is_none_or(|rv| rv == v)
+        && [&rule.source, &rule.destination]
+            .iter()
+            .all(|e| has_version(&e.nets) && has_version(&e.not_nets))
+}
+
 /// A pod as policy sees it (a workload endpoint).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Workload {
@@ -766,6 +784,8 @@ pub struct Workload {
     /// Its labels plus `projectcalico.org/namespace` and
     /// `projectcalico.org/orchestrator: k8s`, as Calico gives them.
     pub labels: std::collections::BTreeMap<String, String>,
+    /// Its addresses (`status.podIPs`).
+    pub ips: Vec<IpAddr>,
 }
 
 impl Workload {
@@ -776,6 +796,7 @@ impl Workload {
                 namespace: ns,
                 name: n,
                 labels,
+                ips,
                 ..
             } if ns == namespace && n == name => {
                 let mut labels = labels.clone();
@@ -785,6 +806,7 @@ impl Workload {
                     namespace: ns.clone(),
                     name: n.clone(),
                     labels,
+                    ips: ips.clone(),
                 })
             }
             _ => None,
@@ -808,6 +830,21 @@ pub fn evaluate_workload(
     let mut trace = Vec::new();
     let mut logged = Vec::new();
     let done = Judgement::at;
+    // A pod's traffic to its own address never leaves it: no policy sees it.
+    let peer = if dir == direction::INGRESS {
+        f.src
+    } else {
+        f.dst
+    };
+    if pod.ips.contains(&peer) {
+        return done(
+            Verdict::Allow,
+            DecidedBy::OwnAddress,
+            Stage::Normal,
+            trace,
+            logged,
+        );
+    }
     if let Some((verdict, by)) = conntrack_stage(f, q) {
         return done(verdict, by, Stage::Conntrack, trace, logged);
     }

@@ -59,6 +59,18 @@ pub fn run(args: Args) -> anyhow::Result<Exit> {
         (None, None) if args.pod.is_some() => Err(crate::cli::exit::usage(
             "--pod needs --ingress or --egress PACKET",
         )),
+        (ingress, egress) if args.pod.is_some() => check_pod(
+            &args.policies,
+            args.pod.as_deref().unwrap_or_default(),
+            ingress
+                .map(|p| (moat_common::direction::INGRESS, p))
+                .or(egress.map(|p| (moat_common::direction::EGRESS, p))),
+            policy::reference::Query {
+                forwarded: args.forwarded,
+                established: args.established,
+            },
+            args.output,
+        ),
         (None, None) => check(
             &args.policies,
             profile.as_deref(),
@@ -178,6 +190,41 @@ fn check(
         }
     }
     Ok(if errors.is_empty() && compile_error.is_none() {
+        Exit::Ok
+    } else {
+        Exit::Error
+    })
+}
+
+/// `moat check --pod NAMESPACE/NAME --ingress|--egress PACKET`: Calico's
+/// verdict at the pod (the bundled host profiles play no part).
+fn check_pod(
+    dir_path: &std::path::Path,
+    pod: &str,
+    packet: Option<(u8, String)>,
+    query: policy::reference::Query,
+    output: OutputFormat,
+) -> anyhow::Result<Exit> {
+    let Some((namespace, name)) = pod
+        .split_once('/')
+        .filter(|(ns, n)| !ns.is_empty() && !n.is_empty() && !n.contains('/'))
+    else {
+        return Err(crate::cli::exit::usage(format!(
+            "--pod {pod:?}: expected NAMESPACE/NAME, e.g. --pod default/web-0"
+        )));
+    };
+    let (dir, packet) = packet
+        .ok_or_else(|| crate::cli::exit::usage("--pod needs --ingress or --egress PACKET"))?;
+    let loaded = agent::load_policies(dir_path, None)?;
+    for e in &loaded.errors {
+        eprintln!("error: {e} (left out of the answer)");
+    }
+    let answer = crate::cli::check::answer_pod(&loaded.set, namespace, name, dir, &packet, query)?;
+    match output {
+        OutputFormat::Json => println!("{}", serde_json::to_string(&answer)?),
+        OutputFormat::Text => print!("{}", answer.text()),
+    }
+    Ok(if loaded.errors.is_empty() {
         Exit::Ok
     } else {
         Exit::Error
