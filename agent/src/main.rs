@@ -726,8 +726,9 @@ fn agent_config(
     )
 }
 
-/// `moat status`: exit 0 when the agent runs and is in sync, 1 when it
-/// runs but is not (yet), 3 when it is not running.
+/// `moat status`: exit 0 when the agent runs, is in sync and protects
+/// every interface asked for, 1 when it runs but is not in sync (yet), 2
+/// when an interface is not protected, 3 when it is not running.
 fn status(path: &std::path::Path, output: OutputFormat) -> anyhow::Result<ExitCode> {
     use moat::cli::status::{read, render, Found};
     match read(path)? {
@@ -758,7 +759,6 @@ fn status(path: &std::path::Path, output: OutputFormat) -> anyhow::Result<ExitCo
             Ok(ExitCode::from(3))
         }
         Found::Fresh(s, age) => {
-            let in_sync = s.source.synced;
             if output == OutputFormat::Json {
                 println!(
                     "{}",
@@ -767,11 +767,7 @@ fn status(path: &std::path::Path, output: OutputFormat) -> anyhow::Result<ExitCo
             } else {
                 print!("{}", render(&s));
             }
-            Ok(if in_sync {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(1)
-            })
+            Ok(ExitCode::from(moat::cli::status::exit_code(&s)))
         }
     }
 }

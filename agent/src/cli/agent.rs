@@ -146,7 +146,14 @@ pub fn load_policies(
                 known.join(", ")
             )
         })?;
-        if loaded.set.policies.is_empty() {
+        if loaded.set.policies.is_empty() && !loaded.errors.is_empty() {
+            error!(
+                "{}: no valid policy, and {} object(s) rejected: the bundled profile {} is NOT used in their place; fix them",
+                dir.display(),
+                loaded.errors.len(),
+                p.name
+            );
+        } else if loaded.set.policies.is_empty() {
             info!(
                 "{} holds no policy of its own: using the bundled profile {} ({})",
                 dir.display(),
@@ -291,6 +298,10 @@ fn start_source(
 /// The interfaces the agent is asked to enforce, as they come and go.
 struct Ifaces {
     wanted: Vec<String>,
+    /// Named by `--iface`: each must be protected for the agent to be ready.
+    required: Vec<String>,
+    /// Added by automatic host endpoints (and not named).
+    optional: Vec<String>,
     /// name -> ifindex, for those that exist now.
     present: BTreeMap<String, u32>,
     /// name -> ifindex it was attached at.
@@ -299,9 +310,16 @@ struct Ifaces {
 }
 
 impl Ifaces {
-    fn new(wanted: Vec<String>) -> Self {
+    fn new(wanted: Vec<String>, required: Vec<String>) -> Self {
+        let optional = wanted
+            .iter()
+            .filter(|w| !required.contains(w))
+            .cloned()
+            .collect();
         Ifaces {
             wanted,
+            required,
+            optional,
             present: BTreeMap::new(),
             attached: BTreeMap::new(),
             reported_missing: Default::default(),
@@ -379,6 +397,54 @@ fn settle_pins(dataplane: &Dataplane, wanted: &[String]) -> anyhow::Result<()> {
         info!("removed the pinned map {name} of another layout");
     }
     Ok(())
+}
+
+/// Whether the agent protects what it was asked to, judged again after
+/// every apply and every second; every change is logged (WARN when not).
+#[derive(Default)]
+struct ReadyWatch {
+    /// The source's HostEndpoints, for "did you mean".
+    endpoints: Vec<crate::cli::ready::EndpointName>,
+    last: Option<crate::cli::ready::Readiness>,
+}
+
+impl ReadyWatch {
+    fn check(
+        &mut self,
+        dataplane: &Dataplane,
+        ifaces: &Ifaces,
+        node: &str,
+        generation: u32,
+        health: &crate::events::metrics::Health,
+        status: &mut crate::cli::status::Status,
+    ) {
+        let r = crate::cli::ready::assess(
+            dataplane,
+            &crate::cli::ready::Asked {
+                required: &ifaces.required,
+                optional: &ifaces.optional,
+                node,
+                generation,
+                present: &ifaces.present,
+                endpoints: &self.endpoints,
+            },
+        );
+        status.ready = r.ready();
+        status.unprotected = r.problems.clone();
+        if self.last.as_ref() == Some(&r) {
+            return;
+        }
+        if r.ready() {
+            let on = r.protected.join(", ");
+            health.set_ready(format!("policy generation {generation} enforced on {on}"));
+            info!("ready: policy generation {generation} enforced on {on}");
+        } else {
+            let why = r.problems.join("; ");
+            health.set_not_ready(why.clone());
+            warn!("NOT protecting every interface asked for, so not ready. {why}");
+        }
+        self.last = Some(r);
+    }
 }
 
 /// Everything `moat status` shows, from the agent's current state.
@@ -632,7 +698,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     info!(
         "{n} established connection(s) tracked as allowed before attaching: {sockets}, {conntrack}"
     );
-    let mut ifaces = Ifaces::new(wanted.clone());
+    let mut ifaces = Ifaces::new(wanted.clone(), cfg.ifaces.clone());
     ifaces.refresh();
 
     let now = crate::dataplane::state::now();
@@ -787,6 +853,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())?;
     let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
     let mut synced = false;
+    let mut ready = ReadyWatch::default();
     loop {
         tokio::select! {
             _ = sigint.recv() => { info!("SIGINT: detaching"); break; }
@@ -868,8 +935,6 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                         Err(e) => warn!("saving the policy in force to {}: {e:#}", path.display()),
                     }
                 }
-                published.refresh(&dataplane, &ifaces, &compiled, &stats, cfg.xdp_mode, local.len());
-                published.write(status_file);
                 if synced {
                     info!("applied: policy generation {generation} from {}", outcome.origin);
                 } else {
@@ -877,12 +942,11 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                     for c in compiled.ifaces.values() {
                         info!("enforcing {}", describe(c));
                     }
-                    let on = ifaces.attached.keys().cloned().collect::<Vec<_>>().join(", ");
-                    observer
-                        .health
-                        .set_ready(format!("policy generation {generation} enforced on {on}"));
-                    info!("ready: policy generation {generation} enforced on {on}");
                 }
+                ready.endpoints = outcome.endpoints;
+                ready.check(&dataplane, &ifaces, &cfg.node, generation, &observer.health, &mut published.status);
+                published.refresh(&dataplane, &ifaces, &compiled, &stats, cfg.xdp_mode, local.len());
+                published.write(status_file);
             }
             _ = publish.tick() => {
                 published.refresh(&dataplane, &ifaces, &compiled, &stats, cfg.xdp_mode, local.len());
@@ -907,6 +971,9 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                     enforce(&mut dataplane, &mut ifaces, &compiled, generation, cfg.xdp_mode)?;
                     published.refresh(&dataplane, &ifaces, &compiled, &stats, cfg.xdp_mode, local.len());
                     published.write(status_file);
+                }
+                if synced {
+                    ready.check(&dataplane, &ifaces, &cfg.node, generation, &observer.health, &mut published.status);
                 }
             }
             guard = ring.readable_mut() => {

@@ -6,6 +6,7 @@
 pub mod agent;
 pub mod check;
 pub mod config;
+pub mod ready;
 pub mod status;
 pub mod tail;
 pub mod trace;

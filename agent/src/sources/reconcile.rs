@@ -52,6 +52,15 @@ impl Stats {
     }
 }
 
+/// A HostEndpoint the source holds (any node's), for "did you mean" when
+/// an interface asked for is not governed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EndpointName {
+    pub name: String,
+    pub node: String,
+    pub interface: String,
+}
+
 /// What a snapshot compiled to.
 #[derive(Debug)]
 pub struct Outcome {
@@ -61,6 +70,8 @@ pub struct Outcome {
     pub policies: usize,
     pub host_endpoints: usize,
     pub network_sets: usize,
+    /// Every HostEndpoint of the source.
+    pub endpoints: Vec<EndpointName>,
     /// Labels of each enforced interface's HostEndpoint.
     pub labels: BTreeMap<String, BTreeMap<String, String>>,
 }
@@ -130,12 +141,17 @@ impl Reconciler {
             .store(kept.len() as u64, Ordering::Relaxed);
         let mut set = loaded.set.clone();
         if let Some(p) = self.profile {
-            if set.policies.is_empty() {
+            if set.policies.is_empty() && invalid == 0 {
                 info!(
                     "{origin} holds no policy of its own: using the bundled profile {} ({})",
                     p.name, p.applies_to
                 );
                 crate::policy::profiles::add_to(&mut set, p);
+            } else if set.policies.is_empty() {
+                error!(
+                    "{origin}: no valid policy, and {invalid} object(s) rejected: the bundled profile {} is NOT used in their place; fix them",
+                    p.name
+                );
             }
         }
         if self.auto_host_endpoints {
@@ -183,7 +199,17 @@ impl Reconciler {
                 Some((i.name.clone(), hep.labels.clone()))
             })
             .collect();
+        let endpoints = set
+            .host_endpoints
+            .iter()
+            .map(|h| EndpointName {
+                name: h.name.clone(),
+                node: h.node.clone(),
+                interface: h.interface_name.clone(),
+            })
+            .collect();
         let outcome = Outcome {
+            endpoints,
             labels,
             compiled,
             origin,
