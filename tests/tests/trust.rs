@@ -353,3 +353,105 @@ fn a_configmap_volume_is_read_once_and_enforced() {
     );
     agent.stop();
 }
+
+const HEP: &str = "apiVersion: projectcalico.org/v3
+kind: HostEndpoint
+metadata: {name: worker-1-public, labels: {ibm.role: worker_public}}
+spec: {node: worker-1, interfaceName: eth1}
+";
+
+/// A policy allowing TCP `port` in on the public interface.
+fn allow(name: &str, port: u16) -> String {
+    format!(
+        "apiVersion: projectcalico.org/v3
+kind: GlobalNetworkPolicy
+metadata: {{name: {name}}}
+spec:
+  selector: ibm.role == 'worker_public'
+  order: 100
+  ingress: [{{action: Allow, protocol: TCP, destination: {{ports: [{port}]}}}}]
+"
+    )
+}
+
+/// Writes `text` to `dir/name` beside and renamed in, as tools do.
+fn put(dir: &Path, name: &str, text: &str) {
+    let tmp = dir.join(format!(".{name}.tmp"));
+    std::fs::write(&tmp, text).expect("write");
+    std::fs::rename(&tmp, dir.join(name)).expect("rename");
+}
+
+#[test]
+fn the_last_good_version_survives_a_restart() {
+    let lab = Lab::new();
+    for port in [8080, 9090, 7070] {
+        listen(&lab.worker, &format!("0.0.0.0:{port}"));
+    }
+    let dir = lab.path("p");
+    std::fs::create_dir_all(&dir).expect("dir");
+    put(&dir, "hep.yaml", HEP);
+    put(&dir, "web.yaml", &allow("allow-web", 8080));
+    put(&dir, "m.yaml", &allow("allow-metrics", 9090));
+    let args = [
+        "--policies",
+        dir.to_str().expect("utf-8"),
+        "--iface",
+        "eth1",
+        "--node",
+        "worker-1",
+    ];
+    let pins = PinDir::new();
+    let mut agent = lab.spawn(&args, &pins);
+    agent.wait_for_log(" ready:");
+    assert!(lab.connects(9090, Duration::from_secs(2)), "9090 allowed");
+    // An invalid edit: the last good version stays in force.
+    put(
+        &dir,
+        "m.yaml",
+        &allow("allow-metrics", 9090).replace("ports: [9090]", "ports: [ninety]"),
+    );
+    agent.wait_for_log("the last good one stays in force");
+    // Saved once applied: wait for the state file to hold it.
+    eventually("the saved state holds the last good text", || {
+        std::fs::read_to_string(lab.path("state.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|v| v["last_good_texts"].as_object().map(|o| o.len()))
+            == Some(1)
+    });
+    assert!(
+        lab.connects(9090, Duration::from_secs(2)),
+        "9090 still allowed"
+    );
+    agent.stop();
+    drop(pins);
+
+    // Restarted on fresh maps (as after a reboot): the first sync sees
+    // the same invalid edit, and enforces exactly what ran before.
+    let pins = PinDir::new();
+    let mut agent = lab.spawn(&args, &pins);
+    agent.wait_for_log("the last good one stays in force");
+    agent.wait_for_log(" ready:");
+    let v = lab.status_json();
+    assert_eq!(v["state"], "in sync", "{v:#}");
+    assert_eq!(v["source"]["kept_last_good"], 1, "{v:#}");
+    assert!(
+        lab.connects(9090, Duration::from_secs(2)),
+        "9090 still allowed after the restart"
+    );
+    assert!(lab.connects(8080, Duration::from_secs(2)), "8080 allowed");
+    assert!(
+        !lab.connects(7070, Duration::from_millis(300)),
+        "7070 denied"
+    );
+    // moat status names the invalid object, its error and what stays.
+    let (code, text) = lab.status();
+    assert_eq!(code, Some(0), "{text}");
+    assert!(
+        text.contains("GlobalNetworkPolicy/allow-metrics")
+            && text.contains("ninety")
+            && text.contains("last good version stays in force"),
+        "{text}"
+    );
+    agent.stop();
+}

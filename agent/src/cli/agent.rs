@@ -409,6 +409,9 @@ struct ReadyWatch {
 }
 
 impl ReadyWatch {
+    /// Judges readiness again and updates `status` and `health`; returns
+    /// the line to log when it changed (logged once the status file is
+    /// written, so whoever reads the log finds the file up to date).
     fn check(
         &mut self,
         dataplane: &Dataplane,
@@ -417,7 +420,7 @@ impl ReadyWatch {
         generation: u32,
         health: &crate::events::metrics::Health,
         status: &mut crate::cli::status::Status,
-    ) {
+    ) -> Option<ReadyChange> {
         let r = crate::cli::ready::assess(
             dataplane,
             &crate::cli::ready::Asked {
@@ -432,18 +435,37 @@ impl ReadyWatch {
         status.ready = r.ready();
         status.unprotected = r.problems.clone();
         if self.last.as_ref() == Some(&r) {
-            return;
+            return None;
         }
-        if r.ready() {
+        let change = if r.ready() {
             let on = r.protected.join(", ");
-            health.set_ready(format!("policy generation {generation} enforced on {on}"));
-            info!("ready: policy generation {generation} enforced on {on}");
+            let detail = format!("policy generation {generation} enforced on {on}");
+            health.set_ready(detail.clone());
+            ReadyChange::Ready(detail)
         } else {
             let why = r.problems.join("; ");
             health.set_not_ready(why.clone());
-            warn!("NOT protecting every interface asked for, so not ready. {why}");
-        }
+            ReadyChange::NotReady(why)
+        };
         self.last = Some(r);
+        Some(change)
+    }
+}
+
+/// A change of readiness, to log.
+enum ReadyChange {
+    Ready(String),
+    NotReady(String),
+}
+
+impl ReadyChange {
+    fn log(self) {
+        match self {
+            ReadyChange::Ready(detail) => info!("ready: {detail}"),
+            ReadyChange::NotReady(why) => {
+                warn!("NOT protecting every interface asked for, so not ready. {why}")
+            }
+        }
     }
 }
 
@@ -473,6 +495,11 @@ impl Published {
         s.source.rejected_objects_total = S::get(&stats.rejected_objects);
         s.source.invalid_objects = S::get(&stats.invalid_now);
         s.source.kept_last_good = S::get(&stats.kept_last_good);
+        s.invalid = stats
+            .invalid
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         let tcx = aya::util::KernelVersion::current()
             .is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 6, 0));
         s.interfaces = ifaces
@@ -731,9 +758,12 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let mut have_policy = false;
     let mut last_apply = std::time::Duration::ZERO;
     let mut pins_settled = false;
+    // The last good versions of objects invalid when the state was saved.
+    let mut last_good_texts = BTreeMap::new();
     if let Some(path) = &cfg.state_file {
         match crate::dataplane::state::load(path, &cfg.node) {
             Ok(saved) => {
+                last_good_texts = saved.last_good_texts.clone();
                 compiled = saved
                     .compiled()
                     .map_err(|e| anyhow::anyhow!("saved state {}: {e}", path.display()))?;
@@ -796,6 +826,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         cfg.auto_host_endpoints,
         stats.clone(),
     );
+    reconciler.seed(last_good_texts);
     if let Some(k) = &kube {
         reconciler.control_plane = crate::sources::kube::control_plane(k);
     }
@@ -923,7 +954,8 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                 s.source.last_sync_at = Some(now);
                 s.source.last_error = None;
                 if let Some(path) = &cfg.state_file {
-                    let saved = crate::dataplane::state::SavedState::new(&compiled, outcome.labels, &cfg.node, generation, &outcome.origin);
+                    let mut saved = crate::dataplane::state::SavedState::new(&compiled, outcome.labels, &cfg.node, generation, &outcome.origin);
+                    saved.last_good_texts = outcome.last_good_texts;
                     match crate::dataplane::state::save(path, &saved) {
                         Ok(()) => {
                             s.saved_state = Some(format!(
@@ -944,9 +976,12 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                     }
                 }
                 ready.endpoints = outcome.endpoints;
-                ready.check(&dataplane, &ifaces, &cfg.node, generation, &observer.health, &mut published.status);
+                let change = ready.check(&dataplane, &ifaces, &cfg.node, generation, &observer.health, &mut published.status);
                 published.refresh(&dataplane, &ifaces, &compiled, &stats, cfg.xdp_mode, local.len());
                 published.write(status_file);
+                if let Some(c) = change {
+                    c.log();
+                }
             }
             _ = publish.tick() => {
                 published.refresh(&dataplane, &ifaces, &compiled, &stats, cfg.xdp_mode, local.len());
@@ -973,7 +1008,11 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                     published.write(status_file);
                 }
                 if synced {
-                    ready.check(&dataplane, &ifaces, &cfg.node, generation, &observer.health, &mut published.status);
+                    if let Some(change) = ready.check(&dataplane, &ifaces, &cfg.node, generation, &observer.health, &mut published.status) {
+                        published.refresh(&dataplane, &ifaces, &compiled, &stats, cfg.xdp_mode, local.len());
+                        published.write(status_file);
+                        change.log();
+                    }
                 }
             }
             guard = ring.readable_mut() => {

@@ -102,8 +102,23 @@ fn link_info(id: u32) -> io::Result<Option<KernelLink>> {
     }))
 }
 
-/// Every BPF link of the kernel (all network namespaces).
+/// Every BPF link of the kernel (all network namespaces). A link being
+/// released while it is listed can make the kernel answer EAGAIN: the
+/// listing is then tried again (a few times).
 pub fn kernel_links() -> io::Result<Vec<KernelLink>> {
+    let mut tries = 0;
+    loop {
+        match list_links() {
+            Err(e) if e.raw_os_error() == Some(libc::EAGAIN) && tries < 5 => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            other => return other,
+        }
+    }
+}
+
+fn list_links() -> io::Result<Vec<KernelLink>> {
     let mut out = Vec::new();
     let mut id = 0;
     loop {

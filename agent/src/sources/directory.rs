@@ -29,16 +29,43 @@ pub const MAX_DELAY: Duration = Duration::from_secs(1);
 /// of resources (descriptors, memory) makes the whole read fail, to be
 /// retried: a snapshot without that file's objects would remove them.
 pub fn snapshot(dir: &Path) -> anyhow::Result<Snapshot> {
-    let loaded = policy::load_dir(dir)?;
-    if let Some(e) = loaded.errors.iter().find(|e| transient(&e.message)) {
-        anyhow::bail!("{e}");
+    let tree = policy::tree::walk(dir)
+        .with_context(|| format!("cannot read the policy directory {}", dir.display()))?;
+    let mut texts = std::collections::BTreeMap::new();
+    let mut unreadable = Vec::new();
+    for (shown, open) in &tree.files {
+        match std::fs::read_to_string(open) {
+            Ok(text) => {
+                texts.insert(shown.to_string_lossy().into_owned(), text);
+            }
+            Err(e) => {
+                if transient(&e.to_string()) {
+                    anyhow::bail!("cannot read {}: {e}", shown.display());
+                }
+                unreadable.push(policy::PolicyError {
+                    file: shown.clone(),
+                    resource: String::new(),
+                    field: String::new(),
+                    message: format!("cannot read: {e}"),
+                });
+            }
+        }
     }
+    let mut loaded = policy::load_texts(
+        texts
+            .iter()
+            .map(|(k, v)| (Path::new(k.as_str()), v.as_str())),
+    );
+    loaded.errors.extend(unreadable);
+    loaded.files = tree.files.len();
+    loaded.skipped = tree.skipped;
     for s in &loaded.skipped {
         warn!("{s}");
     }
     Ok(Snapshot {
         origin: format!("directory {} ({} files)", dir.display(), loaded.files),
         loaded,
+        texts: std::sync::Arc::new(texts),
     })
 }
 
