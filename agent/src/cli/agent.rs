@@ -146,7 +146,14 @@ pub fn load_policies(
                 known.join(", ")
             )
         })?;
-        if loaded.set.policies.is_empty() {
+        if loaded.set.policies.is_empty() && !loaded.errors.is_empty() {
+            error!(
+                "{}: no valid policy, and {} object(s) rejected: the bundled profile {} is NOT used in their place; fix them",
+                dir.display(),
+                loaded.errors.len(),
+                p.name
+            );
+        } else if loaded.set.policies.is_empty() {
             info!(
                 "{} holds no policy of its own: using the bundled profile {} ({})",
                 dir.display(),
@@ -291,6 +298,10 @@ fn start_source(
 /// The interfaces the agent is asked to enforce, as they come and go.
 struct Ifaces {
     wanted: Vec<String>,
+    /// Named by `--iface`: each must be protected for the agent to be ready.
+    required: Vec<String>,
+    /// Added by automatic host endpoints (and not named).
+    optional: Vec<String>,
     /// name -> ifindex, for those that exist now.
     present: BTreeMap<String, u32>,
     /// name -> ifindex it was attached at.
@@ -299,9 +310,16 @@ struct Ifaces {
 }
 
 impl Ifaces {
-    fn new(wanted: Vec<String>) -> Self {
+    fn new(wanted: Vec<String>, required: Vec<String>) -> Self {
+        let optional = wanted
+            .iter()
+            .filter(|w| !required.contains(w))
+            .cloned()
+            .collect();
         Ifaces {
             wanted,
+            required,
+            optional,
             present: BTreeMap::new(),
             attached: BTreeMap::new(),
             reported_missing: Default::default(),
@@ -381,6 +399,76 @@ fn settle_pins(dataplane: &Dataplane, wanted: &[String]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Whether the agent protects what it was asked to, judged again after
+/// every apply and every second; every change is logged (WARN when not).
+#[derive(Default)]
+struct ReadyWatch {
+    /// The source's HostEndpoints, for "did you mean".
+    endpoints: Vec<crate::cli::ready::EndpointName>,
+    last: Option<crate::cli::ready::Readiness>,
+}
+
+impl ReadyWatch {
+    /// Judges readiness again and updates `status` and `health`; returns
+    /// the line to log when it changed (logged once the status file is
+    /// written, so whoever reads the log finds the file up to date).
+    fn check(
+        &mut self,
+        dataplane: &Dataplane,
+        ifaces: &Ifaces,
+        node: &str,
+        generation: u32,
+        health: &crate::events::metrics::Health,
+        status: &mut crate::cli::status::Status,
+    ) -> Option<ReadyChange> {
+        let r = crate::cli::ready::assess(
+            dataplane,
+            &crate::cli::ready::Asked {
+                required: &ifaces.required,
+                optional: &ifaces.optional,
+                node,
+                generation,
+                present: &ifaces.present,
+                endpoints: &self.endpoints,
+            },
+        );
+        status.ready = r.ready();
+        status.unprotected = r.problems.clone();
+        if self.last.as_ref() == Some(&r) {
+            return None;
+        }
+        let change = if r.ready() {
+            let on = r.protected.join(", ");
+            let detail = format!("policy generation {generation} enforced on {on}");
+            health.set_ready(detail.clone());
+            ReadyChange::Ready(detail)
+        } else {
+            let why = r.problems.join("; ");
+            health.set_not_ready(why.clone());
+            ReadyChange::NotReady(why)
+        };
+        self.last = Some(r);
+        Some(change)
+    }
+}
+
+/// A change of readiness, to log.
+enum ReadyChange {
+    Ready(String),
+    NotReady(String),
+}
+
+impl ReadyChange {
+    fn log(self) {
+        match self {
+            ReadyChange::Ready(detail) => info!("ready: {detail}"),
+            ReadyChange::NotReady(why) => {
+                warn!("NOT protecting every interface asked for, so not ready. {why}")
+            }
+        }
+    }
+}
+
 /// Everything `moat status` shows, from the agent's current state.
 struct Published {
     status: crate::cli::status::Status,
@@ -407,6 +495,11 @@ impl Published {
         s.source.rejected_objects_total = S::get(&stats.rejected_objects);
         s.source.invalid_objects = S::get(&stats.invalid_now);
         s.source.kept_last_good = S::get(&stats.kept_last_good);
+        s.invalid = stats
+            .invalid
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         let tcx = aya::util::KernelVersion::current()
             .is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 6, 0));
         s.interfaces = ifaces
@@ -632,7 +725,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     info!(
         "{n} established connection(s) tracked as allowed before attaching: {sockets}, {conntrack}"
     );
-    let mut ifaces = Ifaces::new(wanted.clone());
+    let mut ifaces = Ifaces::new(wanted.clone(), cfg.ifaces.clone());
     ifaces.refresh();
 
     let now = crate::dataplane::state::now();
@@ -665,9 +758,12 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let mut have_policy = false;
     let mut last_apply = std::time::Duration::ZERO;
     let mut pins_settled = false;
+    // The last good versions of objects invalid when the state was saved.
+    let mut last_good_texts = BTreeMap::new();
     if let Some(path) = &cfg.state_file {
         match crate::dataplane::state::load(path, &cfg.node) {
             Ok(saved) => {
+                last_good_texts = saved.last_good_texts.clone();
                 compiled = saved
                     .compiled()
                     .map_err(|e| anyhow::anyhow!("saved state {}: {e}", path.display()))?;
@@ -730,6 +826,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         cfg.auto_host_endpoints,
         stats.clone(),
     );
+    reconciler.seed(last_good_texts);
     if let Some(k) = &kube {
         reconciler.control_plane = crate::sources::kube::control_plane(k);
     }
@@ -787,6 +884,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())?;
     let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
     let mut synced = false;
+    let mut ready = ReadyWatch::default();
     loop {
         tokio::select! {
             _ = sigint.recv() => { info!("SIGINT: detaching"); break; }
@@ -856,7 +954,8 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                 s.source.last_sync_at = Some(now);
                 s.source.last_error = None;
                 if let Some(path) = &cfg.state_file {
-                    let saved = crate::dataplane::state::SavedState::new(&compiled, outcome.labels, &cfg.node, generation, &outcome.origin);
+                    let mut saved = crate::dataplane::state::SavedState::new(&compiled, outcome.labels, &cfg.node, generation, &outcome.origin);
+                    saved.last_good_texts = outcome.last_good_texts;
                     match crate::dataplane::state::save(path, &saved) {
                         Ok(()) => {
                             s.saved_state = Some(format!(
@@ -868,8 +967,6 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                         Err(e) => warn!("saving the policy in force to {}: {e:#}", path.display()),
                     }
                 }
-                published.refresh(&dataplane, &ifaces, &compiled, &stats, cfg.xdp_mode, local.len());
-                published.write(status_file);
                 if synced {
                     info!("applied: policy generation {generation} from {}", outcome.origin);
                 } else {
@@ -877,11 +974,13 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                     for c in compiled.ifaces.values() {
                         info!("enforcing {}", describe(c));
                     }
-                    let on = ifaces.attached.keys().cloned().collect::<Vec<_>>().join(", ");
-                    observer
-                        .health
-                        .set_ready(format!("policy generation {generation} enforced on {on}"));
-                    info!("ready: policy generation {generation} enforced on {on}");
+                }
+                ready.endpoints = outcome.endpoints;
+                let change = ready.check(&dataplane, &ifaces, &cfg.node, generation, &observer.health, &mut published.status);
+                published.refresh(&dataplane, &ifaces, &compiled, &stats, cfg.xdp_mode, local.len());
+                published.write(status_file);
+                if let Some(c) = change {
+                    c.log();
                 }
             }
             _ = publish.tick() => {
@@ -907,6 +1006,13 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                     enforce(&mut dataplane, &mut ifaces, &compiled, generation, cfg.xdp_mode)?;
                     published.refresh(&dataplane, &ifaces, &compiled, &stats, cfg.xdp_mode, local.len());
                     published.write(status_file);
+                }
+                if synced {
+                    if let Some(change) = ready.check(&dataplane, &ifaces, &cfg.node, generation, &observer.health, &mut published.status) {
+                        published.refresh(&dataplane, &ifaces, &compiled, &stats, cfg.xdp_mode, local.len());
+                        published.write(status_file);
+                        change.log();
+                    }
                 }
             }
             guard = ring.readable_mut() => {

@@ -26,10 +26,14 @@ pub enum Exit {
     Disagree = 5,
     /// `moat tail`: events were lost on the way to this client (gaps).
     EventsLost = 6,
+    /// `moat status`: the agent runs and is in sync, but an interface it
+    /// was asked to protect is missing, not attached, or governed by no
+    /// HostEndpoint's policy (each is named).
+    Unprotected = 7,
 }
 
 /// Every exit code, in order.
-pub const ALL: [Exit; 7] = [
+pub const ALL: [Exit; 8] = [
     Exit::Ok,
     Exit::Error,
     Exit::Usage,
@@ -37,6 +41,7 @@ pub const ALL: [Exit; 7] = [
     Exit::NotReady,
     Exit::Disagree,
     Exit::EventsLost,
+    Exit::Unprotected,
 ];
 
 impl Exit {
@@ -61,6 +66,9 @@ impl Exit {
                 "the node's kernel and the reference disagree, or the node runs another build (trace)"
             }
             Exit::EventsLost => "events were lost on the way to this client (tail)",
+            Exit::Unprotected => {
+                "an interface the agent was asked to protect is not enforced; each is named (status)"
+            }
         }
     }
 }

@@ -31,6 +31,17 @@ pub struct Status {
     /// The snapshot the policy in force was compiled from.
     pub applied_from: String,
     pub saved_state: Option<String>,
+    /// Every interface asked for is protected (exists, attached, governed
+    /// by a HostEndpoint, with the policy in force in the kernel).
+    #[serde(default)]
+    pub ready: bool,
+    /// Why not: one line per interface that is not protected.
+    #[serde(default)]
+    pub unprotected: Vec<String>,
+    /// Objects of the source that are invalid now, each with its error
+    /// (those kept at their last good version say so).
+    #[serde(default)]
+    pub invalid: Vec<String>,
     pub interfaces: Vec<InterfaceStatus>,
     pub maps: Vec<MapFill>,
     /// `counters[direction][name]`.
@@ -125,6 +136,20 @@ pub fn tables_of(
 
 pub fn write(path: &Path, status: &Status) -> anyhow::Result<()> {
     crate::dataplane::state::write_atomically(path, &serde_json::to_vec_pretty(status)?)
+}
+
+/// `moat status`'s exit code for a fresh status: 0 in sync and ready, 1
+/// not in sync yet, 2 in sync but an interface asked for is not
+/// protected.
+pub fn exit_code(s: &Status) -> crate::cli::exit::Exit {
+    use crate::cli::exit::Exit;
+    if !s.source.synced {
+        Exit::NotReady
+    } else if !s.unprotected.is_empty() || !s.ready {
+        Exit::Unprotected
+    } else {
+        Exit::Ok
+    }
 }
 
 /// What `moat status` found.
@@ -225,6 +250,21 @@ pub fn render(s: &Status) -> String {
     );
     if let Some(saved) = &s.saved_state {
         let _ = writeln!(o, "saved state: {saved}");
+    }
+    if !s.invalid.is_empty() {
+        let _ = writeln!(o, "invalid:     {} object(s):", s.invalid.len());
+        for i in &s.invalid {
+            let _ = writeln!(o, "    {i}");
+        }
+    }
+    if !s.unprotected.is_empty() {
+        let _ = writeln!(
+            o,
+            "NOT READY:   not every interface asked for is protected:"
+        );
+        for u in &s.unprotected {
+            let _ = writeln!(o, "    {u}");
+        }
     }
     for i in &s.interfaces {
         let _ = writeln!(

@@ -4,6 +4,7 @@
 pub mod bank;
 pub mod bpf_sys;
 pub mod frame;
+pub mod links;
 pub mod preflight;
 pub mod seed;
 pub mod state;

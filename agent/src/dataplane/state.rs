@@ -41,6 +41,11 @@ pub struct SavedState {
     /// Labels of each enforced interface's HostEndpoint.
     #[serde(default)]
     pub labels: BTreeMap<String, BTreeMap<String, String>>,
+    /// The last good source text of every file (or datastore key) that
+    /// was invalid when this was saved: a restarted agent keeps those
+    /// objects at their last good version, as the one before it did.
+    #[serde(default)]
+    pub last_good_texts: BTreeMap<String, String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -146,6 +151,7 @@ impl SavedState {
                 })
                 .collect(),
             labels,
+            last_good_texts: BTreeMap::new(),
         }
     }
 

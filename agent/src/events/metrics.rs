@@ -89,6 +89,12 @@ impl Health {
         *self.ready_detail.lock().unwrap_or_else(|p| p.into_inner()) = detail;
         self.ready.store(true, Ordering::Release);
     }
+
+    /// Not ready (any more), and why: what `/readyz` answers.
+    pub fn set_not_ready(&self, why: String) {
+        self.ready.store(false, Ordering::Release);
+        *self.ready_detail.lock().unwrap_or_else(|p| p.into_inner()) = why;
+    }
 }
 
 /// A request for a snapshot, answered by the agent's loop.
@@ -254,7 +260,7 @@ pub fn render(s: &Snapshot, stats: &AgentStats, hub: &Hub, health: &Health) -> S
     gauge(
         &mut reg,
         "moat_ready",
-        "1 once the policy is enforced on every interface",
+        "1 while the policy is enforced on every interface asked for (0: see /readyz or moat status for why not)",
         i64::from(health.ready.load(Ordering::Acquire)),
     );
     gauge(
@@ -372,19 +378,25 @@ async fn handle(state: &State, path: &str) -> Response<Full<Bytes>> {
             }
         }
         "/readyz" => {
+            let detail = state
+                .health
+                .ready_detail
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
             if state.health.ready.load(Ordering::Acquire) {
-                let detail = state
-                    .health
-                    .ready_detail
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .clone();
                 reply(StatusCode::OK, TEXT, format!("ready: {detail}\n"))
-            } else {
+            } else if detail.is_empty() {
                 reply(
                     StatusCode::SERVICE_UNAVAILABLE,
                     TEXT,
                     "not ready: the policy is not enforced on every interface yet\n".into(),
+                )
+            } else {
+                reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    TEXT,
+                    format!("not ready: {detail}\n"),
                 )
             }
         }

@@ -13,6 +13,7 @@ pub mod profiles;
 pub mod reference;
 pub mod resolve;
 pub mod selector;
+pub mod tree;
 
 use std::{
     collections::BTreeMap,
@@ -393,6 +394,9 @@ pub struct Loaded {
     pub files: usize,
     /// Files skipped as unfilled templates (also reported in `errors`).
     pub placeholder_files: Vec<PathBuf>,
+    /// Paths of the directory not read, each with why (symlink loops,
+    /// second paths to a directory, depth): `tree::walk`.
+    pub skipped: Vec<String>,
 }
 
 /// Selector label keys that no known object carries but that are close to
@@ -535,20 +539,22 @@ pub fn keep_last_good(previous: &PolicySet, loaded: &mut Loaded) -> Vec<String> 
 }
 
 /// Reads every `.yaml`, `.yml` and `.json` file under `dir` (recursively,
-/// in name order). Invalid resources are reported in `errors` and left out;
+/// in name order, each real file once, a ConfigMap volume through its
+/// `..data`: `tree::walk`). Invalid resources are reported in `errors` and left out;
 /// the valid rest is returned.
 pub fn load_dir(dir: &Path) -> Result<Loaded, PolicyError> {
-    let mut files = Vec::new();
-    collect_files(dir, &mut files).map_err(|e| PolicyError {
+    let tree = tree::walk(dir).map_err(|e| PolicyError {
         file: dir.to_path_buf(),
         resource: String::new(),
         field: String::new(),
         message: format!("cannot read the policy directory: {e}"),
     })?;
-    files.sort();
-    let mut loaded = Loaded::default();
-    for file in &files {
-        match read_bounded(file) {
+    let mut loaded = Loaded {
+        skipped: tree.skipped,
+        ..Default::default()
+    };
+    for (file, open) in &tree.files {
+        match read_bounded(open) {
             Ok(text) => load_text(file, &text, &mut loaded),
             Err(e) => loaded.errors.push(PolicyError {
                 file: file.clone(),
@@ -558,7 +564,7 @@ pub fn load_dir(dir: &Path) -> Result<Loaded, PolicyError> {
             }),
         }
     }
-    loaded.files = files.len();
+    loaded.files = tree.files.len();
     check_duplicates(&mut loaded);
     loaded.set.sort();
     Ok(loaded)
@@ -632,21 +638,6 @@ fn check_limits(text: &str) -> Result<(), String> {
             "line {line}: flow collections ([...] or {{...}}) nested deeper than {} levels; nothing in the file is applied",
             limits::MAX_FLOW_DEPTH
         ));
-    }
-    Ok(())
-}
-
-fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
-    for entry in std::fs::read_dir(dir)? {
-        let path = entry?.path();
-        if path.is_dir() {
-            collect_files(&path, out)?;
-        } else if matches!(
-            path.extension().and_then(|e| e.to_str()),
-            Some("yaml" | "yml" | "json")
-        ) {
-            out.push(path);
-        }
     }
     Ok(())
 }

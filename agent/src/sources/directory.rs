@@ -4,6 +4,7 @@
 //! snapshot.
 
 use std::{
+    collections::BTreeMap,
     path::{Path, PathBuf},
     sync::mpsc as std_mpsc,
     time::{Duration, Instant},
@@ -11,7 +12,7 @@ use std::{
 
 use anyhow::Context as _;
 use notify::{
-    event::{AccessKind, AccessMode},
+    event::{AccessKind, AccessMode, ModifyKind},
     EventKind, RecursiveMode, Watcher as _,
 };
 use tokio::sync::mpsc;
@@ -24,14 +25,64 @@ pub const DEBOUNCE: Duration = Duration::from_millis(150);
 /// Longest a stream of changes may delay a read.
 pub const MAX_DELAY: Duration = Duration::from_secs(1);
 
-/// Reads `dir` into a snapshot.
+/// Reads `dir` into a snapshot. A file that could not be read for want
+/// of resources (descriptors, memory) makes the whole read fail, to be
+/// retried: a snapshot without that file's objects would remove them.
 pub fn snapshot(dir: &Path) -> anyhow::Result<Snapshot> {
-    let loaded = policy::load_dir(dir)?;
+    let tree = policy::tree::walk(dir)
+        .with_context(|| format!("cannot read the policy directory {}", dir.display()))?;
+    let mut texts = std::collections::BTreeMap::new();
+    let mut unreadable = Vec::new();
+    for (shown, open) in &tree.files {
+        match std::fs::read_to_string(open) {
+            Ok(text) => {
+                texts.insert(shown.to_string_lossy().into_owned(), text);
+            }
+            Err(e) => {
+                if transient(&e.to_string()) {
+                    anyhow::bail!("cannot read {}: {e}", shown.display());
+                }
+                unreadable.push(policy::PolicyError {
+                    file: shown.clone(),
+                    resource: String::new(),
+                    field: String::new(),
+                    message: format!("cannot read: {e}"),
+                });
+            }
+        }
+    }
+    let mut loaded = policy::load_texts(
+        texts
+            .iter()
+            .map(|(k, v)| (Path::new(k.as_str()), v.as_str())),
+    );
+    loaded.errors.extend(unreadable);
+    loaded.files = tree.files.len();
+    loaded.skipped = tree.skipped;
+    for s in &loaded.skipped {
+        warn!("{s}");
+    }
     Ok(Snapshot {
         origin: format!("directory {} ({} files)", dir.display(), loaded.files),
         loaded,
+        texts: std::sync::Arc::new(texts),
     })
 }
+
+/// Whether an I/O error message is one of running short of resources
+/// (EMFILE, ENFILE, ENOMEM, EAGAIN), which passes.
+fn transient(message: &str) -> bool {
+    [libc::EMFILE, libc::ENFILE, libc::ENOMEM, libc::EAGAIN]
+        .iter()
+        .any(|e| message.contains(&format!("(os error {e})")))
+}
+
+/// First and longest wait before a failed read is retried.
+const RETRY_MIN: Duration = Duration::from_millis(200);
+const RETRY_MAX: Duration = Duration::from_secs(10);
+/// Longest a file being rewritten in place (modified, not closed yet)
+/// delays a read: after that it is read as it is, with a warning.
+pub const WRITE_WAIT: Duration = Duration::from_secs(10);
 
 /// Sends a snapshot of `dir` as soon as it can be read, and again after
 /// every change to it. A directory that does not exist yet (a volume not
@@ -97,14 +148,6 @@ fn run(dir: &Path, out: &mpsc::Sender<Snapshot>) -> anyhow::Result<()> {
             dir.display(),
             DEBOUNCE.as_millis()
         );
-        match snapshot(dir) {
-            Ok(s) => {
-                if out.blocking_send(s).is_err() {
-                    return Ok(());
-                }
-            }
-            Err(e) => error!("{e}; retrying on the next change"),
-        }
         let replaced = debounce_loop(dir, id, &rx, out);
         drop(watcher);
         if !replaced {
@@ -133,18 +176,87 @@ fn relevant(event: &notify::Result<notify::Event>) -> bool {
     }
 }
 
-/// Re-reads `dir` after each burst of changes. Returns true when the
-/// directory was removed or replaced (its inotify watch is then gone), false
-/// when the agent stopped listening or the watcher ended.
+/// Follows the policy files being written in place: modified and not
+/// closed yet (a rename or removal also ends a write).
+fn track(writing: &mut BTreeMap<PathBuf, Instant>, event: &notify::Result<notify::Event>) {
+    let Ok(e) = event else { return };
+    let policy_files = e.paths.iter().filter(|p| {
+        matches!(
+            p.extension().and_then(|x| x.to_str()),
+            Some("yaml" | "yml" | "json")
+        )
+    });
+    match e.kind {
+        EventKind::Modify(ModifyKind::Data(_)) => {
+            for p in policy_files {
+                writing.entry(p.clone()).or_insert_with(Instant::now);
+            }
+        }
+        EventKind::Access(AccessKind::Close(AccessMode::Write))
+        | EventKind::Modify(ModifyKind::Name(_))
+        | EventKind::Remove(_) => {
+            for p in policy_files {
+                writing.remove(p);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Waits for a burst of changes to end (quiet for `DEBOUNCE`, at most
+/// `MAX_DELAY`); false when the watcher ended.
+fn settle(
+    rx: &std_mpsc::Receiver<notify::Result<notify::Event>>,
+    writing: &mut BTreeMap<PathBuf, Instant>,
+) -> bool {
+    let first = Instant::now();
+    loop {
+        let left = MAX_DELAY.saturating_sub(first.elapsed());
+        if left.is_zero() {
+            return true;
+        }
+        match rx.recv_timeout(DEBOUNCE.min(left)) {
+            Ok(e) => track(writing, &e),
+            Err(std_mpsc::RecvTimeoutError::Timeout) => return true,
+            Err(std_mpsc::RecvTimeoutError::Disconnected) => return false,
+        }
+    }
+}
+
+/// Reads `dir` at once, after each burst of changes, and again with
+/// backoff after a failed read (a change made while descriptors ran out
+/// is applied once they are back). A file being rewritten in place is
+/// waited for until closed (`WRITE_WAIT` at most), so a half-written file
+/// never removes the policies not written yet. Returns true when the
+/// directory was removed or replaced (its inotify watch is then gone),
+/// false when the agent stopped listening or the watcher ended.
 fn debounce_loop(
     dir: &Path,
     id: (u64, u64),
     rx: &std_mpsc::Receiver<notify::Result<notify::Event>>,
     out: &mpsc::Sender<Snapshot>,
 ) -> bool {
+    let mut writing: BTreeMap<PathBuf, Instant> = BTreeMap::new();
+    // A read is owed from this instant.
+    let mut due = Some(Instant::now());
+    let mut backoff = RETRY_MIN;
     loop {
-        let event = match rx.recv_timeout(IDENTITY_CHECK) {
-            Ok(event) => event,
+        let wait = due.map_or(IDENTITY_CHECK, |d| {
+            d.saturating_duration_since(Instant::now())
+                .min(IDENTITY_CHECK)
+        });
+        match rx.recv_timeout(wait) {
+            Ok(event) => {
+                track(&mut writing, &event);
+                if !relevant(&event) {
+                    continue;
+                }
+                debug!("change in {}: {event:?}", dir.display());
+                if !settle(rx, &mut writing) {
+                    return false;
+                }
+                due = Some(Instant::now());
+            }
             Err(std_mpsc::RecvTimeoutError::Timeout) => {
                 if out.is_closed() {
                     return false;
@@ -152,35 +264,47 @@ fn debounce_loop(
                 if identity(dir) != Some(id) {
                     return true;
                 }
-                continue;
             }
             Err(std_mpsc::RecvTimeoutError::Disconnected) => return false,
-        };
-        if !relevant(&event) {
-            continue;
         }
-        debug!("change in {}: {event:?}", dir.display());
-        let first = Instant::now();
-        loop {
-            let left = MAX_DELAY.saturating_sub(first.elapsed());
-            if left.is_zero() {
-                break;
+        match due {
+            Some(at) if Instant::now() >= at => {}
+            _ => continue,
+        }
+        if let Some((path, since)) = writing.iter().min_by_key(|(_, t)| **t) {
+            if since.elapsed() < WRITE_WAIT {
+                debug!(
+                    "{} is being written: read once it is closed",
+                    path.display()
+                );
+                due = Some(*since + WRITE_WAIT);
+                continue;
             }
-            match rx.recv_timeout(DEBOUNCE.min(left)) {
-                Ok(e) if relevant(&e) => continue,
-                Ok(_) => continue,
-                Err(std_mpsc::RecvTimeoutError::Timeout) => break,
-                Err(std_mpsc::RecvTimeoutError::Disconnected) => return false,
-            }
+            warn!(
+                "{} was modified {} s ago and is still not closed: read as it is",
+                path.display(),
+                WRITE_WAIT.as_secs()
+            );
+            writing.clear();
         }
         match snapshot(dir) {
             Ok(s) => {
                 if out.blocking_send(s).is_err() {
                     return false;
                 }
+                due = None;
+                backoff = RETRY_MIN;
             }
-            // The policy in force stays; the next change retries.
-            Err(e) => error!("{e}; the policy in force stays"),
+            // The policy in force stays; retried.
+            Err(e) => {
+                error!(
+                    "{e:#}; the policy in force stays; reading {} again in {} ms",
+                    dir.display(),
+                    backoff.as_millis()
+                );
+                due = Some(Instant::now() + backoff);
+                backoff = (backoff * 2).min(RETRY_MAX);
+            }
         }
     }
 }

@@ -58,6 +58,7 @@ pub fn snapshot(objects: &BTreeMap<String, String>, endpoints: &str, revision: i
             .map(|(k, v)| (Path::new(k.as_str()), v.as_str())),
     );
     Snapshot {
+        texts: std::sync::Arc::new(objects.clone()),
         loaded,
         origin: format!(
             "etcd {endpoints} (revision {revision}, {} objects)",

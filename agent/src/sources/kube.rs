@@ -172,6 +172,7 @@ pub fn snapshot(objects: &BTreeMap<String, String>, server: &str) -> Snapshot {
             .map(|(k, v)| (Path::new(k.as_str()), v.as_str())),
     );
     Snapshot {
+        texts: std::sync::Arc::new(objects.clone()),
         loaded,
         origin: format!("Kubernetes API {server} ({} objects)", objects.len()),
     }

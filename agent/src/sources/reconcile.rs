@@ -28,6 +28,10 @@ pub struct Snapshot {
     pub loaded: Loaded,
     /// What it was read from, for logs and `moat status`.
     pub origin: String,
+    /// The text of each file (or datastore key) `loaded` was parsed from,
+    /// by the name its errors and origins carry: the last good version of
+    /// an object that turns invalid is kept from these, across restarts.
+    pub texts: Arc<BTreeMap<String, String>>,
 }
 
 /// Counters of the pipeline, shared with the agent's status.
@@ -44,12 +48,24 @@ pub struct Stats {
     pub kept_last_good: AtomicU64,
     /// Invalid objects in the latest snapshot (a gauge).
     pub invalid_now: AtomicU64,
+    /// Each invalid object of the latest snapshot with its error, and
+    /// whether its last good version is in force.
+    pub invalid: std::sync::Mutex<Vec<String>>,
 }
 
 impl Stats {
     pub fn get(counter: &AtomicU64) -> u64 {
         counter.load(Ordering::Relaxed)
     }
+}
+
+/// A HostEndpoint the source holds (any node's), for "did you mean" when
+/// an interface asked for is not governed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EndpointName {
+    pub name: String,
+    pub node: String,
+    pub interface: String,
 }
 
 /// What a snapshot compiled to.
@@ -61,6 +77,11 @@ pub struct Outcome {
     pub policies: usize,
     pub host_endpoints: usize,
     pub network_sets: usize,
+    /// Every HostEndpoint of the source.
+    pub endpoints: Vec<EndpointName>,
+    /// The last good text of every file (or key) that is invalid now: what
+    /// a restarted agent needs to keep their last good versions in force.
+    pub last_good_texts: BTreeMap<String, String>,
     /// Labels of each enforced interface's HostEndpoint.
     pub labels: BTreeMap<String, BTreeMap<String, String>>,
 }
@@ -81,6 +102,8 @@ pub struct Reconciler {
     /// The last snapshot as merged (before the profile and automatic
     /// host endpoints are added).
     last_good: Option<PolicySet>,
+    /// The last text of each file (or key) that parsed without error.
+    good_texts: BTreeMap<String, String>,
 }
 
 impl Reconciler {
@@ -99,13 +122,67 @@ impl Reconciler {
             stats,
             control_plane: Vec::new(),
             last_good: None,
+            good_texts: BTreeMap::new(),
         }
+    }
+
+    /// Starts from the last good texts a previous agent saved (those of
+    /// the objects invalid when it stopped), so that an object still
+    /// invalid at the first sync keeps its last good version in force, as
+    /// it did before the restart.
+    pub fn seed(&mut self, texts: BTreeMap<String, String>) {
+        if texts.is_empty() {
+            return;
+        }
+        let loaded = policy::load_texts(
+            texts
+                .iter()
+                .map(|(k, v)| (Path::new(k.as_str()), v.as_str())),
+        );
+        for e in &loaded.errors {
+            warn!("saved last good version: {e}");
+        }
+        info!(
+            "{} object(s) of {} file(s) saved at their last good version: kept in force while their new versions are invalid",
+            loaded.set.policies.len() + loaded.set.host_endpoints.len() + loaded.set.network_sets.len(),
+            texts.len()
+        );
+        self.last_good = Some(loaded.set);
+        self.good_texts = texts;
+    }
+
+    /// Remembers the texts of `snapshot` that parsed without error; returns
+    /// the last good texts of those that did not.
+    fn remember_texts(
+        &mut self,
+        texts: &BTreeMap<String, String>,
+        errors: &[policy::PolicyError],
+    ) -> BTreeMap<String, String> {
+        let bad: std::collections::BTreeSet<String> = errors
+            .iter()
+            .map(|e| e.file.to_string_lossy().into_owned())
+            .collect();
+        self.good_texts.retain(|k, _| texts.contains_key(k));
+        for (k, v) in texts {
+            if !bad.contains(k) {
+                self.good_texts.insert(k.clone(), v.clone());
+            }
+        }
+        self.good_texts
+            .iter()
+            .filter(|(k, _)| bad.contains(*k))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
     }
 
     /// Merges `snapshot` with the last good versions, compiles it, and on
     /// success makes it the new last good set. On failure nothing changes.
     pub fn reconcile(&mut self, snapshot: Snapshot) -> anyhow::Result<Outcome> {
-        let Snapshot { mut loaded, origin } = snapshot;
+        let Snapshot {
+            mut loaded,
+            origin,
+            texts,
+        } = snapshot;
         self.stats.reconciles.fetch_add(1, Ordering::Relaxed);
         let kept = match &self.last_good {
             Some(previous) => policy::keep_last_good(previous, &mut loaded),
@@ -128,14 +205,35 @@ impl Reconciler {
         self.stats
             .kept_last_good
             .store(kept.len() as u64, Ordering::Relaxed);
+        let listed: Vec<String> = loaded
+            .errors
+            .iter()
+            .map(|e| {
+                let held = !e.resource.is_empty()
+                    && kept
+                        .iter()
+                        .any(|k| k.starts_with(&format!("{}:", e.resource)));
+                if held {
+                    format!("{e} (its last good version stays in force)")
+                } else {
+                    e.to_string()
+                }
+            })
+            .collect();
+        *self.stats.invalid.lock().unwrap_or_else(|p| p.into_inner()) = listed;
         let mut set = loaded.set.clone();
         if let Some(p) = self.profile {
-            if set.policies.is_empty() {
+            if set.policies.is_empty() && invalid == 0 {
                 info!(
                     "{origin} holds no policy of its own: using the bundled profile {} ({})",
                     p.name, p.applies_to
                 );
                 crate::policy::profiles::add_to(&mut set, p);
+            } else if set.policies.is_empty() {
+                error!(
+                    "{origin}: no valid policy, and {invalid} object(s) rejected: the bundled profile {} is NOT used in their place; fix them",
+                    p.name
+                );
             }
         }
         if self.auto_host_endpoints {
@@ -183,7 +281,19 @@ impl Reconciler {
                 Some((i.name.clone(), hep.labels.clone()))
             })
             .collect();
+        let endpoints = set
+            .host_endpoints
+            .iter()
+            .map(|h| EndpointName {
+                name: h.name.clone(),
+                node: h.node.clone(),
+                interface: h.interface_name.clone(),
+            })
+            .collect();
+        let last_good_texts = self.remember_texts(&texts, &loaded.errors);
         let outcome = Outcome {
+            last_good_texts,
+            endpoints,
             labels,
             compiled,
             origin,

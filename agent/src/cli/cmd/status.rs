@@ -11,8 +11,9 @@ use crate::{
 };
 
 /// Show the running agent's state (from its status file); exits 0 when it
-/// runs and is in sync, 4 when it runs but is not in sync (yet), 3 when it
-/// is not running.
+/// runs, is in sync and enforces every interface asked for, 4 when it runs
+/// but is not in sync (yet), 7 when an interface is not enforced (each
+/// named), 3 when it is not running.
 #[derive(clap::Args)]
 pub struct Args {
     /// The agent's status file.
@@ -48,7 +49,6 @@ pub fn run(args: Args) -> anyhow::Result<Exit> {
             Exit::NotRunning
         }
         Found::Fresh(s, age) => {
-            let in_sync = s.source.synced;
             if json {
                 println!(
                     "{}",
@@ -57,11 +57,7 @@ pub fn run(args: Args) -> anyhow::Result<Exit> {
             } else {
                 print!("{}", render(&s));
             }
-            if in_sync {
-                Exit::Ok
-            } else {
-                Exit::NotReady
-            }
+            crate::cli::status::exit_code(&s)
         }
     })
 }

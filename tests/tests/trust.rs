@@ -1,0 +1,457 @@
+//! Agent-side trust (issue 12), with the real `moat agent` in network
+//! namespaces the tests create: "ready" only when every interface asked
+//! for is protected (checked against the kernel), the directory source
+//! reading a kubelet-mounted ConfigMap, the last good version of invalid
+//! objects surviving a restart, and a bounded HTTP endpoint.
+
+use std::{
+    ffi::OsString,
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpStream},
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use moat_tests::{
+    in_netns, lab_policy, listen, moat_bin, worker_and_client, AgentProcess, Netns, PinDir, TempDir,
+};
+
+/// A worker (`eth1` 198.18.1.1) and a client, a directory for the
+/// agent's files, the lab policy in `policies/`.
+struct Lab {
+    worker: Netns,
+    client: Netns,
+    dir: TempDir,
+}
+
+impl Lab {
+    fn new() -> Self {
+        let (worker, client) = worker_and_client("tw", "tc", false);
+        let dir = TempDir::new("moat-trust-");
+        std::fs::create_dir_all(dir.0.join("policies")).expect("policy dir");
+        std::fs::write(dir.0.join("policies/policy.yaml"), lab_policy()).expect("policy");
+        Lab {
+            worker,
+            client,
+            dir,
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.0.join(name)
+    }
+
+    /// `moat agent` arguments: the files in the lab's directory, the
+    /// metrics endpoint on the worker's loopback, then `extra`.
+    fn args(&self, extra: &[&str]) -> Vec<OsString> {
+        let mut args: Vec<OsString> = vec![
+            "--state-file".into(),
+            self.path("state.json").into(),
+            "--status-file".into(),
+            self.path("status.json").into(),
+            "--socket".into(),
+            self.path("events.sock").into(),
+        ];
+        args.extend(["-o", "none", "--profile", "none"].map(OsString::from));
+        args.extend(extra.iter().map(OsString::from));
+        args
+    }
+
+    fn spawn(&self, extra: &[&str], pins: &PinDir) -> AgentProcess {
+        let mut args = self.args(extra);
+        args.extend(pins.args().map(OsString::from));
+        AgentProcess::spawn(&self.worker, args, None)
+    }
+
+    /// A GET on the agent's metrics endpoint: status code and body.
+    fn get(&self, path: &str) -> (u16, String) {
+        let path = path.to_string();
+        in_netns(&self.worker.name, move || http_get("127.0.0.1:9464", &path))
+    }
+
+    /// `moat status` on the lab's status file: exit code and output.
+    fn status(&self) -> (Option<i32>, String) {
+        let out = Command::new(moat_bin())
+            .arg("status")
+            .arg("--status-file")
+            .arg(self.path("status.json"))
+            .output()
+            .expect("moat status runs");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    }
+
+    fn status_json(&self) -> serde_json::Value {
+        let text = std::fs::read_to_string(self.path("status.json")).expect("status file");
+        serde_json::from_str(&text).expect("status JSON")
+    }
+
+    /// Whether a TCP connection from the client to the worker's `port` is
+    /// accepted within `timeout`.
+    fn connects(&self, port: u16, timeout: Duration) -> bool {
+        let to: SocketAddr = format!("198.18.1.1:{port}").parse().expect("address");
+        in_netns(&self.client.name, move || {
+            TcpStream::connect_timeout(&to, timeout).is_ok()
+        })
+    }
+}
+
+fn http_get(addr: &str, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).expect("metrics endpoint");
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .expect("request");
+    let mut text = String::new();
+    s.read_to_string(&mut text).expect("response");
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status line: {text}"));
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    (status, body.to_string())
+}
+
+/// The value of the sample `name` (no labels) in an OpenMetrics text.
+fn sample(body: &str, name: &str) -> f64 {
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no sample {name} in {body}"))
+}
+
+/// Polls `cond` for up to 10 s.
+fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        assert!(Instant::now() < deadline, "never: {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The agent is up (its event reader and metrics endpoint answer) and
+/// has applied its first sync.
+fn wait_synced(lab: &Lab) {
+    eventually("the status file shows the first sync", || {
+        std::fs::read_to_string(lab.path("status.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .is_some_and(|s| s["source"]["synced"] == true)
+    });
+}
+
+/// Asserts the agent is not ready, everywhere it says so, for `why`.
+fn assert_not_ready(lab: &Lab, agent: &mut AgentProcess, why: &[&str], never_ready: bool) {
+    let line = agent.wait_for_log("NOT protecting every interface");
+    for w in why {
+        assert!(line.contains(w), "{w:?} not in the log line {line}");
+    }
+    assert!(line.contains("WARN"), "logged at WARN: {line}");
+    let (code, body) = lab.get("/readyz");
+    assert_eq!(code, 503, "{body}");
+    for w in why {
+        assert!(body.contains(w), "{w:?} not in /readyz: {body}");
+    }
+    let (code, body) = lab.get("/metrics");
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(sample(&body, "moat_ready"), 0.0);
+    eventually("moat status exits 7 (unprotected) naming the interface", || {
+        let (code, text) = lab.status();
+        code == Some(7) && why.iter().all(|w| text.contains(w))
+    });
+    assert!(
+        !never_ready || !agent.logged().iter().any(|l| l.contains(" ready:")),
+        "never logged ready: {:#?}",
+        agent.logged()
+    );
+}
+
+#[test]
+fn a_mistyped_interface_or_node_is_not_ready() {
+    let lab = Lab::new();
+    let policies = lab.path("policies");
+    let policies = policies.to_str().expect("utf-8");
+    // eth7 does not exist: eth1 does.
+    let pins = PinDir::new();
+    let mut agent = lab.spawn(
+        &[
+            "--policies",
+            policies,
+            "--iface",
+            "eth7",
+            "--node",
+            "worker-1",
+        ],
+        &pins,
+    );
+    wait_synced(&lab);
+    assert_not_ready(
+        &lab,
+        &mut agent,
+        &["eth7: no such interface", "did you mean eth1?"],
+        true,
+    );
+    let v = lab.status_json();
+    assert_eq!(v["ready"], false, "{v:#}");
+    agent.stop();
+
+    // worker-l is not worker-1: eth1 is attached but nothing governs it.
+    let pins = PinDir::new();
+    let mut agent = lab.spawn(
+        &[
+            "--policies",
+            policies,
+            "--iface",
+            "eth1",
+            "--node",
+            "worker-l",
+        ],
+        &pins,
+    );
+    wait_synced(&lab);
+    assert_not_ready(
+        &lab,
+        &mut agent,
+        &[
+            "eth1: no HostEndpoint of node worker-l names it",
+            "did you mean node worker-1?",
+        ],
+        true,
+    );
+    agent.stop();
+}
+
+#[test]
+fn ready_is_checked_against_the_kernel() {
+    let lab = Lab::new();
+    listen(&lab.worker, "0.0.0.0:8080");
+    let policies = lab.path("policies");
+    let pins = PinDir::new();
+    let mut agent = lab.spawn(
+        &[
+            "--policies",
+            policies.to_str().expect("utf-8"),
+            "--iface",
+            "eth1",
+            "--node",
+            "worker-1",
+        ],
+        &pins,
+    );
+    let line = agent.wait_for_log(" ready:");
+    assert!(line.contains("enforced on eth1"), "{line}");
+    let (code, body) = lab.get("/readyz");
+    assert_eq!(code, 200, "{body}");
+    let (_, body) = lab.get("/metrics");
+    assert_eq!(sample(&body, "moat_ready"), 1.0);
+    eventually("moat status exits 0", || lab.status().0 == Some(0));
+    assert!(lab.connects(8080, Duration::from_secs(2)), "8080 allowed");
+
+    // Someone removes the XDP link behind the agent's back (its pin was
+    // the last reference): the kernel no longer runs moat on eth1, and
+    // the agent says so.
+    let xdp = moat::dataplane::link_pin(&pins.0, "eth1", moat_common::direction::INGRESS);
+    std::fs::remove_file(&xdp).expect("removing the XDP link pin");
+    assert_not_ready(&lab, &mut agent, &["eth1: not attached"], false);
+    agent.stop();
+}
+
+/// Writes `files` (name, text) into `dir` as kubelet's atomic writer lays
+/// out a ConfigMap volume: the data in a timestamped directory, `..data`
+/// a symlink to it, and each file a symlink through `..data`.
+fn configmap(dir: &Path, stamp: &str, files: &[(&str, &str)]) {
+    let data = dir.join(format!("..{stamp}"));
+    std::fs::create_dir_all(&data).expect("data dir");
+    for (name, text) in files {
+        std::fs::write(data.join(name), text).expect("write");
+    }
+    let tmp = dir.join("..data_tmp");
+    let _ = std::fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(format!("..{stamp}"), &tmp).expect("symlink");
+    std::fs::rename(&tmp, dir.join("..data")).expect("rename ..data");
+    for (name, _) in files {
+        let link = dir.join(name);
+        if std::fs::symlink_metadata(&link).is_err() {
+            std::os::unix::fs::symlink(format!("..data/{name}"), &link).expect("symlink");
+        }
+    }
+}
+
+#[test]
+fn a_configmap_volume_is_read_once_and_enforced() {
+    let lab = Lab::new();
+    for port in [8080, 9090] {
+        listen(&lab.worker, &format!("0.0.0.0:{port}"));
+    }
+    // The policy directory holds the ConfigMap volume, and two symlink
+    // loops: reported, never followed forever.
+    let vol = lab.path("vol");
+    let cm = vol.join("cm");
+    std::fs::create_dir_all(&cm).expect("cm dir");
+    let policy = lab_policy();
+    configmap(
+        &cm,
+        "2026_12_04_18_00_00.000000001",
+        &[("policy.yaml", &policy)],
+    );
+    std::os::unix::fs::symlink(".", vol.join("a")).expect("loop a");
+    std::os::unix::fs::symlink(".", vol.join("b")).expect("loop b");
+    let pins = PinDir::new();
+    let mut agent = lab.spawn(
+        &[
+            "--policies",
+            vol.to_str().expect("utf-8"),
+            "--iface",
+            "eth1",
+            "--node",
+            "worker-1",
+        ],
+        &pins,
+    );
+    let line = agent.wait_for_log(" ready:");
+    assert!(line.contains("enforced on eth1"), "{line}");
+    let logged = agent.logged();
+    assert!(
+        !logged.iter().any(|l| l.contains("more than once")),
+        "{logged:#?}"
+    );
+    assert!(
+        logged.iter().any(|l| l.contains("symlink loop")),
+        "the loops are reported: {logged:#?}"
+    );
+    assert!(lab.connects(8080, Duration::from_secs(2)), "8080 allowed");
+    assert!(
+        !lab.connects(9090, Duration::from_millis(300)),
+        "9090 denied"
+    );
+    let v = lab.status_json();
+    assert_eq!(v["source"]["invalid_objects"], 0, "{v:#}");
+
+    // The ConfigMap is updated (a new timestamped directory, ..data
+    // swapped): the new policy is enforced.
+    let updated = format!(
+        "{policy}---\napiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {{name: allow-9090}}\nspec:\n  selector: ibm.role == 'worker_public'\n  order: 5\n  ingress: [{{action: Allow, protocol: TCP, destination: {{ports: [9090]}}}}]\n"
+    );
+    configmap(
+        &cm,
+        "2026_12_04_18_05_00.000000002",
+        &[("policy.yaml", &updated)],
+    );
+    eventually("9090 allowed after the ConfigMap update", || {
+        lab.connects(9090, Duration::from_millis(200))
+    });
+    assert!(
+        !agent.logged().iter().any(|l| l.contains("more than once")),
+        "{:#?}",
+        agent.logged()
+    );
+    agent.stop();
+}
+
+const HEP: &str = "apiVersion: projectcalico.org/v3
+kind: HostEndpoint
+metadata: {name: worker-1-public, labels: {ibm.role: worker_public}}
+spec: {node: worker-1, interfaceName: eth1}
+";
+
+/// A policy allowing TCP `port` in on the public interface.
+fn allow(name: &str, port: u16) -> String {
+    format!(
+        "apiVersion: projectcalico.org/v3
+kind: GlobalNetworkPolicy
+metadata: {{name: {name}}}
+spec:
+  selector: ibm.role == 'worker_public'
+  order: 100
+  ingress: [{{action: Allow, protocol: TCP, destination: {{ports: [{port}]}}}}]
+"
+    )
+}
+
+/// Writes `text` to `dir/name` beside and renamed in, as tools do.
+fn put(dir: &Path, name: &str, text: &str) {
+    let tmp = dir.join(format!(".{name}.tmp"));
+    std::fs::write(&tmp, text).expect("write");
+    std::fs::rename(&tmp, dir.join(name)).expect("rename");
+}
+
+#[test]
+fn the_last_good_version_survives_a_restart() {
+    let lab = Lab::new();
+    for port in [8080, 9090, 7070] {
+        listen(&lab.worker, &format!("0.0.0.0:{port}"));
+    }
+    let dir = lab.path("p");
+    std::fs::create_dir_all(&dir).expect("dir");
+    put(&dir, "hep.yaml", HEP);
+    put(&dir, "web.yaml", &allow("allow-web", 8080));
+    put(&dir, "m.yaml", &allow("allow-metrics", 9090));
+    let args = [
+        "--policies",
+        dir.to_str().expect("utf-8"),
+        "--iface",
+        "eth1",
+        "--node",
+        "worker-1",
+    ];
+    let pins = PinDir::new();
+    let mut agent = lab.spawn(&args, &pins);
+    agent.wait_for_log(" ready:");
+    assert!(lab.connects(9090, Duration::from_secs(2)), "9090 allowed");
+    // An invalid edit: the last good version stays in force.
+    put(
+        &dir,
+        "m.yaml",
+        &allow("allow-metrics", 9090).replace("ports: [9090]", "ports: [ninety]"),
+    );
+    agent.wait_for_log("the last good one stays in force");
+    // Saved once applied: wait for the state file to hold it.
+    eventually("the saved state holds the last good text", || {
+        std::fs::read_to_string(lab.path("state.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|v| v["last_good_texts"].as_object().map(|o| o.len()))
+            == Some(1)
+    });
+    assert!(
+        lab.connects(9090, Duration::from_secs(2)),
+        "9090 still allowed"
+    );
+    agent.stop();
+    drop(pins);
+
+    // Restarted on fresh maps (as after a reboot): the first sync sees
+    // the same invalid edit, and enforces exactly what ran before.
+    let pins = PinDir::new();
+    let mut agent = lab.spawn(&args, &pins);
+    agent.wait_for_log("the last good one stays in force");
+    agent.wait_for_log(" ready:");
+    let v = lab.status_json();
+    assert_eq!(v["state"], "in sync", "{v:#}");
+    assert_eq!(v["source"]["kept_last_good"], 1, "{v:#}");
+    assert!(
+        lab.connects(9090, Duration::from_secs(2)),
+        "9090 still allowed after the restart"
+    );
+    assert!(lab.connects(8080, Duration::from_secs(2)), "8080 allowed");
+    assert!(
+        !lab.connects(7070, Duration::from_millis(300)),
+        "7070 denied"
+    );
+    // moat status names the invalid object, its error and what stays.
+    let (code, text) = lab.status();
+    assert_eq!(code, Some(0), "{text}");
+    assert!(
+        text.contains("GlobalNetworkPolicy/allow-metrics")
+            && text.contains("ninety")
+            && text.contains("last good version stays in force"),
+        "{text}"
+    );
+    agent.stop();
+}
