@@ -58,7 +58,8 @@ pub mod map_names {
     /// `RingBuf` of `DenyEvent`: every deny and every Log rule hit.
     pub const EVENTS: &str = "MOAT_EVENTS";
     /// `PerCpuArray<u64>` indexed by `counter::index(direction, counter)`.
-    pub const COUNTERS: &str = "MOAT_COUNTERS";
+    /// (V2: `counter::COUNT` grew to 22.)
+    pub const COUNTERS: &str = "MOAT_COUNT_V2";
 
     /// Every map the agent pins in its bpffs directory (by this name), so
     /// that enforcement, connection tracking and counters outlive it.
@@ -122,6 +123,14 @@ pub const MAX_FRAGMENTS: u32 = 4096;
 pub const EVENTS_BYTES: u32 = 1 << 20;
 /// IPv6 extension headers walked before a packet is judged unparsable.
 pub const MAX_IPV6_EXT_HEADERS: u32 = 6;
+/// VLAN tags (TPID 0x8100, 0x88a8 or 0x9100, stacked in any order, an
+/// egress tag the skb carries outside the data included) parsed before the
+/// frame: one with more is denied (`reason::VLAN_DEPTH`), since Linux strips
+/// any number of priority tags and delivers what is inside.
+pub const MAX_VLAN_TAGS: u32 = 4;
+/// The TPIDs `MAX_VLAN_TAGS` counts: 802.1Q, 802.1ad, and the pre-standard
+/// QinQ 0x9100.
+pub const VLAN_TPIDS: [u16; 3] = [0x8100, 0x88a8, 0x9100];
 
 /// Packet direction relative to the host interface.
 pub mod direction {
@@ -174,6 +183,9 @@ pub mod reason {
     pub const LOG_RULE: u8 = 7;
     /// A TCP packet with a flag combination Linux conntrack calls invalid.
     pub const TCP_FLAGS_INVALID: u8 = 8;
+    /// More stacked VLAN tags than `MAX_VLAN_TAGS`: what is inside is not
+    /// looked at, and the frame is denied.
+    pub const VLAN_DEPTH: u8 = 9;
 }
 
 /// `policy_id` of an event decided by no rule (default deny, parse error).
@@ -212,8 +224,10 @@ pub mod counter {
     /// Would have been denied (counted under its reason too), passed
     /// because the interface is in audit mode.
     pub const AUDIT_PASSED: u32 = 20;
+    /// Denied for more stacked VLAN tags than `MAX_VLAN_TAGS`.
+    pub const VLAN_DEPTH_DENIED: u32 = 21;
     /// Number of counters per direction.
-    pub const COUNT: u32 = 21;
+    pub const COUNT: u32 = 22;
     /// Total entries of the `COUNTERS` array.
     pub const ENTRIES: u32 = COUNT * super::direction::COUNT as u32;
 
@@ -246,6 +260,7 @@ pub mod counter {
         "forwarded_allowed",
         "events_suppressed",
         "audit_passed",
+        "vlan_depth_denied",
     ];
 }
 

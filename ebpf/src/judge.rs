@@ -103,7 +103,14 @@ impl Decision {
 /// Judges the frame `[data, data_end)` seen on `ifindex` in `direction`.
 /// Returns `verdict::ALLOW` or `verdict::DENY`.
 #[inline(always)]
-pub fn judge(data: usize, data_end: usize, ifindex: u32, direction: u8, packet_len: u32) -> u8 {
+pub fn judge(
+    data: usize,
+    data_end: usize,
+    ifindex: u32,
+    direction: u8,
+    packet_len: u32,
+    outer_tags: u32,
+) -> u8 {
     let Some(w) = SCRATCH.get_ptr_mut(0) else {
         // A one-entry per-CPU array always has entry 0; judged closed.
         return verdict::DENY;
@@ -116,7 +123,7 @@ pub fn judge(data: usize, data_end: usize, ifindex: u32, direction: u8, packet_l
     w.packet_len = packet_len;
     w.generation = 0;
     w.classified = 0;
-    let parsed = parse(data, data_end, &mut w.pkt);
+    let parsed = parse(data, data_end, outer_tags, &mut w.pkt);
     if parsed == Parsed::NotIp {
         count(direction, counter::NON_IP_PASSED);
         return verdict::ALLOW;
@@ -137,6 +144,12 @@ pub fn judge(data: usize, data_end: usize, ifindex: u32, direction: u8, packet_l
         return deny(
             w,
             &Decision::without_rule(verdict::DENY, reason::UNPARSABLE),
+        );
+    }
+    if parsed == Parsed::TooManyTags {
+        return deny(
+            w,
+            &Decision::without_rule(verdict::DENY, reason::VLAN_DEPTH),
         );
     }
     if w.pkt.fragment != FRAG_LATER {
@@ -773,6 +786,7 @@ pub extern "C" fn moat_report(w: *mut Walk) -> u32 {
         reason::NO_PROFILE => counter::NO_PROFILE_DENIED,
         reason::UNPARSABLE => counter::UNPARSABLE_DENIED,
         reason::FRAGMENT_UNKNOWN => counter::FRAGMENT_DENIED,
+        reason::VLAN_DEPTH => counter::VLAN_DEPTH_DENIED,
         _ => counter::CONNTRACK_INVALID_DENIED,
     };
     count(w.direction, c);

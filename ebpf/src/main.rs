@@ -26,7 +26,16 @@ const EGRESS_HEADER_BYTES: u32 = 256;
 pub fn moat_ingress(ctx: XdpContext) -> u32 {
     let len = (ctx.data_end() - ctx.data()) as u32;
     let ifindex = ctx.ingress_ifindex() as u32;
-    match judge::judge(ctx.data(), ctx.data_end(), ifindex, direction::INGRESS, len) {
+    // A tag the NIC took off (rx VLAN offload) is not in the data and XDP
+    // cannot see it; the stack still strips the rest as parsed here.
+    match judge::judge(
+        ctx.data(),
+        ctx.data_end(),
+        ifindex,
+        direction::INGRESS,
+        len,
+        0,
+    ) {
         verdict::ALLOW => xdp_action::XDP_PASS,
         _ => xdp_action::XDP_DROP,
     }
@@ -45,9 +54,19 @@ pub fn moat_egress(ctx: TcContext) -> i32 {
         // the parser then sees a short packet and denies it: closed.
         let _ = ctx.pull_data(want);
     }
-    // SAFETY: reading ifindex from the __sk_buff context the kernel gave us.
-    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    match judge::judge(ctx.data(), ctx.data_end(), ifindex, direction::EGRESS, len) {
+    // SAFETY: reading fields of the __sk_buff context the kernel gave us.
+    let (ifindex, vlan_present) = unsafe { ((*ctx.skb.skb).ifindex, (*ctx.skb.skb).vlan_present) };
+    // A tag a VLAN device left for the NIC to insert (tx offload) sits in
+    // skb->vlan_tci, outside the data: it counts towards the bound.
+    let outer_tags = u32::from(vlan_present != 0);
+    match judge::judge(
+        ctx.data(),
+        ctx.data_end(),
+        ifindex,
+        direction::EGRESS,
+        len,
+        outer_tags,
+    ) {
         // UNSPEC: let any program after ours (TCX chain) have its say.
         verdict::ALLOW => TC_ACT_UNSPEC,
         _ => TC_ACT_SHOT,

@@ -77,7 +77,7 @@ pub static FRAGMENTS: LruHashMap<FragKey, FragmentL4> =
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
 
 /// Per-CPU packet counters, `counter::index(direction, counter)`. Written here.
-#[map(name = "MOAT_COUNTERS")]
+#[map(name = "MOAT_COUNT_V2")]
 pub static COUNTERS: PerCpuArray<u64> =
     PerCpuArray::with_max_entries(moat_common::counter::ENTRIES, 0);
 

@@ -6,13 +6,13 @@
 
 use core::mem::size_of;
 
-use moat_common::{has_ports, ip_proto, HeaderDetail, MAX_IPV6_EXT_HEADERS};
+use moat_common::{
+    has_ports, ip_proto, HeaderDetail, MAX_IPV6_EXT_HEADERS, MAX_VLAN_TAGS, VLAN_TPIDS,
+};
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
-const ETH_P_8021Q: u16 = 0x8100;
-const ETH_P_8021AD: u16 = 0x88a8;
 /// No header we read starts beyond this offset; a packet whose headers go
 /// further is judged unparsable. Keeps offsets bounded for the verifier.
 const MAX_L4_OFFSET: usize = 512;
@@ -102,6 +102,13 @@ pub enum Parsed {
     Ip,
     /// An IP packet too short or malformed to judge: denied.
     Unparsable,
+    /// More VLAN tags than `MAX_VLAN_TAGS`: denied unseen.
+    TooManyTags,
+}
+
+#[inline(always)]
+fn is_vlan(ethertype: u16) -> bool {
+    ethertype == VLAN_TPIDS[0] || ethertype == VLAN_TPIDS[1] || ethertype == VLAN_TPIDS[2]
 }
 
 /// Reads a `T` at `offset`, or `None` when it would pass `data_end`.
@@ -133,7 +140,8 @@ pub fn v4_mapped(addr: [u8; 4]) -> [u32; 4] {
 }
 
 /// Parses the frame at `[data, data_end)` into `pkt` (left as it was for a
-/// frame that is not IP).
+/// frame that is not IP). `outer_tags` VLAN tags were already taken off the
+/// data (the skb carries them aside) and count towards `MAX_VLAN_TAGS`.
 ///
 /// Verifier note: kept out of line so the parsed fields reach the caller
 /// through memory. Inlined, LLVM carried the IPv4 and IPv6 addresses in
@@ -141,23 +149,33 @@ pub fn v4_mapped(addr: [u8; 4]) -> [u32; 4] {
 /// reused for pointers, and the verifier, following an impossible mix of
 /// branches, refused the program ("invalid size of register spill").
 #[inline(never)]
-pub fn parse(data: usize, data_end: usize, pkt: &mut Packet) -> Parsed {
+pub fn parse(data: usize, data_end: usize, outer_tags: u32, pkt: &mut Packet) -> Parsed {
     let Some(mac) = load::<[u8; 14]>(data, data_end, 0) else {
         // Shorter than an Ethernet header: there is no IP packet to judge.
         return Parsed::NotIp;
     };
     let mut ethertype = u16::from_be_bytes([mac[12], mac[13]]);
     let mut l3 = ETH_HLEN;
-    // Up to two VLAN tags (802.1ad outer, 802.1Q inner).
-    for _ in 0..2 {
-        if ethertype != ETH_P_8021Q && ethertype != ETH_P_8021AD {
+    // Stacked tags, any TPID in any order, up to the bound (Linux strips
+    // every priority tag and delivers what is inside, so a tag is no
+    // reason to stop looking).
+    let mut tags = outer_tags;
+    for _ in 0..MAX_VLAN_TAGS {
+        if !is_vlan(ethertype) || tags >= MAX_VLAN_TAGS {
             break;
         }
         let Some(inner) = be16(data, data_end, l3 + 2) else {
+            // Cut inside a tag: nothing Linux could deliver as IP.
             return Parsed::NotIp;
         };
         ethertype = inner;
         l3 += 4;
+        tags += 1;
+    }
+    if is_vlan(ethertype) {
+        *pkt = Packet::empty();
+        pkt.detail.mac = mac;
+        return Parsed::TooManyTags;
     }
     if ethertype != ETH_P_IP && ethertype != ETH_P_IPV6 {
         return Parsed::NotIp;

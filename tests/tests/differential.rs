@@ -361,7 +361,7 @@ fn query(f: &[u8], dir: u8) -> reference::Query {
             };
             !multicast && !LOCAL.iter().any(|l| l.parse::<IpAddr>().ok() == Some(addr))
         }
-        Frame::NotIp => false,
+        Frame::NotIp | Frame::TooManyVlanTags => false,
     };
     reference::Query {
         forwarded,
@@ -376,6 +376,7 @@ fn path_name(by: &DecidedBy, v: Verdict) -> &'static str {
         DecidedBy::Unenforced => "unenforced",
         DecidedBy::Unparsable => "unparsable",
         DecidedBy::UnknownFragment => "unknown-fragment",
+        DecidedBy::VlanDepth => "vlan-depth",
         DecidedBy::ConntrackInvalid { .. } => "conntrack-invalid",
         DecidedBy::Failsafe { .. } => "failsafe",
         DecidedBy::Rule {

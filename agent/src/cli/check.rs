@@ -126,6 +126,10 @@ pub fn answer(
         ),
         DecidedBy::ConntrackInvalid { why } => format!("connection tracking: INVALID ({why})"),
         DecidedBy::UnknownFragment => "a later fragment whose first was not seen".into(),
+        DecidedBy::VlanDepth => format!(
+            "more than {} stacked VLAN tags: denied without looking inside",
+            moat_common::MAX_VLAN_TAGS
+        ),
         DecidedBy::Misconfigured { why } => {
             format!("denied: the configuration cannot be enforced as written: {why}")
         }

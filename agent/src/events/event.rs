@@ -43,6 +43,7 @@ pub fn reason_name(r: u8) -> &'static str {
         reason::FRAGMENT_UNKNOWN => "fragment-unknown",
         reason::LOG_RULE => "log-rule",
         reason::TCP_FLAGS_INVALID => "tcp-flags-invalid",
+        reason::VLAN_DEPTH => "vlan-depth",
         _ => "unknown",
     }
 }

@@ -26,6 +26,9 @@ pub enum Frame {
     NotIp,
     /// IP but too short or malformed: denied. Holds what was read.
     Unparsable(Fields),
+    /// More stacked VLAN tags than `moat_common::MAX_VLAN_TAGS`: denied
+    /// without looking inside.
+    TooManyVlanTags,
     Ip(Fields),
 }
 
@@ -93,8 +96,9 @@ pub fn parse(frame: &[u8]) -> Frame {
         return Frame::NotIp;
     };
     let mut l3 = 14;
-    for _ in 0..2 {
-        if ethertype != 0x8100 && ethertype != 0x88a8 {
+    let vlan = |t: u16| moat_common::VLAN_TPIDS.contains(&t);
+    for _ in 0..moat_common::MAX_VLAN_TAGS {
+        if !vlan(ethertype) {
             break;
         }
         let Some(inner) = be16(frame, l3 + 2) else {
@@ -102,6 +106,9 @@ pub fn parse(frame: &[u8]) -> Frame {
         };
         ethertype = inner;
         l3 += 4;
+    }
+    if vlan(ethertype) {
+        return Frame::TooManyVlanTags;
     }
     match ethertype {
         0x0800 => ipv4(frame, l3),
@@ -295,6 +302,8 @@ pub enum DecidedBy {
     NonIp,
     Unenforced,
     Unparsable,
+    /// More stacked VLAN tags than the parser looks through.
+    VlanDepth,
     UnknownFragment,
     ConntrackInvalid {
         why: &'static str,
@@ -374,6 +383,7 @@ impl Judgement {
         match (&self.verdict, &self.by) {
             (Verdict::Allow, _) => 0,
             (_, DecidedBy::Unparsable) => reason::UNPARSABLE,
+            (_, DecidedBy::VlanDepth) => reason::VLAN_DEPTH,
             (_, DecidedBy::UnknownFragment) => reason::FRAGMENT_UNKNOWN,
             (_, DecidedBy::ConntrackInvalid { why }) if *why == TCP_FLAGS => {
                 reason::TCP_FLAGS_INVALID
@@ -413,6 +423,7 @@ pub fn judge_with(
         Frame::NotIp => Judgement::new(Verdict::Allow, DecidedBy::NonIp),
         _ if hep.is_none() => Judgement::new(Verdict::Allow, DecidedBy::Unenforced),
         Frame::Unparsable(_) => Judgement::new(Verdict::Deny, DecidedBy::Unparsable),
+        Frame::TooManyVlanTags => Judgement::new(Verdict::Deny, DecidedBy::VlanDepth),
         Frame::Ip(f) => evaluate(set, hep.expect("checked above"), dir, &f, q),
     }
 }
