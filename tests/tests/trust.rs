@@ -161,10 +161,13 @@ fn assert_not_ready(lab: &Lab, agent: &mut AgentProcess, why: &[&str], never_rea
     let (code, body) = lab.get("/metrics");
     assert_eq!(code, 200, "{body}");
     assert_eq!(sample(&body, "moat_ready"), 0.0);
-    eventually("moat status exits 7 (unprotected) naming the interface", || {
-        let (code, text) = lab.status();
-        code == Some(7) && why.iter().all(|w| text.contains(w))
-    });
+    eventually(
+        "moat status exits 7 (unprotected) naming the interface",
+        || {
+            let (code, text) = lab.status();
+            code == Some(7) && why.iter().all(|w| text.contains(w))
+        },
+    );
     assert!(
         !never_ready || !agent.logged().iter().any(|l| l.contains(" ready:")),
         "never logged ready: {:#?}",
