@@ -432,6 +432,13 @@ pub const IFACE_KNOWS_LOCAL: u32 = 2;
 /// reported, but a packet that would be denied passes (its event says
 /// `verdict::AUDIT`).
 pub const IFACE_AUDIT: u32 = 4;
+/// `IfaceConfig::flags` (with `IFACE_KNOWS_LOCAL`): an address missing from
+/// `LOCAL_ADDRS` is forwarded only when the kernel's routing table would
+/// route it onward (`bpf_fib_lookup` finds a unicast route); one the table
+/// delivers to this host (local, broadcast, anycast and AnyIP routes, 127/8,
+/// addresses added since the agent last looked), has no route to, or drops,
+/// is host traffic.
+pub const IFACE_ROUTE_LOCAL: u32 = 8;
 
 /// Value of `IFACES`: how one interface is enforced.
 #[repr(C)]

@@ -104,6 +104,7 @@ impl Decision {
 /// Returns `verdict::ALLOW` or `verdict::DENY`.
 #[inline(always)]
 pub fn judge(
+    ctx: *mut core::ffi::c_void,
     data: usize,
     data_end: usize,
     ifindex: u32,
@@ -160,7 +161,7 @@ pub fn judge(
         w.pkt.no_ports = u32::MAX;
     }
     let decision = if fragment_known {
-        decide(data, data_end, iface, w, direction)
+        decide(ctx, data, data_end, iface, w, direction)
     } else {
         Decision::without_rule(verdict::DENY, reason::FRAGMENT_UNKNOWN)
     };
@@ -208,6 +209,7 @@ fn fragment_l4(pkt: &mut Packet) -> bool {
 /// by `deny`.
 #[inline(always)]
 fn decide(
+    ctx: *mut core::ffi::c_void,
     data: usize,
     data_end: usize,
     iface: &IfaceConfig,
@@ -240,7 +242,7 @@ fn decide(
     let mut forwarded = false;
     let mut failsafe = Decision::without_rule(verdict::NONE, 0);
     if !untracked_empty {
-        forwarded = is_forwarded(iface, w, direction);
+        forwarded = is_forwarded(ctx, iface, w, direction);
         if !forwarded {
             failsafe = walk_table(failsafe_table, w);
         }
@@ -293,7 +295,7 @@ fn decide(
     }
 
     if untracked_empty {
-        forwarded = is_forwarded(iface, w, direction);
+        forwarded = is_forwarded(ctx, iface, w, direction);
         if !forwarded {
             failsafe = walk_table(failsafe_table, w);
             is_failsafe = failsafe.verdict == verdict::ALLOW;
@@ -351,18 +353,79 @@ fn decide(
 
 /// Forwarded: to (ingress) or from (egress) an address that is not the
 /// node's. Only when the agent keeps LOCAL_ADDRS in sync; otherwise every
-/// packet is host traffic, the stricter view.
+/// packet is host traffic, the stricter view. With `IFACE_ROUTE_LOCAL`, an
+/// address not listed is forwarded only if the kernel would route it on.
 #[inline(always)]
-fn is_forwarded(iface: &IfaceConfig, w: &Walk, direction: u8) -> bool {
-    iface.flags & moat_common::IFACE_KNOWS_LOCAL != 0
-        && !is_local(
-            if direction == moat_common::direction::INGRESS {
-                &w.pkt.dst
-            } else {
-                &w.pkt.src
-            },
-            w.pkt.ip_version,
+fn is_forwarded(ctx: *mut core::ffi::c_void, iface: &IfaceConfig, w: &Walk, direction: u8) -> bool {
+    if iface.flags & moat_common::IFACE_KNOWS_LOCAL == 0 {
+        return false;
+    }
+    let addr = if direction == moat_common::direction::INGRESS {
+        &w.pkt.dst
+    } else {
+        &w.pkt.src
+    };
+    if is_local(addr, w.pkt.ip_version) {
+        return false;
+    }
+    iface.flags & moat_common::IFACE_ROUTE_LOCAL == 0 || routed_onward(ctx, w, direction)
+}
+
+/// Whether the kernel's routing table (policy rules, every table) has a
+/// unicast route onward for the packet's destination (ingress) or source
+/// (egress), seen as arriving on its interface: `bpf_fib_lookup`, with
+/// neighbours and MTU left out. Local, broadcast, anycast, multicast and
+/// AnyIP routes (NOT_FWDED), no route, forwarding disabled, blackhole,
+/// unreachable and prohibit routes, and any error: not forwarded, so the
+/// packet is judged as host traffic.
+///
+/// Verifier note: out of line (a static subprogram), so its 64-byte
+/// parameter block is on the stack only while it runs.
+#[inline(never)]
+fn routed_onward(ctx: *mut core::ffi::c_void, w: &Walk, direction: u8) -> bool {
+    use aya_ebpf::bindings::{
+        bpf_fib_lookup as FibParams, BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH,
+        BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LKUP_RET_UNSUPP_LWT, BPF_FIB_LOOKUP_SKIP_NEIGH,
+    };
+    let p = &w.pkt;
+    // SAFETY: a plain C struct of integers and unions of integers.
+    let mut params: FibParams = unsafe { core::mem::zeroed() };
+    params.l4_protocol = p.protocol;
+    params.ifindex = w.ifindex;
+    // Egress asks whether the source is the host's: the route to it.
+    let (src, dst) = if direction == moat_common::direction::INGRESS {
+        (p.src, p.dst)
+    } else {
+        ([0; 4], p.src)
+    };
+    if direction == moat_common::direction::INGRESS {
+        params.sport = p.sport.to_be();
+        params.dport = p.dport.to_be();
+    }
+    if p.ip_version == 4 {
+        params.family = 2; // AF_INET
+        params.__bindgen_anon_2.tos = p.detail.tos;
+        params.__bindgen_anon_3.ipv4_src = src[3];
+        params.__bindgen_anon_4.ipv4_dst = dst[3];
+    } else {
+        params.family = 10; // AF_INET6
+        params.__bindgen_anon_3.ipv6_src = src;
+        params.__bindgen_anon_4.ipv6_dst = dst;
+    }
+    // SAFETY: `ctx` is the program's context; `params` is valid for its
+    // size for the duration of the call.
+    let ret = unsafe {
+        aya_ebpf::helpers::bpf_fib_lookup(
+            ctx,
+            &mut params,
+            core::mem::size_of::<FibParams>() as i32,
+            BPF_FIB_LOOKUP_SKIP_NEIGH,
         )
+    };
+    ret == BPF_FIB_LKUP_RET_SUCCESS as i64
+        || ret == BPF_FIB_LKUP_RET_NO_NEIGH as i64
+        || ret == BPF_FIB_LKUP_RET_FRAG_NEEDED as i64
+        || ret == BPF_FIB_LKUP_RET_UNSUPP_LWT as i64
 }
 
 /// Whether `addr` (of an IPv4 packet when `ip_version` is 4) is one of the

@@ -29,7 +29,7 @@ use aya::{
 use moat_common::{
     classify, counter, direction, map_names, program_names, table, AddrClassKey, Classifier,
     DenyEvent, FlowKey, FlowState, FragKey, FragmentL4, IfaceConfig, PortClassKey, RuleEntry,
-    RuleStats, IFACE_AUDIT, IFACE_ENFORCED, IFACE_KNOWS_LOCAL, MAX_IFACES,
+    RuleStats, IFACE_AUDIT, IFACE_ENFORCED, IFACE_KNOWS_LOCAL, IFACE_ROUTE_LOCAL, MAX_IFACES,
 };
 
 use crate::{
@@ -263,6 +263,9 @@ pub struct Dataplane {
     /// The node's addresses in `local_addrs`, once the agent keeps them in
     /// sync (`None` before: every packet is judged as host traffic).
     local: Option<std::collections::BTreeSet<std::net::IpAddr>>,
+    /// Whether an address missing from `local` is asked of the kernel's
+    /// routing table (`IFACE_ROUTE_LOCAL`); on unless a test turns it off.
+    route_lookup: bool,
     /// Audit mode for the interfaces applied from now on.
     audit: bool,
     /// ifindexes in audit mode whatever `audit` says.
@@ -369,6 +372,7 @@ impl Dataplane {
             local_addrs: take(&mut ebpf, map_names::LOCAL_ADDRS)?,
             event_rate: take(&mut ebpf, map_names::EVENT_RATE)?,
             local: None,
+            route_lookup: true,
             audit: false,
             audit_ifaces: Default::default(),
             replace_xdp: false,
@@ -835,10 +839,10 @@ impl Dataplane {
         for ((ifindex, slot, per_dir), encoded) in images.iter().zip(&encoded) {
             let mut config = IfaceConfig {
                 flags: IFACE_ENFORCED
-                    | if self.local.is_some() {
-                        IFACE_KNOWS_LOCAL
-                    } else {
-                        0
+                    | match (&self.local, self.route_lookup) {
+                        (None, _) => 0,
+                        (Some(_), false) => IFACE_KNOWS_LOCAL,
+                        (Some(_), true) => IFACE_KNOWS_LOCAL | IFACE_ROUTE_LOCAL,
                     }
                     | if self.audit || self.audit_ifaces.contains(ifindex) {
                         IFACE_AUDIT
@@ -1080,6 +1084,17 @@ impl Dataplane {
         }
         self.local = Some(addrs.clone());
         Ok((added, removed))
+    }
+
+    /// Whether the kernel asks its routing table (`bpf_fib_lookup`) about
+    /// an address `set_local_addresses` did not list: one it delivers to
+    /// this host, has no route for, or drops is host traffic; only one it
+    /// routes onward is forwarded. On by default; tests that judge with
+    /// `BPF_PROG_TEST_RUN` in a namespace whose routes are not the test's
+    /// turn it off so that the listed addresses alone decide. Takes effect
+    /// at the next `apply`.
+    pub fn set_route_lookup(&mut self, on: bool) {
+        self.route_lookup = on;
     }
 
     /// Audit mode: every verdict is computed, counted and reported, but

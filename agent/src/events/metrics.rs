@@ -115,13 +115,14 @@ const STAGE_ALLOWED: [(u32, &str); 10] = [
     (counter::UNENFORCED_PASSED, "unenforced"),
 ];
 
-const DENY_REASONS: [(u32, &str); 6] = [
+const DENY_REASONS: [(u32, &str); 7] = [
     (counter::RULE_DENIED, "rule"),
     (counter::END_OF_POLICIES_DENIED, "end_of_policies"),
     (counter::NO_PROFILE_DENIED, "no_profile"),
     (counter::UNPARSABLE_DENIED, "unparsable"),
     (counter::CONNTRACK_INVALID_DENIED, "conntrack_invalid"),
     (counter::FRAGMENT_DENIED, "fragment"),
+    (counter::VLAN_DEPTH_DENIED, "vlan_depth"),
 ];
 
 const EVENT_OUTCOMES: [(u32, &str); 3] = [
