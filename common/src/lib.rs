@@ -17,9 +17,13 @@ pub mod map_names {
     /// `HashMap<u32 ifindex, IfaceConfig>`: which interfaces are enforced and
     /// where their rule tables start. Written by the agent.
     pub const IFACES: &str = "MOAT_IFACES_V4";
-    /// `Array<EventRate>` of one entry: how many events each source may
-    /// cause. Written by the agent.
-    pub const EVENT_RATE: &str = "MOAT_RATE_V1";
+    /// `Array<EventRate>` of one entry: how many events each source, and
+    /// all sources together, may cause. Written by the agent. (V2: the
+    /// global bound.)
+    pub const EVENT_RATE: &str = "MOAT_RATE_V2";
+    /// `Array<EventBucket>` of one entry: the token bucket all sources
+    /// share. Written by the programs.
+    pub const EVENT_GLOBAL: &str = "MOAT_GBUCKET_V1";
     /// `LruHashMap<[u8; 16] source, EventBucket>`: each source's event
     /// token bucket. Written by the programs.
     pub const EVENT_BUCKETS: &str = "MOAT_BUCKETS_V1";
@@ -64,9 +68,10 @@ pub mod map_names {
     /// Every map the agent pins in its bpffs directory (by this name), so
     /// that enforcement, connection tracking and counters outlive it.
     /// (Not the programs' per-CPU scratch space, whose layout is internal.)
-    pub const PINNED: [&str; 16] = [
+    pub const PINNED: [&str; 17] = [
         IFACES,
         EVENT_RATE,
+        EVENT_GLOBAL,
         EVENT_BUCKETS,
         LOCAL_ADDRS,
         RULES,
@@ -587,16 +592,30 @@ pub struct HeaderDetail {
 }
 const _: () = assert!(size_of::<HeaderDetail>() == 36);
 
-/// Value of `EVENT_RATE`: a token bucket per source address.
+/// Value of `EVENT_RATE`: a token bucket per source address, and one all
+/// sources share (so that a flood from spoofed sources, each with a full
+/// bucket of its own, still gives a bounded number of events).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct EventRate {
-    /// Events a source may cause per second, sustained; 0: no limit.
+    /// Events a source may cause per second, sustained; 0: no limit at
+    /// all (neither this nor the global one).
     pub per_second: u32,
     /// Events a source may cause at once (the bucket's size).
     pub burst: u32,
+    /// Events all sources together may cause per second; 0: no global
+    /// bound.
+    pub global_per_second: u32,
+    /// Events all sources together may cause at once.
+    pub global_burst: u32,
 }
-const _: () = assert!(size_of::<EventRate>() == 8);
+const _: () = assert!(size_of::<EventRate>() == 16);
+
+/// Default global event bound (`EventRate::global_per_second`): events a
+/// second from all sources together.
+pub const DEFAULT_GLOBAL_EVENT_RATE: u32 = 1000;
+/// Default `EventRate::global_burst`.
+pub const DEFAULT_GLOBAL_EVENT_BURST: u32 = 2000;
 
 /// Value of `EVENT_BUCKETS`.
 #[repr(C)]

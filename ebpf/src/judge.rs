@@ -26,7 +26,8 @@ use crate::{
     conntrack::{self, IcmpClass},
     maps::{
         count, CLASS_DPORT, CLASS_DST, CLASS_PROTO, CLASS_SPORT, CLASS_SRC, CLASS_WORDS, EVENTS,
-        EVENT_BUCKETS, EVENT_RATE, FRAGMENTS, IFACES, LOCAL_ADDRS, RULES, RULE_STATS, SCRATCH,
+        EVENT_BUCKETS, EVENT_GLOBAL, EVENT_RATE, FRAGMENTS, IFACES, LOCAL_ADDRS, RULES, RULE_STATS,
+        SCRATCH,
     },
     packet::{parse, read_l4_detail, Packet, Parsed, FRAG_FIRST, FRAG_LATER},
 };
@@ -869,8 +870,31 @@ pub extern "C" fn moat_report(w: *mut Walk) -> u32 {
     }
 }
 
+/// Refills `bucket` (`per_second` events a second, at most `burst`) for
+/// the time since its last packet and takes one event's token if it has
+/// one.
+#[inline(always)]
+fn take_token(bucket: &mut EventBucket, per_second: u32, burst: u32, now: u64) -> bool {
+    let full = burst as u64 * 1000;
+    let elapsed = now.saturating_sub(bucket.last_ns);
+    // Refill: `per_second` events per 1e6 us, in thousandths. Capping the
+    // elapsed time at 2^32 us (71 minutes, past any bucket's refill) keeps
+    // the product within 64 bits (BPF has no 128-bit multiply).
+    let micros = core::cmp::min(elapsed / 1000, u32::MAX as u64);
+    let refill = micros * per_second as u64 / 1000;
+    let tokens = core::cmp::min(full, bucket.milli_tokens.saturating_add(refill));
+    bucket.last_ns = now;
+    if tokens < 1000 {
+        bucket.milli_tokens = tokens;
+        return false;
+    }
+    bucket.milli_tokens = tokens - 1000;
+    true
+}
+
 /// Whether the packet's source may cause another event now (its token
-/// bucket has one); takes it. Counts a suppression when not.
+/// bucket has one, and so has the bucket all sources share); takes them.
+/// Counts a suppression when not.
 #[inline(always)]
 fn may_emit(w: &Walk) -> bool {
     let Some(rate) = EVENT_RATE.get(0) else {
@@ -879,23 +903,51 @@ fn may_emit(w: &Walk) -> bool {
     if rate.per_second == 0 {
         return true;
     }
-    // SAFETY: same size, every bit pattern valid.
-    let src = unsafe { core::mem::transmute::<[u32; 4], [u8; 16]>(w.pkt.src) };
-    // Coarse time (a tick's resolution): the refill below counts whole
+    // Coarse time (a tick's resolution): the refill counts whole
     // microseconds since the bucket's last packet, so with a fine clock a
     // flood (a packet every few hundred ns) would never refill it.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
-    let full = rate.burst as u64 * 1000;
+    if !source_token(w, rate.per_second, rate.burst, now) {
+        count(w.direction, counter::EVENTS_SUPPRESSED);
+        return false;
+    }
+    if rate.global_per_second == 0 {
+        return true;
+    }
+    let Some(global) = EVENT_GLOBAL.get_ptr_mut(0) else {
+        return true;
+    };
+    // SAFETY: a valid pointer into the map value. CPUs race on it: the
+    // bound may be passed by a token per CPU at a refill, but every event
+    // is still counted once, as emitted, suppressed or lost.
+    if !take_token(
+        unsafe { &mut *global },
+        rate.global_per_second,
+        rate.global_burst,
+        now,
+    ) {
+        count(w.direction, counter::EVENTS_SUPPRESSED);
+        return false;
+    }
+    true
+}
+
+/// Takes a token from the packet's source's bucket (a new source starts
+/// with a full one).
+#[inline(always)]
+fn source_token(w: &Walk, per_second: u32, burst: u32, now: u64) -> bool {
+    // SAFETY: same size, every bit pattern valid.
+    let src = unsafe { core::mem::transmute::<[u32; 4], [u8; 16]>(w.pkt.src) };
+    let full = burst as u64 * 1000;
     let Some(bucket) = EVENT_BUCKETS.get_ptr_mut(src) else {
-        // A new source starts with a full bucket, less this event.
-        let fresh = EventBucket {
-            milli_tokens: full.saturating_sub(1000),
-            last_ns: now,
-        };
         if full < 1000 {
-            count(w.direction, counter::EVENTS_SUPPRESSED);
             return false;
         }
+        // A new source starts with a full bucket, less this event.
+        let fresh = EventBucket {
+            milli_tokens: full - 1000,
+            last_ns: now,
+        };
         // If the insert fails the event still goes out: the limit is for
         // floods, and counting stays exact either way.
         let _ = EVENT_BUCKETS.insert(src, fresh, 0);
@@ -903,22 +955,7 @@ fn may_emit(w: &Walk) -> bool {
     };
     // SAFETY: a valid pointer into the map value; races with other CPUs
     // only blur the count of tokens, never the accounting of events.
-    let bucket = unsafe { &mut *bucket };
-    let elapsed = now.saturating_sub(bucket.last_ns);
-    // Refill: `per_second` events per 1e6 us, in thousandths. Capping the
-    // elapsed time at 2^32 us (71 minutes, past any bucket's refill) keeps
-    // the product within 64 bits (BPF has no 128-bit multiply).
-    let micros = core::cmp::min(elapsed / 1000, u32::MAX as u64);
-    let refill = micros * rate.per_second as u64 / 1000;
-    let tokens = core::cmp::min(full, bucket.milli_tokens.saturating_add(refill));
-    bucket.last_ns = now;
-    if tokens < 1000 {
-        bucket.milli_tokens = tokens;
-        count(w.direction, counter::EVENTS_SUPPRESSED);
-        return false;
-    }
-    bucket.milli_tokens = tokens - 1000;
-    true
+    take_token(unsafe { &mut *bucket }, per_second, burst, now)
 }
 
 /// Writes an event into the ring buffer, field by field (building it on

@@ -15,8 +15,12 @@ use moat_common::{
 pub static IFACES: HashMap<u32, IfaceConfig> = HashMap::with_max_entries(MAX_IFACES, 0);
 
 /// The event rate limit (entry 0). Written by the agent.
-#[map(name = "MOAT_RATE_V1")]
+#[map(name = "MOAT_RATE_V2")]
 pub static EVENT_RATE: Array<moat_common::EventRate> = Array::with_max_entries(1, 0);
+
+/// The token bucket all sources share (entry 0). Written here.
+#[map(name = "MOAT_GBUCKET_V1")]
+pub static EVENT_GLOBAL: Array<moat_common::EventBucket> = Array::with_max_entries(1, 0);
 
 /// Source address -> its event token bucket. Written here.
 #[map(name = "MOAT_BUCKETS_V1")]

@@ -329,6 +329,7 @@ pub fn trace_live(t: &LiveTrace) -> anyhow::Result<Trace> {
         EventRate {
             per_second: 0,
             burst: 1,
+            ..EventRate::default()
         },
         0,
     )

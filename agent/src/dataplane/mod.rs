@@ -260,6 +260,9 @@ pub struct Dataplane {
     fragments: HashMap<MapData, FragKey, FragmentL4>,
     local_addrs: HashMap<MapData, [u8; 16], u8>,
     event_rate: Array<MapData, moat_common::EventRate>,
+    /// Per source and global (per second, burst), as `event_rate` holds.
+    source_rate: (u32, u32),
+    global_rate: (u32, u32),
     /// The node's addresses in `local_addrs`, once the agent keeps them in
     /// sync (`None` before: every packet is judged as host traffic).
     local: Option<std::collections::BTreeSet<std::net::IpAddr>>,
@@ -371,6 +374,11 @@ impl Dataplane {
             fragments: take(&mut ebpf, map_names::FRAGMENTS)?,
             local_addrs: take(&mut ebpf, map_names::LOCAL_ADDRS)?,
             event_rate: take(&mut ebpf, map_names::EVENT_RATE)?,
+            source_rate: (0, 1),
+            global_rate: (
+                moat_common::DEFAULT_GLOBAL_EVENT_RATE,
+                moat_common::DEFAULT_GLOBAL_EVENT_BURST,
+            ),
             local: None,
             route_lookup: true,
             audit: false,
@@ -1117,10 +1125,35 @@ impl Dataplane {
     }
 
     /// Limits each source address to `per_second` events (sustained) and
-    /// `burst` at once; `per_second` 0 lifts the limit. Suppressed events
-    /// are counted (`events_suppressed`), never silently lost.
+    /// `burst` at once, and all sources together to the global bound
+    /// (`set_global_event_rate`); `per_second` 0 lifts every limit.
+    /// Suppressed events are counted (`events_suppressed`), never silently
+    /// lost.
     pub fn set_event_rate(&mut self, per_second: u32, burst: u32) -> Result<(), DataplaneError> {
-        let rate = moat_common::EventRate { per_second, burst };
+        self.source_rate = (per_second, burst);
+        self.write_event_rate()
+    }
+
+    /// Limits all sources together to `per_second` events (sustained) and
+    /// `burst` at once, beside the per-source limit (default
+    /// `DEFAULT_GLOBAL_EVENT_RATE` / `DEFAULT_GLOBAL_EVENT_BURST`);
+    /// `per_second` 0: no global bound.
+    pub fn set_global_event_rate(
+        &mut self,
+        per_second: u32,
+        burst: u32,
+    ) -> Result<(), DataplaneError> {
+        self.global_rate = (per_second, burst);
+        self.write_event_rate()
+    }
+
+    fn write_event_rate(&mut self) -> Result<(), DataplaneError> {
+        let rate = moat_common::EventRate {
+            per_second: self.source_rate.0,
+            burst: self.source_rate.1,
+            global_per_second: self.global_rate.0,
+            global_burst: self.global_rate.1,
+        };
         self.event_rate
             .set(0, rate, 0)
             .map_err(|source| DataplaneError::Map {
