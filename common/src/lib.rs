@@ -58,7 +58,9 @@ pub mod map_names {
     pub const CONNTRACK: &str = "MOAT_CT_V1";
     /// `LruHashMap<FragKey, FragmentL4>`: L4 fields of first fragments, so
     /// that later fragments of the same datagram are judged on them.
-    pub const FRAGMENTS: &str = "MOAT_FRAGS_V1";
+    /// (V2: keyed by the Fragment header's next header for IPv6, the
+    /// value holds the L4 protocol.)
+    pub const FRAGMENTS: &str = "MOAT_FRAGS_V2";
     /// `RingBuf` of `DenyEvent`: every deny and every Log rule hit.
     pub const EVENTS: &str = "MOAT_EVENTS";
     /// `PerCpuArray<u64>` indexed by `counter::index(direction, counter)`.
@@ -542,6 +544,8 @@ pub struct FragKey {
     pub src: [u8; 16],
     pub dst: [u8; 16],
     pub id: u32,
+    /// IPv4: the protocol field. IPv6: the Fragment header's next header,
+    /// which every fragment of a datagram repeats.
     pub protocol: u8,
     pub _pad: [u8; 3],
 }
@@ -557,7 +561,9 @@ pub struct FragmentL4 {
     pub icmp_type: u8,
     pub icmp_code: u8,
     pub tcp_flags: u8,
-    pub _pad: u8,
+    /// The L4 protocol (for IPv6, after any extension headers in the
+    /// fragmentable part, which later fragments do not repeat).
+    pub protocol: u8,
 }
 const _: () = assert!(size_of::<FragmentL4>() == 8);
 

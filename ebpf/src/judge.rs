@@ -188,6 +188,7 @@ fn fragment_l4(pkt: &mut Packet) -> bool {
                 pkt.icmp_type = l4.icmp_type;
                 pkt.icmp_code = l4.icmp_code;
                 pkt.tcp_flags = l4.tcp_flags;
+                pkt.protocol = l4.protocol;
             }
             None => return false,
         }
@@ -198,7 +199,7 @@ fn fragment_l4(pkt: &mut Packet) -> bool {
             icmp_type: pkt.icmp_type,
             icmp_code: pkt.icmp_code,
             tcp_flags: pkt.tcp_flags,
-            _pad: 0,
+            protocol: pkt.protocol,
         };
         // If the map cannot take it, later fragments are denied: closed.
         let _ = FRAGMENTS.insert(frag_key(pkt), l4, 0);
@@ -458,7 +459,7 @@ fn frag_key(pkt: &Packet) -> FragKey {
         src: unsafe { core::mem::transmute::<[u32; 4], [u8; 16]>(pkt.src) },
         dst: unsafe { core::mem::transmute::<[u32; 4], [u8; 16]>(pkt.dst) },
         id: pkt.frag_id,
-        protocol: pkt.protocol,
+        protocol: pkt.frag_proto,
         _pad: [0; 3],
     }
 }

@@ -72,7 +72,7 @@ pub static CLASS_WORDS: Array<u64> = Array::with_max_entries(MAX_CLASS_WORDS, 0)
 pub static CONNTRACK: LruHashMap<FlowKey, FlowState> = LruHashMap::with_max_entries(MAX_FLOWS, 0);
 
 /// Datagram -> L4 fields of its first fragment. Written here.
-#[map(name = "MOAT_FRAGS_V1")]
+#[map(name = "MOAT_FRAGS_V2")]
 pub static FRAGMENTS: LruHashMap<FragKey, FragmentL4> =
     LruHashMap::with_max_entries(MAX_FRAGMENTS, 0);
 
