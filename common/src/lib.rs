@@ -53,9 +53,15 @@ pub mod map_names {
     /// `PerCpuArray<RuleStats>` indexed like `RULES`: packets and bytes
     /// each rule decided or logged. Written by the programs.
     pub const RULE_STATS: &str = "MOAT_RSTATS_V1";
-    /// `LruHashMap<FlowKey, FlowState>`: connections allowed so far, in both
-    /// orientations. Written by the programs, read by both sides.
+    /// `LruHashMap<FlowKey, FlowState>`: connections confirmed by a reply
+    /// (or seeded from Linux conntrack), in both orientations. Written by
+    /// the programs, read by both sides.
     pub const CONNTRACK: &str = "MOAT_CT_V1";
+    /// `LruHashMap<FlowKey, FlowState>`: connections allowed and not yet
+    /// answered, both orientations (the reply's flagged `FLOW_REPLY`). A
+    /// flood of them evicts only each other, never a confirmed connection
+    /// (Linux's early drop); the first reply moves the pair to `CONNTRACK`.
+    pub const CT_PENDING: &str = "MOAT_CTNEW_V1";
     /// `LruHashMap<FragKey, FragmentL4>`: L4 fields of first fragments, so
     /// that later fragments of the same datagram are judged on them.
     /// (V2: keyed by the Fragment header's next header for IPv6, the
@@ -70,7 +76,7 @@ pub mod map_names {
     /// Every map the agent pins in its bpffs directory (by this name), so
     /// that enforcement, connection tracking and counters outlive it.
     /// (Not the programs' per-CPU scratch space, whose layout is internal.)
-    pub const PINNED: [&str; 17] = [
+    pub const PINNED: [&str; 18] = [
         IFACES,
         EVENT_RATE,
         EVENT_GLOBAL,
@@ -85,6 +91,7 @@ pub mod map_names {
         CLASS_WORDS,
         RULE_STATS,
         CONNTRACK,
+        CT_PENDING,
         FRAGMENTS,
         EVENTS,
         COUNTERS,
@@ -124,6 +131,8 @@ pub const MAX_EVENT_SOURCES: u32 = 65536;
 pub const MAX_LOCAL_ADDRS: u32 = 1024;
 /// Capacity of `CONNTRACK` (LRU: the least recently used flow is evicted).
 pub const MAX_FLOWS: u32 = 65536;
+/// Default capacity of `CT_PENDING` (LRU among unanswered flows only).
+pub const MAX_PENDING_FLOWS: u32 = 65536;
 /// Capacity of `FRAGMENTS`.
 pub const MAX_FRAGMENTS: u32 = 4096;
 /// Size of the `EVENTS` ring buffer in bytes (a power of two, page multiple).
@@ -233,8 +242,14 @@ pub mod counter {
     pub const AUDIT_PASSED: u32 = 20;
     /// Denied for more stacked VLAN tags than `MAX_VLAN_TAGS`.
     pub const VLAN_DEPTH_DENIED: u32 = 21;
+    /// Connections allowed and put in `CT_PENDING` to wait for a reply.
+    pub const CT_UNCONFIRMED: u32 = 22;
+    /// Connections a reply confirmed (moved to `CONNTRACK`). Unconfirmed
+    /// minus confirmed, less those still waiting, is what expired or was
+    /// evicted from `CT_PENDING` under pressure, confirmed ones untouched.
+    pub const CT_CONFIRMED: u32 = 23;
     /// Number of counters per direction.
-    pub const COUNT: u32 = 22;
+    pub const COUNT: u32 = 24;
     /// Total entries of the `COUNTERS` array.
     pub const ENTRIES: u32 = COUNT * super::direction::COUNT as u32;
 
@@ -268,6 +283,8 @@ pub mod counter {
         "events_suppressed",
         "audit_passed",
         "vlan_depth_denied",
+        "ct_unconfirmed",
+        "ct_confirmed",
     ];
 }
 
@@ -508,6 +525,9 @@ const _: () = assert!(size_of::<FlowKey>() == 40);
 
 /// `FlowState::flags`: a FIN or RST was seen, the flow expires soon.
 pub const FLOW_CLOSING: u32 = 1;
+/// `FlowState::flags` in `CT_PENDING`: this orientation is the reply's; a
+/// packet that finds it confirms the connection.
+pub const FLOW_REPLY: u32 = 2;
 
 /// Value of `CONNTRACK`.
 #[repr(C)]
@@ -535,6 +555,9 @@ pub mod flow_timeout {
     pub const ICMP: u64 = 30 * SEC;
     /// Refresh `last_seen_ns` only when it is older than this.
     pub const REFRESH: u64 = SEC;
+    /// Most an unanswered connection waits for its reply (Linux: TCP
+    /// SYN_SENT 120 s; UDP unreplied 30 s).
+    pub const UNREPLIED: u64 = 120 * SEC;
 }
 
 /// Key of `FRAGMENTS`: one IP datagram.

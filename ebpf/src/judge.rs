@@ -272,7 +272,7 @@ fn decide(
     if pkt.protocol == moat_common::ip_proto::TCP && !conntrack::tcp_flags_valid(pkt.tcp_flags) {
         return Decision::without_rule(verdict::DENY, reason::TCP_FLAGS_INVALID);
     }
-    if conntrack::established(pkt) {
+    if conntrack::established(pkt, direction) {
         count(direction, counter::CONNTRACK_ALLOWED);
         return Decision::without_rule(verdict::ALLOW, 0);
     }
@@ -310,7 +310,7 @@ fn decide(
         let pre_dnat = walk_table(pre_dnat_table, w);
         if pre_dnat.verdict == verdict::ALLOW {
             count(direction, counter::PRE_DNAT_ALLOWED);
-            conntrack::track(&w.pkt);
+            conntrack::track(&w.pkt, direction);
             return pre_dnat;
         }
         if pre_dnat.verdict == verdict::DENY {
@@ -321,7 +321,7 @@ fn decide(
     // 4. Failsafe.
     if is_failsafe {
         count(direction, counter::FAILSAFE_ALLOWED);
-        conntrack::track(&w.pkt);
+        conntrack::track(&w.pkt, direction);
         return failsafe;
     }
 
@@ -348,7 +348,7 @@ fn decide(
         } else {
             count(direction, counter::POLICY_ALLOWED);
         }
-        conntrack::track(&w.pkt);
+        conntrack::track(&w.pkt, direction);
     }
     policy
 }

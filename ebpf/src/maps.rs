@@ -7,7 +7,8 @@ use aya_ebpf::{
 use moat_common::{
     AddrClassKey, FlowKey, FlowState, FragKey, FragmentL4, IfaceConfig, PortClassKey, RuleEntry,
     RuleStats, CLASS_ADDR_PREFIXES, CLASS_PORT_PREFIXES, CLASS_PROTOS, EVENTS_BYTES,
-    MAX_CLASS_WORDS, MAX_FLOWS, MAX_FRAGMENTS, MAX_IFACES, MAX_LOCAL_ADDRS, MAX_RULES,
+    MAX_CLASS_WORDS, MAX_FLOWS, MAX_FRAGMENTS, MAX_IFACES, MAX_LOCAL_ADDRS, MAX_PENDING_FLOWS,
+    MAX_RULES,
 };
 
 /// ifindex -> how the interface is enforced. Written by the agent.
@@ -70,6 +71,12 @@ pub static CLASS_WORDS: Array<u64> = Array::with_max_entries(MAX_CLASS_WORDS, 0)
 /// Flow orientation -> last activity. Written here on allow, read on every packet.
 #[map(name = "MOAT_CT_V1")]
 pub static CONNTRACK: LruHashMap<FlowKey, FlowState> = LruHashMap::with_max_entries(MAX_FLOWS, 0);
+
+/// Flow orientation of an unanswered connection -> last activity. Written
+/// here; a reply moves both orientations to `CONNTRACK`.
+#[map(name = "MOAT_CTNEW_V1")]
+pub static CT_PENDING: LruHashMap<FlowKey, FlowState> =
+    LruHashMap::with_max_entries(MAX_PENDING_FLOWS, 0);
 
 /// Datagram -> L4 fields of its first fragment. Written here.
 #[map(name = "MOAT_FRAGS_V2")]

@@ -211,6 +211,10 @@ pub struct Fill {
     /// Tracked flow orientations (two per connection).
     pub flows: u64,
     pub flows_capacity: u32,
+    /// Flow orientations waiting for a reply, and the table's capacity:
+    /// full means unanswered connections are evicting each other.
+    pub pending: u64,
+    pub pending_capacity: u32,
 }
 
 /// What one `apply` cost: planning (classifier images, encoding, the
@@ -257,6 +261,8 @@ pub struct Dataplane {
     adopted_generation: Option<u32>,
     counters: PerCpuArray<MapData, u64>,
     conntrack: HashMap<MapData, FlowKey, FlowState>,
+    /// Connections allowed and not answered yet (`CT_PENDING`).
+    ct_pending: HashMap<MapData, FlowKey, FlowState>,
     fragments: HashMap<MapData, FragKey, FragmentL4>,
     local_addrs: HashMap<MapData, [u8; 16], u8>,
     event_rate: Array<MapData, moat_common::EventRate>,
@@ -322,6 +328,7 @@ impl Dataplane {
         let mut loader = EbpfLoader::new();
         loader
             .map_max_entries(map_names::CONNTRACK, caps.flows)
+            .map_max_entries(map_names::CT_PENDING, caps.flows)
             .map_max_entries(map_names::RULES, caps.rule_slots)
             .map_max_entries(map_names::RULE_STATS, caps.rule_slots)
             .map_max_entries(map_names::CLASS_WORDS, caps.class_words)
@@ -371,6 +378,7 @@ impl Dataplane {
             last_apply: ApplyStats::default(),
             counters: take(&mut ebpf, map_names::COUNTERS)?,
             conntrack: take(&mut ebpf, map_names::CONNTRACK)?,
+            ct_pending: take(&mut ebpf, map_names::CT_PENDING)?,
             fragments: take(&mut ebpf, map_names::FRAGMENTS)?,
             local_addrs: take(&mut ebpf, map_names::LOCAL_ADDRS)?,
             event_rate: take(&mut ebpf, map_names::EVENT_RATE)?,
@@ -1055,10 +1063,12 @@ impl Dataplane {
 
     /// Forgets every tracked flow (tests judge each packet afresh).
     pub fn clear_conntrack(&mut self) -> Result<(), DataplaneError> {
-        let keys: Vec<FlowKey> = self.conntrack.keys().filter_map(Result::ok).collect();
-        for key in keys {
-            // A flow the LRU evicted meanwhile is already gone.
-            let _ = self.conntrack.remove(&key);
+        for map in [&mut self.conntrack, &mut self.ct_pending] {
+            let keys: Vec<FlowKey> = map.keys().filter_map(Result::ok).collect();
+            for key in keys {
+                // A flow the LRU evicted meanwhile is already gone.
+                let _ = map.remove(&key);
+            }
         }
         Ok(())
     }
@@ -1171,9 +1181,18 @@ impl Dataplane {
         Ok(())
     }
 
-    /// Every tracked flow orientation and its state.
+    /// Every tracked flow orientation and its state: confirmed ones, then
+    /// those waiting for a reply (`FLOW_REPLY` marks a reply orientation).
     pub fn conntrack_entries(&self) -> Vec<(FlowKey, FlowState)> {
-        self.conntrack.iter().filter_map(Result::ok).collect()
+        let confirmed = self.conntrack.iter().filter_map(Result::ok);
+        confirmed
+            .chain(self.ct_pending.iter().filter_map(Result::ok))
+            .collect()
+    }
+
+    /// Flow orientations waiting for a reply (`CT_PENDING`).
+    pub fn pending_len(&self) -> usize {
+        self.ct_pending.keys().count()
     }
 
     /// Tracks `flows` as established, in both orientations, as if moat had
@@ -1237,6 +1256,13 @@ impl Dataplane {
                 .map()
                 .info()
                 .map_err(map_err(map_names::CONNTRACK))?
+                .max_entries(),
+            pending: self.pending_len() as u64,
+            pending_capacity: self
+                .ct_pending
+                .map()
+                .info()
+                .map_err(map_err(map_names::CT_PENDING))?
                 .max_entries(),
         })
     }
