@@ -334,16 +334,20 @@ pub fn trace_live(t: &LiveTrace) -> anyhow::Result<Trace> {
         0,
     )
     .context("setting the trace copy's event rate")?;
-    let mut conntrack: HashMap<MapData, FlowKey, FlowState> =
-        take(&mut ebpf, map_names::CONNTRACK)?;
-    let node_ct_path = pins.join(map_names::CONNTRACK);
     let mut copied = 0;
-    if node_ct_path.exists() {
+    // Confirmed flows and those waiting for their reply, each into the
+    // copy's own table of the same name.
+    for name in [map_names::CONNTRACK, map_names::CT_PENDING] {
+        let mut conntrack: HashMap<MapData, FlowKey, FlowState> = take(&mut ebpf, name)?;
+        let node_ct_path = pins.join(name);
+        if !node_ct_path.exists() {
+            continue;
+        }
         let node_ct = MapData::from_pin(&node_ct_path)
             .with_context(|| format!("opening {}", node_ct_path.display()))?;
         let node_ct: HashMap<MapData, FlowKey, FlowState> =
             HashMap::try_from(Map::LruHashMap(node_ct))
-                .with_context(|| format!("{} as the conntrack map", node_ct_path.display()))?;
+                .with_context(|| format!("{} as a conntrack map", node_ct_path.display()))?;
         for key in flow_keys(&fields) {
             // A userspace lookup leaves the LRU order alone.
             if let Ok(state) = node_ct.get(&key, 0) {
