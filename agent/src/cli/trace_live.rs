@@ -230,6 +230,7 @@ pub fn trace_live(t: &LiveTrace) -> anyhow::Result<Trace> {
     let mut loader = EbpfLoader::new();
     loader
         .map_max_entries(map_names::CONNTRACK, TRACE_FLOWS)
+        .map_max_entries(map_names::CT_PENDING, TRACE_FLOWS)
         .map_max_entries(map_names::FRAGMENTS, TRACE_FRAGMENTS)
         .map_max_entries(map_names::EVENT_BUCKETS, TRACE_EVENT_SOURCES)
         .map_max_entries(map_names::RULE_STATS, rules_cap);
