@@ -17,9 +17,13 @@ pub mod map_names {
     /// `HashMap<u32 ifindex, IfaceConfig>`: which interfaces are enforced and
     /// where their rule tables start. Written by the agent.
     pub const IFACES: &str = "MOAT_IFACES_V4";
-    /// `Array<EventRate>` of one entry: how many events each source may
-    /// cause. Written by the agent.
-    pub const EVENT_RATE: &str = "MOAT_RATE_V1";
+    /// `Array<EventRate>` of one entry: how many events each source, and
+    /// all sources together, may cause. Written by the agent. (V2: the
+    /// global bound.)
+    pub const EVENT_RATE: &str = "MOAT_RATE_V2";
+    /// `Array<EventBucket>` of one entry: the token bucket all sources
+    /// share. Written by the programs.
+    pub const EVENT_GLOBAL: &str = "MOAT_GBUCKET_V1";
     /// `LruHashMap<[u8; 16] source, EventBucket>`: each source's event
     /// token bucket. Written by the programs.
     pub const EVENT_BUCKETS: &str = "MOAT_BUCKETS_V1";
@@ -49,12 +53,20 @@ pub mod map_names {
     /// `PerCpuArray<RuleStats>` indexed like `RULES`: packets and bytes
     /// each rule decided or logged. Written by the programs.
     pub const RULE_STATS: &str = "MOAT_RSTATS_V1";
-    /// `LruHashMap<FlowKey, FlowState>`: connections allowed so far, in both
-    /// orientations. Written by the programs, read by both sides.
+    /// `LruHashMap<FlowKey, FlowState>`: connections confirmed by a reply
+    /// (or seeded from Linux conntrack), in both orientations. Written by
+    /// the programs, read by both sides.
     pub const CONNTRACK: &str = "MOAT_CT_V1";
+    /// `LruHashMap<FlowKey, FlowState>`: connections allowed and not yet
+    /// answered, both orientations (the reply's flagged `FLOW_REPLY`). A
+    /// flood of them evicts only each other, never a confirmed connection
+    /// (Linux's early drop); the first reply moves the pair to `CONNTRACK`.
+    pub const CT_PENDING: &str = "MOAT_CTNEW_V1";
     /// `LruHashMap<FragKey, FragmentL4>`: L4 fields of first fragments, so
     /// that later fragments of the same datagram are judged on them.
-    pub const FRAGMENTS: &str = "MOAT_FRAGS_V1";
+    /// (V2: keyed by the Fragment header's next header for IPv6, the
+    /// value holds the L4 protocol.)
+    pub const FRAGMENTS: &str = "MOAT_FRAGS_V2";
     /// `RingBuf` of `DenyEvent`: every deny and every Log rule hit.
     pub const EVENTS: &str = "MOAT_EVENTS";
     /// `PerCpuArray<u64>` indexed by `counter::index(direction, counter)`.
@@ -64,9 +76,10 @@ pub mod map_names {
     /// Every map the agent pins in its bpffs directory (by this name), so
     /// that enforcement, connection tracking and counters outlive it.
     /// (Not the programs' per-CPU scratch space, whose layout is internal.)
-    pub const PINNED: [&str; 16] = [
+    pub const PINNED: [&str; 18] = [
         IFACES,
         EVENT_RATE,
+        EVENT_GLOBAL,
         EVENT_BUCKETS,
         LOCAL_ADDRS,
         RULES,
@@ -78,6 +91,7 @@ pub mod map_names {
         CLASS_WORDS,
         RULE_STATS,
         CONNTRACK,
+        CT_PENDING,
         FRAGMENTS,
         EVENTS,
         COUNTERS,
@@ -117,6 +131,8 @@ pub const MAX_EVENT_SOURCES: u32 = 65536;
 pub const MAX_LOCAL_ADDRS: u32 = 1024;
 /// Capacity of `CONNTRACK` (LRU: the least recently used flow is evicted).
 pub const MAX_FLOWS: u32 = 65536;
+/// Default capacity of `CT_PENDING` (LRU among unanswered flows only).
+pub const MAX_PENDING_FLOWS: u32 = 65536;
 /// Capacity of `FRAGMENTS`.
 pub const MAX_FRAGMENTS: u32 = 4096;
 /// Size of the `EVENTS` ring buffer in bytes (a power of two, page multiple).
@@ -226,8 +242,14 @@ pub mod counter {
     pub const AUDIT_PASSED: u32 = 20;
     /// Denied for more stacked VLAN tags than `MAX_VLAN_TAGS`.
     pub const VLAN_DEPTH_DENIED: u32 = 21;
+    /// Connections allowed and put in `CT_PENDING` to wait for a reply.
+    pub const CT_UNCONFIRMED: u32 = 22;
+    /// Connections a reply confirmed (moved to `CONNTRACK`). Unconfirmed
+    /// minus confirmed, less those still waiting, is what expired or was
+    /// evicted from `CT_PENDING` under pressure, confirmed ones untouched.
+    pub const CT_CONFIRMED: u32 = 23;
     /// Number of counters per direction.
-    pub const COUNT: u32 = 22;
+    pub const COUNT: u32 = 24;
     /// Total entries of the `COUNTERS` array.
     pub const ENTRIES: u32 = COUNT * super::direction::COUNT as u32;
 
@@ -261,6 +283,8 @@ pub mod counter {
         "events_suppressed",
         "audit_passed",
         "vlan_depth_denied",
+        "ct_unconfirmed",
+        "ct_confirmed",
     ];
 }
 
@@ -432,6 +456,13 @@ pub const IFACE_KNOWS_LOCAL: u32 = 2;
 /// reported, but a packet that would be denied passes (its event says
 /// `verdict::AUDIT`).
 pub const IFACE_AUDIT: u32 = 4;
+/// `IfaceConfig::flags` (with `IFACE_KNOWS_LOCAL`): an address missing from
+/// `LOCAL_ADDRS` is forwarded only when the kernel's routing table would
+/// route it onward (`bpf_fib_lookup` finds a unicast route); one the table
+/// delivers to this host (local, broadcast, anycast and AnyIP routes, 127/8,
+/// addresses added since the agent last looked), has no route to, or drops,
+/// is host traffic.
+pub const IFACE_ROUTE_LOCAL: u32 = 8;
 
 /// Value of `IFACES`: how one interface is enforced.
 #[repr(C)]
@@ -494,6 +525,9 @@ const _: () = assert!(size_of::<FlowKey>() == 40);
 
 /// `FlowState::flags`: a FIN or RST was seen, the flow expires soon.
 pub const FLOW_CLOSING: u32 = 1;
+/// `FlowState::flags` in `CT_PENDING`: this orientation is the reply's; a
+/// packet that finds it confirms the connection.
+pub const FLOW_REPLY: u32 = 2;
 
 /// Value of `CONNTRACK`.
 #[repr(C)]
@@ -521,6 +555,9 @@ pub mod flow_timeout {
     pub const ICMP: u64 = 30 * SEC;
     /// Refresh `last_seen_ns` only when it is older than this.
     pub const REFRESH: u64 = SEC;
+    /// Most an unanswered connection waits for its reply (Linux: TCP
+    /// SYN_SENT 120 s; UDP unreplied 30 s).
+    pub const UNREPLIED: u64 = 120 * SEC;
 }
 
 /// Key of `FRAGMENTS`: one IP datagram.
@@ -530,6 +567,8 @@ pub struct FragKey {
     pub src: [u8; 16],
     pub dst: [u8; 16],
     pub id: u32,
+    /// IPv4: the protocol field. IPv6: the Fragment header's next header,
+    /// which every fragment of a datagram repeats.
     pub protocol: u8,
     pub _pad: [u8; 3],
 }
@@ -545,7 +584,9 @@ pub struct FragmentL4 {
     pub icmp_type: u8,
     pub icmp_code: u8,
     pub tcp_flags: u8,
-    pub _pad: u8,
+    /// The L4 protocol (for IPv6, after any extension headers in the
+    /// fragmentable part, which later fragments do not repeat).
+    pub protocol: u8,
 }
 const _: () = assert!(size_of::<FragmentL4>() == 8);
 
@@ -580,16 +621,30 @@ pub struct HeaderDetail {
 }
 const _: () = assert!(size_of::<HeaderDetail>() == 36);
 
-/// Value of `EVENT_RATE`: a token bucket per source address.
+/// Value of `EVENT_RATE`: a token bucket per source address, and one all
+/// sources share (so that a flood from spoofed sources, each with a full
+/// bucket of its own, still gives a bounded number of events).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct EventRate {
-    /// Events a source may cause per second, sustained; 0: no limit.
+    /// Events a source may cause per second, sustained; 0: no limit at
+    /// all (neither this nor the global one).
     pub per_second: u32,
     /// Events a source may cause at once (the bucket's size).
     pub burst: u32,
+    /// Events all sources together may cause per second; 0: no global
+    /// bound.
+    pub global_per_second: u32,
+    /// Events all sources together may cause at once.
+    pub global_burst: u32,
 }
-const _: () = assert!(size_of::<EventRate>() == 8);
+const _: () = assert!(size_of::<EventRate>() == 16);
+
+/// Default global event bound (`EventRate::global_per_second`): events a
+/// second from all sources together.
+pub const DEFAULT_GLOBAL_EVENT_RATE: u32 = 1000;
+/// Default `EventRate::global_burst`.
+pub const DEFAULT_GLOBAL_EVENT_BURST: u32 = 2000;
 
 /// Value of `EVENT_BUCKETS`.
 #[repr(C)]

@@ -1,16 +1,21 @@
 //! Connection tracking of our own, modelled on Linux nf_conntrack.
 //!
-//! An allowed packet of a new flow inserts both orientations of its 5-tuple;
-//! a later packet that finds its orientation is ESTABLISHED and skips policy.
+//! An allowed packet of a new flow inserts both orientations of its 5-tuple
+//! into `CT_PENDING`; a later packet that finds its orientation there or in
+//! `CONNTRACK` is ESTABLISHED and skips policy. The first packet of the
+//! reply orientation confirms the connection: both orientations move to
+//! `CONNTRACK`. So a flood of connections nobody answers (spoofed SYNs to
+//! an allowed port) churns `CT_PENDING` only and never evicts a confirmed
+//! connection (Linux's early drop of unassured entries, by construction).
 //! ICMP errors are RELATED when the packet they quote is tracked. What Linux
 //! calls INVALID (an unsolicited reply, an ICMP error about nothing, a TCP
 //! flag combination no stack sends) is reported to the caller.
 
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
-use moat_common::{flow_timeout, ip_proto, FlowKey, FlowState, FLOW_CLOSING};
+use moat_common::{counter, flow_timeout, ip_proto, FlowKey, FlowState, FLOW_CLOSING, FLOW_REPLY};
 
 use crate::{
-    maps::CONNTRACK,
+    maps::{count, CONNTRACK, CT_PENDING},
     packet::{load, v4_mapped, Packet},
 };
 
@@ -156,15 +161,17 @@ fn timeout(protocol: u8, flags: u32) -> u64 {
     }
 }
 
-/// Whether `key` names a live tracked flow; refreshes it when found.
+/// Whether `key` names a live tracked flow, confirmed or waiting for its
+/// reply; refreshes it when found. With `direction` (not `NO_DIRECTION`), a
+/// packet of the reply orientation of a waiting flow confirms it.
 ///
 /// Times are `bpf_ktime_get_coarse_ns` (CLOCK_MONOTONIC_COARSE: no clock
 /// source read, a tick's resolution, plenty for timeouts of seconds); the
 /// agent's seeded entries use CLOCK_MONOTONIC, the same clock.
 #[inline(always)]
-fn lookup(key: &FlowKey, tcp_flags: u8) -> bool {
+fn lookup(key: &FlowKey, tcp_flags: u8, direction: u8) -> bool {
     let Some(state) = CONNTRACK.get_ptr_mut(key) else {
-        return false;
+        return pending(key, tcp_flags, direction);
     };
     // SAFETY: `get_ptr_mut` returned a valid pointer to the map value; a
     // racing writer can at worst make the timestamp slightly stale.
@@ -185,6 +192,56 @@ fn lookup(key: &FlowKey, tcp_flags: u8) -> bool {
     true
 }
 
+/// `lookup` without a direction: nothing is confirmed (ICMP errors).
+const NO_DIRECTION: u8 = u8::MAX;
+
+/// `lookup` in `CT_PENDING`: an unanswered flow's orientation, confirmed
+/// (moved to `CONNTRACK` with its pair) when it is the reply's.
+///
+/// Verifier note: out of line, checked once instead of on every path
+/// through both callers of `lookup`.
+#[inline(never)]
+fn pending(key: &FlowKey, tcp_flags: u8, direction: u8) -> bool {
+    let Some(state) = CT_PENDING.get_ptr_mut(key) else {
+        return false;
+    };
+    // SAFETY: a valid pointer to the map value (see `lookup`).
+    let state = unsafe { &mut *state };
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let limit = core::cmp::min(timeout(key.protocol, state.flags), flow_timeout::UNREPLIED);
+    if now.saturating_sub(state.last_seen_ns) > limit {
+        let _ = CT_PENDING.remove(key);
+        return false;
+    }
+    let mut flags = state.flags & FLOW_CLOSING;
+    if key.protocol == ip_proto::TCP && tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+        flags |= FLOW_CLOSING;
+    }
+    if state.flags & FLOW_REPLY == 0 || direction == NO_DIRECTION {
+        state.flags |= flags;
+        state.last_seen_ns = now;
+        return true;
+    }
+    // The reply: the connection is confirmed.
+    let icmp = key.protocol == ip_proto::ICMP || key.protocol == ip_proto::ICMPV6;
+    let confirmed = FlowState {
+        last_seen_ns: now,
+        flags,
+        _pad: 0,
+    };
+    let other = reverse(key, icmp);
+    // An insert that fails leaves the pair waiting: still judged
+    // ESTABLISHED while it waits, and confirmed by the next reply.
+    if CONNTRACK.insert(key, &confirmed, 0).is_ok()
+        && CONNTRACK.insert(&other, &confirmed, 0).is_ok()
+    {
+        let _ = CT_PENDING.remove(key);
+        let _ = CT_PENDING.remove(&other);
+        count(direction, counter::CT_CONFIRMED);
+    }
+    true
+}
+
 /// Marks the opposite orientation of TCP flow `key` closing too, or it
 /// would linger for the established timeout.
 ///
@@ -201,28 +258,38 @@ fn close_other_orientation(key: &FlowKey, now: u64) {
     }
 }
 
-/// Whether `pkt` belongs to a tracked flow (ESTABLISHED).
+/// Whether `pkt`, seen in `direction`, belongs to a tracked flow
+/// (ESTABLISHED); a reply confirms its connection.
 #[inline(always)]
-pub fn established(pkt: &Packet) -> bool {
-    lookup(&flow_key(pkt), pkt.tcp_flags)
+pub fn established(pkt: &Packet, direction: u8) -> bool {
+    lookup(&flow_key(pkt), pkt.tcp_flags, direction)
 }
 
-/// Starts tracking the flow `pkt` opens, in both orientations.
+/// Starts tracking the flow `pkt` (seen in `direction`) opens, in both
+/// orientations, as waiting for its reply.
 #[inline(always)]
-pub fn track(pkt: &Packet) {
+pub fn track(pkt: &Packet, direction: u8) {
     if is_icmp(pkt) && icmp_class(pkt.ip_version, pkt.icmp_type) != IcmpClass::Query {
         return;
     }
     let key = flow_key(pkt);
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     let state = FlowState {
-        last_seen_ns: unsafe { bpf_ktime_get_coarse_ns() },
+        last_seen_ns: now,
         flags: 0,
         _pad: 0,
     };
-    // A full LRU map evicts the least recently used flow, never fails open;
-    // an insert error leaves the flow untracked and its next packet judged.
-    let _ = CONNTRACK.insert(key, state, 0);
-    let _ = CONNTRACK.insert(reverse(&key, is_icmp(pkt)), state, 0);
+    let reply = FlowState {
+        last_seen_ns: now,
+        flags: FLOW_REPLY,
+        _pad: 0,
+    };
+    // A full LRU map evicts the least recently used waiting flow, never a
+    // confirmed one, and never fails open; an insert error leaves the flow
+    // untracked and its next packet judged.
+    let _ = CT_PENDING.insert(key, state, 0);
+    let _ = CT_PENDING.insert(reverse(&key, is_icmp(pkt)), reply, 0);
+    count(direction, counter::CT_UNCONFIRMED);
 }
 
 /// Whether the ICMP error `pkt` quotes a packet of a tracked flow (RELATED).
@@ -286,5 +353,5 @@ pub fn related(data: usize, data_end: usize, pkt: &Packet) -> bool {
         inner.sport = u16::from_be_bytes([l4[0], l4[1]]);
         inner.dport = u16::from_be_bytes([l4[2], l4[3]]);
     }
-    lookup(&flow_key(&inner), 0)
+    lookup(&flow_key(&inner), 0, NO_DIRECTION)
 }

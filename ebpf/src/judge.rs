@@ -26,7 +26,8 @@ use crate::{
     conntrack::{self, IcmpClass},
     maps::{
         count, CLASS_DPORT, CLASS_DST, CLASS_PROTO, CLASS_SPORT, CLASS_SRC, CLASS_WORDS, EVENTS,
-        EVENT_BUCKETS, EVENT_RATE, FRAGMENTS, IFACES, LOCAL_ADDRS, RULES, RULE_STATS, SCRATCH,
+        EVENT_BUCKETS, EVENT_GLOBAL, EVENT_RATE, FRAGMENTS, IFACES, LOCAL_ADDRS, RULES, RULE_STATS,
+        SCRATCH,
     },
     packet::{parse, read_l4_detail, Packet, Parsed, FRAG_FIRST, FRAG_LATER},
 };
@@ -104,6 +105,7 @@ impl Decision {
 /// Returns `verdict::ALLOW` or `verdict::DENY`.
 #[inline(always)]
 pub fn judge(
+    ctx: *mut core::ffi::c_void,
     data: usize,
     data_end: usize,
     ifindex: u32,
@@ -160,7 +162,7 @@ pub fn judge(
         w.pkt.no_ports = u32::MAX;
     }
     let decision = if fragment_known {
-        decide(data, data_end, iface, w, direction)
+        decide(ctx, data, data_end, iface, w, direction)
     } else {
         Decision::without_rule(verdict::DENY, reason::FRAGMENT_UNKNOWN)
     };
@@ -186,6 +188,7 @@ fn fragment_l4(pkt: &mut Packet) -> bool {
                 pkt.icmp_type = l4.icmp_type;
                 pkt.icmp_code = l4.icmp_code;
                 pkt.tcp_flags = l4.tcp_flags;
+                pkt.protocol = l4.protocol;
             }
             None => return false,
         }
@@ -196,7 +199,7 @@ fn fragment_l4(pkt: &mut Packet) -> bool {
             icmp_type: pkt.icmp_type,
             icmp_code: pkt.icmp_code,
             tcp_flags: pkt.tcp_flags,
-            _pad: 0,
+            protocol: pkt.protocol,
         };
         // If the map cannot take it, later fragments are denied: closed.
         let _ = FRAGMENTS.insert(frag_key(pkt), l4, 0);
@@ -208,6 +211,7 @@ fn fragment_l4(pkt: &mut Packet) -> bool {
 /// by `deny`.
 #[inline(always)]
 fn decide(
+    ctx: *mut core::ffi::c_void,
     data: usize,
     data_end: usize,
     iface: &IfaceConfig,
@@ -240,7 +244,7 @@ fn decide(
     let mut forwarded = false;
     let mut failsafe = Decision::without_rule(verdict::NONE, 0);
     if !untracked_empty {
-        forwarded = is_forwarded(iface, w, direction);
+        forwarded = is_forwarded(ctx, iface, w, direction);
         if !forwarded {
             failsafe = walk_table(failsafe_table, w);
         }
@@ -268,7 +272,7 @@ fn decide(
     if pkt.protocol == moat_common::ip_proto::TCP && !conntrack::tcp_flags_valid(pkt.tcp_flags) {
         return Decision::without_rule(verdict::DENY, reason::TCP_FLAGS_INVALID);
     }
-    if conntrack::established(pkt) {
+    if conntrack::established(pkt, direction) {
         count(direction, counter::CONNTRACK_ALLOWED);
         return Decision::without_rule(verdict::ALLOW, 0);
     }
@@ -293,7 +297,7 @@ fn decide(
     }
 
     if untracked_empty {
-        forwarded = is_forwarded(iface, w, direction);
+        forwarded = is_forwarded(ctx, iface, w, direction);
         if !forwarded {
             failsafe = walk_table(failsafe_table, w);
             is_failsafe = failsafe.verdict == verdict::ALLOW;
@@ -306,7 +310,7 @@ fn decide(
         let pre_dnat = walk_table(pre_dnat_table, w);
         if pre_dnat.verdict == verdict::ALLOW {
             count(direction, counter::PRE_DNAT_ALLOWED);
-            conntrack::track(&w.pkt);
+            conntrack::track(&w.pkt, direction);
             return pre_dnat;
         }
         if pre_dnat.verdict == verdict::DENY {
@@ -317,7 +321,7 @@ fn decide(
     // 4. Failsafe.
     if is_failsafe {
         count(direction, counter::FAILSAFE_ALLOWED);
-        conntrack::track(&w.pkt);
+        conntrack::track(&w.pkt, direction);
         return failsafe;
     }
 
@@ -344,25 +348,86 @@ fn decide(
         } else {
             count(direction, counter::POLICY_ALLOWED);
         }
-        conntrack::track(&w.pkt);
+        conntrack::track(&w.pkt, direction);
     }
     policy
 }
 
 /// Forwarded: to (ingress) or from (egress) an address that is not the
 /// node's. Only when the agent keeps LOCAL_ADDRS in sync; otherwise every
-/// packet is host traffic, the stricter view.
+/// packet is host traffic, the stricter view. With `IFACE_ROUTE_LOCAL`, an
+/// address not listed is forwarded only if the kernel would route it on.
 #[inline(always)]
-fn is_forwarded(iface: &IfaceConfig, w: &Walk, direction: u8) -> bool {
-    iface.flags & moat_common::IFACE_KNOWS_LOCAL != 0
-        && !is_local(
-            if direction == moat_common::direction::INGRESS {
-                &w.pkt.dst
-            } else {
-                &w.pkt.src
-            },
-            w.pkt.ip_version,
+fn is_forwarded(ctx: *mut core::ffi::c_void, iface: &IfaceConfig, w: &Walk, direction: u8) -> bool {
+    if iface.flags & moat_common::IFACE_KNOWS_LOCAL == 0 {
+        return false;
+    }
+    let addr = if direction == moat_common::direction::INGRESS {
+        &w.pkt.dst
+    } else {
+        &w.pkt.src
+    };
+    if is_local(addr, w.pkt.ip_version) {
+        return false;
+    }
+    iface.flags & moat_common::IFACE_ROUTE_LOCAL == 0 || routed_onward(ctx, w, direction)
+}
+
+/// Whether the kernel's routing table (policy rules, every table) has a
+/// unicast route onward for the packet's destination (ingress) or source
+/// (egress), seen as arriving on its interface: `bpf_fib_lookup`, with
+/// neighbours and MTU left out. Local, broadcast, anycast, multicast and
+/// AnyIP routes (NOT_FWDED), no route, forwarding disabled, blackhole,
+/// unreachable and prohibit routes, and any error: not forwarded, so the
+/// packet is judged as host traffic.
+///
+/// Verifier note: out of line (a static subprogram), so its 64-byte
+/// parameter block is on the stack only while it runs.
+#[inline(never)]
+fn routed_onward(ctx: *mut core::ffi::c_void, w: &Walk, direction: u8) -> bool {
+    use aya_ebpf::bindings::{
+        bpf_fib_lookup as FibParams, BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH,
+        BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LKUP_RET_UNSUPP_LWT, BPF_FIB_LOOKUP_SKIP_NEIGH,
+    };
+    let p = &w.pkt;
+    // SAFETY: a plain C struct of integers and unions of integers.
+    let mut params: FibParams = unsafe { core::mem::zeroed() };
+    params.l4_protocol = p.protocol;
+    params.ifindex = w.ifindex;
+    // Egress asks whether the source is the host's: the route to it.
+    let (src, dst) = if direction == moat_common::direction::INGRESS {
+        (p.src, p.dst)
+    } else {
+        ([0; 4], p.src)
+    };
+    if direction == moat_common::direction::INGRESS {
+        params.sport = p.sport.to_be();
+        params.dport = p.dport.to_be();
+    }
+    if p.ip_version == 4 {
+        params.family = 2; // AF_INET
+        params.__bindgen_anon_2.tos = p.detail.tos;
+        params.__bindgen_anon_3.ipv4_src = src[3];
+        params.__bindgen_anon_4.ipv4_dst = dst[3];
+    } else {
+        params.family = 10; // AF_INET6
+        params.__bindgen_anon_3.ipv6_src = src;
+        params.__bindgen_anon_4.ipv6_dst = dst;
+    }
+    // SAFETY: `ctx` is the program's context; `params` is valid for its
+    // size for the duration of the call.
+    let ret = unsafe {
+        aya_ebpf::helpers::bpf_fib_lookup(
+            ctx,
+            &mut params,
+            core::mem::size_of::<FibParams>() as i32,
+            BPF_FIB_LOOKUP_SKIP_NEIGH,
         )
+    };
+    ret == BPF_FIB_LKUP_RET_SUCCESS as i64
+        || ret == BPF_FIB_LKUP_RET_NO_NEIGH as i64
+        || ret == BPF_FIB_LKUP_RET_FRAG_NEEDED as i64
+        || ret == BPF_FIB_LKUP_RET_UNSUPP_LWT as i64
 }
 
 /// Whether `addr` (of an IPv4 packet when `ip_version` is 4) is one of the
@@ -394,7 +459,7 @@ fn frag_key(pkt: &Packet) -> FragKey {
         src: unsafe { core::mem::transmute::<[u32; 4], [u8; 16]>(pkt.src) },
         dst: unsafe { core::mem::transmute::<[u32; 4], [u8; 16]>(pkt.dst) },
         id: pkt.frag_id,
-        protocol: pkt.protocol,
+        protocol: pkt.frag_proto,
         _pad: [0; 3],
     }
 }
@@ -806,8 +871,31 @@ pub extern "C" fn moat_report(w: *mut Walk) -> u32 {
     }
 }
 
+/// Refills `bucket` (`per_second` events a second, at most `burst`) for
+/// the time since its last packet and takes one event's token if it has
+/// one.
+#[inline(always)]
+fn take_token(bucket: &mut EventBucket, per_second: u32, burst: u32, now: u64) -> bool {
+    let full = burst as u64 * 1000;
+    let elapsed = now.saturating_sub(bucket.last_ns);
+    // Refill: `per_second` events per 1e6 us, in thousandths. Capping the
+    // elapsed time at 2^32 us (71 minutes, past any bucket's refill) keeps
+    // the product within 64 bits (BPF has no 128-bit multiply).
+    let micros = core::cmp::min(elapsed / 1000, u32::MAX as u64);
+    let refill = micros * per_second as u64 / 1000;
+    let tokens = core::cmp::min(full, bucket.milli_tokens.saturating_add(refill));
+    bucket.last_ns = now;
+    if tokens < 1000 {
+        bucket.milli_tokens = tokens;
+        return false;
+    }
+    bucket.milli_tokens = tokens - 1000;
+    true
+}
+
 /// Whether the packet's source may cause another event now (its token
-/// bucket has one); takes it. Counts a suppression when not.
+/// bucket has one, and so has the bucket all sources share); takes them.
+/// Counts a suppression when not.
 #[inline(always)]
 fn may_emit(w: &Walk) -> bool {
     let Some(rate) = EVENT_RATE.get(0) else {
@@ -816,23 +904,51 @@ fn may_emit(w: &Walk) -> bool {
     if rate.per_second == 0 {
         return true;
     }
-    // SAFETY: same size, every bit pattern valid.
-    let src = unsafe { core::mem::transmute::<[u32; 4], [u8; 16]>(w.pkt.src) };
-    // Coarse time (a tick's resolution): the refill below counts whole
+    // Coarse time (a tick's resolution): the refill counts whole
     // microseconds since the bucket's last packet, so with a fine clock a
     // flood (a packet every few hundred ns) would never refill it.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
-    let full = rate.burst as u64 * 1000;
+    if !source_token(w, rate.per_second, rate.burst, now) {
+        count(w.direction, counter::EVENTS_SUPPRESSED);
+        return false;
+    }
+    if rate.global_per_second == 0 {
+        return true;
+    }
+    let Some(global) = EVENT_GLOBAL.get_ptr_mut(0) else {
+        return true;
+    };
+    // SAFETY: a valid pointer into the map value. CPUs race on it: the
+    // bound may be passed by a token per CPU at a refill, but every event
+    // is still counted once, as emitted, suppressed or lost.
+    if !take_token(
+        unsafe { &mut *global },
+        rate.global_per_second,
+        rate.global_burst,
+        now,
+    ) {
+        count(w.direction, counter::EVENTS_SUPPRESSED);
+        return false;
+    }
+    true
+}
+
+/// Takes a token from the packet's source's bucket (a new source starts
+/// with a full one).
+#[inline(always)]
+fn source_token(w: &Walk, per_second: u32, burst: u32, now: u64) -> bool {
+    // SAFETY: same size, every bit pattern valid.
+    let src = unsafe { core::mem::transmute::<[u32; 4], [u8; 16]>(w.pkt.src) };
+    let full = burst as u64 * 1000;
     let Some(bucket) = EVENT_BUCKETS.get_ptr_mut(src) else {
-        // A new source starts with a full bucket, less this event.
-        let fresh = EventBucket {
-            milli_tokens: full.saturating_sub(1000),
-            last_ns: now,
-        };
         if full < 1000 {
-            count(w.direction, counter::EVENTS_SUPPRESSED);
             return false;
         }
+        // A new source starts with a full bucket, less this event.
+        let fresh = EventBucket {
+            milli_tokens: full - 1000,
+            last_ns: now,
+        };
         // If the insert fails the event still goes out: the limit is for
         // floods, and counting stays exact either way.
         let _ = EVENT_BUCKETS.insert(src, fresh, 0);
@@ -840,22 +956,7 @@ fn may_emit(w: &Walk) -> bool {
     };
     // SAFETY: a valid pointer into the map value; races with other CPUs
     // only blur the count of tokens, never the accounting of events.
-    let bucket = unsafe { &mut *bucket };
-    let elapsed = now.saturating_sub(bucket.last_ns);
-    // Refill: `per_second` events per 1e6 us, in thousandths. Capping the
-    // elapsed time at 2^32 us (71 minutes, past any bucket's refill) keeps
-    // the product within 64 bits (BPF has no 128-bit multiply).
-    let micros = core::cmp::min(elapsed / 1000, u32::MAX as u64);
-    let refill = micros * rate.per_second as u64 / 1000;
-    let tokens = core::cmp::min(full, bucket.milli_tokens.saturating_add(refill));
-    bucket.last_ns = now;
-    if tokens < 1000 {
-        bucket.milli_tokens = tokens;
-        count(w.direction, counter::EVENTS_SUPPRESSED);
-        return false;
-    }
-    bucket.milli_tokens = tokens - 1000;
-    true
+    take_token(unsafe { &mut *bucket }, per_second, burst, now)
 }
 
 /// Writes an event into the ring buffer, field by field (building it on

@@ -29,6 +29,7 @@ pub fn moat_ingress(ctx: XdpContext) -> u32 {
     // A tag the NIC took off (rx VLAN offload) is not in the data and XDP
     // cannot see it; the stack still strips the rest as parsed here.
     match judge::judge(
+        ctx.ctx.cast(),
         ctx.data(),
         ctx.data_end(),
         ifindex,
@@ -60,6 +61,7 @@ pub fn moat_egress(ctx: TcContext) -> i32 {
     // skb->vlan_tci, outside the data: it counts towards the bound.
     let outer_tags = u32::from(vlan_present != 0);
     match judge::judge(
+        ctx.skb.skb.cast(),
         ctx.data(),
         ctx.data_end(),
         ifindex,

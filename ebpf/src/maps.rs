@@ -7,7 +7,8 @@ use aya_ebpf::{
 use moat_common::{
     AddrClassKey, FlowKey, FlowState, FragKey, FragmentL4, IfaceConfig, PortClassKey, RuleEntry,
     RuleStats, CLASS_ADDR_PREFIXES, CLASS_PORT_PREFIXES, CLASS_PROTOS, EVENTS_BYTES,
-    MAX_CLASS_WORDS, MAX_FLOWS, MAX_FRAGMENTS, MAX_IFACES, MAX_LOCAL_ADDRS, MAX_RULES,
+    MAX_CLASS_WORDS, MAX_FLOWS, MAX_FRAGMENTS, MAX_IFACES, MAX_LOCAL_ADDRS, MAX_PENDING_FLOWS,
+    MAX_RULES,
 };
 
 /// ifindex -> how the interface is enforced. Written by the agent.
@@ -15,8 +16,12 @@ use moat_common::{
 pub static IFACES: HashMap<u32, IfaceConfig> = HashMap::with_max_entries(MAX_IFACES, 0);
 
 /// The event rate limit (entry 0). Written by the agent.
-#[map(name = "MOAT_RATE_V1")]
+#[map(name = "MOAT_RATE_V2")]
 pub static EVENT_RATE: Array<moat_common::EventRate> = Array::with_max_entries(1, 0);
+
+/// The token bucket all sources share (entry 0). Written here.
+#[map(name = "MOAT_GBUCKET_V1")]
+pub static EVENT_GLOBAL: Array<moat_common::EventBucket> = Array::with_max_entries(1, 0);
 
 /// Source address -> its event token bucket. Written here.
 #[map(name = "MOAT_BUCKETS_V1")]
@@ -67,8 +72,14 @@ pub static CLASS_WORDS: Array<u64> = Array::with_max_entries(MAX_CLASS_WORDS, 0)
 #[map(name = "MOAT_CT_V1")]
 pub static CONNTRACK: LruHashMap<FlowKey, FlowState> = LruHashMap::with_max_entries(MAX_FLOWS, 0);
 
+/// Flow orientation of an unanswered connection -> last activity. Written
+/// here; a reply moves both orientations to `CONNTRACK`.
+#[map(name = "MOAT_CTNEW_V1")]
+pub static CT_PENDING: LruHashMap<FlowKey, FlowState> =
+    LruHashMap::with_max_entries(MAX_PENDING_FLOWS, 0);
+
 /// Datagram -> L4 fields of its first fragment. Written here.
-#[map(name = "MOAT_FRAGS_V1")]
+#[map(name = "MOAT_FRAGS_V2")]
 pub static FRAGMENTS: LruHashMap<FragKey, FragmentL4> =
     LruHashMap::with_max_entries(MAX_FRAGMENTS, 0);
 

@@ -49,6 +49,9 @@ pub struct Packet {
     pub tcp_flags: u8,
     /// `FRAG_*`.
     pub fragment: u8,
+    /// What names the datagram's fragments beside the addresses and id:
+    /// IPv4's protocol, or the IPv6 Fragment header's next header.
+    pub frag_proto: u8,
     /// Offset of the L4 header from the start of the frame.
     pub l4_offset: u16,
     /// All ones when the protocol has no ports, else zero (for branch-free
@@ -72,6 +75,7 @@ impl Packet {
             icmp_code: 0,
             tcp_flags: 0,
             fragment: FRAG_NONE,
+            frag_proto: 0,
             l4_offset: 0,
             no_ports: 0,
             detail: HeaderDetail {
@@ -221,6 +225,7 @@ fn parse_ipv4(data: usize, data_end: usize, l3: usize, pkt: &mut Packet) -> Pars
     let more_fragments = frag & 0x2000 != 0;
     let frag_offset = frag & 0x1fff;
     pkt.frag_id = u16::from_be_bytes([hdr[4], hdr[5]]) as u32;
+    pkt.frag_proto = hdr[9];
     if frag_offset != 0 {
         pkt.fragment = FRAG_LATER;
         return Parsed::Ip;
@@ -285,6 +290,11 @@ fn parse_ipv6(data: usize, data_end: usize, l3: usize, pkt: &mut Packet) -> Pars
             off += 8;
             let frag = u16::from_be_bytes([ext[2], ext[3]]);
             pkt.frag_id = u32::from_be_bytes([ext[4], ext[5], ext[6], ext[7]]);
+            // Later fragments may start with extension headers of the
+            // fragmentable part (Destination Options): the datagram is
+            // named by what follows the Fragment header, the L4 protocol
+            // comes from the first fragment.
+            pkt.frag_proto = next;
             if frag & 0xfff8 != 0 {
                 pkt.protocol = next;
                 pkt.fragment = FRAG_LATER;

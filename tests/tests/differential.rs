@@ -816,6 +816,8 @@ fn refused_apply_keeps_the_policy_and_the_bank_record() {
     };
     let load = || {
         let mut dp = Dataplane::load_with(None, caps).expect("load");
+        // As `Kernel::with_local`: the listed addresses alone are local.
+        dp.set_route_lookup(false);
         dp.set_local_addresses(&LOCAL.iter().map(|a| a.parse().expect("addr")).collect())
             .expect("local addresses");
         dp

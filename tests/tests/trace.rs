@@ -345,9 +345,15 @@ fn live_trace_judges_with_the_node_state_and_leaves_it_untouched() {
         (Some("allow"), Some("policy_allowed")),
         "{v:#}"
     );
-    // Forwarded or not is the node's call (its address list), not the
-    // flag's: a packet to a pod address is forwarded traffic, allowed with
-    // no applyOnForward policy.
+    // Forwarded or not is the node's call (its addresses and routes), not
+    // the flag's: a packet to a pod address the node routes onward is
+    // forwarded traffic, allowed with no applyOnForward policy.
+    lab.worker
+        .exec("sysctl", &["-q", "-w", "net.ipv4.ip_forward=1"]);
+    lab.worker.exec(
+        "ip",
+        &["route", "add", "172.30.1.0/24", "via", "198.18.1.2"],
+    );
     let (v, code, _) =
         lab.trace_with_policies(&["--ingress", "tcp 198.18.1.2:40000 -> 172.30.1.5:80"]);
     assert_eq!(code, 0, "{v:#}");

@@ -230,6 +230,7 @@ pub fn trace_live(t: &LiveTrace) -> anyhow::Result<Trace> {
     let mut loader = EbpfLoader::new();
     loader
         .map_max_entries(map_names::CONNTRACK, TRACE_FLOWS)
+        .map_max_entries(map_names::CT_PENDING, TRACE_FLOWS)
         .map_max_entries(map_names::FRAGMENTS, TRACE_FRAGMENTS)
         .map_max_entries(map_names::EVENT_BUCKETS, TRACE_EVENT_SOURCES)
         .map_max_entries(map_names::RULE_STATS, rules_cap);
@@ -329,20 +330,25 @@ pub fn trace_live(t: &LiveTrace) -> anyhow::Result<Trace> {
         EventRate {
             per_second: 0,
             burst: 1,
+            ..EventRate::default()
         },
         0,
     )
     .context("setting the trace copy's event rate")?;
-    let mut conntrack: HashMap<MapData, FlowKey, FlowState> =
-        take(&mut ebpf, map_names::CONNTRACK)?;
-    let node_ct_path = pins.join(map_names::CONNTRACK);
     let mut copied = 0;
-    if node_ct_path.exists() {
+    // Confirmed flows and those waiting for their reply, each into the
+    // copy's own table of the same name.
+    for name in [map_names::CONNTRACK, map_names::CT_PENDING] {
+        let mut conntrack: HashMap<MapData, FlowKey, FlowState> = take(&mut ebpf, name)?;
+        let node_ct_path = pins.join(name);
+        if !node_ct_path.exists() {
+            continue;
+        }
         let node_ct = MapData::from_pin(&node_ct_path)
             .with_context(|| format!("opening {}", node_ct_path.display()))?;
         let node_ct: HashMap<MapData, FlowKey, FlowState> =
             HashMap::try_from(Map::LruHashMap(node_ct))
-                .with_context(|| format!("{} as the conntrack map", node_ct_path.display()))?;
+                .with_context(|| format!("{} as a conntrack map", node_ct_path.display()))?;
         for key in flow_keys(&fields) {
             // A userspace lookup leaves the LRU order alone.
             if let Ok(state) = node_ct.get(&key, 0) {

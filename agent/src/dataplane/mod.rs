@@ -30,7 +30,7 @@ use aya::{
 use moat_common::{
     classify, counter, direction, map_names, program_names, table, AddrClassKey, Classifier,
     DenyEvent, FlowKey, FlowState, FragKey, FragmentL4, IfaceConfig, PortClassKey, RuleEntry,
-    RuleStats, IFACE_AUDIT, IFACE_ENFORCED, IFACE_KNOWS_LOCAL, MAX_IFACES,
+    RuleStats, IFACE_AUDIT, IFACE_ENFORCED, IFACE_KNOWS_LOCAL, IFACE_ROUTE_LOCAL, MAX_IFACES,
 };
 
 use crate::{
@@ -212,6 +212,10 @@ pub struct Fill {
     /// Tracked flow orientations (two per connection).
     pub flows: u64,
     pub flows_capacity: u32,
+    /// Flow orientations waiting for a reply, and the table's capacity:
+    /// full means unanswered connections are evicting each other.
+    pub pending: u64,
+    pub pending_capacity: u32,
 }
 
 /// What one `apply` cost: planning (classifier images, encoding, the
@@ -258,12 +262,20 @@ pub struct Dataplane {
     adopted_generation: Option<u32>,
     counters: PerCpuArray<MapData, u64>,
     conntrack: HashMap<MapData, FlowKey, FlowState>,
+    /// Connections allowed and not answered yet (`CT_PENDING`).
+    ct_pending: HashMap<MapData, FlowKey, FlowState>,
     fragments: HashMap<MapData, FragKey, FragmentL4>,
     local_addrs: HashMap<MapData, [u8; 16], u8>,
     event_rate: Array<MapData, moat_common::EventRate>,
+    /// Per source and global (per second, burst), as `event_rate` holds.
+    source_rate: (u32, u32),
+    global_rate: (u32, u32),
     /// The node's addresses in `local_addrs`, once the agent keeps them in
     /// sync (`None` before: every packet is judged as host traffic).
     local: Option<std::collections::BTreeSet<std::net::IpAddr>>,
+    /// Whether an address missing from `local` is asked of the kernel's
+    /// routing table (`IFACE_ROUTE_LOCAL`); on unless a test turns it off.
+    route_lookup: bool,
     /// Audit mode for the interfaces applied from now on.
     audit: bool,
     /// ifindexes in audit mode whatever `audit` says.
@@ -317,6 +329,7 @@ impl Dataplane {
         let mut loader = EbpfLoader::new();
         loader
             .map_max_entries(map_names::CONNTRACK, caps.flows)
+            .map_max_entries(map_names::CT_PENDING, caps.flows)
             .map_max_entries(map_names::RULES, caps.rule_slots)
             .map_max_entries(map_names::RULE_STATS, caps.rule_slots)
             .map_max_entries(map_names::CLASS_WORDS, caps.class_words)
@@ -366,10 +379,17 @@ impl Dataplane {
             last_apply: ApplyStats::default(),
             counters: take(&mut ebpf, map_names::COUNTERS)?,
             conntrack: take(&mut ebpf, map_names::CONNTRACK)?,
+            ct_pending: take(&mut ebpf, map_names::CT_PENDING)?,
             fragments: take(&mut ebpf, map_names::FRAGMENTS)?,
             local_addrs: take(&mut ebpf, map_names::LOCAL_ADDRS)?,
             event_rate: take(&mut ebpf, map_names::EVENT_RATE)?,
+            source_rate: (0, 1),
+            global_rate: (
+                moat_common::DEFAULT_GLOBAL_EVENT_RATE,
+                moat_common::DEFAULT_GLOBAL_EVENT_BURST,
+            ),
             local: None,
+            route_lookup: true,
             audit: false,
             audit_ifaces: Default::default(),
             replace_xdp: false,
@@ -836,10 +856,10 @@ impl Dataplane {
         for ((ifindex, slot, per_dir), encoded) in images.iter().zip(&encoded) {
             let mut config = IfaceConfig {
                 flags: IFACE_ENFORCED
-                    | if self.local.is_some() {
-                        IFACE_KNOWS_LOCAL
-                    } else {
-                        0
+                    | match (&self.local, self.route_lookup) {
+                        (None, _) => 0,
+                        (Some(_), false) => IFACE_KNOWS_LOCAL,
+                        (Some(_), true) => IFACE_KNOWS_LOCAL | IFACE_ROUTE_LOCAL,
                     }
                     | if self.audit || self.audit_ifaces.contains(ifindex) {
                         IFACE_AUDIT
@@ -1044,10 +1064,12 @@ impl Dataplane {
 
     /// Forgets every tracked flow (tests judge each packet afresh).
     pub fn clear_conntrack(&mut self) -> Result<(), DataplaneError> {
-        let keys: Vec<FlowKey> = self.conntrack.keys().filter_map(Result::ok).collect();
-        for key in keys {
-            // A flow the LRU evicted meanwhile is already gone.
-            let _ = self.conntrack.remove(&key);
+        for map in [&mut self.conntrack, &mut self.ct_pending] {
+            let keys: Vec<FlowKey> = map.keys().filter_map(Result::ok).collect();
+            for key in keys {
+                // A flow the LRU evicted meanwhile is already gone.
+                let _ = map.remove(&key);
+            }
         }
         Ok(())
     }
@@ -1083,6 +1105,17 @@ impl Dataplane {
         Ok((added, removed))
     }
 
+    /// Whether the kernel asks its routing table (`bpf_fib_lookup`) about
+    /// an address `set_local_addresses` did not list: one it delivers to
+    /// this host, has no route for, or drops is host traffic; only one it
+    /// routes onward is forwarded. On by default; tests that judge with
+    /// `BPF_PROG_TEST_RUN` in a namespace whose routes are not the test's
+    /// turn it off so that the listed addresses alone decide. Takes effect
+    /// at the next `apply`.
+    pub fn set_route_lookup(&mut self, on: bool) {
+        self.route_lookup = on;
+    }
+
     /// Audit mode: every verdict is computed, counted and reported, but
     /// nothing is dropped (events say `verdict::AUDIT` where a packet would
     /// have been denied). Takes effect at the next `apply`.
@@ -1103,10 +1136,35 @@ impl Dataplane {
     }
 
     /// Limits each source address to `per_second` events (sustained) and
-    /// `burst` at once; `per_second` 0 lifts the limit. Suppressed events
-    /// are counted (`events_suppressed`), never silently lost.
+    /// `burst` at once, and all sources together to the global bound
+    /// (`set_global_event_rate`); `per_second` 0 lifts every limit.
+    /// Suppressed events are counted (`events_suppressed`), never silently
+    /// lost.
     pub fn set_event_rate(&mut self, per_second: u32, burst: u32) -> Result<(), DataplaneError> {
-        let rate = moat_common::EventRate { per_second, burst };
+        self.source_rate = (per_second, burst);
+        self.write_event_rate()
+    }
+
+    /// Limits all sources together to `per_second` events (sustained) and
+    /// `burst` at once, beside the per-source limit (default
+    /// `DEFAULT_GLOBAL_EVENT_RATE` / `DEFAULT_GLOBAL_EVENT_BURST`);
+    /// `per_second` 0: no global bound.
+    pub fn set_global_event_rate(
+        &mut self,
+        per_second: u32,
+        burst: u32,
+    ) -> Result<(), DataplaneError> {
+        self.global_rate = (per_second, burst);
+        self.write_event_rate()
+    }
+
+    fn write_event_rate(&mut self) -> Result<(), DataplaneError> {
+        let rate = moat_common::EventRate {
+            per_second: self.source_rate.0,
+            burst: self.source_rate.1,
+            global_per_second: self.global_rate.0,
+            global_burst: self.global_rate.1,
+        };
         self.event_rate
             .set(0, rate, 0)
             .map_err(|source| DataplaneError::Map {
@@ -1124,9 +1182,18 @@ impl Dataplane {
         Ok(())
     }
 
-    /// Every tracked flow orientation and its state.
+    /// Every tracked flow orientation and its state: confirmed ones, then
+    /// those waiting for a reply (`FLOW_REPLY` marks a reply orientation).
     pub fn conntrack_entries(&self) -> Vec<(FlowKey, FlowState)> {
-        self.conntrack.iter().filter_map(Result::ok).collect()
+        let confirmed = self.conntrack.iter().filter_map(Result::ok);
+        confirmed
+            .chain(self.ct_pending.iter().filter_map(Result::ok))
+            .collect()
+    }
+
+    /// Flow orientations waiting for a reply (`CT_PENDING`).
+    pub fn pending_len(&self) -> usize {
+        self.ct_pending.keys().count()
     }
 
     /// Tracks `flows` as established, in both orientations, as if moat had
@@ -1190,6 +1257,13 @@ impl Dataplane {
                 .map()
                 .info()
                 .map_err(map_err(map_names::CONNTRACK))?
+                .max_entries(),
+            pending: self.pending_len() as u64,
+            pending_capacity: self
+                .ct_pending
+                .map()
+                .info()
+                .map_err(map_err(map_names::CT_PENDING))?
                 .max_entries(),
         })
     }

@@ -121,13 +121,14 @@ const STAGE_ALLOWED: [(u32, &str); 10] = [
     (counter::UNENFORCED_PASSED, "unenforced"),
 ];
 
-const DENY_REASONS: [(u32, &str); 6] = [
+const DENY_REASONS: [(u32, &str); 7] = [
     (counter::RULE_DENIED, "rule"),
     (counter::END_OF_POLICIES_DENIED, "end_of_policies"),
     (counter::NO_PROFILE_DENIED, "no_profile"),
     (counter::UNPARSABLE_DENIED, "unparsable"),
     (counter::CONNTRACK_INVALID_DENIED, "conntrack_invalid"),
     (counter::FRAGMENT_DENIED, "fragment"),
+    (counter::VLAN_DEPTH_DENIED, "vlan_depth"),
 ];
 
 const EVENT_OUTCOMES: [(u32, &str); 3] = [
@@ -174,8 +175,21 @@ pub fn render(s: &Snapshot, stats: &AgentStats, hub: &Hub, health: &Health) -> S
         "moat_events",
         "Kernel deny/log events by outcome: emitted + suppressed (rate limit) + lost (ring full) counts every event",
     );
+    let conntrack = counter_family(
+        &mut reg,
+        "moat_conntrack_connections",
+        "Connections by conntrack outcome: unconfirmed (allowed, waiting for a reply), confirmed (a reply came); unconfirmed ones beyond those waiting expired or were evicted under pressure, never a confirmed one",
+    );
     for (d, row) in s.counters.iter().enumerate() {
         let dir = direction::name(d as u8);
+        for (c, outcome) in [
+            (counter::CT_UNCONFIRMED, "unconfirmed"),
+            (counter::CT_CONFIRMED, "confirmed"),
+        ] {
+            conntrack
+                .get_or_create(&labels(&[("direction", dir), ("outcome", outcome)]))
+                .inc_by(row[c as usize]);
+        }
         for (c, stage) in STAGE_ALLOWED {
             allowed
                 .get_or_create(&labels(&[("direction", dir), ("stage", stage)]))
@@ -232,6 +246,7 @@ pub fn render(s: &Snapshot, stats: &AgentStats, hub: &Hub, health: &Health) -> S
     );
     for (map, n, cap) in [
         ("conntrack", s.fill.flows, s.fill.flows_capacity),
+        ("conntrack_pending", s.fill.pending, s.fill.pending_capacity),
         (
             "local_addresses",
             s.local_addresses,
