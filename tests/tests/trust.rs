@@ -455,3 +455,115 @@ fn the_last_good_version_survives_a_restart() {
     );
     agent.stop();
 }
+
+/// Resident memory of process `pid`, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .expect("VmRSS")
+}
+
+/// Open descriptors of process `pid`.
+fn descriptors(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("proc fd")
+        .count()
+}
+
+/// Opens `n` connections to the metrics endpoint inside `ns`, every other
+/// one with a half-sent request, and holds them until the returned sender
+/// is dropped. Returns once they are open, with how many opened.
+fn hold_connections(ns: &Netns, n: usize) -> (std::sync::mpsc::Sender<()>, usize) {
+    let (opened_tx, opened_rx) = std::sync::mpsc::channel();
+    let (close_tx, close_rx) = std::sync::mpsc::channel::<()>();
+    moat_tests::spawn_in(&ns.name, move || {
+        // This process needs the descriptors too.
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit/setrlimit with a valid struct.
+        unsafe {
+            libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+        let mut held = Vec::new();
+        for i in 0..n {
+            let Ok(mut s) = TcpStream::connect("127.0.0.1:9464") else {
+                continue;
+            };
+            if i % 2 == 1 {
+                let _ = s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n");
+            }
+            held.push(s);
+        }
+        opened_tx.send(held.len()).expect("report");
+        let _ = close_rx.recv();
+    });
+    let opened = opened_rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("connections opened");
+    (close_tx, opened)
+}
+
+#[test]
+fn the_http_endpoint_is_bounded() {
+    let lab = Lab::new();
+    for port in [8080, 9090] {
+        listen(&lab.worker, &format!("0.0.0.0:{port}"));
+    }
+    let dir = lab.path("p");
+    std::fs::create_dir_all(&dir).expect("dir");
+    put(&dir, "hep.yaml", HEP);
+    put(&dir, "web.yaml", &allow("allow-web", 8080));
+    let pins = PinDir::new();
+    let mut agent = lab.spawn(
+        &[
+            "--policies",
+            dir.to_str().expect("utf-8"),
+            "--iface",
+            "eth1",
+            "--node",
+            "worker-1",
+        ],
+        &pins,
+    );
+    agent.wait_for_log(" ready:");
+    let pid = agent.pid();
+    // Few descriptors, so the flood below would exhaust them.
+    moat_tests::run("prlimit", &["--pid", &pid.to_string(), "--nofile=512:512"]);
+    let (code, _) = lab.get("/metrics");
+    assert_eq!(code, 200);
+    let before = rss_kib(pid);
+    let (close, opened) = hold_connections(&lab.worker, 3_000);
+    assert!(opened >= 2_500, "only {opened} connections opened");
+    // Held open: the agent serves probes, bounds its descriptors and
+    // memory, and applies a policy change.
+    let start = Instant::now();
+    let (code, body) = lab.get("/healthz");
+    assert_eq!(code, 200, "{body}");
+    eprintln!(
+        "/healthz answered in {:?} with {opened} connections held",
+        start.elapsed()
+    );
+    let fds = descriptors(pid);
+    let grown = rss_kib(pid).saturating_sub(before);
+    eprintln!("{opened} connections held: agent RSS grew {grown} KiB, {fds} descriptors open");
+    assert!(
+        fds < moat::events::metrics::MAX_CONNECTIONS + 100,
+        "{fds} descriptors open"
+    );
+    assert!(grown < 20 * 1024, "RSS grew {grown} KiB");
+    put(&dir, "m.yaml", &allow("allow-metrics", 9090));
+    eventually("9090 allowed while the connections are held", || {
+        lab.connects(9090, Duration::from_millis(200))
+    });
+    drop(close);
+    let (code, _) = lab.get("/readyz");
+    assert_eq!(code, 200);
+    agent.stop();
+}

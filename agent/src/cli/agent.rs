@@ -583,7 +583,31 @@ impl Published {
     }
 }
 
+/// Raises the soft limit on open descriptors to the hard one, so that a
+/// flood of connections (bounded anyway) or many policy files do not run
+/// the agent out of descriptors at the default 1024.
+fn raise_descriptor_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid rlimit struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            let before = lim.rlim_cur;
+            lim.rlim_cur = lim.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0 {
+                tracing::debug!(
+                    "open descriptors: limit raised from {before} to {}",
+                    lim.rlim_max
+                );
+            }
+        }
+    }
+}
+
 pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
+    raise_descriptor_limit();
     let mut wanted = cfg.ifaces.clone();
     if cfg.auto_host_endpoints {
         for (iface, _) in crate::sources::reconcile::AUTO_HOST_ENDPOINTS {
