@@ -567,3 +567,59 @@ fn the_http_endpoint_is_bounded() {
     assert_eq!(code, 200);
     agent.stop();
 }
+
+#[test]
+fn a_file_rewritten_in_place_is_read_once_complete() {
+    let lab = Lab::new();
+    for port in [8080, 9090] {
+        listen(&lab.worker, &format!("0.0.0.0:{port}"));
+    }
+    let dir = lab.path("p");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let head = format!("{HEP}---\n{}", allow("allow-web", 8080));
+    let tail = format!("---\n{}", allow("allow-metrics", 9090));
+    put(&dir, "all.yaml", &format!("{head}{tail}"));
+    let pins = PinDir::new();
+    let mut agent = lab.spawn(
+        &[
+            "--policies",
+            dir.to_str().expect("utf-8"),
+            "--iface",
+            "eth1",
+            "--node",
+            "worker-1",
+        ],
+        &pins,
+    );
+    agent.wait_for_log(" ready:");
+    assert!(lab.connects(9090, Duration::from_secs(2)), "9090 allowed");
+    // Rewritten in place, pausing after the first part for longer than
+    // the watcher's debounce and longest delay: the policies not written
+    // yet stay in force meanwhile.
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(dir.join("all.yaml"))
+        .expect("open");
+    f.write_all(head.as_bytes()).expect("write");
+    f.sync_all().expect("sync");
+    let paused = Instant::now();
+    while paused.elapsed() < Duration::from_millis(2_500) {
+        assert!(
+            lab.connects(9090, Duration::from_millis(500)),
+            "9090 denied {:?} into the paused rewrite",
+            paused.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // The rest, then closed: read complete, nothing changed.
+    f.write_all(tail.as_bytes()).expect("write");
+    drop(f);
+    std::thread::sleep(Duration::from_millis(800));
+    assert!(lab.connects(9090, Duration::from_secs(1)), "9090 allowed");
+    assert!(lab.connects(8080, Duration::from_secs(1)), "8080 allowed");
+    let v = lab.status_json();
+    assert!(v["source"]["reconciles"].as_u64() >= Some(2), "{v:#}");
+    assert_eq!(v["source"]["invalid_objects"], 0, "{v:#}");
+    agent.stop();
+}
