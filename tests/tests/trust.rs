@@ -623,3 +623,175 @@ fn a_file_rewritten_in_place_is_read_once_complete() {
     assert_eq!(v["source"]["invalid_objects"], 0, "{v:#}");
     agent.stop();
 }
+
+#[test]
+fn state_and_status_files_are_private_and_written_without_following_links() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = TempDir::new("moat-files-");
+    // A link planted where a temporary file might be made: never followed.
+    let victim = dir.0.join("victim");
+    std::fs::write(&victim, "untouched").expect("victim");
+    let status = dir.0.join("status.json");
+    let planted = dir
+        .0
+        .join(format!("status.json.tmp-{}", std::process::id()));
+    std::os::unix::fs::symlink(&victim, &planted).expect("planted link");
+    moat::dataplane::state::write_atomically_mode(&status, b"{}", 0o640).expect("written");
+    assert_eq!(
+        std::fs::read_to_string(&victim).expect("victim"),
+        "untouched"
+    );
+    assert_eq!(std::fs::read_to_string(&status).expect("status"), "{}");
+    let mode = |p: &Path| std::fs::metadata(p).expect("meta").permissions().mode() & 0o777;
+    assert_eq!(mode(&status), 0o640);
+    let state = dir.0.join("state.json");
+    moat::dataplane::state::write_atomically(&state, b"{}").expect("written");
+    assert_eq!(mode(&state), 0o600);
+    // A directory every user may write to is refused.
+    let open = dir.0.join("open");
+    std::fs::create_dir(&open).expect("dir");
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o1777)).expect("chmod");
+    let e = moat::dataplane::state::write_atomically(&open.join("state.json"), b"{}")
+        .expect_err("refused");
+    assert!(format!("{e:#}").contains("writable by every user"), "{e:#}");
+
+    // And the agent refuses it at start, before attaching anything.
+    let lab = Lab::new();
+    let out = lab
+        .worker
+        .command(moat_bin().to_str().expect("utf-8"))
+        .args(["agent", "--policies"])
+        .arg(lab.path("policies"))
+        .args(["--iface", "eth1", "--node", "worker-1", "--no-pin"])
+        .arg("--status-file")
+        .arg(open.join("status.json"))
+        .args([
+            "--state-file",
+            "none",
+            "--socket",
+            "none",
+            "--metrics-addr",
+            "none",
+        ])
+        .output()
+        .expect("moat agent runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("writable by every user"), "{stderr}");
+}
+
+#[test]
+fn the_socket_path_is_taken_over_only_from_this_user() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let lab = Lab::new();
+    let sock = lab.path("events.sock");
+    // A dangling symlink of this user: removed, the agent starts.
+    std::os::unix::fs::symlink(lab.path("nowhere"), &sock).expect("link");
+    let pins = PinDir::new();
+    let mut agent = lab.spawn(
+        &[
+            "--policies",
+            lab.path("policies").to_str().expect("utf-8"),
+            "--iface",
+            "eth1",
+            "--node",
+            "worker-1",
+        ],
+        &pins,
+    );
+    agent.wait_for_log("removed a symbolic link");
+    agent.wait_for_log(" ready:");
+    agent.stop();
+
+    // Another user's socket at the path: refused, saying whose it is.
+    let open = lab.path("shared");
+    std::fs::create_dir(&open).expect("dir");
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    let theirs = open.join("events.sock");
+    let server = serve_as_nobody(&theirs);
+    let out = lab
+        .worker
+        .command(moat_bin().to_str().expect("utf-8"))
+        .args(["agent", "--policies"])
+        .arg(lab.path("policies"))
+        .args(["--iface", "eth1", "--node", "worker-1", "--no-pin"])
+        .args([
+            "--state-file",
+            "none",
+            "--status-file",
+            "none",
+            "--metrics-addr",
+            "none",
+        ])
+        .arg("--socket")
+        .arg(&theirs)
+        .output()
+        .expect("moat agent runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("of another user (uid 65534)"), "{stderr}");
+    // Root's moat tail does not read events from it.
+    let out = Command::new(moat_bin())
+        .args(["tail", "--no-follow", "--socket"])
+        .arg(&theirs)
+        .output()
+        .expect("moat tail runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("not by root nor by you"), "{stderr}");
+    drop(server);
+}
+
+/// A process of uid 65534 listening on a Unix socket at `path`; killed
+/// on drop.
+struct Nobody(libc::pid_t);
+
+impl Drop for Nobody {
+    fn drop(&mut self) {
+        // SAFETY: signalling and reaping the child this test forked.
+        unsafe {
+            libc::kill(self.0, libc::SIGKILL);
+            libc::waitpid(self.0, std::ptr::null_mut(), 0);
+        }
+    }
+}
+
+fn serve_as_nobody(path: &Path) -> Nobody {
+    use std::os::unix::ffi::OsStrExt as _;
+    let bytes = path.as_os_str().as_bytes();
+    // SAFETY: sockaddr_un is plain data.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as u16;
+    for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
+        *d = *s as libc::c_char;
+    }
+    // SAFETY: the child only makes raw system calls, then exits.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork: {}", std::io::Error::last_os_error());
+    match pid {
+        0 => unsafe {
+            if libc::setgid(65534) != 0 || libc::setuid(65534) != 0 {
+                libc::_exit(1);
+            }
+            let fd = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0);
+            let len = std::mem::size_of::<libc::sockaddr_un>() as u32;
+            if fd < 0
+                || libc::bind(fd, (&addr as *const libc::sockaddr_un).cast(), len) != 0
+                || libc::listen(fd, 8) != 0
+            {
+                libc::_exit(2);
+            }
+            loop {
+                let c = libc::accept(fd, std::ptr::null_mut(), std::ptr::null_mut());
+                if c >= 0 {
+                    libc::close(c);
+                }
+            }
+        },
+        child => {
+            let nobody = Nobody(child);
+            eventually("the other user's socket is there", || path.exists());
+            nobody
+        }
+    }
+}

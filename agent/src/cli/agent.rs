@@ -608,6 +608,12 @@ fn raise_descriptor_limit() {
 
 pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     raise_descriptor_limit();
+    for file in [&cfg.state_file, &cfg.status_file].into_iter().flatten() {
+        if let Some(dir) = file.parent().filter(|d| d.exists()) {
+            crate::dataplane::state::check_private_dir(dir)
+                .with_context(|| format!("keeping {} there", file.display()))?;
+        }
+    }
     let mut wanted = cfg.ifaces.clone();
     if cfg.auto_host_endpoints {
         for (iface, _) in crate::sources::reconcile::AUTO_HOST_ENDPOINTS {
