@@ -606,6 +606,29 @@ fn raise_descriptor_limit() {
     }
 }
 
+/// Before Linux 5.11 BPF maps are charged to RLIMIT_MEMLOCK: aya raises
+/// it when a map creation is refused, which takes CAP_SYS_RESOURCE. Says
+/// so ahead, when the limit is finite there.
+fn warn_memlock() {
+    use aya::util::KernelVersion;
+    if KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(5, 11, 0)) {
+        return;
+    }
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit with a valid rlimit struct.
+    if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim) } == 0
+        && lim.rlim_cur != libc::RLIM_INFINITY
+    {
+        warn!(
+            "this kernel (before 5.11) charges BPF maps to RLIMIT_MEMLOCK ({} KiB here): the agent raises it, which needs CAP_SYS_RESOURCE (add it to the DaemonSet's capabilities on these kernels)",
+            lim.rlim_cur / 1024
+        );
+    }
+}
+
 pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     raise_descriptor_limit();
     for file in [&cfg.state_file, &cfg.status_file].into_iter().flatten() {
@@ -639,6 +662,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         })?),
     };
     let support = preflight::check()?;
+    warn_memlock();
     info!(
         "kernel {}: ring buffer, LRU hash, XDP and TC available{}",
         support.version,
