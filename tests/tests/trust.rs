@@ -550,13 +550,15 @@ fn the_http_endpoint_is_bounded() {
         "/healthz answered in {:?} with {opened} connections held",
         start.elapsed()
     );
-    let fds = descriptors(pid);
+    // Connections closed as the oldest are let go as soon as the runtime
+    // next turns: the count settles under the cap.
+    let mut fds = 0;
+    eventually("the agent's descriptors settle under the cap", || {
+        fds = descriptors(pid);
+        fds < moat::events::metrics::MAX_CONNECTIONS + 100
+    });
     let grown = rss_kib(pid).saturating_sub(before);
     eprintln!("{opened} connections held: agent RSS grew {grown} KiB, {fds} descriptors open");
-    assert!(
-        fds < moat::events::metrics::MAX_CONNECTIONS + 100,
-        "{fds} descriptors open"
-    );
     assert!(grown < 20 * 1024, "RSS grew {grown} KiB");
     put(&dir, "m.yaml", &allow("allow-metrics", 9090));
     eventually("9090 allowed while the connections are held", || {
