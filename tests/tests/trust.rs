@@ -657,11 +657,14 @@ fn state_and_status_files_are_private_and_written_without_following_links() {
         .expect_err("refused");
     assert!(format!("{e:#}").contains("writable by every user"), "{e:#}");
 
-    // And the agent refuses it at start, before attaching anything.
+    // And the agent refuses it at start, before attaching anything (an
+    // agent that does not is stopped after 20 s).
     let lab = Lab::new();
     let out = lab
         .worker
-        .command(moat_bin().to_str().expect("utf-8"))
+        .command("timeout")
+        .arg("20")
+        .arg(moat_bin())
         .args(["agent", "--policies"])
         .arg(lab.path("policies"))
         .args(["--iface", "eth1", "--node", "worker-1", "--no-pin"])
@@ -713,7 +716,9 @@ fn the_socket_path_is_taken_over_only_from_this_user() {
     let server = serve_as_nobody(&theirs);
     let out = lab
         .worker
-        .command(moat_bin().to_str().expect("utf-8"))
+        .command("timeout")
+        .arg("20")
+        .arg(moat_bin())
         .args(["agent", "--policies"])
         .arg(lab.path("policies"))
         .args(["--iface", "eth1", "--node", "worker-1", "--no-pin"])
