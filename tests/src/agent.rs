@@ -97,6 +97,11 @@ impl AgentProcess {
         panic!("the agent never logged {what:?}: {:?}", self.child.wait());
     }
 
+    /// The agent's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Every line the agent has logged so far.
     pub fn logged(&mut self) -> Vec<String> {
         self.seen.extend(self.log.try_iter());

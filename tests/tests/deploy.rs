@@ -185,10 +185,14 @@ fn the_daemonset_has_what_the_agent_needs_and_no_more() {
         .iter()
         .map(String::as_str)
         .collect();
+    // No SYS_RESOURCE: BPF memory is charged to the memory cgroup since
+    // Linux 5.11, not to RLIMIT_MEMLOCK.
+    assert_eq!(added, BTreeSet::from(["BPF", "NET_ADMIN", "PERFMON"]));
     assert_eq!(
-        added,
-        BTreeSet::from(["BPF", "NET_ADMIN", "PERFMON", "SYS_RESOURCE"])
+        sc.seccomp_profile.as_ref().map(|p| p.type_.as_str()),
+        Some("RuntimeDefault")
     );
+    assert_eq!(sc.read_only_root_filesystem, Some(true));
     // Probes on the agent's HTTP endpoint (default 127.0.0.1:9464).
     for (probe, path) in [
         (&c.liveness_probe, "/healthz"),
@@ -306,6 +310,8 @@ fn the_daemonset_has_what_the_agent_needs_and_no_more() {
     let moat::sources::calicoctl::Datastore::Etcd(etcd) = parsed.datastore else {
         panic!("etcdv3 datastore expected")
     };
+    // etcd mode: no Kubernetes API token in the pod.
+    assert_eq!(pod.automount_service_account_token, Some(false));
     let secret = &m.secrets[0];
     let certs_mount = volumes
         .iter()

@@ -458,3 +458,350 @@ fn the_last_good_version_survives_a_restart() {
     );
     agent.stop();
 }
+
+/// Resident memory of process `pid`, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .expect("VmRSS")
+}
+
+/// Open descriptors of process `pid`.
+fn descriptors(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("proc fd")
+        .count()
+}
+
+/// Opens `n` connections to the metrics endpoint inside `ns`, every other
+/// one with a half-sent request, and holds them until the returned sender
+/// is dropped. Returns once they are open, with how many opened.
+fn hold_connections(ns: &Netns, n: usize) -> (std::sync::mpsc::Sender<()>, usize) {
+    let (opened_tx, opened_rx) = std::sync::mpsc::channel();
+    let (close_tx, close_rx) = std::sync::mpsc::channel::<()>();
+    moat_tests::spawn_in(&ns.name, move || {
+        // This process needs the descriptors too.
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit/setrlimit with a valid struct.
+        unsafe {
+            libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+        let mut held = Vec::new();
+        for i in 0..n {
+            let Ok(mut s) = TcpStream::connect("127.0.0.1:9464") else {
+                continue;
+            };
+            if i % 2 == 1 {
+                let _ = s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n");
+            }
+            held.push(s);
+        }
+        opened_tx.send(held.len()).expect("report");
+        let _ = close_rx.recv();
+    });
+    let opened = opened_rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("connections opened");
+    (close_tx, opened)
+}
+
+#[test]
+fn the_http_endpoint_is_bounded() {
+    let lab = Lab::new();
+    for port in [8080, 9090] {
+        listen(&lab.worker, &format!("0.0.0.0:{port}"));
+    }
+    let dir = lab.path("p");
+    std::fs::create_dir_all(&dir).expect("dir");
+    put(&dir, "hep.yaml", HEP);
+    put(&dir, "web.yaml", &allow("allow-web", 8080));
+    let pins = PinDir::new();
+    let mut agent = lab.spawn(
+        &[
+            "--policies",
+            dir.to_str().expect("utf-8"),
+            "--iface",
+            "eth1",
+            "--node",
+            "worker-1",
+        ],
+        &pins,
+    );
+    agent.wait_for_log(" ready:");
+    let pid = agent.pid();
+    // Few descriptors, so the flood below would exhaust them.
+    moat_tests::run("prlimit", &["--pid", &pid.to_string(), "--nofile=512:512"]);
+    let (code, _) = lab.get("/metrics");
+    assert_eq!(code, 200);
+    let before = rss_kib(pid);
+    let (close, opened) = hold_connections(&lab.worker, 3_000);
+    assert!(opened >= 2_500, "only {opened} connections opened");
+    // Held open: the agent serves probes, bounds its descriptors and
+    // memory, and applies a policy change.
+    let start = Instant::now();
+    let (code, body) = lab.get("/healthz");
+    assert_eq!(code, 200, "{body}");
+    eprintln!(
+        "/healthz answered in {:?} with {opened} connections held",
+        start.elapsed()
+    );
+    // Connections closed as the oldest are let go as soon as the runtime
+    // next turns: the count settles under the cap.
+    let mut fds = 0;
+    eventually("the agent's descriptors settle under the cap", || {
+        fds = descriptors(pid);
+        fds < moat::events::metrics::MAX_CONNECTIONS + 100
+    });
+    let grown = rss_kib(pid).saturating_sub(before);
+    eprintln!("{opened} connections held: agent RSS grew {grown} KiB, {fds} descriptors open");
+    assert!(grown < 20 * 1024, "RSS grew {grown} KiB");
+    put(&dir, "m.yaml", &allow("allow-metrics", 9090));
+    eventually("9090 allowed while the connections are held", || {
+        lab.connects(9090, Duration::from_millis(200))
+    });
+    drop(close);
+    let (code, _) = lab.get("/readyz");
+    assert_eq!(code, 200);
+    agent.stop();
+}
+
+#[test]
+fn a_file_rewritten_in_place_is_read_once_complete() {
+    let lab = Lab::new();
+    for port in [8080, 9090] {
+        listen(&lab.worker, &format!("0.0.0.0:{port}"));
+    }
+    let dir = lab.path("p");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let head = format!("{HEP}---\n{}", allow("allow-web", 8080));
+    let tail = format!("---\n{}", allow("allow-metrics", 9090));
+    put(&dir, "all.yaml", &format!("{head}{tail}"));
+    let pins = PinDir::new();
+    let mut agent = lab.spawn(
+        &[
+            "--policies",
+            dir.to_str().expect("utf-8"),
+            "--iface",
+            "eth1",
+            "--node",
+            "worker-1",
+        ],
+        &pins,
+    );
+    agent.wait_for_log(" ready:");
+    assert!(lab.connects(9090, Duration::from_secs(2)), "9090 allowed");
+    // Rewritten in place, pausing after the first part for longer than
+    // the watcher's debounce and longest delay: the policies not written
+    // yet stay in force meanwhile.
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(dir.join("all.yaml"))
+        .expect("open");
+    f.write_all(head.as_bytes()).expect("write");
+    f.sync_all().expect("sync");
+    let paused = Instant::now();
+    while paused.elapsed() < Duration::from_millis(2_500) {
+        assert!(
+            lab.connects(9090, Duration::from_millis(500)),
+            "9090 denied {:?} into the paused rewrite",
+            paused.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // The rest, then closed: read complete, nothing changed.
+    f.write_all(tail.as_bytes()).expect("write");
+    drop(f);
+    std::thread::sleep(Duration::from_millis(800));
+    assert!(lab.connects(9090, Duration::from_secs(1)), "9090 allowed");
+    assert!(lab.connects(8080, Duration::from_secs(1)), "8080 allowed");
+    let v = lab.status_json();
+    assert!(v["source"]["reconciles"].as_u64() >= Some(2), "{v:#}");
+    assert_eq!(v["source"]["invalid_objects"], 0, "{v:#}");
+    agent.stop();
+}
+
+#[test]
+fn state_and_status_files_are_private_and_written_without_following_links() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = TempDir::new("moat-files-");
+    // A link planted where a temporary file might be made: never followed.
+    let victim = dir.0.join("victim");
+    std::fs::write(&victim, "untouched").expect("victim");
+    let status = dir.0.join("status.json");
+    let planted = dir
+        .0
+        .join(format!("status.json.tmp-{}", std::process::id()));
+    std::os::unix::fs::symlink(&victim, &planted).expect("planted link");
+    moat::dataplane::state::write_atomically_mode(&status, b"{}", 0o640).expect("written");
+    assert_eq!(
+        std::fs::read_to_string(&victim).expect("victim"),
+        "untouched"
+    );
+    assert_eq!(std::fs::read_to_string(&status).expect("status"), "{}");
+    let mode = |p: &Path| std::fs::metadata(p).expect("meta").permissions().mode() & 0o777;
+    assert_eq!(mode(&status), 0o640);
+    let state = dir.0.join("state.json");
+    moat::dataplane::state::write_atomically(&state, b"{}").expect("written");
+    assert_eq!(mode(&state), 0o600);
+    // A directory every user may write to is refused.
+    let open = dir.0.join("open");
+    std::fs::create_dir(&open).expect("dir");
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o1777)).expect("chmod");
+    let e = moat::dataplane::state::write_atomically(&open.join("state.json"), b"{}")
+        .expect_err("refused");
+    assert!(format!("{e:#}").contains("writable by every user"), "{e:#}");
+
+    // And the agent refuses it at start, before attaching anything (an
+    // agent that does not is stopped after 20 s).
+    let lab = Lab::new();
+    let out = lab
+        .worker
+        .command("timeout")
+        .arg("20")
+        .arg(moat_bin())
+        .args(["agent", "--policies"])
+        .arg(lab.path("policies"))
+        .args(["--iface", "eth1", "--node", "worker-1", "--no-pin"])
+        .arg("--status-file")
+        .arg(open.join("status.json"))
+        .args([
+            "--state-file",
+            "none",
+            "--socket",
+            "none",
+            "--metrics-addr",
+            "none",
+        ])
+        .output()
+        .expect("moat agent runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("writable by every user"), "{stderr}");
+}
+
+#[test]
+fn the_socket_path_is_taken_over_only_from_this_user() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let lab = Lab::new();
+    let sock = lab.path("events.sock");
+    // A dangling symlink of this user: removed, the agent starts.
+    std::os::unix::fs::symlink(lab.path("nowhere"), &sock).expect("link");
+    let pins = PinDir::new();
+    let mut agent = lab.spawn(
+        &[
+            "--policies",
+            lab.path("policies").to_str().expect("utf-8"),
+            "--iface",
+            "eth1",
+            "--node",
+            "worker-1",
+        ],
+        &pins,
+    );
+    agent.wait_for_log("removed a symbolic link");
+    agent.wait_for_log(" ready:");
+    agent.stop();
+
+    // Another user's socket at the path: refused, saying whose it is.
+    let open = lab.path("shared");
+    std::fs::create_dir(&open).expect("dir");
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    let theirs = open.join("events.sock");
+    let server = serve_as_nobody(&theirs);
+    let out = lab
+        .worker
+        .command("timeout")
+        .arg("20")
+        .arg(moat_bin())
+        .args(["agent", "--policies"])
+        .arg(lab.path("policies"))
+        .args(["--iface", "eth1", "--node", "worker-1", "--no-pin"])
+        .args([
+            "--state-file",
+            "none",
+            "--status-file",
+            "none",
+            "--metrics-addr",
+            "none",
+        ])
+        .arg("--socket")
+        .arg(&theirs)
+        .output()
+        .expect("moat agent runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("of another user (uid 65534)"), "{stderr}");
+    // Root's moat tail does not read events from it.
+    let out = Command::new(moat_bin())
+        .args(["tail", "--no-follow", "--socket"])
+        .arg(&theirs)
+        .output()
+        .expect("moat tail runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("not by root nor by you"), "{stderr}");
+    drop(server);
+}
+
+/// A process of uid 65534 listening on a Unix socket at `path`; killed
+/// on drop.
+struct Nobody(libc::pid_t);
+
+impl Drop for Nobody {
+    fn drop(&mut self) {
+        // SAFETY: signalling and reaping the child this test forked.
+        unsafe {
+            libc::kill(self.0, libc::SIGKILL);
+            libc::waitpid(self.0, std::ptr::null_mut(), 0);
+        }
+    }
+}
+
+fn serve_as_nobody(path: &Path) -> Nobody {
+    use std::os::unix::ffi::OsStrExt as _;
+    let bytes = path.as_os_str().as_bytes();
+    // SAFETY: sockaddr_un is plain data.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as u16;
+    for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
+        *d = *s as libc::c_char;
+    }
+    // SAFETY: the child only makes raw system calls, then exits.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork: {}", std::io::Error::last_os_error());
+    match pid {
+        0 => unsafe {
+            if libc::setgid(65534) != 0 || libc::setuid(65534) != 0 {
+                libc::_exit(1);
+            }
+            let fd = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0);
+            let len = std::mem::size_of::<libc::sockaddr_un>() as u32;
+            if fd < 0
+                || libc::bind(fd, (&addr as *const libc::sockaddr_un).cast(), len) != 0
+                || libc::listen(fd, 8) != 0
+            {
+                libc::_exit(2);
+            }
+            loop {
+                let c = libc::accept(fd, std::ptr::null_mut(), std::ptr::null_mut());
+                if c >= 0 {
+                    libc::close(c);
+                }
+            }
+        },
+        child => {
+            let nobody = Nobody(child);
+            eventually("the other user's socket is there", || path.exists());
+            nobody
+        }
+    }
+}

@@ -583,7 +583,109 @@ impl Published {
     }
 }
 
+/// Raises the soft limit on open descriptors to the hard one, so that a
+/// flood of connections (bounded anyway) or many policy files do not run
+/// the agent out of descriptors at the default 1024.
+fn raise_descriptor_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid rlimit struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            let before = lim.rlim_cur;
+            lim.rlim_cur = lim.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0 {
+                tracing::debug!(
+                    "open descriptors: limit raised from {before} to {}",
+                    lim.rlim_max
+                );
+            }
+        }
+    }
+}
+
+/// Before Linux 5.11 BPF maps are charged to RLIMIT_MEMLOCK: aya raises
+/// it when a map creation is refused, which takes CAP_SYS_RESOURCE. Says
+/// so ahead, when the limit is finite there.
+fn warn_memlock() {
+    use aya::util::KernelVersion;
+    if KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(5, 11, 0)) {
+        return;
+    }
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit with a valid rlimit struct.
+    if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim) } == 0
+        && lim.rlim_cur != libc::RLIM_INFINITY
+    {
+        warn!(
+            "this kernel (before 5.11) charges BPF maps to RLIMIT_MEMLOCK ({} KiB here): the agent raises it, which needs CAP_SYS_RESOURCE (add it to the DaemonSet's capabilities on these kernels)",
+            lim.rlim_cur / 1024
+        );
+    }
+}
+
+/// What the preflight phase settles before anything is loaded.
+struct Plan {
+    /// Interfaces to attach (those named and the automatic ones).
+    wanted: Vec<String>,
+    profile: Option<&'static crate::policy::profiles::Profile>,
+    /// The Kubernetes client configuration (the Kubernetes API source).
+    kube: Option<kube::Config>,
+}
+
+/// The agent as its phases share it, from load to shutdown.
+struct Agent<'a> {
+    cfg: &'a AgentConfig,
+    wanted: Vec<String>,
+    stats: std::sync::Arc<crate::sources::reconcile::Stats>,
+    observer: crate::events::observe::Observer,
+    dataplane: Dataplane,
+    ifaces: Ifaces,
+    /// The node's addresses as the dataplane has them.
+    local: std::collections::BTreeSet<std::net::IpAddr>,
+    published: Published,
+    /// The policy in force (saved or synced).
+    compiled: Compiled,
+    generation: u32,
+    /// Whether this agent has put a policy in force (saved or synced);
+    /// until then an adopted one keeps judging, untouched.
+    have_policy: bool,
+    last_apply: std::time::Duration,
+    pins_settled: bool,
+    /// Whether the first complete sync has been applied.
+    synced: bool,
+    ready: ReadyWatch,
+    /// Held until the agent ends (declared last: dropped last).
+    _lock: Option<nix::fcntl::Flock<std::fs::File>>,
+}
+
+/// `moat agent`, phase by phase: preflight, load (or adopt the pinned
+/// dataplane), attach what the saved state holds, the reconcile loop,
+/// shutdown.
 pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
+    let plan = preflight(&cfg).await?;
+    let mut agent = Agent::load_or_adopt(&cfg, plan.wanted.clone()).await?;
+    let last_good_texts = agent.attach_saved_state()?;
+    let outcomes = agent.start_source(plan, last_good_texts)?;
+    agent.reconcile_loop(outcomes).await?;
+    agent.shutdown()
+}
+
+/// Checks the configuration, the kernel and the process before anything
+/// is loaded or attached (what is pinned keeps enforcing meanwhile).
+async fn preflight(cfg: &AgentConfig) -> anyhow::Result<Plan> {
+    raise_descriptor_limit();
+    for file in [&cfg.state_file, &cfg.status_file].into_iter().flatten() {
+        if let Some(dir) = file.parent().filter(|d| d.exists()) {
+            crate::dataplane::state::check_private_dir(dir)
+                .with_context(|| format!("keeping {} there", file.display()))?;
+        }
+    }
     let mut wanted = cfg.ifaces.clone();
     if cfg.auto_host_endpoints {
         for (iface, _) in crate::sources::reconcile::AUTO_HOST_ENDPOINTS {
@@ -594,6 +696,14 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     }
     if wanted.is_empty() {
         bail!("no interface to enforce: name them (--iface eth1 --iface eth0) or ask for automatic host endpoints");
+    }
+    for name in &cfg.audit_ifaces {
+        if !wanted.contains(name) {
+            bail!(
+                "--audit-iface {name}: not one of the interfaces enforced ({})",
+                wanted.join(", ")
+            );
+        }
     }
     let profile = match cfg.profile.as_deref() {
         None => None,
@@ -609,14 +719,14 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         })?),
     };
     let support = preflight::check()?;
+    warn_memlock();
     info!(
         "kernel {}: ring buffer, LRU hash, XDP and TC available{}",
         support.version,
         if support.tcx { ", TCX attach" } else { "" }
     );
-
     // A bad client configuration is refused before anything is loaded or
-    // attached (what is pinned keeps enforcing).
+    // attached.
     let kube = match &cfg.source {
         PolicySource::Kubernetes { kubeconfig } => Some(
             crate::sources::kube::load_config(kubeconfig.as_deref())
@@ -625,28 +735,17 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         ),
         _ => None,
     };
+    Ok(Plan {
+        wanted,
+        profile,
+        kube,
+    })
+}
 
-    let stats = std::sync::Arc::new(crate::sources::reconcile::Stats::default());
-    let check = crate::events::observe::CheckContext {
-        policies: match &cfg.source {
-            PolicySource::Directory(dir) => {
-                Some(std::fs::canonicalize(dir).unwrap_or_else(|_| dir.clone()))
-            }
-            PolicySource::Etcd(_) | PolicySource::Kubernetes { .. } => None,
-        },
-        profile: cfg.profile.clone(),
-        node: cfg.node.clone(),
-    };
-    let mut observer = crate::events::observe::Observer::start(&cfg.observe, check).await?;
-    observer.health.beat();
-    let _lock = match &cfg.pin_dir {
-        Some(dir) => {
-            check_pin_dir(dir)?;
-            Some(lock_pin_dir(dir)?)
-        }
-        None => None,
-    };
-    let mut dataplane = match &cfg.pin_dir {
+/// Loads the programs with maps pinned in `cfg.pin_dir` (adopting those
+/// an earlier agent left) or of their own.
+fn load_dataplane(cfg: &AgentConfig) -> anyhow::Result<Dataplane> {
+    let dataplane = match &cfg.pin_dir {
         Some(dir) => Dataplane::load_with(Some(dir), cfg.capacities).with_context(|| {
             format!(
                 "loading the eBPF programs with maps pinned in {}",
@@ -664,36 +763,13 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     for name in dataplane.stale_pins() {
         warn!("pinned map {name} is from a moat version with another map layout: not read; removed once this version is attached");
     }
-    // The node's addresses first, so the tables tell forwarded traffic
-    // apart from the start; then the tables; then attach: the programs
-    // enforce from their first packet.
-    dataplane.set_event_rate(cfg.event_rate, cfg.event_burst)?;
-    dataplane.set_audit(cfg.audit);
-    dataplane.set_replace_xdp(cfg.replace_xdp);
-    if cfg.audit {
-        warn!("audit mode: nothing is dropped; would-be denies are reported with verdict AUDIT");
-    }
-    let mut audited = Vec::new();
-    for name in &cfg.audit_ifaces {
-        if !wanted.contains(name) {
-            bail!(
-                "--audit-iface {name}: not one of the interfaces enforced ({})",
-                wanted.join(", ")
-            );
-        }
-        audited.push(ifindex(name)?);
-        warn!("audit mode on {name}: nothing is dropped there; would-be denies are reported with verdict AUDIT");
-    }
-    dataplane.set_audit_ifaces(audited);
-    let mut local = local_addresses()?;
-    dataplane.set_local_addresses(&local)?;
-    info!(
-        "{} local addresses; anything else arriving is forwarded",
-        local.len()
-    );
-    // Connections open before moat attaches (ssh sessions, this agent's
-    // own API watch, flows kube-proxy forwards) are adopted as
-    // established, so attaching cuts none.
+    Ok(dataplane)
+}
+
+/// Connections open before moat attaches (ssh sessions, this agent's own
+/// API watch, flows kube-proxy forwards) are adopted as established, so
+/// attaching cuts none.
+fn seed_connections(dataplane: &mut Dataplane) -> anyhow::Result<()> {
     let mut seeds = Vec::new();
     let sockets = match crate::dataplane::seed::host_sockets() {
         Ok(flows) => {
@@ -725,377 +801,583 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     info!(
         "{n} established connection(s) tracked as allowed before attaching: {sockets}, {conntrack}"
     );
-    let mut ifaces = Ifaces::new(wanted.clone(), cfg.ifaces.clone());
-    ifaces.refresh();
+    Ok(())
+}
 
-    let now = crate::dataplane::state::now();
-    let mut published = Published {
-        status: crate::cli::status::Status {
-            pid: std::process::id(),
-            version: env!("CARGO_PKG_VERSION").into(),
-            node: cfg.node.clone(),
-            state: "starting".into(),
-            audit: cfg.audit,
-            started_at: now,
-            updated_at: now,
-            source: crate::cli::status::SourceStatus {
-                kind: cfg.source.kind().into(),
-                location: cfg.source.location(),
-                ..Default::default()
-            },
-            ..Default::default()
-        },
-        labels: BTreeMap::new(),
-    };
-    let status_file = cfg.status_file.as_deref();
-
-    // The saved state, enforced before the source has answered.
-    let mut compiled = Compiled::default();
-    // After pins were adopted, the next generation follows the one in force.
-    let mut generation: u32 = dataplane.adopted_generation().unwrap_or(0);
-    // Whether this agent has put a policy in force (saved or synced); until
-    // then an adopted one keeps judging, untouched.
-    let mut have_policy = false;
-    let mut last_apply = std::time::Duration::ZERO;
-    let mut pins_settled = false;
-    // The last good versions of objects invalid when the state was saved.
-    let mut last_good_texts = BTreeMap::new();
-    if let Some(path) = &cfg.state_file {
-        match crate::dataplane::state::load(path, &cfg.node) {
-            Ok(saved) => {
-                last_good_texts = saved.last_good_texts.clone();
-                compiled = saved
-                    .compiled()
-                    .map_err(|e| anyhow::anyhow!("saved state {}: {e}", path.display()))?;
-                generation = saved.generation.max(generation.wrapping_add(1));
-                let started = std::time::Instant::now();
-                enforce(
-                    &mut dataplane,
-                    &mut ifaces,
-                    &compiled,
-                    generation,
-                    cfg.xdp_mode,
-                )?;
-                last_apply = started.elapsed();
-                have_policy = true;
-                settle_pins(&dataplane, &wanted)?;
-                pins_settled = true;
-                published.labels = saved.labels.clone();
-                published.status.state = "enforcing saved state".into();
-                published.status.generation = generation;
-                published.status.applied_at = Some(crate::dataplane::state::now());
-                published.status.applied_from = format!("saved state ({})", saved.origin);
-                published.status.saved_state = Some(format!(
-                    "{}: generation {}, saved {}",
-                    path.display(),
-                    saved.generation,
-                    crate::events::event::rfc3339(i128::from(saved.saved_at) * 1_000_000_000)
-                ));
-                info!(
-                    "enforcing the saved state {} (generation {}, {} interfaces) until the first complete sync",
-                    path.display(),
-                    generation,
-                    compiled.ifaces.len()
-                );
+/// Where the policy comes from, for `moat check` commands in events.
+fn check_context(cfg: &AgentConfig) -> crate::events::observe::CheckContext {
+    crate::events::observe::CheckContext {
+        policies: match &cfg.source {
+            PolicySource::Directory(dir) => {
+                Some(std::fs::canonicalize(dir).unwrap_or_else(|_| dir.clone()))
             }
-            Err(crate::dataplane::state::Unusable::Missing) => info!(
-                "no saved state at {}: enforcing from the first complete sync",
-                path.display()
-            ),
-            Err(crate::dataplane::state::Unusable::Invalid(why)) => warn!(
-                "saved state {} not used: {why}; enforcing from the first complete sync",
-                path.display()
-            ),
-        }
+            PolicySource::Etcd(_) | PolicySource::Kubernetes { .. } => None,
+        },
+        profile: cfg.profile.clone(),
+        node: cfg.node.clone(),
     }
-    published.refresh(
-        &dataplane,
-        &ifaces,
-        &compiled,
-        &stats,
-        cfg.xdp_mode,
-        local.len(),
-    );
-    published.write(status_file);
+}
 
-    let (snapshots_tx, snapshots_rx) = tokio::sync::mpsc::channel(4);
-    let mut reconciler = crate::sources::reconcile::Reconciler::new(
-        cfg.node.clone(),
-        cfg.ifaces.clone(),
-        profile,
-        cfg.auto_host_endpoints,
-        stats.clone(),
-    );
-    reconciler.seed(last_good_texts);
-    if let Some(k) = &kube {
-        reconciler.control_plane = crate::sources::kube::control_plane(k);
-    }
-    if let PolicySource::Etcd(etcd) = &cfg.source {
-        reconciler.control_plane = crate::sources::reconcile::resolve_endpoints(&etcd.endpoints);
-    }
-    if !reconciler.control_plane.is_empty() {
-        info!(
-            "the control plane stays reachable whatever the policy says: outbound TCP to {} is failsafe",
-            reconciler
-                .control_plane
-                .iter()
-                .map(|a| a.to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
-    }
-    // Names move (an etcd member replaced, the API server's address
-    // changed): resolve them again every 30 s and exempt where they are.
-    let resolver = match (&cfg.source, &kube) {
+/// The control plane's addresses now (exempted as outbound failsafes),
+/// and how to resolve them again as names move.
+fn control_plane(
+    cfg: &AgentConfig,
+    kube: Option<&kube::Config>,
+) -> (
+    Vec<std::net::SocketAddr>,
+    Option<crate::sources::reconcile::ControlPlaneResolver>,
+) {
+    use crate::sources::reconcile::{resolve_endpoints, ControlPlaneResolver, RERESOLVE};
+    match (&cfg.source, kube) {
         (PolicySource::Etcd(etcd), _) => {
             let endpoints = etcd.endpoints.clone();
-            Some(crate::sources::reconcile::ControlPlaneResolver {
-                resolve: Box::new(move || crate::sources::reconcile::resolve_endpoints(&endpoints)),
-                every: crate::sources::reconcile::RERESOLVE,
-            })
+            let now = resolve_endpoints(&endpoints);
+            let resolve = Box::new(move || resolve_endpoints(&endpoints));
+            (
+                now,
+                Some(ControlPlaneResolver {
+                    resolve,
+                    every: RERESOLVE,
+                }),
+            )
         }
         (_, Some(k)) => {
+            let now = crate::sources::kube::control_plane(k);
             let k = k.clone();
-            Some(crate::sources::reconcile::ControlPlaneResolver {
-                resolve: Box::new(move || crate::sources::kube::control_plane(&k)),
-                every: crate::sources::reconcile::RERESOLVE,
-            })
+            let resolve = Box::new(move || crate::sources::kube::control_plane(&k));
+            (
+                now,
+                Some(ControlPlaneResolver {
+                    resolve,
+                    every: RERESOLVE,
+                }),
+            )
         }
-        _ => None,
-    };
-    let mut outcomes = crate::sources::reconcile::spawn(reconciler, snapshots_rx, resolver);
-    start_source(&cfg.source, snapshots_tx, kube, &cfg.node)?;
-
-    let ring = dataplane
-        .take_events()
-        .context("event ring buffer already taken")?;
-    // SAFETY: the ring buffer owns its map fd and keeps it open, unchanged,
-    // for as long as it lives, which is as long as the AsyncFd.
-    let mut ring = unsafe { AsyncFd::register(ring) }
-        .map_err(|e| anyhow::anyhow!("watching the event ring buffer: {}", e.into_parts().1))?;
-    let offset = event::monotonic_to_wall_offset();
-
-    // Addresses move (VRRP virtual IPs, DHCP) and interfaces come and go:
-    // resynchronise every second.
-    let mut resync = tokio::time::interval(std::time::Duration::from_secs(1));
-    let mut publish = tokio::time::interval(std::time::Duration::from_secs(
-        crate::cli::status::INTERVAL_SECS,
-    ));
-    let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())?;
-    let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
-    let mut synced = false;
-    let mut ready = ReadyWatch::default();
-    loop {
-        tokio::select! {
-            _ = sigint.recv() => { info!("SIGINT: detaching"); break; }
-            _ = sigterm.recv() => { info!("SIGTERM: detaching"); break; }
-            Some(reply) = observer.snapshots.recv() => {
-                let s = crate::events::metrics::Snapshot {
-                    counters: dataplane.counters()?,
-                    fill: dataplane.fill()?,
-                    local_addresses: local.len() as u64,
-                    generation,
-                    last_apply_seconds: last_apply.as_secs_f64(),
-                    rules: rule_counters(&dataplane, &compiled),
-                };
-                // The scrape may have given up waiting: nothing to do then.
-                let _ = reply.send(s);
-            }
-            outcome = outcomes.recv() => {
-                let outcome = match outcome {
-                    Some(Ok(o)) => o,
-                    Some(Err(e)) => {
-                        if !synced && generation == 0 {
-                            bail!("the first sync does not compile: {e}");
-                        }
-                        published.status.source.last_error = Some(e);
-                        continue;
-                    }
-                    None => bail!("the policy source stopped"),
-                };
-                let next = generation.wrapping_add(1).max(1);
-                let started = std::time::Instant::now();
-                if let Err(e) = enforce(&mut dataplane, &mut ifaces, &outcome.compiled, next, cfg.xdp_mode) {
-                    error!("applying {}: {e:#}; the policy in force stays", outcome.origin);
-                    if !synced && generation == 0 {
-                        return Err(e);
-                    }
-                    published.status.source.last_error = Some(format!("{e:#}"));
-                    continue;
-                }
-                last_apply = started.elapsed();
-                have_policy = true;
-                if !pins_settled {
-                    settle_pins(&dataplane, &wanted)?;
-                    pins_settled = true;
-                }
-                generation = next;
-                compiled = outcome.compiled;
-                for iface in &compiled.unenforced {
-                    warn!(
-                        "{iface}: no HostEndpoint of node {} names it, so it is attached but not enforced",
-                        cfg.node
-                    );
-                }
-                if !compiled.pod_policies.is_empty() {
-                    info!(
-                        "{} policies govern pods, not host interfaces; moat does not enforce them",
-                        compiled.pod_policies.len()
-                    );
-                }
-                let now = crate::dataplane::state::now();
-                published.labels = outcome.labels.clone();
-                let s = &mut published.status;
-                s.generation = generation;
-                s.applied_at = Some(now);
-                s.applied_from = outcome.origin.clone();
-                s.state = "in sync".into();
-                s.source.synced = true;
-                s.source.last_sync_at = Some(now);
-                s.source.last_error = None;
-                if let Some(path) = &cfg.state_file {
-                    let mut saved = crate::dataplane::state::SavedState::new(&compiled, outcome.labels, &cfg.node, generation, &outcome.origin);
-                    saved.last_good_texts = outcome.last_good_texts;
-                    match crate::dataplane::state::save(path, &saved) {
-                        Ok(()) => {
-                            s.saved_state = Some(format!(
-                                "{}: generation {generation}, saved {}",
-                                path.display(),
-                                crate::events::event::rfc3339(i128::from(now) * 1_000_000_000)
-                            ))
-                        }
-                        Err(e) => warn!("saving the policy in force to {}: {e:#}", path.display()),
-                    }
-                }
-                if synced {
-                    info!("applied: policy generation {generation} from {}", outcome.origin);
-                } else {
-                    synced = true;
-                    for c in compiled.ifaces.values() {
-                        info!("enforcing {}", describe(c));
-                    }
-                }
-                ready.endpoints = outcome.endpoints;
-                let change = ready.check(&dataplane, &ifaces, &cfg.node, generation, &observer.health, &mut published.status);
-                published.refresh(&dataplane, &ifaces, &compiled, &stats, cfg.xdp_mode, local.len());
-                published.write(status_file);
-                if let Some(c) = change {
-                    c.log();
-                }
-            }
-            _ = publish.tick() => {
-                published.refresh(&dataplane, &ifaces, &compiled, &stats, cfg.xdp_mode, local.len());
-                published.write(status_file);
-            }
-            _ = resync.tick() => {
-                observer.tick();
-                match local_addresses() {
-                    Ok(now) if now != local => {
-                        let (added, removed) = dataplane.set_local_addresses(&now)?;
-                        info!("local addresses changed: {added} added, {removed} removed");
-                        local = now;
-                    }
-                    Ok(_) => {}
-                    // Keep the last known set: judging by stale addresses
-                    // beats judging every packet as forwarded.
-                    Err(e) => warn!("{e:#}"),
-                }
-                // An interface that appeared is enforced once there is a
-                // policy to enforce (saved or synced).
-                if ifaces.refresh() && have_policy {
-                    enforce(&mut dataplane, &mut ifaces, &compiled, generation, cfg.xdp_mode)?;
-                    published.refresh(&dataplane, &ifaces, &compiled, &stats, cfg.xdp_mode, local.len());
-                    published.write(status_file);
-                }
-                if synced {
-                    if let Some(change) = ready.check(&dataplane, &ifaces, &cfg.node, generation, &observer.health, &mut published.status) {
-                        published.refresh(&dataplane, &ifaces, &compiled, &stats, cfg.xdp_mode, local.len());
-                        published.write(status_file);
-                        change.log();
-                    }
-                }
-            }
-            guard = ring.readable_mut() => {
-                let mut guard = guard.context("waiting for events")?;
-                let ring = guard.get_inner_mut();
-                let names = &ifaces.present;
-                let iface_name = |i: u32| {
-                    names
-                        .iter()
-                        .find(|(_, idx)| **idx == i)
-                        .map(|(n, _)| n.clone())
-                        .unwrap_or_else(|| format!("if{i}"))
-                };
-                while let Some(item) = ring.next() {
-                    match crate::dataplane::decode_event(&item) {
-                        Some(e) => {
-                            let w = observer.event(&e, &iface_name, &compiled, offset, &local);
-                            match cfg.output {
-                                EventFormat::Iptables => println!("calico-packet: {}", w.iptables),
-                                EventFormat::None => {}
-                                format => print(&event::resolve(&e, &iface_name, &compiled, offset), format),
-                            }
-                        }
-                        None => {
-                            observer.stats.events_malformed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                            warn!("skipped a short event record ({} bytes)", item.len());
-                        }
-                    }
-                }
-                guard.clear_ready();
-                observer.flush();
-                observer.health.beat();
-            }
-        }
+        _ => (Vec::new(), None),
     }
-    let counters = dataplane.counters()?;
-    for (d, row) in counters.iter().enumerate() {
-        let dir = moat_common::direction::name(d as u8);
-        let nonzero: Vec<String> = row
-            .iter()
-            .enumerate()
-            .filter(|(_, v)| **v > 0)
-            .map(|(i, v)| format!("{}={v}", moat_common::counter::NAMES[i]))
-            .collect();
+}
+
+impl<'a> Agent<'a> {
+    /// Starts the observability side, takes the pin directory, loads the
+    /// programs (or adopts the pinned ones) and fills what they read
+    /// before any policy: settings, the node's addresses, open
+    /// connections. Attaches nothing.
+    async fn load_or_adopt(cfg: &'a AgentConfig, wanted: Vec<String>) -> anyhow::Result<Self> {
+        let stats = std::sync::Arc::new(crate::sources::reconcile::Stats::default());
+        let observer =
+            crate::events::observe::Observer::start(&cfg.observe, check_context(cfg)).await?;
+        observer.health.beat();
+        let lock = match &cfg.pin_dir {
+            Some(dir) => {
+                check_pin_dir(dir)?;
+                Some(lock_pin_dir(dir)?)
+            }
+            None => None,
+        };
+        let mut dataplane = load_dataplane(cfg)?;
+        // The node's addresses first, so the tables tell forwarded traffic
+        // apart from the start; then the tables; then attach: the programs
+        // enforce from their first packet.
+        dataplane.set_event_rate(cfg.event_rate, cfg.event_burst)?;
+        dataplane.set_audit(cfg.audit);
+        dataplane.set_replace_xdp(cfg.replace_xdp);
+        if cfg.audit {
+            warn!(
+                "audit mode: nothing is dropped; would-be denies are reported with verdict AUDIT"
+            );
+        }
+        let mut audited = Vec::new();
+        for name in &cfg.audit_ifaces {
+            audited.push(ifindex(name)?);
+            warn!("audit mode on {name}: nothing is dropped there; would-be denies are reported with verdict AUDIT");
+        }
+        dataplane.set_audit_ifaces(audited);
+        let local = local_addresses()?;
+        dataplane.set_local_addresses(&local)?;
         info!(
-            "{dir} counters: {}",
-            if nonzero.is_empty() {
-                "none".into()
-            } else {
-                nonzero.join(" ")
-            }
+            "{} local addresses; anything else arriving is forwarded",
+            local.len()
         );
+        seed_connections(&mut dataplane)?;
+        let mut ifaces = Ifaces::new(wanted.clone(), cfg.ifaces.clone());
+        ifaces.refresh();
+        let now = crate::dataplane::state::now();
+        let published = Published {
+            status: crate::cli::status::Status {
+                pid: std::process::id(),
+                version: env!("CARGO_PKG_VERSION").into(),
+                node: cfg.node.clone(),
+                state: "starting".into(),
+                audit: cfg.audit,
+                started_at: now,
+                updated_at: now,
+                source: crate::cli::status::SourceStatus {
+                    kind: cfg.source.kind().into(),
+                    location: cfg.source.location(),
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+            labels: BTreeMap::new(),
+        };
+        // After pins were adopted, the next generation follows the one in force.
+        let generation = dataplane.adopted_generation().unwrap_or(0);
+        Ok(Agent {
+            cfg,
+            wanted,
+            stats,
+            observer,
+            dataplane,
+            ifaces,
+            local,
+            published,
+            compiled: Compiled::default(),
+            generation,
+            have_policy: false,
+            last_apply: std::time::Duration::ZERO,
+            pins_settled: false,
+            synced: false,
+            ready: ReadyWatch::default(),
+            _lock: lock,
+        })
     }
-    published.refresh(
-        &dataplane,
-        &ifaces,
-        &compiled,
-        &stats,
-        cfg.xdp_mode,
-        local.len(),
-    );
-    published.status.state = "stopped".into();
-    published.write(status_file);
-    drop(dataplane);
-    let attached = ifaces
-        .attached
-        .keys()
-        .cloned()
-        .collect::<Vec<_>>()
-        .join(", ");
-    match &cfg.pin_dir {
-        Some(dir) if !cfg.detach_on_exit => info!(
-            "enforcement stays in place on {} (pinned in {}); `moat uninstall` removes it",
-            attached,
-            dir.display()
-        ),
-        Some(dir) => {
-            crate::dataplane::uninstall(dir)?;
-            info!("removed {} and detached from {}", dir.display(), attached);
+
+    /// Rewrites the status file from the agent's current state.
+    fn publish(&mut self) {
+        self.published.refresh(
+            &self.dataplane,
+            &self.ifaces,
+            &self.compiled,
+            &self.stats,
+            self.cfg.xdp_mode,
+            self.local.len(),
+        );
+        self.published.write(self.cfg.status_file.as_deref());
+    }
+
+    /// Enforces the saved state (if there is a usable one) and attaches,
+    /// before the source has answered. Returns the last good texts it
+    /// holds for the reconciler.
+    fn attach_saved_state(&mut self) -> anyhow::Result<BTreeMap<String, String>> {
+        let mut last_good_texts = BTreeMap::new();
+        if let Some(path) = &self.cfg.state_file {
+            match crate::dataplane::state::load(path, &self.cfg.node) {
+                Ok(saved) => {
+                    last_good_texts = saved.last_good_texts.clone();
+                    self.enforce_saved(path, saved)?;
+                }
+                Err(crate::dataplane::state::Unusable::Missing) => info!(
+                    "no saved state at {}: enforcing from the first complete sync",
+                    path.display()
+                ),
+                Err(crate::dataplane::state::Unusable::Invalid(why)) => warn!(
+                    "saved state {} not used: {why}; enforcing from the first complete sync",
+                    path.display()
+                ),
+            }
         }
-        None => info!("detached from {}", attached),
+        self.publish();
+        Ok(last_good_texts)
     }
-    Ok(())
+
+    fn enforce_saved(
+        &mut self,
+        path: &std::path::Path,
+        saved: crate::dataplane::state::SavedState,
+    ) -> anyhow::Result<()> {
+        self.compiled = saved
+            .compiled()
+            .map_err(|e| anyhow::anyhow!("saved state {}: {e}", path.display()))?;
+        self.generation = saved.generation.max(self.generation.wrapping_add(1));
+        let started = std::time::Instant::now();
+        enforce(
+            &mut self.dataplane,
+            &mut self.ifaces,
+            &self.compiled,
+            self.generation,
+            self.cfg.xdp_mode,
+        )?;
+        self.last_apply = started.elapsed();
+        self.have_policy = true;
+        settle_pins(&self.dataplane, &self.wanted)?;
+        self.pins_settled = true;
+        self.published.labels = saved.labels.clone();
+        let s = &mut self.published.status;
+        s.state = "enforcing saved state".into();
+        s.generation = self.generation;
+        s.applied_at = Some(crate::dataplane::state::now());
+        s.applied_from = format!("saved state ({})", saved.origin);
+        s.saved_state = Some(format!(
+            "{}: generation {}, saved {}",
+            path.display(),
+            saved.generation,
+            crate::events::event::rfc3339(i128::from(saved.saved_at) * 1_000_000_000)
+        ));
+        info!(
+            "enforcing the saved state {} (generation {}, {} interfaces) until the first complete sync",
+            path.display(),
+            self.generation,
+            self.compiled.ifaces.len()
+        );
+        Ok(())
+    }
+
+    /// Starts the reconcile pipeline and the policy source feeding it.
+    fn start_source(
+        &mut self,
+        plan: Plan,
+        last_good_texts: BTreeMap<String, String>,
+    ) -> anyhow::Result<
+        tokio::sync::mpsc::Receiver<Result<crate::sources::reconcile::Outcome, String>>,
+    > {
+        let cfg = self.cfg;
+        let (snapshots_tx, snapshots_rx) = tokio::sync::mpsc::channel(4);
+        let mut reconciler = crate::sources::reconcile::Reconciler::new(
+            cfg.node.clone(),
+            cfg.ifaces.clone(),
+            plan.profile,
+            cfg.auto_host_endpoints,
+            self.stats.clone(),
+        );
+        reconciler.seed(last_good_texts);
+        // Names move (an etcd member replaced, the API server's address
+        // changed): resolved again every 30 s and exempted where they are.
+        let (now, resolver) = control_plane(cfg, plan.kube.as_ref());
+        reconciler.control_plane = now;
+        if !reconciler.control_plane.is_empty() {
+            info!(
+                "the control plane stays reachable whatever the policy says: outbound TCP to {} is failsafe",
+                reconciler
+                    .control_plane
+                    .iter()
+                    .map(|a| a.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        let outcomes = crate::sources::reconcile::spawn(reconciler, snapshots_rx, resolver);
+        start_source(&cfg.source, snapshots_tx, plan.kube, &cfg.node)?;
+        Ok(outcomes)
+    }
+
+    /// Until SIGINT or SIGTERM: applies what the source sends, answers
+    /// scrapes, follows addresses and interfaces, streams events.
+    async fn reconcile_loop(
+        &mut self,
+        mut outcomes: tokio::sync::mpsc::Receiver<
+            Result<crate::sources::reconcile::Outcome, String>,
+        >,
+    ) -> anyhow::Result<()> {
+        let ring = self
+            .dataplane
+            .take_events()
+            .context("event ring buffer already taken")?;
+        // SAFETY: the ring buffer owns its map fd and keeps it open,
+        // unchanged, for as long as it lives, which is as long as the
+        // AsyncFd.
+        let mut ring = unsafe { AsyncFd::register(ring) }
+            .map_err(|e| anyhow::anyhow!("watching the event ring buffer: {}", e.into_parts().1))?;
+        let offset = event::monotonic_to_wall_offset();
+        // Addresses move (VRRP virtual IPs, DHCP) and interfaces come and
+        // go: resynchronise every second.
+        let mut resync = tokio::time::interval(std::time::Duration::from_secs(1));
+        let mut publish = tokio::time::interval(std::time::Duration::from_secs(
+            crate::cli::status::INTERVAL_SECS,
+        ));
+        let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())?;
+        let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
+        loop {
+            tokio::select! {
+                _ = sigint.recv() => { info!("SIGINT: detaching"); return Ok(()); }
+                _ = sigterm.recv() => { info!("SIGTERM: detaching"); return Ok(()); }
+                Some(reply) = self.observer.snapshots.recv() => self.answer_scrape(reply)?,
+                outcome = outcomes.recv() => self.apply(outcome)?,
+                _ = publish.tick() => self.publish(),
+                _ = resync.tick() => self.resync()?,
+                guard = ring.readable_mut() => {
+                    let mut guard = guard.context("waiting for events")?;
+                    self.read_events(guard.get_inner_mut(), offset);
+                    guard.clear_ready();
+                }
+            }
+        }
+    }
+
+    fn answer_scrape(&self, reply: crate::events::metrics::SnapshotRequest) -> anyhow::Result<()> {
+        let s = crate::events::metrics::Snapshot {
+            counters: self.dataplane.counters()?,
+            fill: self.dataplane.fill()?,
+            local_addresses: self.local.len() as u64,
+            generation: self.generation,
+            last_apply_seconds: self.last_apply.as_secs_f64(),
+            rules: rule_counters(&self.dataplane, &self.compiled),
+        };
+        // The scrape may have given up waiting: nothing to do then.
+        let _ = reply.send(s);
+        Ok(())
+    }
+
+    /// Applies what the reconcile pipeline sent. A failure keeps the
+    /// policy in force, except before anything is: then the agent stops.
+    fn apply(
+        &mut self,
+        outcome: Option<Result<crate::sources::reconcile::Outcome, String>>,
+    ) -> anyhow::Result<()> {
+        let first = !self.synced && self.generation == 0;
+        let outcome = match outcome {
+            Some(Ok(o)) => o,
+            Some(Err(e)) => {
+                if first {
+                    bail!("the first sync does not compile: {e}");
+                }
+                self.published.status.source.last_error = Some(e);
+                return Ok(());
+            }
+            None => bail!("the policy source stopped"),
+        };
+        let next = self.generation.wrapping_add(1).max(1);
+        let started = std::time::Instant::now();
+        if let Err(e) = enforce(
+            &mut self.dataplane,
+            &mut self.ifaces,
+            &outcome.compiled,
+            next,
+            self.cfg.xdp_mode,
+        ) {
+            error!(
+                "applying {}: {e:#}; the policy in force stays",
+                outcome.origin
+            );
+            if first {
+                return Err(e);
+            }
+            self.published.status.source.last_error = Some(format!("{e:#}"));
+            return Ok(());
+        }
+        self.last_apply = started.elapsed();
+        self.have_policy = true;
+        if !self.pins_settled {
+            settle_pins(&self.dataplane, &self.wanted)?;
+            self.pins_settled = true;
+        }
+        self.generation = next;
+        self.applied(outcome);
+        Ok(())
+    }
+
+    /// Once `outcome` is in force: reports, saves and publishes it.
+    fn applied(&mut self, outcome: crate::sources::reconcile::Outcome) {
+        let cfg = self.cfg;
+        let generation = self.generation;
+        self.compiled = outcome.compiled;
+        for iface in &self.compiled.unenforced {
+            warn!(
+                "{iface}: no HostEndpoint of node {} names it, so nothing is enforced there",
+                cfg.node
+            );
+        }
+        if !self.compiled.pod_policies.is_empty() {
+            info!(
+                "{} policies govern pods, not host interfaces; moat does not enforce them",
+                self.compiled.pod_policies.len()
+            );
+        }
+        let now = crate::dataplane::state::now();
+        self.published.labels = outcome.labels.clone();
+        let s = &mut self.published.status;
+        s.generation = generation;
+        s.applied_at = Some(now);
+        s.applied_from = outcome.origin.clone();
+        s.state = "in sync".into();
+        s.source.synced = true;
+        s.source.last_sync_at = Some(now);
+        s.source.last_error = None;
+        if let Some(path) = &cfg.state_file {
+            let mut saved = crate::dataplane::state::SavedState::new(
+                &self.compiled,
+                outcome.labels,
+                &cfg.node,
+                generation,
+                &outcome.origin,
+            );
+            saved.last_good_texts = outcome.last_good_texts;
+            match crate::dataplane::state::save(path, &saved) {
+                Ok(()) => {
+                    s.saved_state = Some(format!(
+                        "{}: generation {generation}, saved {}",
+                        path.display(),
+                        crate::events::event::rfc3339(i128::from(now) * 1_000_000_000)
+                    ))
+                }
+                Err(e) => warn!("saving the policy in force to {}: {e:#}", path.display()),
+            }
+        }
+        if self.synced {
+            info!(
+                "applied: policy generation {generation} from {}",
+                outcome.origin
+            );
+        } else {
+            self.synced = true;
+            for c in self.compiled.ifaces.values() {
+                info!("enforcing {}", describe(c));
+            }
+        }
+        self.ready.endpoints = outcome.endpoints;
+        let change = self.check_ready();
+        self.publish();
+        if let Some(c) = change {
+            c.log();
+        }
+    }
+
+    fn check_ready(&mut self) -> Option<ReadyChange> {
+        self.ready.check(
+            &self.dataplane,
+            &self.ifaces,
+            &self.cfg.node,
+            self.generation,
+            &self.observer.health,
+            &mut self.published.status,
+        )
+    }
+
+    /// Once a second: the node's addresses, interfaces that appeared,
+    /// readiness against the kernel.
+    fn resync(&mut self) -> anyhow::Result<()> {
+        self.observer.tick();
+        match local_addresses() {
+            Ok(now) if now != self.local => {
+                let (added, removed) = self.dataplane.set_local_addresses(&now)?;
+                info!("local addresses changed: {added} added, {removed} removed");
+                self.local = now;
+            }
+            Ok(_) => {}
+            // Keep the last known set: judging by stale addresses beats
+            // judging every packet as forwarded.
+            Err(e) => warn!("{e:#}"),
+        }
+        // An interface that appeared is enforced once there is a policy to
+        // enforce (saved or synced).
+        if self.ifaces.refresh() && self.have_policy {
+            enforce(
+                &mut self.dataplane,
+                &mut self.ifaces,
+                &self.compiled,
+                self.generation,
+                self.cfg.xdp_mode,
+            )?;
+            self.publish();
+        }
+        if self.synced {
+            if let Some(change) = self.check_ready() {
+                self.publish();
+                change.log();
+            }
+        }
+        Ok(())
+    }
+
+    /// Everything in the ring buffer, to the outputs.
+    fn read_events(&mut self, ring: &mut aya::maps::RingBuf<aya::maps::MapData>, offset: i128) {
+        let names = &self.ifaces.present;
+        let iface_name = |i: u32| {
+            names
+                .iter()
+                .find(|(_, idx)| **idx == i)
+                .map(|(n, _)| n.clone())
+                .unwrap_or_else(|| format!("if{i}"))
+        };
+        while let Some(item) = ring.next() {
+            match crate::dataplane::decode_event(&item) {
+                Some(e) => {
+                    let w =
+                        self.observer
+                            .event(&e, &iface_name, &self.compiled, offset, &self.local);
+                    match self.cfg.output {
+                        EventFormat::Iptables => println!("calico-packet: {}", w.iptables),
+                        EventFormat::None => {}
+                        format => print(
+                            &event::resolve(&e, &iface_name, &self.compiled, offset),
+                            format,
+                        ),
+                    }
+                }
+                None => {
+                    self.observer
+                        .stats
+                        .events_malformed
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    warn!("skipped a short event record ({} bytes)", item.len());
+                }
+            }
+        }
+        self.observer.flush();
+        self.observer.health.beat();
+    }
+
+    /// Logs the counters, marks the status stopped, and detaches (or
+    /// leaves the pinned enforcement in place).
+    fn shutdown(mut self) -> anyhow::Result<()> {
+        let counters = self.dataplane.counters()?;
+        for (d, row) in counters.iter().enumerate() {
+            let dir = moat_common::direction::name(d as u8);
+            let nonzero: Vec<String> = row
+                .iter()
+                .enumerate()
+                .filter(|(_, v)| **v > 0)
+                .map(|(i, v)| format!("{}={v}", moat_common::counter::NAMES[i]))
+                .collect();
+            info!(
+                "{dir} counters: {}",
+                if nonzero.is_empty() {
+                    "none".into()
+                } else {
+                    nonzero.join(" ")
+                }
+            );
+        }
+        self.published.refresh(
+            &self.dataplane,
+            &self.ifaces,
+            &self.compiled,
+            &self.stats,
+            self.cfg.xdp_mode,
+            self.local.len(),
+        );
+        self.published.status.state = "stopped".into();
+        self.published.write(self.cfg.status_file.as_deref());
+        let Agent {
+            cfg,
+            dataplane,
+            ifaces,
+            observer,
+            _lock,
+            ..
+        } = self;
+        drop(dataplane);
+        let attached = ifaces
+            .attached
+            .keys()
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(", ");
+        match &cfg.pin_dir {
+            Some(dir) if !cfg.detach_on_exit => info!(
+                "enforcement stays in place on {} (pinned in {}); `moat uninstall` removes it",
+                attached,
+                dir.display()
+            ),
+            Some(dir) => {
+                crate::dataplane::uninstall(dir)?;
+                info!("removed {} and detached from {}", dir.display(), attached);
+            }
+            None => info!("detached from {}", attached),
+        }
+        drop(observer);
+        drop(_lock);
+        Ok(())
+    }
 }
 
 /// The kernel's per-rule counters by policy name, rule and direction

@@ -135,7 +135,8 @@ pub fn tables_of(
 }
 
 pub fn write(path: &Path, status: &Status) -> anyhow::Result<()> {
-    crate::dataplane::state::write_atomically(path, &serde_json::to_vec_pretty(status)?)
+    // Readable by the group (monitoring agents), by nobody else.
+    crate::dataplane::state::write_atomically_mode(path, &serde_json::to_vec_pretty(status)?, 0o640)
 }
 
 /// `moat status`'s exit code for a fresh status: 0 in sync and ready, 1

@@ -47,8 +47,26 @@ pub struct TopConfig {
     pub in_place: bool,
 }
 
-/// Connects to the agent's socket, explaining the usual failures.
+/// Connects to the agent's socket, explaining the usual failures. The
+/// process serving it must be root's or this user's (SO_PEERCRED): events
+/// are never read from a socket another user put at the path.
 pub fn connect(path: &Path) -> anyhow::Result<UnixStream> {
+    let stream = connect_any(path)?;
+    let cred = nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials)
+        .with_context(|| format!("reading who serves {}", path.display()))?;
+    let me = nix::unistd::geteuid().as_raw();
+    if cred.uid() != 0 && cred.uid() != me {
+        anyhow::bail!(
+            "{} is served by process {} of uid {}, not by root nor by you: refusing to read events from it (another user's socket at the agent's path?)",
+            path.display(),
+            cred.pid(),
+            cred.uid()
+        );
+    }
+    Ok(stream)
+}
+
+fn connect_any(path: &Path) -> anyhow::Result<UnixStream> {
     UnixStream::connect(path).map_err(|e| {
         let hint = match e.kind() {
             std::io::ErrorKind::NotFound => format!(

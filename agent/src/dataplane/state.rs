@@ -8,11 +8,7 @@
 //! fingerprint of that object, and a file from another build is ignored
 //! (the agent then enforces from its first complete sync).
 
-use std::{
-    collections::BTreeMap,
-    io::Write as _,
-    path::{Path, PathBuf},
-};
+use std::{collections::BTreeMap, io::Write as _, path::Path};
 
 use anyhow::Context as _;
 use moat_common::{direction, table, RuleEntry};
@@ -211,25 +207,57 @@ pub fn now() -> u64 {
         .unwrap_or(0)
 }
 
-/// Writes `contents` to `path` atomically: a temporary file beside it,
-/// flushed to disk, renamed over it.
-pub fn write_atomically(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
+/// Refuses a directory every user may write to (mode `o+w`): another user
+/// could swap or pre-create the files there.
+pub fn check_private_dir(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    match std::fs::metadata(dir) {
+        Ok(m) if m.permissions().mode() & 0o002 != 0 => anyhow::bail!(
+            "{} is writable by every user (mode {:o}): moat keeps no state or status there; choose a directory only root can write, such as /var/lib/moat or /run/moat",
+            dir.display(),
+            m.permissions().mode() & 0o7777
+        ),
+        _ => Ok(()),
+    }
+}
+
+/// Writes `contents` to `path` atomically with `mode`: a temporary file
+/// created exclusively beside it (never through a symlink), flushed to
+/// disk, renamed over it. The directory is created when missing (mode
+/// 0755) and refused when every user may write to it.
+pub fn write_atomically_mode(path: &Path, contents: &[u8], mode: u32) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let mut tmp = PathBuf::from(path);
-    tmp.as_mut_os_string()
-        .push(format!(".tmp-{}", std::process::id()));
-    let mut f =
-        std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    f.write_all(contents)
-        .and_then(|()| f.sync_all())
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path)
-        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+    check_private_dir(dir)?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut tmp = tempfile::Builder::new()
+        .prefix(&format!(".{name}.tmp-"))
+        .permissions(std::fs::Permissions::from_mode(mode))
+        .tempfile_in(dir)
+        .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
+    // The mode asked for, whatever the umask.
+    tmp.as_file()
+        .set_permissions(std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("chmod {mode:o} {}", tmp.path().display()))?;
+    tmp.write_all(contents)
+        .and_then(|()| tmp.as_file().sync_all())
+        .with_context(|| format!("writing {}", tmp.path().display()))?;
+    tmp.persist(path)
+        .map_err(|e| e.error)
+        .with_context(|| format!("renaming the temporary file to {}", path.display()))?;
     Ok(())
+}
+
+/// `write_atomically_mode` with mode 0600.
+pub fn write_atomically(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
+    write_atomically_mode(path, contents, 0o600)
 }
 
 pub fn save(path: &Path, state: &SavedState) -> anyhow::Result<()> {

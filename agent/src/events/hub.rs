@@ -373,16 +373,7 @@ pub fn bind(cfg: &SocketConfig) -> anyhow::Result<UnixListener> {
                 .with_context(|| format!("setting the mode of {}", dir.display()))?;
         }
     }
-    if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            anyhow::bail!(
-                "another agent already serves events on {}: stop it or pass --socket PATH",
-                path.display()
-            );
-        }
-        std::fs::remove_file(path)
-            .with_context(|| format!("removing the stale socket {}", path.display()))?;
-    }
+    take_over(path)?;
     let listener = UnixListener::bind(path)
         .with_context(|| format!("binding the event socket {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(cfg.mode))
@@ -401,6 +392,50 @@ pub fn bind(cfg: &SocketConfig) -> anyhow::Result<UnixListener> {
             .with_context(|| format!("chgrp {g} {}", path.display()))?;
     }
     Ok(listener)
+}
+
+/// Makes way for the socket at `path`: nothing there is fine; a socket
+/// of this user that nobody answers on (a dead agent's) or a symlink of
+/// this user (dangling or not: the socket is never bound through one) is
+/// removed; anything else (a live agent's socket, another user's socket
+/// or symlink, a file) is refused, naming what is there.
+fn take_over(path: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::{FileTypeExt as _, MetadataExt as _};
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("inspecting {}", path.display())),
+    };
+    let me = nix::unistd::geteuid().as_raw();
+    let what = if meta.file_type().is_symlink() {
+        let target = std::fs::read_link(path)
+            .map(|t| t.display().to_string())
+            .unwrap_or_default();
+        format!("a symbolic link to {target}")
+    } else if meta.file_type().is_socket() {
+        "a socket".to_string()
+    } else {
+        anyhow::bail!(
+            "{} is not a socket: moat does not replace it; remove it or pass --socket PATH",
+            path.display()
+        );
+    };
+    if meta.uid() != me {
+        anyhow::bail!(
+            "{} is {what} of another user (uid {}): moat takes over only its own user's dead sockets; remove it or pass --socket PATH",
+            path.display(),
+            meta.uid()
+        );
+    }
+    if meta.file_type().is_socket() && std::os::unix::net::UnixStream::connect(path).is_ok() {
+        anyhow::bail!(
+            "another agent already serves events on {}: stop it or pass --socket PATH",
+            path.display()
+        );
+    }
+    std::fs::remove_file(path).with_context(|| format!("removing {what} at {}", path.display()))?;
+    tracing::info!("removed {what} left at {}", path.display());
+    Ok(())
 }
 
 /// Accepts subscribers until the listener fails; removes the socket file

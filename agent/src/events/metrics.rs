@@ -430,8 +430,59 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
         .with_context(|| format!("binding the metrics endpoint {addr} (--metrics-addr)"))
 }
 
-/// Serves HTTP/1 on `listener` until the task is dropped.
+/// Connections served at once; a new one beyond this closes the oldest,
+/// so idle or half-sent connections never lock probes and scrapes out.
+pub const MAX_CONNECTIONS: usize = 128;
+/// How long a client may take to send a request's headers (from the
+/// moment it connects, or after the previous response).
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest a connection lives, requests or not.
+pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(30);
+/// Bytes buffered per connection (hyper's minimum): bounds the memory an
+/// unread or oversized request can take.
+const MAX_BUF: usize = 8192;
+
+/// The connections being served, oldest first.
+#[derive(Default)]
+struct Live {
+    next: u64,
+    tasks: std::collections::BTreeMap<u64, tokio::task::AbortHandle>,
+}
+
+/// Serves one connection within the bounds above.
+async fn connection(stream: tokio::net::TcpStream, state: Arc<State>) {
+    // Nothing sent at all within the header timeout: closed.
+    let mut first = [0u8; 1];
+    match tokio::time::timeout(HEADER_TIMEOUT, stream.peek(&mut first)).await {
+        Ok(Ok(n)) if n > 0 => {}
+        _ => return,
+    }
+    let service = service_fn(move |req: Request<hyper::body::Incoming>| {
+        let state = state.clone();
+        async move {
+            let path = req.uri().path().to_string();
+            Ok::<_, Infallible>(handle(&state, &path).await)
+        }
+    });
+    let conn = http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .max_buf_size(MAX_BUF)
+        .serve_connection(TokioIo::new(stream), service);
+    match tokio::time::timeout(CONNECTION_LIFETIME, conn).await {
+        Ok(Err(e)) => debug!("metrics connection: {e}"),
+        Ok(Ok(())) => {}
+        Err(_) => debug!("metrics connection: closed after {CONNECTION_LIFETIME:?}"),
+    }
+}
+
+/// Serves HTTP/1 on `listener` until the task is dropped: at most
+/// `MAX_CONNECTIONS` at once (a new one closes the oldest), each bounded
+/// in time (`HEADER_TIMEOUT`, `CONNECTION_LIFETIME`) and memory
+/// (`MAX_BUF`). When descriptors run out, accepting pauses briefly.
 pub async fn serve(listener: tokio::net::TcpListener, state: Arc<State>) {
+    let live = Arc::new(Mutex::new(Live::default()));
+    let mut last_eviction_warning: Option<std::time::Instant> = None;
     loop {
         let stream = match listener.accept().await {
             Ok((s, _)) => s,
@@ -441,21 +492,29 @@ pub async fn serve(listener: tokio::net::TcpListener, state: Arc<State>) {
                 continue;
             }
         };
-        let state = state.clone();
-        tokio::spawn(async move {
-            let service = service_fn(move |req: Request<hyper::body::Incoming>| {
-                let state = state.clone();
-                async move {
-                    let path = req.uri().path().to_string();
-                    Ok::<_, Infallible>(handle(&state, &path).await)
-                }
-            });
-            if let Err(e) = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
-                debug!("metrics connection: {e}");
+        let mut l = live.lock().unwrap_or_else(|p| p.into_inner());
+        if l.tasks.len() >= MAX_CONNECTIONS {
+            if let Some((_, oldest)) = l.tasks.pop_first() {
+                oldest.abort();
             }
+            if last_eviction_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) {
+                last_eviction_warning = Some(std::time::Instant::now());
+                warn!(
+                    "metrics endpoint: more than {MAX_CONNECTIONS} connections at once: closing the oldest ones"
+                );
+            }
+        }
+        let id = l.next;
+        l.next += 1;
+        let (state, done) = (state.clone(), live.clone());
+        let task = tokio::spawn(async move {
+            connection(stream, state).await;
+            done.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .tasks
+                .remove(&id);
         });
+        // The task removes itself when done, after this (the lock is held).
+        l.tasks.insert(id, task.abort_handle());
     }
 }

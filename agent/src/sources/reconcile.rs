@@ -518,6 +518,112 @@ mod tests {
             })
     }
 
+    fn texts_snapshot(texts: &[(&str, &str)]) -> Snapshot {
+        let texts: BTreeMap<String, String> = texts
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Snapshot {
+            loaded: policy::load_texts(
+                texts
+                    .iter()
+                    .map(|(k, v)| (Path::new(k.as_str()), v.as_str())),
+            ),
+            origin: "test".into(),
+            texts: Arc::new(texts),
+        }
+    }
+
+    const HEP: &str = "apiVersion: projectcalico.org/v3\nkind: HostEndpoint\nmetadata: {name: w1-eth1, labels: {ibm.role: worker_public}}\nspec: {node: worker-1, interfaceName: eth1}\n";
+    const GOOD: &str = "apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: web}\nspec:\n  selector: ibm.role == 'worker_public'\n  ingress: [{action: Allow, protocol: TCP, destination: {ports: [8080]}}]\n";
+
+    #[test]
+    fn rejected_objects_are_not_replaced_by_the_bundled_profile() {
+        let profile = crate::policy::profiles::find("iks-2019").expect("profile");
+        let mut r = Reconciler::new(
+            "worker-1".into(),
+            vec!["eth1".into()],
+            Some(profile),
+            false,
+            Arc::new(Stats::default()),
+        );
+        // No policy at all: the profile.
+        let o = r
+            .reconcile(texts_snapshot(&[("hep.yaml", HEP)]))
+            .expect("compiles");
+        assert!(!o.compiled.policy_names.is_empty(), "the profile is used");
+        // Only a rejected one: not the profile in its place.
+        let mut r = Reconciler::new(
+            "worker-1".into(),
+            vec!["eth1".into()],
+            Some(profile),
+            false,
+            Arc::new(Stats::default()),
+        );
+        let bad = GOOD.replace("[8080]", "[eighty]");
+        let o = r
+            .reconcile(texts_snapshot(&[("hep.yaml", HEP), ("web.yaml", &bad)]))
+            .expect("compiles");
+        assert!(
+            o.compiled.policy_names.is_empty(),
+            "{:?}",
+            o.compiled.policy_names
+        );
+    }
+
+    #[test]
+    fn last_good_texts_seed_a_restarted_reconciler() {
+        let stats = Arc::new(Stats::default());
+        let mut r = Reconciler::new(
+            "worker-1".into(),
+            vec!["eth1".into()],
+            None,
+            false,
+            stats.clone(),
+        );
+        r.reconcile(texts_snapshot(&[("hep.yaml", HEP), ("web.yaml", GOOD)]))
+            .expect("compiles");
+        let bad = GOOD.replace("[8080]", "[eighty]");
+        let o = r
+            .reconcile(texts_snapshot(&[("hep.yaml", HEP), ("web.yaml", &bad)]))
+            .expect("compiles");
+        assert_eq!(o.last_good_texts.len(), 1);
+        assert_eq!(o.last_good_texts["web.yaml"], GOOD);
+        let before = o.compiled;
+        // A new reconciler, seeded: the same invalid edit keeps web.
+        let mut again = Reconciler::new(
+            "worker-1".into(),
+            vec!["eth1".into()],
+            None,
+            false,
+            stats.clone(),
+        );
+        again.seed(o.last_good_texts);
+        let o = again
+            .reconcile(texts_snapshot(&[("hep.yaml", HEP), ("web.yaml", &bad)]))
+            .expect("compiles");
+        assert_eq!(o.compiled.ifaces, before.ifaces);
+        assert_eq!(o.compiled.policy_names, before.policy_names);
+        assert_eq!(Stats::get(&stats.kept_last_good), 1);
+        let listed = stats.invalid.lock().expect("lock").clone();
+        assert!(
+            listed[0].contains("web") && listed[0].contains("last good version"),
+            "{listed:?}"
+        );
+        // Unseeded, it would not.
+        let mut fresh = Reconciler::new(
+            "worker-1".into(),
+            vec!["eth1".into()],
+            None,
+            false,
+            Arc::new(Stats::default()),
+        );
+        let o = fresh
+            .reconcile(texts_snapshot(&[("hep.yaml", HEP), ("web.yaml", &bad)]))
+            .expect("compiles");
+        assert!(o.compiled.policy_names.is_empty());
+    }
+
     #[tokio::test]
     async fn a_control_plane_that_moves_is_exempted_where_it_is() {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/public");
