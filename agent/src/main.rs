@@ -291,10 +291,14 @@ enum Command {
         #[arg(short, long, value_enum, default_value_t)]
         output: OutputFormat,
     },
-    /// Validate and compile a policy directory without touching the kernel;
-    /// exits non-zero when any resource is invalid.
+    /// Validate and compile a policy directory without touching the kernel.
+    /// Exit codes: 0 valid, 1 invalid resources, 2 usage error, 3 a --node
+    /// or --iface no HostEndpoint describes.
     Check {
-        #[arg(long, value_name = "DIR")]
+        /// Policy directory (read recursively), one file, or `-` for
+        /// standard input (e.g. `calicoctl get gnp -o yaml | moat check
+        /// --policies -`).
+        #[arg(long, value_name = "DIR|FILE|-")]
         policies: PathBuf,
         /// Interfaces to compile for (default: every interface a HostEndpoint
         /// of the node names).
@@ -787,8 +791,17 @@ fn check(
     node: Option<String>,
     output: OutputFormat,
 ) -> anyhow::Result<ExitCode> {
+    let explicit = node.is_some() || !ifaces.is_empty();
     let node = node.unwrap_or_else(agent::default_node_name);
     let loaded = agent::load_policies(dir, profile)?;
+    let unknown: Vec<String> = if ifaces.is_empty() {
+        vec![None]
+    } else {
+        ifaces.iter().map(|i| Some(i.as_str())).collect()
+    }
+    .into_iter()
+    .filter_map(|i| moat::cli::check::unknown_target(&loaded.set, &node, i))
+    .collect();
     let ifaces = if ifaces.is_empty() {
         let mut names: Vec<String> = loaded
             .set
@@ -810,6 +823,7 @@ fn check(
         .map(ToString::to_string)
         .collect();
     let compile_error = compiled.as_ref().err().map(ToString::to_string);
+    let summary = moat::cli::check::summary(&loaded);
     match output {
         OutputFormat::Json => {
             let tables = compiled.as_ref().ok().map(|c| {
@@ -833,7 +847,9 @@ fn check(
                     "files": loaded.files,
                     "policies": loaded.set.policies.len(),
                     "host_endpoints": loaded.set.host_endpoints.len(),
-                    "errors": errors,
+                    "summary": summary,
+                    "errors": loaded.errors.iter().map(moat::cli::check::error_report).collect::<Vec<_>>(),
+                    "unknown_target": unknown,
                     "warnings": warnings,
                     "compile_error": compile_error,
                     "node": node,
@@ -851,13 +867,10 @@ fn check(
             if let Some(e) = &compile_error {
                 println!("error: {e}");
             }
-            println!(
-                "{} file(s): {} GlobalNetworkPolicies, {} HostEndpoints valid; {} error(s)",
-                loaded.files,
-                loaded.set.policies.len(),
-                loaded.set.host_endpoints.len(),
-                errors.len() + usize::from(compile_error.is_some())
-            );
+            for u in &unknown {
+                println!("{}: {u}", if explicit { "error" } else { "note" });
+            }
+            println!("{}", summary.text(usize::from(compile_error.is_some())));
             if let Ok(c) = &compiled {
                 for i in c.ifaces.values() {
                     println!(
@@ -875,7 +888,11 @@ fn check(
         }
     }
     Ok(if errors.is_empty() && compile_error.is_none() {
-        ExitCode::SUCCESS
+        if explicit && !unknown.is_empty() {
+            ExitCode::from(moat::cli::check::EXIT_UNKNOWN_TARGET)
+        } else {
+            ExitCode::SUCCESS
+        }
     } else {
         ExitCode::FAILURE
     })
@@ -934,6 +951,10 @@ fn check_packet(
     let loaded = agent::load_policies(dir_path, profile)?;
     for e in &loaded.errors {
         eprintln!("error: {e} (left out of the answer)");
+    }
+    if let Some(why) = moat::cli::check::unknown_target(&loaded.set, &node, Some(iface)) {
+        eprintln!("error: {why}");
+        return Ok(ExitCode::from(moat::cli::check::EXIT_UNKNOWN_TARGET));
     }
     let answer = moat::cli::check::answer(&loaded.set, &node, iface, dir, &packet, query)?;
     match output {
