@@ -70,7 +70,7 @@ fn write_hostile(dir: &Path) -> Vec<(&'static str, &'static str)> {
     write("big.yaml", &big);
     write(
         "zeros.yaml",
-        "apiVersion: projectcalico.org/v3\nkind: GlobalNetworkSet\nmetadata: {name: zeros}\nspec: {nets: [198.010.1.1]}\n",
+        "apiVersion: projectcalico.org/v3\nkind: GlobalNetworkSet\nmetadata: {name: zeros}\nspec: {nets: [198.010.1.0/24]}\n",
     );
     vec![
         ("deep.yaml", "nested deeper than 64 levels"),
