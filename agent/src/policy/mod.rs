@@ -960,7 +960,8 @@ fn load_value(file: &Path, index: &mut usize, value: Value, loaded: &mut Loaded)
                 .map(|p| loaded.set.policies.push(p))
         }
         ("GlobalNetworkSet" | "NetworkSet", a) if CALICO_API_VERSIONS.contains(&a) => {
-            network_set(&meta, spec, origin, kind == "NetworkSet")
+            first_and_rest(strict_spec::<RawNetworkSetSpec>(&spec), &mut more)
+                .and_then(|()| network_set(&meta, spec, origin, kind == "NetworkSet"))
                 .map(|n| loaded.set.network_sets.push(n))
         }
         ("Namespace" | "Pod" | "Node" | "Service", "v1") => {
@@ -968,7 +969,9 @@ fn load_value(file: &Path, index: &mut usize, value: Value, loaded: &mut Loaded)
                 .map(|o| loaded.set.objects.push(o))
         }
         ("HostEndpoint", a) if CALICO_API_VERSIONS.contains(&a) => {
-            host_endpoint(&meta, spec, origin).map(|h| loaded.set.host_endpoints.push(h))
+            first_and_rest(strict_spec::<RawHostEndpointSpec>(&spec), &mut more)
+                .and_then(|()| host_endpoint(&meta, spec, origin))
+                .map(|h| loaded.set.host_endpoints.push(h))
         }
         ("FelixConfiguration", a) if CALICO_API_VERSIONS.contains(&a) => {
             felix_configuration(&meta, spec).map(|f| {
@@ -978,7 +981,9 @@ fn load_value(file: &Path, index: &mut usize, value: Value, loaded: &mut Loaded)
             })
         }
         ("FailsafeProfile", MOAT_API_VERSION) => {
-            failsafe_profile(&meta, spec, origin).map(|f| loaded.set.failsafe_profiles.push(f))
+            first_and_rest(strict_spec::<RawFailsafeProfileSpec>(&spec), &mut more)
+                .and_then(|()| failsafe_profile(&meta, spec, origin))
+                .map(|f| loaded.set.failsafe_profiles.push(f))
         }
         (
             "Profile" | "Tier" | "StagedNetworkPolicy" | "StagedGlobalNetworkPolicy"
@@ -1010,6 +1015,21 @@ fn load_value(file: &Path, index: &mut usize, value: Value, loaded: &mut Loaded)
                 "{left} more problem(s) not shown (at most {MAX_ERRORS_PER_OBJECT} per object)"
             ),
         ));
+    }
+}
+
+/// Every unknown field and badly typed field of `spec` read as `T` (one
+/// run shows them all), before the kind's own validation.
+fn strict_spec<T: serde::de::DeserializeOwned>(spec: &Value) -> ObjectResult<()> {
+    if spec.is_null() {
+        return Ok(());
+    }
+    let mut p = Problems::default();
+    deserialize_all::<T>(spec.clone(), "spec", &mut p);
+    if p.0.is_empty() {
+        Ok(())
+    } else {
+        Err(p.0)
     }
 }
 
@@ -2447,6 +2467,59 @@ mod tests {
             assert_eq!(e.field, field, "{labels}: {e}");
         }
         let l = load("apiVersion: projectcalico.org/v3\nkind: HostEndpoint\nmetadata: {name: h, labels: {ibm.role: worker_public, 'projectcalico.org/name': x.y-z_1, empty: ''}}\nspec: {node: n, interfaceName: eth1}\n");
+        assert!(l.errors.is_empty(), "{:?}", l.errors);
+    }
+
+    #[test]
+    fn every_problem_of_an_object_in_one_run() {
+        let l = load(&gnp(
+            "  selector: all()\n  ingress:\n    - action: allow\n      protocl: TCP\n      source: {nets: [10.0.0.0/33], nots: x}\n    - action: Allow\n      protocol: TCP\n      destination: {ports: [70000, ninety]}\n  Types: [Ingress]\n",
+        ));
+        let fields: Vec<&str> = l.errors.iter().map(|e| e.field.as_str()).collect();
+        for f in [
+            "spec.Types",
+            "spec.ingress[0].protocl",
+            "spec.ingress[0].source.nots",
+            "spec.ingress[0].action",
+            "spec.ingress[0].source.nets[0]",
+            "spec.ingress[1].destination.ports[0]",
+            "spec.ingress[1].destination.ports[1]",
+        ] {
+            assert!(fields.contains(&f), "{f} missing from {fields:?}");
+        }
+        assert!(l
+            .errors
+            .iter()
+            .all(|e| e.resource == "GlobalNetworkPolicy/p"));
+        assert!(
+            l.set.policies.is_empty(),
+            "an object with problems is left out"
+        );
+        // Metadata typos and every unknown field of a HostEndpoint.
+        let l = load("apiVersion: projectcalico.org/v3\nkind: HostEndpoint\nmetadata: {name: h, lables: {a: b}, Namespace: x}\nspec: {node: n, interfacename: eth1, expectedIps: []}\n");
+        let fields: Vec<&str> = l.errors.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            ["metadata.lables", "metadata.Namespace"],
+            "{:?}",
+            l.errors
+        );
+        assert!(l.errors[0].message.contains("did you mean `labels`"));
+        assert!(l.errors[1].message.contains("did you mean `namespace`"));
+        let l = load("apiVersion: projectcalico.org/v3\nkind: HostEndpoint\nmetadata: {name: h}\nspec: {node: n, interfacename: eth1, expectedIps: []}\n");
+        let msgs: Vec<String> = l.errors.iter().map(ToString::to_string).collect();
+        assert_eq!(msgs.len(), 2, "{msgs:?}");
+        assert!(
+            msgs[0].contains("spec.interfacename")
+                && msgs[0].contains("did you mean `interfaceName`"),
+            "{msgs:?}"
+        );
+        assert!(
+            msgs[1].contains("spec.expectedIps") && msgs[1].contains("did you mean `expectedIPs`"),
+            "{msgs:?}"
+        );
+        // kubectl's metadata is all accepted.
+        let l = load("apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: p, uid: x, resourceVersion: '1', generation: 2, creationTimestamp: '2024-01-01T00:00:00Z', annotations: {a: b}, managedFields: [{manager: kubectl}], finalizers: [], ownerReferences: []}\nspec: {selector: all()}\n");
         assert!(l.errors.is_empty(), "{:?}", l.errors);
     }
 }
