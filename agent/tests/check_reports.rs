@@ -151,6 +151,10 @@ fn every_error_of_every_object_in_one_run_as_objects() {
         .iter()
         .all(|e| e["message"].is_string() && e.get("namespace").is_some()));
     assert_eq!(v["summary"]["errors"], errors.len());
+    assert_eq!(
+        v["summary"]["invalid_objects"], 3,
+        "three objects, each counted once"
+    );
     assert!(v["summary"]["valid"]
         .as_object()
         .is_some_and(|m| m.is_empty()));

@@ -342,6 +342,8 @@ pub struct Summary {
     /// own), and how many policies it adds.
     pub bundled_profile: Option<BundledProfile>,
     pub errors: usize,
+    /// Objects (or files) with at least one error.
+    pub invalid_objects: usize,
 }
 
 #[derive(Debug, Serialize)]
@@ -417,6 +419,7 @@ pub fn summary(loaded: &Loaded) -> Summary {
         valid,
         bundled_profile: profile,
         errors: loaded.errors.len(),
+        invalid_objects: loaded.invalid_objects(),
     }
 }
 
@@ -441,6 +444,9 @@ impl Summary {
             ));
         }
         s.push_str(&format!("; {} error(s)", self.errors + extra_errors));
+        if self.invalid_objects > 0 {
+            s.push_str(&format!(" in {} invalid object(s)", self.invalid_objects));
+        }
         s
     }
 }

@@ -398,6 +398,21 @@ pub struct Loaded {
     pub placeholder_files: Vec<PathBuf>,
 }
 
+impl Loaded {
+    /// Objects (or files, for a file-level error) that are invalid: an
+    /// object with several problems counts once.
+    pub fn invalid_objects(&self) -> usize {
+        let mut seen: Vec<(&Path, Option<usize>, &str)> = self
+            .errors
+            .iter()
+            .map(|e| (e.file.as_path(), e.document, e.resource.as_str()))
+            .collect();
+        seen.sort();
+        seen.dedup();
+        seen.len()
+    }
+}
+
 /// Selector label keys that no known object carries but that are close to
 /// one that some object does (`ibm.rol` for `ibm.role`): likely typos. A
 /// key far from every known one is not reported (its objects may simply
