@@ -208,7 +208,7 @@ fn the_exit_codes_are_one_table() {
         .split("Exit status:")
         .nth(1)
         .unwrap_or_else(|| panic!("no exit-code table in moat --help:\n{help}"));
-    for code in 0..=7 {
+    for code in 0..=8 {
         assert!(
             table
                 .lines()

@@ -70,7 +70,16 @@ fn write_hostile(dir: &Path) -> Vec<(&'static str, &'static str)> {
     write("big.yaml", &big);
     write(
         "zeros.yaml",
-        "apiVersion: projectcalico.org/v3\nkind: GlobalNetworkSet\nmetadata: {name: zeros}\nspec: {nets: [198.010.1.1]}\n",
+        "apiVersion: projectcalico.org/v3\nkind: GlobalNetworkSet\nmetadata: {name: zeros}\nspec: {nets: [198.010.1.0/24]}\n",
+    );
+    // Valid, and wide: a Kubernetes selector of 60,000 expressions (the
+    // old conversion nested them 60,000 deep).
+    let exprs: String = (0..60_000)
+        .map(|i| format!("      - {{key: k{i}, operator: Exists}}\n"))
+        .collect();
+    write(
+        "wide.yaml",
+        &format!("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: wide, namespace: prod}}\nspec:\n  podSelector:\n    matchExpressions:\n{exprs}  policyTypes: [Ingress]\n"),
     );
     vec![
         ("deep.yaml", "nested deeper than 64 levels"),
@@ -119,6 +128,10 @@ fn check_refuses_hostile_input_by_name_and_keeps_the_rest() {
     assert!(
         stdout.contains("eth1: HostEndpoint worker-1-public"),
         "the valid policy is still compiled:\n{stdout}"
+    );
+    assert!(
+        stdout.contains("KubernetesNetworkPolicy 1"),
+        "the wide Kubernetes selector is read:\n{stdout}"
     );
 }
 

@@ -184,7 +184,7 @@ pub fn load_and_compile(
     if !loaded.errors.is_empty() {
         warn!(
             "{} resource(s) rejected; they are NOT enforced. The {} valid ones are.",
-            loaded.errors.len(),
+            loaded.invalid_objects(),
             loaded.set.policies.len() + loaded.set.host_endpoints.len()
         );
     }

@@ -8,7 +8,7 @@ use crate::{
     policy::{
         packet_spec,
         reference::{evaluate, DecidedBy, Query, Stage, Step, Verdict},
-        PolicySet,
+        Loaded, PolicyError, PolicySet,
     },
 };
 
@@ -282,5 +282,271 @@ impl Answer {
             s.push_str(&format!("note:    {n}\n"));
         }
         s
+    }
+}
+
+/// One validation error as `moat check -o json` prints it; the field
+/// names are stable.
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct ErrorReport {
+    pub file: String,
+    /// 1-based document (or `List` item) in the file, as the text says.
+    pub document: Option<usize>,
+    pub kind: Option<String>,
+    pub namespace: Option<String>,
+    pub name: Option<String>,
+    /// Field path such as `spec.ingress[0].protocol`.
+    pub field: Option<String>,
+    pub message: String,
+    /// What the user probably meant, when the error has a guess.
+    pub suggestion: Option<String>,
+}
+
+/// The guess in a message ("did you mean `labels`?", "did you mean Allow?").
+fn suggestion(message: &str) -> Option<String> {
+    let (_, rest) = message.rsplit_once("did you mean ")?;
+    let guess = rest.trim_end_matches('?');
+    let guess = guess
+        .strip_prefix('`')
+        .and_then(|g| g.split_once('`'))
+        .map(|(g, _)| g)
+        .unwrap_or(guess);
+    (!guess.is_empty()).then(|| guess.to_string())
+}
+
+/// `error` split into its parts.
+pub fn error_report(error: &PolicyError) -> ErrorReport {
+    let mut parts = error.resource.splitn(3, '/');
+    let (kind, second, third) = (parts.next(), parts.next(), parts.next());
+    let (namespace, name) = match (second, third) {
+        (Some(ns), Some(name)) => (Some(ns.to_string()), Some(name.to_string())),
+        (Some(name), None) => (None, Some(name.to_string())),
+        _ => (None, None),
+    };
+    let some = |s: &str| (!s.is_empty()).then(|| s.to_string());
+    ErrorReport {
+        file: error.file.display().to_string(),
+        document: error.document.map(|d| d + 1),
+        kind: kind.and_then(some),
+        namespace,
+        name: name.filter(|n| !n.is_empty()),
+        field: some(&error.field),
+        message: error.message.clone(),
+        suggestion: suggestion(&error.message),
+    }
+}
+
+/// What was read, by kind, for `moat check`'s summary.
+#[derive(Debug, Serialize)]
+pub struct Summary {
+    pub files: usize,
+    /// Valid objects of each kind read from the policy source (bundled
+    /// profile policies not included).
+    pub valid: std::collections::BTreeMap<String, usize>,
+    /// The bundled profile in use (the source holds no policy of its
+    /// own), and how many policies it adds.
+    pub bundled_profile: Option<BundledProfile>,
+    pub errors: usize,
+    /// Objects (or files) with at least one error.
+    pub invalid_objects: usize,
+}
+
+#[derive(Debug, Serialize)]
+pub struct BundledProfile {
+    pub name: String,
+    /// Its policies.
+    pub policies: usize,
+    /// All its objects (policies, network sets, failsafe profiles).
+    pub objects: usize,
+}
+
+/// The bundled profile an object comes from, if it does.
+fn bundled(origin: &crate::policy::Origin) -> Option<String> {
+    let file = origin.file.to_str()?;
+    file.strip_prefix("<bundled profile ")?
+        .strip_suffix('>')
+        .map(str::to_string)
+}
+
+/// The summary of `loaded`: objects of the bundled profile are counted
+/// as the profile's, never as the source's.
+pub fn summary(loaded: &Loaded) -> Summary {
+    use crate::policy::kubernetes::Object;
+    let mut valid = std::collections::BTreeMap::new();
+    let mut profile: Option<BundledProfile> = None;
+    let mut count =
+        |kind: &str, origin: Option<&crate::policy::Origin>| match origin.and_then(bundled) {
+            Some(name) => {
+                let p = profile.get_or_insert(BundledProfile {
+                    name,
+                    policies: 0,
+                    objects: 0,
+                });
+                p.objects += 1;
+                if kind.ends_with("Policy") {
+                    p.policies += 1;
+                }
+            }
+            None => *valid.entry(kind.to_string()).or_insert(0) += 1,
+        };
+    let set = &loaded.set;
+    for p in &set.policies {
+        count(p.kind.as_str(), Some(&p.origin));
+    }
+    for h in &set.host_endpoints {
+        count("HostEndpoint", Some(&h.origin));
+    }
+    for n in &set.network_sets {
+        let kind = if n.namespace.is_some() {
+            "NetworkSet"
+        } else {
+            "GlobalNetworkSet"
+        };
+        count(kind, Some(&n.origin));
+    }
+    for f in &set.failsafe_profiles {
+        count("FailsafeProfile", Some(&f.origin));
+    }
+    if set.failsafes.is_some() {
+        count("FelixConfiguration", None);
+    }
+    for o in &set.objects {
+        let kind = match o {
+            Object::Namespace { .. } => "Namespace",
+            Object::Pod { .. } => "Pod",
+            Object::Node { .. } => "Node",
+            Object::Service { .. } => "Service",
+        };
+        count(kind, None);
+    }
+    Summary {
+        files: loaded.files,
+        valid,
+        bundled_profile: profile,
+        errors: loaded.errors.len(),
+        invalid_objects: loaded.invalid_objects(),
+    }
+}
+
+impl Summary {
+    /// One line: `3 file(s): valid GlobalNetworkPolicy 2, HostEndpoint 1;
+    /// bundled profile iks-2019 in use (12 policies); 0 error(s)`.
+    pub fn text(&self, extra_errors: usize) -> String {
+        let valid: Vec<String> = self.valid.iter().map(|(k, n)| format!("{k} {n}")).collect();
+        let mut s = format!(
+            "{} file(s): valid {}",
+            self.files,
+            if valid.is_empty() {
+                "nothing".to_string()
+            } else {
+                valid.join(", ")
+            }
+        );
+        if let Some(p) = &self.bundled_profile {
+            s.push_str(&format!(
+                "; the source holds no policy of its own: bundled profile {} in use ({} policies, {} objects in all)",
+                p.name, p.policies, p.objects
+            ));
+        }
+        s.push_str(&format!("; {} error(s)", self.errors + extra_errors));
+        if self.invalid_objects > 0 {
+            s.push_str(&format!(" in {} invalid object(s)", self.invalid_objects));
+        }
+        s
+    }
+}
+
+/// Why `moat check` cannot answer for `node` (and `iface`): no HostEndpoint
+/// names them. The message lists the nodes and interfaces the policy
+/// describes, with "did you mean" for a near name.
+pub fn unknown_target(set: &PolicySet, node: &str, iface: Option<&str>) -> Option<String> {
+    let mut described: std::collections::BTreeMap<&str, Vec<&str>> = Default::default();
+    for h in &set.host_endpoints {
+        described
+            .entry(h.node.as_str())
+            .or_default()
+            .push(&h.interface_name);
+    }
+    let listing = || {
+        if described.is_empty() {
+            "the policy describes no HostEndpoint at all".to_string()
+        } else {
+            let nodes: Vec<String> = described
+                .iter()
+                .map(|(n, i)| format!("{n} ({})", i.join(", ")))
+                .collect();
+            format!(
+                "the policy describes these nodes (interfaces): {}",
+                nodes.join("; ")
+            )
+        }
+    };
+    let guess = |word: &str, known: &[&str]| {
+        crate::policy::did_you_mean(word, known)
+            .map(|g| format!(", did you mean {g}?"))
+            .unwrap_or_default()
+    };
+    let Some(ifaces) = described.get(node) else {
+        let nodes: Vec<&str> = described.keys().copied().collect();
+        return Some(format!(
+            "no HostEndpoint names node {node}{}; {}",
+            guess(node, &nodes),
+            listing()
+        ));
+    };
+    let iface = iface?;
+    if ifaces.contains(&iface) {
+        return None;
+    }
+    Some(format!(
+        "no HostEndpoint of node {node} names interface {iface}{}; {}",
+        guess(iface, ifaces),
+        listing()
+    ))
+}
+
+#[cfg(test)]
+mod report_tests {
+    use super::*;
+
+    #[test]
+    fn errors_split_into_their_parts() {
+        let e = PolicyError {
+            file: "p.yaml".into(),
+            resource: "NetworkPolicy/prod/web".into(),
+            field: "metadata.lables".into(),
+            message: "unknown field `lables`, did you mean `labels`?".into(),
+            document: Some(1),
+        };
+        let r = error_report(&e);
+        assert_eq!(
+            r,
+            ErrorReport {
+                file: "p.yaml".into(),
+                document: Some(2),
+                kind: Some("NetworkPolicy".into()),
+                namespace: Some("prod".into()),
+                name: Some("web".into()),
+                field: Some("metadata.lables".into()),
+                message: e.message.clone(),
+                suggestion: Some("labels".into()),
+            }
+        );
+        assert_eq!(
+            suggestion("unknown action \"allow\" (Allow, Deny, Log or Pass), did you mean Allow?"),
+            Some("Allow".into())
+        );
+        let file_level = PolicyError {
+            file: "p.yaml".into(),
+            resource: String::new(),
+            field: String::new(),
+            message: "not valid YAML".into(),
+            document: None,
+        };
+        let r = error_report(&file_level);
+        assert_eq!(
+            (r.kind, r.name, r.field, r.suggestion),
+            (None, None, None, None)
+        );
     }
 }

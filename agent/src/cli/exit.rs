@@ -30,10 +30,13 @@ pub enum Exit {
     /// was asked to protect is missing, not attached, or governed by no
     /// HostEndpoint's policy (each is named).
     Unprotected = 7,
+    /// `moat check`: the node or interface asked about is one no
+    /// HostEndpoint of the policy describes (the ones it does are listed).
+    UnknownTarget = 8,
 }
 
 /// Every exit code, in order.
-pub const ALL: [Exit; 8] = [
+pub const ALL: [Exit; 9] = [
     Exit::Ok,
     Exit::Error,
     Exit::Usage,
@@ -42,6 +45,7 @@ pub const ALL: [Exit; 8] = [
     Exit::Disagree,
     Exit::EventsLost,
     Exit::Unprotected,
+    Exit::UnknownTarget,
 ];
 
 impl Exit {
@@ -66,6 +70,9 @@ impl Exit {
                 "the node's kernel and the reference disagree, or the node runs another build (trace)"
             }
             Exit::EventsLost => "events were lost on the way to this client (tail)",
+            Exit::UnknownTarget => {
+                "the node or interface asked about is one no HostEndpoint describes; those that are, are listed (check)"
+            }
             Exit::Unprotected => {
                 "an interface the agent was asked to protect is not enforced; each is named (status)"
             }

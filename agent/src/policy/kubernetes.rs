@@ -108,9 +108,8 @@ fn label_selector(raw: &RawLabelSelector, field: &str) -> FieldResult<Option<Sel
         }
         terms.push(term);
     }
-    Ok(terms
-        .into_iter()
-        .reduce(|a, b| Selector::And(Box::new(a), Box::new(b))))
+    // Balanced, so thousands of expressions cost no deep recursion.
+    Ok((!terms.is_empty()).then(|| Selector::all_of(terms)))
 }
 
 fn and(a: Selector, b: Option<Selector>) -> Selector {

@@ -43,6 +43,9 @@ pub struct PolicyError {
     /// Field path such as `spec.ingress[0].destination.ports[1]`; may be empty.
     pub field: String,
     pub message: String,
+    /// 0-based index of the document (or `List` item) in the file, when
+    /// the problem is in one.
+    pub document: Option<usize>,
 }
 
 impl fmt::Display for PolicyError {
@@ -399,6 +402,21 @@ pub struct Loaded {
     pub skipped: Vec<String>,
 }
 
+impl Loaded {
+    /// Objects (or files, for a file-level error) that are invalid: an
+    /// object with several problems counts once.
+    pub fn invalid_objects(&self) -> usize {
+        let mut seen: Vec<(&Path, Option<usize>, &str)> = self
+            .errors
+            .iter()
+            .map(|e| (e.file.as_path(), e.document, e.resource.as_str()))
+            .collect();
+        seen.sort();
+        seen.dedup();
+        seen.len()
+    }
+}
+
 /// Selector label keys that no known object carries but that are close to
 /// one that some object does (`ibm.rol` for `ibm.role`): likely typos. A
 /// key far from every known one is not reported (its objects may simply
@@ -461,6 +479,7 @@ pub fn label_key_warnings(set: &PolicySet) -> Vec<PolicyError> {
                         message: format!(
                             "label key `{key}` is on no known object, did you mean `{near}`?"
                         ),
+                        document: Some(p.origin.document),
                     });
                 }
             }
@@ -540,14 +559,29 @@ pub fn keep_last_good(previous: &PolicySet, loaded: &mut Loaded) -> Vec<String> 
 
 /// Reads every `.yaml`, `.yml` and `.json` file under `dir` (recursively,
 /// in name order, each real file once, a ConfigMap volume through its
-/// `..data`: `tree::walk`). Invalid resources are reported in `errors` and left out;
-/// the valid rest is returned.
+/// `..data`: `tree::walk`); `dir` may also be one file, or `-` for
+/// standard input. Invalid resources are reported in `errors` and left
+/// out; the valid rest is returned.
 pub fn load_dir(dir: &Path) -> Result<Loaded, PolicyError> {
+    if dir == Path::new("-") {
+        return load_stdin();
+    }
+    if dir.is_file() {
+        let text = read_bounded(dir).map_err(|message| PolicyError {
+            file: dir.to_path_buf(),
+            resource: String::new(),
+            field: String::new(),
+            message,
+            document: None,
+        })?;
+        return Ok(load_str(dir, &text));
+    }
     let tree = tree::walk(dir).map_err(|e| PolicyError {
         file: dir.to_path_buf(),
         resource: String::new(),
         field: String::new(),
         message: format!("cannot read the policy directory: {e}"),
+        document: None,
     })?;
     let mut loaded = Loaded {
         skipped: tree.skipped,
@@ -561,6 +595,7 @@ pub fn load_dir(dir: &Path) -> Result<Loaded, PolicyError> {
                 resource: String::new(),
                 field: String::new(),
                 message: format!("cannot read: {e}"),
+                document: None,
             }),
         }
     }
@@ -568,6 +603,32 @@ pub fn load_dir(dir: &Path) -> Result<Loaded, PolicyError> {
     check_duplicates(&mut loaded);
     loaded.set.sort();
     Ok(loaded)
+}
+
+/// Reads the resources on standard input (`--policies -`), as one file
+/// named `<stdin>`, within the file size limit.
+pub fn load_stdin() -> Result<Loaded, PolicyError> {
+    use std::io::Read;
+    let name = Path::new("<stdin>");
+    let limit = limits::MAX_FILE_BYTES;
+    let mut bytes = Vec::new();
+    let fail = |message: String| PolicyError {
+        file: name.to_path_buf(),
+        resource: String::new(),
+        field: String::new(),
+        message,
+        document: None,
+    };
+    std::io::stdin()
+        .lock()
+        .take(limit as u64 + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| fail(format!("cannot read standard input: {e}")))?;
+    if bytes.len() > limit {
+        return Err(fail(too_big_file(&format!("more than {limit}"))));
+    }
+    let text = String::from_utf8(bytes).map_err(|e| fail(format!("not UTF-8 text: {e}")))?;
+    Ok(load_str(name, &text))
 }
 
 /// Parses the resources in `text` (as if read from `file`) into a set.
@@ -678,6 +739,7 @@ fn check_duplicates(loaded: &mut Loaded) {
                 resource: resource.clone(),
                 field: "metadata.name".into(),
                 message: format!("defined more than once ({})", places.join(", ")),
+                document: Some(origin.document),
             });
         }
     }
@@ -730,6 +792,7 @@ fn load_text(file: &Path, text: &str, loaded: &mut Loaded) {
                 "placeholder file: fill in {} before applying it; nothing in it is applied",
                 holes.join(", ")
             ),
+            document: None,
         });
         return;
     }
@@ -739,6 +802,7 @@ fn load_text(file: &Path, text: &str, loaded: &mut Loaded) {
             resource: String::new(),
             field: String::new(),
             message,
+            document: None,
         });
         return;
     }
@@ -752,6 +816,7 @@ fn load_text(file: &Path, text: &str, loaded: &mut Loaded) {
                     resource: String::new(),
                     field: String::new(),
                     message: format!("not valid YAML or JSON: {e}"),
+                    document: None,
                 });
                 return;
             }
@@ -770,11 +835,13 @@ fn load_value(file: &Path, index: &mut usize, value: Value, loaded: &mut Loaded)
         document: *index,
     };
     *index += 1;
+    let document = origin.document;
     let err = |resource: &str, field: &str, message: String| PolicyError {
         file: file.to_path_buf(),
         resource: resource.to_string(),
         field: field.to_string(),
         message,
+        document: Some(document),
     };
     let Value::Mapping(map) = &value else {
         loaded.errors.push(err(
@@ -796,34 +863,39 @@ fn load_value(file: &Path, index: &mut usize, value: Value, loaded: &mut Loaded)
         .and_then(Value::as_str)
         .unwrap_or_default()
         .to_string();
-    if kind == "List" {
+    // `kind: List` (kubectl) and `kind: GlobalNetworkPolicyList` and the
+    // like (calicoctl get -o yaml|json, the API's list responses): each
+    // item is a resource; items without apiVersion or kind take the
+    // list's.
+    if let Some(item_kind) = kind.strip_suffix("List") {
         match get("items") {
             Some(Value::Sequence(items)) => {
                 *index -= 1;
-                for item in items.clone() {
+                for mut item in items.clone() {
+                    if let Value::Mapping(m) = &mut item {
+                        if !item_kind.is_empty() && !m.contains_key("kind") {
+                            m.insert("kind".into(), item_kind.into());
+                        }
+                        if !api.is_empty() && !m.contains_key("apiVersion") {
+                            m.insert("apiVersion".into(), api.as_str().into());
+                        }
+                    }
                     load_value(file, index, item, loaded);
                 }
             }
+            Some(Value::Null) => *index -= 1,
             _ => loaded.errors.push(err(
-                "List",
+                &kind,
                 "items",
-                "a List needs a sequence of items".into(),
+                format!("a {kind} needs a sequence of items"),
             )),
         }
         return;
     }
     let metadata = get("metadata").cloned().unwrap_or(Value::Null);
-    let meta: Metadata = match serde_path_to_error::deserialize(metadata) {
-        Ok(m) => m,
-        Err(e) => {
-            loaded.errors.push(err(
-                &kind,
-                &format!("metadata.{}", e.path()),
-                e.inner().to_string(),
-            ));
-            return;
-        }
-    };
+    let mut meta_problems = Problems::default();
+    let meta: Metadata =
+        deserialize_all(metadata, "metadata", &mut meta_problems).unwrap_or_default();
     // Named as the model names it (`Policy::resource` and friends), so an
     // error can be matched to the last good version of the same object.
     let resource = match (&meta.namespace, kind.as_str(), api.as_str()) {
@@ -851,13 +923,17 @@ fn load_value(file: &Path, index: &mut usize, value: Value, loaded: &mut Loaded)
     for key in map.keys() {
         let key = key.as_str().unwrap_or_default();
         if !matches!(key, "apiVersion" | "kind" | "metadata" | "spec" | "status") {
-            loaded.errors.push(err(
-                &resource,
+            meta_problems.add(
                 key,
                 unknown_field(key, &["apiVersion", "kind", "metadata", "spec"]),
-            ));
-            return;
+            );
         }
+    }
+    if !meta_problems.0.is_empty() {
+        for (field, message) in meta_problems.0 {
+            loaded.errors.push(err(&resource, &field, message));
+        }
+        return;
     }
     if meta.name.is_empty() {
         loaded
@@ -874,13 +950,15 @@ fn load_value(file: &Path, index: &mut usize, value: Value, loaded: &mut Loaded)
         return;
     }
     let spec = get("spec").cloned().unwrap_or(Value::Null);
+    // Problems after the first, from validators that report them all.
+    let mut more = Vec::new();
     let result = match (kind.as_str(), api.as_str()) {
         ("GlobalNetworkPolicy", a) if CALICO_API_VERSIONS.contains(&a) => {
-            policy(&meta, spec, origin, PolicyKind::GlobalNetworkPolicy)
+            first_and_rest(policy(&meta, spec, origin, PolicyKind::GlobalNetworkPolicy), &mut more)
                 .map(|p| loaded.set.policies.push(p))
         }
         ("NetworkPolicy", a) if CALICO_API_VERSIONS.contains(&a) => {
-            policy(&meta, spec, origin, PolicyKind::NetworkPolicy)
+            first_and_rest(policy(&meta, spec, origin, PolicyKind::NetworkPolicy), &mut more)
                 .map(|p| loaded.set.policies.push(p))
         }
         ("NetworkPolicy", "networking.k8s.io/v1") => {
@@ -888,7 +966,8 @@ fn load_value(file: &Path, index: &mut usize, value: Value, loaded: &mut Loaded)
                 .map(|p| loaded.set.policies.push(p))
         }
         ("GlobalNetworkSet" | "NetworkSet", a) if CALICO_API_VERSIONS.contains(&a) => {
-            network_set(&meta, spec, origin, kind == "NetworkSet")
+            first_and_rest(strict_spec::<RawNetworkSetSpec>(&spec), &mut more)
+                .and_then(|()| network_set(&meta, spec, origin, kind == "NetworkSet"))
                 .map(|n| loaded.set.network_sets.push(n))
         }
         ("Namespace" | "Pod" | "Node" | "Service", "v1") => {
@@ -896,7 +975,9 @@ fn load_value(file: &Path, index: &mut usize, value: Value, loaded: &mut Loaded)
                 .map(|o| loaded.set.objects.push(o))
         }
         ("HostEndpoint", a) if CALICO_API_VERSIONS.contains(&a) => {
-            host_endpoint(&meta, spec, origin).map(|h| loaded.set.host_endpoints.push(h))
+            first_and_rest(strict_spec::<RawHostEndpointSpec>(&spec), &mut more)
+                .and_then(|()| host_endpoint(&meta, spec, origin))
+                .map(|h| loaded.set.host_endpoints.push(h))
         }
         ("FelixConfiguration", a) if CALICO_API_VERSIONS.contains(&a) => {
             felix_configuration(&meta, spec).map(|f| {
@@ -906,7 +987,9 @@ fn load_value(file: &Path, index: &mut usize, value: Value, loaded: &mut Loaded)
             })
         }
         ("FailsafeProfile", MOAT_API_VERSION) => {
-            failsafe_profile(&meta, spec, origin).map(|f| loaded.set.failsafe_profiles.push(f))
+            first_and_rest(strict_spec::<RawFailsafeProfileSpec>(&spec), &mut more)
+                .and_then(|()| failsafe_profile(&meta, spec, origin))
+                .map(|f| loaded.set.failsafe_profiles.push(f))
         }
         (
             "Profile" | "Tier" | "StagedNetworkPolicy" | "StagedGlobalNetworkPolicy"
@@ -926,6 +1009,44 @@ fn load_value(file: &Path, index: &mut usize, value: Value, loaded: &mut Loaded)
     if let Err((field, message)) = result {
         loaded.errors.push(err(&resource, &field, message));
     }
+    let left = more.len().saturating_sub(MAX_ERRORS_PER_OBJECT);
+    for (field, message) in more.into_iter().take(MAX_ERRORS_PER_OBJECT) {
+        loaded.errors.push(err(&resource, &field, message));
+    }
+    if left > 0 {
+        loaded.errors.push(err(
+            &resource,
+            "",
+            format!(
+                "{left} more problem(s) not shown (at most {MAX_ERRORS_PER_OBJECT} per object)"
+            ),
+        ));
+    }
+}
+
+/// Every unknown field and badly typed field of `spec` read as `T` (one
+/// run shows them all), before the kind's own validation.
+fn strict_spec<T: serde::de::DeserializeOwned>(spec: &Value) -> ObjectResult<()> {
+    if spec.is_null() {
+        return Ok(());
+    }
+    let mut p = Problems::default();
+    deserialize_all::<T>(spec.clone(), "spec", &mut p);
+    if p.0.is_empty() {
+        Ok(())
+    } else {
+        Err(p.0)
+    }
+}
+
+/// The first problem as the result, the rest into `more`.
+fn first_and_rest<T>(r: ObjectResult<T>, more: &mut Vec<(String, String)>) -> FieldResult<T> {
+    r.map_err(|problems| {
+        let mut it = problems.into_iter();
+        let first = it.next().unwrap_or_default();
+        more.extend(it);
+        first
+    })
 }
 
 /// Kubernetes object names: DNS subdomain (RFC 1123), at most 253 chars.
@@ -1051,16 +1172,41 @@ fn parse_unknown_field(msg: &str) -> Option<(String, Vec<String>)> {
     Some((field.to_string(), expected))
 }
 
+/// Kubernetes' ObjectMeta: every field it has is accepted (those after
+/// `labels` describe the object, not its policy, and are not read); any
+/// other is an error, so a typo (`lables`, `Namespace`) is never dropped.
 #[derive(Deserialize, Default)]
-#[serde(rename_all = "camelCase")]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct Metadata {
     #[serde(default)]
     name: String,
     namespace: Option<String>,
     #[serde(default)]
     labels: BTreeMap<String, String>,
-    // Everything else kubectl prints (uid, resourceVersion, annotations,
-    // managedFields, ...) describes the object, not its policy.
+    #[serde(rename = "annotations")]
+    _annotations: Option<BTreeMap<String, String>>,
+    #[serde(rename = "uid")]
+    _uid: Option<Value>,
+    #[serde(rename = "resourceVersion")]
+    _resource_version: Option<Value>,
+    #[serde(rename = "generation")]
+    _generation: Option<Value>,
+    #[serde(rename = "creationTimestamp")]
+    _creation_timestamp: Option<Value>,
+    #[serde(rename = "deletionTimestamp")]
+    _deletion_timestamp: Option<Value>,
+    #[serde(rename = "deletionGracePeriodSeconds")]
+    _deletion_grace_period_seconds: Option<Value>,
+    #[serde(rename = "generateName")]
+    _generate_name: Option<Value>,
+    #[serde(rename = "selfLink")]
+    _self_link: Option<Value>,
+    #[serde(rename = "ownerReferences")]
+    _owner_references: Option<Value>,
+    #[serde(rename = "finalizers")]
+    _finalizers: Option<Value>,
+    #[serde(rename = "managedFields")]
+    _managed_fields: Option<Value>,
 }
 
 #[derive(Deserialize)]
@@ -1076,8 +1222,8 @@ struct RawPolicySpec {
     order: Option<f64>,
     selector: Option<String>,
     types: Option<Vec<String>>,
-    ingress: Option<Vec<RawRule>>,
-    egress: Option<Vec<RawRule>>,
+    ingress: Option<Vec<Value>>,
+    egress: Option<Vec<Value>>,
     #[serde(rename = "preDNAT")]
     pre_dnat: Option<bool>,
     do_not_track: Option<bool>,
@@ -1143,20 +1289,135 @@ fn not_yet<T>(field: &str, what: &str) -> FieldResult<T> {
     )
 }
 
-fn policy(meta: &Metadata, spec: Value, origin: Origin, kind: PolicyKind) -> FieldResult<Policy> {
+/// Most problems reported for one object (the rest are summarised).
+pub const MAX_ERRORS_PER_OBJECT: usize = 100;
+
+/// Every problem found in one object, as (field, message), in order.
+#[derive(Default)]
+struct Problems(Vec<(String, String)>);
+
+impl Problems {
+    fn add(&mut self, field: impl Into<String>, message: impl Into<String>) {
+        self.0.push((field.into(), message.into()));
+    }
+
+    /// The value of `r`, or `None` with its error recorded.
+    fn ok<T>(&mut self, r: FieldResult<T>) -> Option<T> {
+        match r {
+            Ok(v) => Some(v),
+            Err((f, m)) => {
+                self.0.push((f, m));
+                None
+            }
+        }
+    }
+
+    /// `value` when nothing was found, else every problem.
+    fn finish<T>(self, value: Option<T>) -> ObjectResult<T> {
+        match value {
+            Some(v) if self.0.is_empty() => Ok(v),
+            _ if self.0.is_empty() => Err(vec![(String::new(), "invalid".into())]),
+            _ => Err(self.0),
+        }
+    }
+}
+
+/// An object, or every problem found in it.
+type ObjectResult<T> = Result<T, Vec<(String, String)>>;
+
+/// `prefix.path` for a serde path (`.` is the value itself).
+fn join_path(prefix: &str, path: &str) -> String {
+    match (prefix.is_empty(), path) {
+        (_, ".") => prefix.to_string(),
+        (true, p) => p.to_string(),
+        (false, p) if p.starts_with('[') => format!("{prefix}{p}"),
+        (false, p) => format!("{prefix}.{p}"),
+    }
+}
+
+/// Deserializes `value` as `T`, reporting every unknown field and every
+/// badly typed optional field to `problems` (each is removed and the rest
+/// read again, so its other fields are still checked); `None` when what is
+/// left cannot be read.
+fn deserialize_all<T: serde::de::DeserializeOwned>(
+    mut value: Value,
+    prefix: &str,
+    problems: &mut Problems,
+) -> Option<T> {
+    for _ in 0..MAX_ERRORS_PER_OBJECT {
+        let e = match serde_path_to_error::deserialize::<_, T>(value.clone()) {
+            Ok(t) => return Some(t),
+            Err(e) => e,
+        };
+        let (path, message) = serde_problem(&e);
+        problems.add(join_path(prefix, &path), message);
+        if e.inner().to_string().starts_with("missing field") || !remove_at(&mut value, e.path()) {
+            return None;
+        }
+    }
+    None
+}
+
+/// (path, message) of a serde error, with "did you mean" for a field.
+fn serde_problem(e: &serde_path_to_error::Error<serde_yaml_ng::Error>) -> (String, String) {
+    let inner = e.inner().to_string();
+    let message = match parse_unknown_field(&inner) {
+        Some((field, expected)) => {
+            let known: Vec<&str> = expected.iter().map(String::as_str).collect();
+            unknown_field(&field, &known)
+        }
+        None => inner,
+    };
+    (e.path().to_string(), message)
+}
+
+/// Removes the map entry the last map key of `path` names (so the rest
+/// can be read); false when there is none.
+fn remove_at(value: &mut Value, path: &serde_path_to_error::Path) -> bool {
+    use serde_path_to_error::Segment;
+    let segments: Vec<&Segment> = path.iter().collect();
+    let Some(last_key) = segments
+        .iter()
+        .rposition(|s| matches!(s, Segment::Map { .. }))
+    else {
+        return false;
+    };
+    let mut here = value;
+    for s in &segments[..last_key] {
+        here = match (s, here) {
+            (Segment::Seq { index }, Value::Sequence(items)) => match items.get_mut(*index) {
+                Some(v) => v,
+                None => return false,
+            },
+            (Segment::Map { key }, Value::Mapping(m)) => match m.get_mut(key.as_str()) {
+                Some(v) => v,
+                None => return false,
+            },
+            _ => return false,
+        };
+    }
+    match (segments[last_key], here) {
+        (Segment::Map { key }, Value::Mapping(m)) => m.remove(key.as_str()).is_some(),
+        _ => false,
+    }
+}
+
+fn policy(meta: &Metadata, spec: Value, origin: Origin, kind: PolicyKind) -> ObjectResult<Policy> {
+    let mut p = Problems::default();
     let namespaced = kind == PolicyKind::NetworkPolicy;
+    let mut spec = spec;
     if namespaced {
         // Fields of GlobalNetworkPolicy only: a NetworkPolicy naming them is
         // invalid, as in Calico.
-        if let Value::Mapping(m) = &spec {
+        if let Value::Mapping(m) = &mut spec {
             for f in [
                 "preDNAT",
                 "doNotTrack",
                 "applyOnForward",
                 "namespaceSelector",
             ] {
-                if m.contains_key(Value::String(f.into())) {
-                    return field_err(
+                if m.remove(f).is_some() {
+                    p.add(
                         format!("spec.{f}"),
                         "valid in a GlobalNetworkPolicy only, not in a NetworkPolicy",
                     );
@@ -1167,100 +1428,65 @@ fn policy(meta: &Metadata, spec: Value, origin: Origin, kind: PolicyKind) -> Fie
     let raw: RawPolicySpec = if spec.is_null() {
         RawPolicySpec::default()
     } else {
-        serde_path_to_error::deserialize(spec).map_err(spec_error)?
+        deserialize_all(spec, "spec", &mut p).unwrap_or_default()
     };
     let pre_dnat = raw.pre_dnat.unwrap_or(false);
     let do_not_track = raw.do_not_track.unwrap_or(false);
     let apply_on_forward = raw.apply_on_forward.unwrap_or(false);
     // Calico's own validation first, so the message is the real one.
     if pre_dnat && do_not_track {
-        return field_err("spec.preDNAT", "preDNAT and doNotTrack cannot both be true");
-    }
-    if (pre_dnat || do_not_track) && !apply_on_forward {
+        p.add("spec.preDNAT", "preDNAT and doNotTrack cannot both be true");
+    } else if (pre_dnat || do_not_track) && !apply_on_forward {
         let f = if pre_dnat {
             "spec.preDNAT"
         } else {
             "spec.doNotTrack"
         };
-        return field_err(
+        p.add(
             f,
             "preDNAT and doNotTrack policies need applyOnForward: true",
         );
     }
-    if pre_dnat && raw.egress.as_ref().is_some_and(|e| !e.is_empty()) {
-        return field_err("spec.egress", "a preDNAT policy cannot have egress rules");
+    let egress_rules = raw.egress.as_ref().is_some_and(|e| !e.is_empty());
+    if pre_dnat && egress_rules {
+        p.add("spec.egress", "a preDNAT policy cannot have egress rules");
     }
-    let mut ingress_applies = false;
-    let mut egress_applies = false;
-    match &raw.types {
-        Some(types) => {
-            for (i, t) in types.iter().enumerate() {
-                match t.as_str() {
-                    "Ingress" => ingress_applies = true,
-                    "Egress" => egress_applies = true,
-                    other => {
-                        let hint = did_you_mean(other, &["Ingress", "Egress"])
-                            .map(|s| format!(", did you mean {s}?"))
-                            .unwrap_or_default();
-                        return field_err(
-                            format!("spec.types[{i}]"),
-                            format!("{other:?} is not a policy type (Ingress or Egress){hint}"),
-                        );
-                    }
-                }
-            }
-        }
-        None => {
-            // Calico's defaulting: Egress only when there are egress rules,
-            // Ingress when there are ingress rules or no egress rules.
-            let has_in = raw.ingress.as_ref().is_some_and(|r| !r.is_empty());
-            let has_out = raw.egress.as_ref().is_some_and(|r| !r.is_empty());
-            ingress_applies = has_in || !has_out;
-            egress_applies = has_out;
-        }
+    let (ingress_applies, egress_applies) = policy_types(&raw, &mut p);
+    if pre_dnat && egress_applies && !egress_rules {
+        p.add("spec.types", "a preDNAT policy cannot have the Egress type");
     }
-    if pre_dnat && egress_applies {
-        return field_err("spec.types", "a preDNAT policy cannot have the Egress type");
+    if raw.order.is_some_and(|o| !o.is_finite()) {
+        p.add("spec.order", "order must be a finite number");
     }
-    if let Some(order) = raw.order {
-        if !order.is_finite() {
-            return field_err("spec.order", "order must be a finite number");
-        }
-    }
-    let selector_text = raw.selector.unwrap_or_default();
-    let selector = Selector::parse(&selector_text)
-        .map_err(|e| ("spec.selector".to_string(), e.to_string()))?;
-    if selector.uses_global() {
-        return field_err(
-            "spec.selector",
-            "global() is only valid alone in a rule's namespaceSelector",
-        );
-    }
-    let ingress = rules(raw.ingress.unwrap_or_default(), "spec.ingress")?;
-    let egress = rules(raw.egress.unwrap_or_default(), "spec.egress")?;
+    let selector = p.ok(parse_selector(
+        raw.selector.as_deref().unwrap_or_default(),
+        "spec.selector",
+    ));
+    let ingress = rules(raw.ingress.unwrap_or_default(), "spec.ingress", &mut p);
+    let egress = rules(raw.egress.unwrap_or_default(), "spec.egress", &mut p);
     let namespace_selector = raw
         .namespace_selector
         .as_deref()
-        .map(|t| parse_selector(t, "spec.namespaceSelector"))
-        .transpose()?;
+        .and_then(|t| p.ok(parse_selector(t, "spec.namespaceSelector")));
     // Valid Calico that this version does not read yet.
     if let Some(tier) = raw.tier.filter(|t| t != "default") {
-        return not_yet("spec.tier", &format!("tier {tier:?}"));
+        p.ok(not_yet::<()>("spec.tier", &format!("tier {tier:?}")));
     }
     if raw.service_account_selector.is_some() {
-        return not_yet("spec.serviceAccountSelector", "serviceAccountSelector");
+        p.ok(not_yet::<()>(
+            "spec.serviceAccountSelector",
+            "serviceAccountSelector",
+        ));
     }
-    if let Some(hints) = raw.performance_hints {
-        for (i, h) in hints.iter().enumerate() {
-            if h != "AssumeNeededOnEveryNode" {
-                return field_err(
-                    format!("spec.performanceHints[{i}]"),
-                    format!("unknown hint {h:?}"),
-                );
-            }
+    for (i, h) in raw.performance_hints.iter().flatten().enumerate() {
+        if h != "AssumeNeededOnEveryNode" {
+            p.add(
+                format!("spec.performanceHints[{i}]"),
+                format!("unknown hint {h:?}"),
+            );
         }
     }
-    Ok(Policy {
+    let policy = selector.map(|selector| Policy {
         kind,
         name: meta.name.clone(),
         namespace: namespaced.then(|| meta.namespace.clone().unwrap_or_else(|| "default".into())),
@@ -1275,7 +1501,36 @@ fn policy(meta: &Metadata, spec: Value, origin: Origin, kind: PolicyKind) -> Fie
         ingress,
         egress,
         origin,
-    })
+    });
+    p.finish(policy)
+}
+
+/// (ingress applies, egress applies) from `types`, or Calico's defaulting.
+fn policy_types(raw: &RawPolicySpec, p: &mut Problems) -> (bool, bool) {
+    let Some(types) = &raw.types else {
+        // Calico's defaulting: Egress only when there are egress rules,
+        // Ingress when there are ingress rules or no egress rules.
+        let has_in = raw.ingress.as_ref().is_some_and(|r| !r.is_empty());
+        let has_out = raw.egress.as_ref().is_some_and(|r| !r.is_empty());
+        return (has_in || !has_out, has_out);
+    };
+    let (mut ingress, mut egress) = (false, false);
+    for (i, t) in types.iter().enumerate() {
+        match t.as_str() {
+            "Ingress" => ingress = true,
+            "Egress" => egress = true,
+            other => {
+                let hint = did_you_mean(other, &["Ingress", "Egress"])
+                    .map(|s| format!(", did you mean {s}?"))
+                    .unwrap_or_default();
+                p.add(
+                    format!("spec.types[{i}]"),
+                    format!("{other:?} is not a policy type (Ingress or Egress){hint}"),
+                );
+            }
+        }
+    }
+    (ingress, egress)
 }
 
 fn parse_selector(text: &str, field: &str) -> FieldResult<Selector> {
@@ -1289,11 +1544,229 @@ fn parse_selector(text: &str, field: &str) -> FieldResult<Selector> {
     Ok(sel)
 }
 
-fn rules(raw: Vec<RawRule>, field: &str) -> FieldResult<Vec<Rule>> {
-    raw.into_iter()
+/// Every rule of a list that is valid; the problems of the others go to
+/// `p`.
+fn rules(raw: Vec<Value>, field: &str, p: &mut Problems) -> Vec<Rule> {
+    let mut out = Vec::new();
+    for (i, r) in raw.into_iter().enumerate() {
+        let f = format!("{field}[{i}]");
+        if let Some(raw) = deserialize_all::<RawRule>(r, &f, p) {
+            if let Some(rule) = rule(raw, &f, p) {
+                out.push(rule);
+            }
+        }
+    }
+    out
+}
+
+/// A protocol field (`protocol`, `notProtocol`) of a rule.
+fn rule_protocol(raw: Option<&NumOrString>, field: String, p: &mut Problems) -> Option<u8> {
+    raw.and_then(|v| p.ok(parse_protocol(v, &field)))
+}
+
+/// The rule, or `None` with every problem it has added to `p`.
+fn rule(raw: RawRule, field: &str, p: &mut Problems) -> Option<Rule> {
+    let before = p.0.len();
+    let action = match raw.action.as_str() {
+        "Allow" => Some(Action::Allow),
+        "Deny" => Some(Action::Deny),
+        "Log" => Some(Action::Log),
+        "Pass" => Some(Action::Pass),
+        other => {
+            let hint = did_you_mean(other, &["Allow", "Deny", "Log", "Pass"])
+                .map(|s| format!(", did you mean {s}?"))
+                .unwrap_or_default();
+            p.add(
+                format!("{field}.action"),
+                format!("unknown action {other:?} (Allow, Deny, Log or Pass){hint}"),
+            );
+            None
+        }
+    };
+    let protocol = rule_protocol(raw.protocol.as_ref(), format!("{field}.protocol"), p);
+    let not_protocol = rule_protocol(raw.not_protocol.as_ref(), format!("{field}.notProtocol"), p);
+    let ip_version = match raw.ip_version {
+        None => None,
+        Some(v @ (4 | 6)) => Some(v as u8),
+        Some(v) => {
+            p.add(
+                format!("{field}.ipVersion"),
+                format!("ipVersion {v} is neither 4 nor 6"),
+            );
+            None
+        }
+    };
+    let icmp_m = raw
+        .icmp
+        .as_ref()
+        .and_then(|i| p.ok(icmp(i, &format!("{field}.icmp"))));
+    let not_icmp = raw
+        .not_icmp
+        .as_ref()
+        .and_then(|i| p.ok(icmp(i, &format!("{field}.notICMP"))));
+    // Calico's CRD rule: `icmp` needs protocol ICMP or ICMPv6; `notICMP`
+    // needs no protocol.
+    if raw.icmp.is_some() && !matches!(protocol, Some(1 | 58)) {
+        p.add(
+            format!("{field}.icmp"),
+            "ICMP fields need protocol ICMP or ICMPv6",
+        );
+    }
+    match (protocol, ip_version) {
+        (Some(1), Some(6)) => p.add(
+            format!("{field}.protocol"),
+            "protocol ICMP with ipVersion 6 (use ICMPv6)",
+        ),
+        (Some(58), Some(4)) => p.add(
+            format!("{field}.protocol"),
+            "protocol ICMPv6 with ipVersion 4 (use ICMP)",
+        ),
+        _ => {}
+    }
+    let ports_allowed = matches!(protocol, Some(6 | 17 | 132));
+    let source = entity(
+        raw.source,
+        &format!("{field}.source"),
+        ports_allowed,
+        ip_version,
+        p,
+    );
+    let destination = entity(
+        raw.destination,
+        &format!("{field}.destination"),
+        ports_allowed,
+        ip_version,
+        p,
+    );
+    if raw.http.is_some() {
+        p.ok(not_yet::<()>(
+            &format!("{field}.http"),
+            "an HTTP match (it needs an application layer proxy)",
+        ));
+    }
+    if p.0.len() > before {
+        return None;
+    }
+    Some(Rule {
+        action: action?,
+        protocol,
+        not_protocol,
+        icmp: icmp_m,
+        not_icmp,
+        ip_version,
+        source,
+        destination,
+    })
+}
+
+/// Port ranges of `ports` or `notPorts`, each problem added to `p`.
+fn entity_ports(
+    raw: Option<Vec<NumOrString>>,
+    field: String,
+    ports_allowed: bool,
+    p: &mut Problems,
+) -> Vec<PortRange> {
+    let raw = raw.unwrap_or_default();
+    if !raw.is_empty() && !ports_allowed {
+        let name = field.rsplit('.').next().unwrap_or_default().to_string();
+        p.add(field, format!("{name} need protocol TCP, UDP or SCTP"));
+        return Vec::new();
+    }
+    raw.iter()
         .enumerate()
-        .map(|(i, r)| rule(r, &format!("{field}[{i}]")))
+        .filter_map(|(i, r)| p.ok(port_range(r, &format!("{field}[{i}]"))))
         .collect()
+}
+
+fn entity(
+    raw: Option<RawEntity>,
+    field: &str,
+    ports_allowed: bool,
+    ip_version: Option<u8>,
+    p: &mut Problems,
+) -> EntityMatch {
+    let raw = raw.unwrap_or_default();
+    let mut nets = Vec::new();
+    for (i, n) in raw.nets.unwrap_or_default().iter().enumerate() {
+        let f = format!("{field}.nets[{i}]");
+        let Some(net) = p.ok(parse_net(n).map_err(|m| (f.clone(), m))) else {
+            continue;
+        };
+        let v = if net.addr().is_ipv4() { 4 } else { 6 };
+        if let Some(want) = ip_version.filter(|want| *want != v) {
+            p.add(f, format!("IPv{v} net {n} in a rule with ipVersion {want}"));
+            continue;
+        }
+        nets.push(net);
+    }
+    let ports = entity_ports(raw.ports, format!("{field}.ports"), ports_allowed, p);
+    let not_ports = entity_ports(raw.not_ports, format!("{field}.notPorts"), ports_allowed, p);
+    let mut not_nets = Vec::new();
+    for (i, n) in raw.not_nets.iter().flatten().enumerate() {
+        let f = format!("{field}.notNets[{i}]");
+        let Some(net) = p.ok(parse_net(n).map_err(|m| (f.clone(), m))) else {
+            continue;
+        };
+        if net.prefix_len() == 0 {
+            // Calico's validator: "catch-all CIDR in negation creates
+            // logical contradiction (matches no traffic)".
+            p.add(
+                f,
+                format!("{n} in notNets excludes every address, so the rule could never match; remove the rule or the net"),
+            );
+            continue;
+        }
+        not_nets.push(net);
+    }
+    let mut selectors = [None, None, None];
+    for (slot, (name, value)) in selectors.iter_mut().zip([
+        ("selector", &raw.selector),
+        ("notSelector", &raw.not_selector),
+        ("namespaceSelector", &raw.namespace_selector),
+    ]) {
+        let Some(text) = value else { continue };
+        let f = format!("{field}.{name}");
+        let Some(sel) = p.ok(Selector::parse(text).map_err(|e| (f.clone(), e.to_string()))) else {
+            continue;
+        };
+        if sel.uses_global() && (name != "namespaceSelector" || sel != Selector::Global) {
+            p.add(
+                f,
+                "global() is only valid alone in a rule's namespaceSelector",
+            );
+            continue;
+        }
+        *slot = Some(sel);
+    }
+    for (name, present) in [
+        ("serviceAccounts", raw.service_accounts.is_some()),
+        ("services", raw.services.is_some()),
+    ] {
+        if present {
+            p.ok(not_yet::<()>(
+                &format!("{field}.{name}"),
+                &format!("a rule {name}"),
+            ));
+        }
+    }
+    let [selector, not_selector, namespace_selector] = selectors;
+    let service_frontends = raw.moat_service_frontends.unwrap_or(false);
+    if service_frontends && !field.ends_with("destination") {
+        p.add(
+            format!("{field}.moatServiceFrontends"),
+            "valid in a rule's destination only",
+        );
+    }
+    EntityMatch {
+        service_frontends,
+        nets,
+        not_nets,
+        ports,
+        not_ports,
+        selector,
+        not_selector,
+        namespace_selector,
+    }
 }
 
 /// Protocol names Calico accepts, and their numbers.
@@ -1387,111 +1860,6 @@ fn port_range(raw: &NumOrString, field: &str) -> FieldResult<PortRange> {
     }
 }
 
-fn entity(
-    raw: Option<RawEntity>,
-    field: &str,
-    ports_allowed: bool,
-    ip_version: Option<u8>,
-) -> FieldResult<EntityMatch> {
-    let raw = raw.unwrap_or_default();
-    let mut nets = Vec::new();
-    for (i, n) in raw.nets.unwrap_or_default().iter().enumerate() {
-        let f = format!("{field}.nets[{i}]");
-        let net = parse_net(n).map_err(|m| (f.clone(), m))?;
-        let v = if net.addr().is_ipv4() { 4 } else { 6 };
-        if ip_version.is_some_and(|want| want != v) {
-            return field_err(
-                f,
-                format!(
-                    "IPv{v} net {n} in a rule with ipVersion {}",
-                    ip_version.unwrap_or(0)
-                ),
-            );
-        }
-        nets.push(net);
-    }
-    let mut ports = Vec::new();
-    let raw_ports = raw.ports.unwrap_or_default();
-    if !raw_ports.is_empty() && !ports_allowed {
-        return field_err(
-            format!("{field}.ports"),
-            "ports need protocol TCP, UDP or SCTP",
-        );
-    }
-    for (i, p) in raw_ports.iter().enumerate() {
-        ports.push(port_range(p, &format!("{field}.ports[{i}]"))?);
-    }
-    let raw_not_ports = raw.not_ports.unwrap_or_default();
-    if !raw_not_ports.is_empty() && !ports_allowed {
-        return field_err(
-            format!("{field}.notPorts"),
-            "notPorts need protocol TCP, UDP or SCTP",
-        );
-    }
-    let mut not_ports = Vec::new();
-    for (i, p) in raw_not_ports.iter().enumerate() {
-        not_ports.push(port_range(p, &format!("{field}.notPorts[{i}]"))?);
-    }
-    let mut not_nets = Vec::new();
-    for (i, n) in raw.not_nets.iter().flatten().enumerate() {
-        let f = format!("{field}.notNets[{i}]");
-        let net = parse_net(n).map_err(|m| (f.clone(), m))?;
-        if net.prefix_len() == 0 {
-            // Calico's validator: "catch-all CIDR in negation creates
-            // logical contradiction (matches no traffic)".
-            return field_err(
-                f,
-                format!("{n} in notNets excludes every address, so the rule could never match; remove the rule or the net"),
-            );
-        }
-        not_nets.push(net);
-    }
-    let mut selectors = [None, None, None];
-    for (slot, (name, value)) in selectors.iter_mut().zip([
-        ("selector", &raw.selector),
-        ("notSelector", &raw.not_selector),
-        ("namespaceSelector", &raw.namespace_selector),
-    ]) {
-        if let Some(text) = value {
-            let sel =
-                Selector::parse(text).map_err(|e| (format!("{field}.{name}"), e.to_string()))?;
-            if sel.uses_global() && (name != "namespaceSelector" || sel != Selector::Global) {
-                return field_err(
-                    format!("{field}.{name}"),
-                    "global() is only valid alone in a rule's namespaceSelector",
-                );
-            }
-            *slot = Some(sel);
-        }
-    }
-    for (name, present) in [
-        ("serviceAccounts", raw.service_accounts.is_some()),
-        ("services", raw.services.is_some()),
-    ] {
-        if present {
-            return not_yet(&format!("{field}.{name}"), &format!("a rule {name}"));
-        }
-    }
-    let [selector, not_selector, namespace_selector] = selectors;
-    let service_frontends = raw.moat_service_frontends.unwrap_or(false);
-    if service_frontends && !field.ends_with("destination") {
-        return field_err(
-            format!("{field}.moatServiceFrontends"),
-            "valid in a rule's destination only",
-        );
-    }
-    Ok(EntityMatch {
-        service_frontends,
-        nets,
-        not_nets,
-        ports,
-        not_ports,
-        selector,
-        not_selector,
-        namespace_selector,
-    })
-}
-
 /// A CIDR, or a bare address meaning a single host.
 pub fn parse_net(text: &str) -> Result<IpNet, String> {
     // Calico (Go's parser) refuses IPv4 octets with leading zeros, which
@@ -1516,107 +1884,6 @@ pub fn parse_net(text: &str) -> Result<IpNet, String> {
         return Ok(IpNet::from(addr));
     }
     Err(format!("{text:?} is not a CIDR"))
-}
-
-fn rule(raw: RawRule, field: &str) -> FieldResult<Rule> {
-    let action = match raw.action.as_str() {
-        "Allow" => Action::Allow,
-        "Deny" => Action::Deny,
-        "Log" => Action::Log,
-        "Pass" => Action::Pass,
-        other => {
-            let hint = did_you_mean(other, &["Allow", "Deny", "Log", "Pass"])
-                .map(|s| format!(", did you mean {s}?"))
-                .unwrap_or_default();
-            return field_err(
-                format!("{field}.action"),
-                format!("unknown action {other:?} (Allow, Deny, Log or Pass){hint}"),
-            );
-        }
-    };
-    let protocol = raw
-        .protocol
-        .as_ref()
-        .map(|p| parse_protocol(p, &format!("{field}.protocol")))
-        .transpose()?;
-    let not_protocol = raw
-        .not_protocol
-        .as_ref()
-        .map(|p| parse_protocol(p, &format!("{field}.notProtocol")))
-        .transpose()?;
-    let ip_version = match raw.ip_version {
-        None => None,
-        Some(v @ (4 | 6)) => Some(v as u8),
-        Some(v) => {
-            return field_err(
-                format!("{field}.ipVersion"),
-                format!("ipVersion {v} is neither 4 nor 6"),
-            )
-        }
-    };
-    let icmp_proto = matches!(protocol, Some(1 | 58));
-    let icmp_m = raw
-        .icmp
-        .as_ref()
-        .map(|i| icmp(i, &format!("{field}.icmp")))
-        .transpose()?;
-    let not_icmp = raw
-        .not_icmp
-        .as_ref()
-        .map(|i| icmp(i, &format!("{field}.notICMP")))
-        .transpose()?;
-    // Calico's CRD rule: `icmp` needs protocol ICMP or ICMPv6; `notICMP`
-    // needs no protocol.
-    if icmp_m.is_some() && !icmp_proto {
-        return field_err(
-            format!("{field}.icmp"),
-            "ICMP fields need protocol ICMP or ICMPv6",
-        );
-    }
-    match (protocol, ip_version) {
-        (Some(1), Some(6)) => {
-            return field_err(
-                format!("{field}.protocol"),
-                "protocol ICMP with ipVersion 6 (use ICMPv6)",
-            )
-        }
-        (Some(58), Some(4)) => {
-            return field_err(
-                format!("{field}.protocol"),
-                "protocol ICMPv6 with ipVersion 4 (use ICMP)",
-            )
-        }
-        _ => {}
-    }
-    let ports_allowed = matches!(protocol, Some(6 | 17 | 132));
-    let source = entity(
-        raw.source,
-        &format!("{field}.source"),
-        ports_allowed,
-        ip_version,
-    )?;
-    let destination = entity(
-        raw.destination,
-        &format!("{field}.destination"),
-        ports_allowed,
-        ip_version,
-    )?;
-    if raw.http.is_some() {
-        return not_yet(
-            &format!("{field}.http"),
-            "an HTTP match (it needs an application layer proxy)",
-        );
-    }
-    Ok(Rule {
-        action,
-        protocol,
-        not_protocol,
-        icmp: icmp_m,
-        not_icmp,
-        ip_version,
-        source,
-        destination,
-    })
 }
 
 #[derive(Deserialize)]
@@ -2206,6 +2473,59 @@ mod tests {
             assert_eq!(e.field, field, "{labels}: {e}");
         }
         let l = load("apiVersion: projectcalico.org/v3\nkind: HostEndpoint\nmetadata: {name: h, labels: {ibm.role: worker_public, 'projectcalico.org/name': x.y-z_1, empty: ''}}\nspec: {node: n, interfaceName: eth1}\n");
+        assert!(l.errors.is_empty(), "{:?}", l.errors);
+    }
+
+    #[test]
+    fn every_problem_of_an_object_in_one_run() {
+        let l = load(&gnp(
+            "  selector: all()\n  ingress:\n    - action: allow\n      protocl: TCP\n      source: {nets: [10.0.0.0/33], nots: x}\n    - action: Allow\n      protocol: TCP\n      destination: {ports: [70000, ninety]}\n  Types: [Ingress]\n",
+        ));
+        let fields: Vec<&str> = l.errors.iter().map(|e| e.field.as_str()).collect();
+        for f in [
+            "spec.Types",
+            "spec.ingress[0].protocl",
+            "spec.ingress[0].source.nots",
+            "spec.ingress[0].action",
+            "spec.ingress[0].source.nets[0]",
+            "spec.ingress[1].destination.ports[0]",
+            "spec.ingress[1].destination.ports[1]",
+        ] {
+            assert!(fields.contains(&f), "{f} missing from {fields:?}");
+        }
+        assert!(l
+            .errors
+            .iter()
+            .all(|e| e.resource == "GlobalNetworkPolicy/p"));
+        assert!(
+            l.set.policies.is_empty(),
+            "an object with problems is left out"
+        );
+        // Metadata typos and every unknown field of a HostEndpoint.
+        let l = load("apiVersion: projectcalico.org/v3\nkind: HostEndpoint\nmetadata: {name: h, lables: {a: b}, Namespace: x}\nspec: {node: n, interfacename: eth1, expectedIps: []}\n");
+        let fields: Vec<&str> = l.errors.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            ["metadata.lables", "metadata.Namespace"],
+            "{:?}",
+            l.errors
+        );
+        assert!(l.errors[0].message.contains("did you mean `labels`"));
+        assert!(l.errors[1].message.contains("did you mean `namespace`"));
+        let l = load("apiVersion: projectcalico.org/v3\nkind: HostEndpoint\nmetadata: {name: h}\nspec: {node: n, interfacename: eth1, expectedIps: []}\n");
+        let msgs: Vec<String> = l.errors.iter().map(ToString::to_string).collect();
+        assert_eq!(msgs.len(), 2, "{msgs:?}");
+        assert!(
+            msgs[0].contains("spec.interfacename")
+                && msgs[0].contains("did you mean `interfaceName`"),
+            "{msgs:?}"
+        );
+        assert!(
+            msgs[1].contains("spec.expectedIps") && msgs[1].contains("did you mean `expectedIPs`"),
+            "{msgs:?}"
+        );
+        // kubectl's metadata is all accepted.
+        let l = load("apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: p, uid: x, resourceVersion: '1', generation: 2, creationTimestamp: '2024-01-01T00:00:00Z', annotations: {a: b}, managedFields: [{manager: kubectl}], finalizers: [], ownerReferences: []}\nspec: {selector: all()}\n");
         assert!(l.errors.is_empty(), "{:?}", l.errors);
     }
 }

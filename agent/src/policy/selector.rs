@@ -67,6 +67,12 @@ impl Selector {
         Ok(sel)
     }
 
+    /// `terms` joined by `&&` as a balanced tree (`all()` when empty):
+    /// evaluation depth stays logarithmic in the number of terms.
+    pub fn all_of(terms: Vec<Selector>) -> Selector {
+        balanced(terms, Selector::And)
+    }
+
     /// Whether an object with `labels` is selected.
     pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
         match self {

@@ -34,7 +34,7 @@ pub fn snapshot(dir: &Path) -> anyhow::Result<Snapshot> {
     let mut texts = std::collections::BTreeMap::new();
     let mut unreadable = Vec::new();
     for (shown, open) in &tree.files {
-        match std::fs::read_to_string(open) {
+        match policy::read_bounded(open) {
             Ok(text) => {
                 texts.insert(shown.to_string_lossy().into_owned(), text);
             }
@@ -47,6 +47,7 @@ pub fn snapshot(dir: &Path) -> anyhow::Result<Snapshot> {
                     resource: String::new(),
                     field: String::new(),
                     message: format!("cannot read: {e}"),
+                    document: None,
                 });
             }
         }

@@ -197,7 +197,7 @@ impl Reconciler {
         for w in policy::label_key_warnings(&loaded.set) {
             warn!("{w}");
         }
-        let invalid = loaded.errors.len() as u64;
+        let invalid = loaded.invalid_objects() as u64;
         self.stats
             .rejected_objects
             .fetch_add(invalid, Ordering::Relaxed);

@@ -10,12 +10,15 @@ use crate::{
 };
 
 /// Validate and compile a policy directory without touching the kernel;
-/// exits 1 when any resource is invalid. With --ingress/--egress: what
-/// would happen to that packet, and why.
+/// exits 1 when any resource is invalid, 8 when --node or --iface names
+/// what no HostEndpoint describes. With --ingress/--egress: what would
+/// happen to that packet, and why.
 #[derive(clap::Args)]
 pub struct Args {
-    /// The policy directory (.yaml, .yml, .json files, read recursively).
-    #[arg(long, value_name = "DIR")]
+    /// Policy directory (.yaml, .yml, .json files, read recursively), one
+    /// file, or `-` for standard input (e.g. `calicoctl get gnp -o yaml |
+    /// moat check --policies -`).
+    #[arg(long, value_name = "DIR|FILE|-")]
     pub policies: PathBuf,
     /// Interfaces to compile for [default: every interface a HostEndpoint
     /// of the node names].
@@ -102,8 +105,17 @@ fn check(
     node: Option<String>,
     output: OutputFormat,
 ) -> anyhow::Result<Exit> {
+    let explicit = node.is_some() || !ifaces.is_empty();
     let node = node.unwrap_or_else(agent::default_node_name);
     let loaded = agent::load_policies(dir, profile)?;
+    let unknown: Vec<String> = if ifaces.is_empty() {
+        vec![None]
+    } else {
+        ifaces.iter().map(|i| Some(i.as_str())).collect()
+    }
+    .into_iter()
+    .filter_map(|i| crate::cli::check::unknown_target(&loaded.set, &node, i))
+    .collect();
     let ifaces = if ifaces.is_empty() {
         let mut names: Vec<String> = loaded
             .set
@@ -125,6 +137,7 @@ fn check(
         .map(ToString::to_string)
         .collect();
     let compile_error = compiled.as_ref().err().map(ToString::to_string);
+    let summary = crate::cli::check::summary(&loaded);
     match output {
         OutputFormat::Json => {
             let tables = compiled.as_ref().ok().map(|c| {
@@ -148,7 +161,9 @@ fn check(
                     "files": loaded.files,
                     "policies": loaded.set.policies.len(),
                     "host_endpoints": loaded.set.host_endpoints.len(),
-                    "errors": errors,
+                    "summary": summary,
+                    "errors": loaded.errors.iter().map(crate::cli::check::error_report).collect::<Vec<_>>(),
+                    "unknown_target": unknown,
                     "warnings": warnings,
                     "compile_error": compile_error,
                     "node": node,
@@ -166,13 +181,10 @@ fn check(
             if let Some(e) = &compile_error {
                 println!("error: {e}");
             }
-            println!(
-                "{} file(s): {} GlobalNetworkPolicies, {} HostEndpoints valid; {} error(s)",
-                loaded.files,
-                loaded.set.policies.len(),
-                loaded.set.host_endpoints.len(),
-                errors.len() + usize::from(compile_error.is_some())
-            );
+            for u in &unknown {
+                println!("{}: {u}", if explicit { "error" } else { "note" });
+            }
+            println!("{}", summary.text(usize::from(compile_error.is_some())));
             if let Ok(c) = &compiled {
                 for i in c.ifaces.values() {
                     println!(
@@ -189,10 +201,12 @@ fn check(
             }
         }
     }
-    Ok(if errors.is_empty() && compile_error.is_none() {
-        Exit::Ok
-    } else {
+    Ok(if !errors.is_empty() || compile_error.is_some() {
         Exit::Error
+    } else if explicit && !unknown.is_empty() {
+        Exit::UnknownTarget
+    } else {
+        Exit::Ok
     })
 }
 
@@ -250,6 +264,10 @@ fn check_packet(
     let loaded = agent::load_policies(dir_path, profile)?;
     for e in &loaded.errors {
         eprintln!("error: {e} (left out of the answer)");
+    }
+    if let Some(why) = crate::cli::check::unknown_target(&loaded.set, &node, Some(iface)) {
+        eprintln!("error: {why}");
+        return Ok(Exit::UnknownTarget);
     }
     let answer = crate::cli::check::answer(&loaded.set, &node, iface, dir, &packet, query)?;
     match output {
