@@ -17,6 +17,7 @@ use moat::{
     policy::{
         reference::{self, DecidedBy, Fragment, Frame, Stage, Verdict},
         selector::Selector,
+        tier::{CalicoProfile, Tier, TierAction},
         Action, EntityMatch, FailsafePort, FailsafeProfile, Failsafes, HostEndpoint, IcmpMatch,
         Origin, Policy, PolicyKind, PolicySet, PortRange, Rule,
     },
@@ -193,6 +194,7 @@ fn policy_set(rng: &mut SmallRng) -> PolicySet {
                 egress_applies,
                 ingress,
                 egress,
+                tier: "default".into(),
                 origin: origin(),
             }
         })
@@ -205,7 +207,8 @@ fn policy_set(rng: &mut SmallRng) -> PolicySet {
             node: NODE.into(),
             interface_name: "eth1".into(),
             expected_ips: vec![],
-            default_allow: rng.gen_bool(0.3),
+            default_allow: false,
+            profiles: Vec::new(),
             origin: origin(),
         }],
         failsafes: None,
@@ -220,9 +223,57 @@ fn policy_set(rng: &mut SmallRng) -> PolicySet {
         }],
         network_sets: Vec::new(),
         objects: Vec::new(),
+        tiers: Vec::new(),
+        profiles: Vec::new(),
     };
+    if rng.gen_bool(0.3) {
+        set.host_endpoints[0].default_allow = true;
+        set.host_endpoints[0].profiles = vec![moat::policy::DEFAULT_ALLOW_PROFILE.into()];
+    }
+    tiers_and_profiles(&mut SmallRng::seed_from_u64(rng.gen()), &mut set);
     set.sort();
     set
+}
+
+/// Tiers (before and after `default`, ending in Deny or Pass) the policies
+/// are spread over, and a Profile with rules before the endpoint's other
+/// profiles.
+fn tiers_and_profiles(rng: &mut SmallRng, set: &mut PolicySet) {
+    if rng.gen_bool(0.6) {
+        let action = |rng: &mut SmallRng| {
+            if rng.gen_bool(0.5) {
+                TierAction::Pass
+            } else {
+                TierAction::Deny
+            }
+        };
+        set.tiers = vec![
+            Tier {
+                name: "first".into(),
+                order: Some(100.0),
+                default_action: action(rng),
+                origin: None,
+            },
+            Tier {
+                name: "last".into(),
+                order: None,
+                default_action: action(rng),
+                origin: None,
+            },
+        ];
+        for p in &mut set.policies {
+            p.tier = ["first", "default", "last"][rng.gen_range(0..3)].into();
+        }
+    }
+    if rng.gen_bool(0.4) {
+        set.profiles = vec![CalicoProfile {
+            name: "prof".into(),
+            ingress: (0..rng.gen_range(0..4)).map(|_| rule(rng)).collect(),
+            egress: (0..rng.gen_range(0..3)).map(|_| rule(rng)).collect(),
+            origin: origin(),
+        }];
+        set.host_endpoints[0].profiles.insert(0, "prof".into());
+    }
 }
 
 /// Whether `set` fits this version's tables (negated matches compile to
@@ -391,6 +442,7 @@ fn path_name(by: &DecidedBy, v: Verdict) -> &'static str {
         DecidedBy::Misconfigured { .. } => "misconfigured",
         DecidedBy::ForwardedWithoutPolicy => "forwarded",
         DecidedBy::OwnAddress => "own-address",
+        DecidedBy::ProfileRule { .. } => "profile-rule",
     }
 }
 
@@ -423,6 +475,11 @@ fn describe(set: &PolicySet) -> String {
         set.host_endpoints[0].default_allow
     );
     s += &format!("failsafes {:?}\n", set.failsafe_profiles[0].failsafes);
+    s += &format!("tiers {:?}\n", set.tiers);
+    s += &format!(
+        "profiles {:?}: {:#?}\n",
+        set.host_endpoints[0].profiles, set.profiles
+    );
     s
 }
 
@@ -433,7 +490,7 @@ fn kernel_agrees_with_reference() {
         .and_then(|s| s.parse().ok())
         // The default draw is one that exercises every decision path (checked
         // below); any seed must agree.
-        .unwrap_or(1);
+        .unwrap_or(5);
     let per_set: usize = std::env::var("MOAT_DIFF_PACKETS")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -520,6 +577,17 @@ fn kernel_agrees_with_reference() {
                     "deny reasons differ\n{}",
                     context()
                 );
+                if let DecidedBy::ProfileRule { profile, rule, .. } = &want.by {
+                    assert_eq!(
+                        (
+                            k.compiled.policy_name(denies[0].policy_id),
+                            denies[0].rule_index
+                        ),
+                        (Some(format!("Profile/{profile}").as_str()), *rule as u32),
+                        "deciding profile rule differs\n{}",
+                        context()
+                    );
+                }
                 if let DecidedBy::Rule { policy, rule, .. } = &want.by {
                     assert_eq!(
                         (
@@ -577,6 +645,7 @@ fn kernel_agrees_with_reference() {
         "end-of-policies",
         "profile-allow",
         "profile-deny",
+        "profile-rule",
     ];
     for path in all {
         assert!(

@@ -7,6 +7,7 @@
 //! the same policy and rule index; entries of one rule are contiguous.
 
 pub mod classify;
+pub mod tiers;
 
 use std::collections::BTreeMap;
 
@@ -108,7 +109,13 @@ pub fn endpoint_for<'a>(
 /// Compiles `set` for the interfaces `ifaces` of `node`.
 pub fn compile(set: &PolicySet, node: &str, ifaces: &[String]) -> Result<Compiled, CompileError> {
     let mut out = Compiled {
-        policy_names: set.policies.iter().map(|p| p.name.clone()).collect(),
+        // Policies, then profiles (`Profile/<name>`), by id.
+        policy_names: set
+            .policies
+            .iter()
+            .map(|p| p.name.clone())
+            .chain(set.profiles.iter().map(|p| format!("Profile/{}", p.name)))
+            .collect(),
         pod_policies: set
             .policies
             .iter()
@@ -145,78 +152,36 @@ pub fn compile(set: &PolicySet, node: &str, ifaces: &[String]) -> Result<Compile
                 end_reason: 0,
                 pass_verdict: verdict::NONE,
             };
-            // The rules of the policies of one stage that select `hep`, in
-            // order; and whether any applied in this direction.
-            let stage_rules = |in_stage: &dyn Fn(&Policy) -> bool| {
-                let mut rules = Vec::new();
-                let mut applies = false;
-                for (id, policy) in set.policies.iter().enumerate() {
-                    if !policy.can_select_host_endpoints()
-                        || !in_stage(policy)
-                        || !policy.selector.matches(&hep.labels)
-                    {
-                        continue;
-                    }
-                    let Some(list) = policy.rules(dir) else {
-                        continue;
-                    };
-                    applies = true;
-                    for (index, rule) in list.iter().enumerate() {
-                        expand(set, policy, rule, id as u32, index as u32, &mut rules);
-                    }
-                }
-                (rules, applies)
+            let stage = |in_stage: &dyn Fn(&Policy) -> bool, normal: bool| {
+                stage_table(set, hep, dir, in_stage, normal)
             };
             // Untracked and pre-DNAT stages have no default deny: a packet
-            // no rule decided (or a Pass) goes on to the next stage.
-            // A Pass ends the stage: the walk reports `PASS`, which the
-            // program treats as "go on", like no decision.
-            let (untracked, _) = stage_rules(&|p| p.do_not_track);
-            tables[table::index(dir, table::UNTRACKED)] = TableSpec {
-                rules: untracked,
-                end_verdict: verdict::NONE,
-                end_reason: 0,
-                pass_verdict: verdict::PASS,
-            };
+            // no rule decided (or a Pass past the last tier) goes on to the
+            // next stage: the walk reports `PASS` (or nothing), which the
+            // program treats as "go on".
+            let (untracked, _) = stage(&|p| p.do_not_track, false);
+            tables[table::index(dir, table::UNTRACKED)] = untracked;
             // Pre-DNAT policies have ingress rules only (validation).
-            let (pre_dnat, _) = stage_rules(&|p| p.pre_dnat);
-            tables[table::index(dir, table::PRE_DNAT)] = TableSpec {
-                rules: pre_dnat,
-                end_verdict: verdict::NONE,
-                end_reason: 0,
-                pass_verdict: verdict::PASS,
-            };
+            let (pre_dnat, _) = stage(&|p| p.pre_dnat, false);
+            tables[table::index(dir, table::PRE_DNAT)] = pre_dnat;
             // Forwarded traffic: applyOnForward policies only; none
             // applying means allowed.
-            let (forward, forward_applies) =
-                stage_rules(&|p| p.apply_on_forward && !p.pre_dnat && !p.do_not_track);
-            tables[table::index(dir, table::FORWARD)] = TableSpec {
-                rules: forward,
-                end_verdict: if forward_applies {
-                    verdict::DENY
-                } else {
-                    verdict::ALLOW
-                },
-                end_reason: if forward_applies {
-                    reason::END_OF_POLICIES
-                } else {
-                    0
-                },
-                pass_verdict: profile,
+            let (forward, forward_applies) = stage(
+                &|p| p.apply_on_forward && !p.pre_dnat && !p.do_not_track,
+                true,
+            );
+            tables[table::index(dir, table::FORWARD)] = if forward_applies {
+                forward
+            } else {
+                TableSpec {
+                    rules: Vec::new(),
+                    end_verdict: verdict::ALLOW,
+                    end_reason: 0,
+                    pass_verdict: profile,
+                }
             };
-            let (rules, applies) = stage_rules(&|p| !p.pre_dnat && !p.do_not_track);
-            tables[table::index(dir, table::POLICY)] = TableSpec {
-                rules,
-                // Policies applied and none decided: Calico's end-of-tier
-                // drop. None applied: the profiles decide.
-                end_verdict: if applies { verdict::DENY } else { profile },
-                end_reason: if applies {
-                    reason::END_OF_POLICIES
-                } else {
-                    reason::NO_PROFILE
-                },
-                pass_verdict: profile,
-            };
+            let (normal, _) = stage(&|p| !p.pre_dnat && !p.do_not_track, true);
+            tables[table::index(dir, table::POLICY)] = normal;
         }
         out.ifaces.insert(
             iface.clone(),
@@ -228,6 +193,93 @@ pub fn compile(set: &PolicySet, node: &str, ifaces: &[String]) -> Result<Compile
         );
     }
     Ok(out)
+}
+
+/// The table of one stage of `hep` in `dir`: the policies `in_stage`
+/// selects, tier by tier (`tiers`), and in the normal stage the profiles
+/// after them; whether any policy applied.
+fn stage_table(
+    set: &PolicySet,
+    hep: &HostEndpoint,
+    dir: u8,
+    in_stage: &dyn Fn(&Policy) -> bool,
+    normal: bool,
+) -> (TableSpec, bool) {
+    let mut runs = Vec::new();
+    for tier in crate::policy::tier::ordered(&set.tiers) {
+        let mut entries = Vec::new();
+        let mut applies = false;
+        for (id, policy) in set.policies.iter().enumerate() {
+            if policy.tier != tier.name
+                || !policy.can_select_host_endpoints()
+                || !in_stage(policy)
+                || !policy.selector.matches(&hep.labels)
+            {
+                continue;
+            }
+            let Some(list) = policy.rules(dir) else {
+                continue;
+            };
+            applies = true;
+            for (index, rule) in list.iter().enumerate() {
+                expand(set, policy, rule, id as u32, index as u32, &mut entries);
+            }
+        }
+        if applies {
+            runs.push(tiers::Run {
+                entries,
+                end_denies: normal && tier.default_action == crate::policy::tier::TierAction::Deny,
+            });
+        }
+    }
+    let applies = !runs.is_empty();
+    let profile = if hep.default_allow {
+        verdict::ALLOW
+    } else {
+        verdict::DENY
+    };
+    if normal {
+        // After the last tier, the profiles in order (a Pass in one goes on
+        // to the next); up to projectcalico-default-allow.
+        for name in &hep.profiles {
+            if name == crate::policy::DEFAULT_ALLOW_PROFILE {
+                break;
+            }
+            let Some((i, p)) = set
+                .profiles
+                .iter()
+                .enumerate()
+                .find(|(_, p)| &p.name == name)
+            else {
+                continue;
+            };
+            let scope = crate::policy::reference::profile_scope(p);
+            let id = (set.policies.len() + i) as u32;
+            let mut entries = Vec::new();
+            for (index, rule) in p.rules(dir).iter().enumerate() {
+                expand(set, &scope, rule, id, index as u32, &mut entries);
+            }
+            runs.push(tiers::Run {
+                entries,
+                end_denies: false,
+            });
+        }
+    }
+    let mut rules = tiers::flatten(&runs, &[tiers::catch_all(verdict::PASS)]);
+    // The trailing catch-all is the table's end.
+    let end = rules.pop().filter(tiers::is_end);
+    let (end_verdict, end_reason) = match end.map(|e| e.action) {
+        Some(verdict::END_OF_TIER) => (verdict::DENY, reason::END_OF_POLICIES),
+        _ if !normal => (verdict::NONE, 0),
+        _ => (profile, reason::NO_PROFILE),
+    };
+    let spec = TableSpec {
+        rules,
+        end_verdict,
+        end_reason,
+        pass_verdict: if normal { profile } else { verdict::PASS },
+    };
+    (spec, applies)
 }
 
 /// IPv4 nets live in `::ffff:0:0/96`.

@@ -359,6 +359,7 @@ pub fn network_policy(
         pre_dnat: false,
         do_not_track: false,
         apply_on_forward: false,
+        tier: crate::policy::tier::DEFAULT_TIER.into(),
         ingress_applies,
         egress_applies,
         ingress,

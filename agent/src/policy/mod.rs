@@ -12,6 +12,7 @@ pub mod profiles;
 pub mod reference;
 pub mod resolve;
 pub mod selector;
+pub mod tier;
 
 use std::{
     collections::BTreeMap,
@@ -162,6 +163,8 @@ pub struct Policy {
     pub egress_applies: bool,
     pub ingress: Vec<Rule>,
     pub egress: Vec<Rule>,
+    /// `spec.tier` (`default` when not given).
+    pub tier: String,
     pub origin: Origin,
 }
 
@@ -213,6 +216,8 @@ pub struct HostEndpoint {
     pub expected_ips: Vec<std::net::IpAddr>,
     /// Whether `projectcalico-default-allow` is among its profiles.
     pub default_allow: bool,
+    /// `spec.profiles`, in order (`projectcalico-default-allow` included).
+    pub profiles: Vec<String>,
     pub origin: Origin,
 }
 
@@ -277,6 +282,10 @@ pub struct PolicySet {
     /// Namespaces, pods, nodes and services that selectors and
     /// `allow-node-port-dnat` resolve against.
     pub objects: Vec<crate::policy::kubernetes::Object>,
+    /// `Tier` resources (the built-in ones are added by `tier::ordered`).
+    pub tiers: Vec<tier::Tier>,
+    /// `Profile` resources.
+    pub profiles: Vec<tier::CalicoProfile>,
 }
 
 /// A GlobalNetworkSet (no namespace) or NetworkSet: labelled nets that rule
@@ -651,6 +660,7 @@ fn check_duplicates(loaded: &mut Loaded) {
         .failsafe_profiles
         .retain(|f| !dup(&format!("FailsafeProfile/{}", f.name)));
     loaded.set.network_sets.retain(|n| !dup(&n.resource()));
+    tier::check_references(loaded);
 }
 
 /// Placeholders such as `<worker-node-name>` outside comments: a template
@@ -851,11 +861,17 @@ fn load_value(file: &Path, index: &mut usize, value: Value, loaded: &mut Loaded)
                 }
             })
         }
+        ("Tier", a) if CALICO_API_VERSIONS.contains(&a) => {
+            tier::tier(&meta, spec, origin).map(|t| loaded.set.tiers.push(t))
+        }
+        ("Profile", a) if CALICO_API_VERSIONS.contains(&a) => {
+            tier::profile(&meta, spec, origin).map(|p| loaded.set.profiles.push(p))
+        }
         ("FailsafeProfile", MOAT_API_VERSION) => {
             failsafe_profile(&meta, spec, origin).map(|f| loaded.set.failsafe_profiles.push(f))
         }
         (
-            "Profile" | "Tier" | "StagedNetworkPolicy" | "StagedGlobalNetworkPolicy"
+            "StagedNetworkPolicy" | "StagedGlobalNetworkPolicy"
             | "StagedKubernetesNetworkPolicy",
             a,
         ) if CALICO_API_VERSIONS.contains(&a) => Err((
@@ -917,7 +933,7 @@ pub fn did_you_mean<'a>(word: &str, known: &[&'a str]) -> Option<&'a str> {
 }
 
 /// Turns a serde error into (field path, message), with "did you mean".
-fn spec_error(e: serde_path_to_error::Error<serde_yaml_ng::Error>) -> (String, String) {
+pub(crate) fn spec_error(e: serde_path_to_error::Error<serde_yaml_ng::Error>) -> (String, String) {
     let path = e.path().to_string();
     let inner = e.inner().to_string();
     let message = match parse_unknown_field(&inner) {
@@ -950,7 +966,7 @@ fn parse_unknown_field(msg: &str) -> Option<(String, Vec<String>)> {
 
 #[derive(Deserialize, Default)]
 #[serde(rename_all = "camelCase")]
-struct Metadata {
+pub(crate) struct Metadata {
     #[serde(default)]
     name: String,
     namespace: Option<String>,
@@ -987,7 +1003,7 @@ struct RawPolicySpec {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct RawRule {
+pub(crate) struct RawRule {
     action: String,
     protocol: Option<NumOrString>,
     not_protocol: Option<NumOrString>,
@@ -1027,13 +1043,13 @@ struct RawEntity {
     moat_service_frontends: Option<bool>,
 }
 
-type FieldResult<T> = Result<T, (String, String)>;
+pub(crate) type FieldResult<T> = Result<T, (String, String)>;
 
 fn field_err<T>(field: impl Into<String>, message: impl Into<String>) -> FieldResult<T> {
     Err((field.into(), message.into()))
 }
 
-fn not_yet<T>(field: &str, what: &str) -> FieldResult<T> {
+pub(crate) fn not_yet<T>(field: &str, what: &str) -> FieldResult<T> {
     field_err(
         field,
         format!("{what} is not enforced by this version of moat yet; the policy is rejected rather than enforced without it"),
@@ -1140,10 +1156,10 @@ fn policy(meta: &Metadata, spec: Value, origin: Origin, kind: PolicyKind) -> Fie
         .as_deref()
         .map(|t| parse_selector(t, "spec.namespaceSelector"))
         .transpose()?;
-    // Valid Calico that this version does not read yet.
-    if let Some(tier) = raw.tier.filter(|t| t != "default") {
-        return not_yet("spec.tier", &format!("tier {tier:?}"));
-    }
+    let tier = raw
+        .tier
+        .filter(|t| !t.is_empty())
+        .unwrap_or_else(|| tier::DEFAULT_TIER.into());
     if raw.service_account_selector.is_some() {
         return not_yet("spec.serviceAccountSelector", "serviceAccountSelector");
     }
@@ -1171,6 +1187,7 @@ fn policy(meta: &Metadata, spec: Value, origin: Origin, kind: PolicyKind) -> Fie
         egress_applies,
         ingress,
         egress,
+        tier,
         origin,
     })
 }
@@ -1186,7 +1203,7 @@ fn parse_selector(text: &str, field: &str) -> FieldResult<Selector> {
     Ok(sel)
 }
 
-fn rules(raw: Vec<RawRule>, field: &str) -> FieldResult<Vec<Rule>> {
+pub(crate) fn rules(raw: Vec<RawRule>, field: &str) -> FieldResult<Vec<Rule>> {
     raw.into_iter()
         .enumerate()
         .map(|(i, r)| rule(r, &format!("{field}[{i}]")))
@@ -1524,17 +1541,8 @@ fn host_endpoint(meta: &Metadata, spec: Value, origin: Origin) -> FieldResult<Ho
     if interface_name == "*" {
         return not_yet("spec.interfaceName", "interfaceName \"*\" (all interfaces)");
     }
-    let mut default_allow = false;
-    for (i, p) in raw.profiles.iter().flatten().enumerate() {
-        if p == DEFAULT_ALLOW_PROFILE {
-            default_allow = true;
-        } else {
-            return not_yet(
-                &format!("spec.profiles[{i}]"),
-                &format!("profile {p:?} (only {DEFAULT_ALLOW_PROFILE} is known)"),
-            );
-        }
-    }
+    let profiles = raw.profiles.unwrap_or_default();
+    let default_allow = profiles.iter().any(|p| p == DEFAULT_ALLOW_PROFILE);
     if raw.ports.as_ref().is_some_and(|p| !p.is_empty()) {
         return not_yet("spec.ports", "named host endpoint ports");
     }
@@ -1545,6 +1553,7 @@ fn host_endpoint(meta: &Metadata, spec: Value, origin: Origin) -> FieldResult<Ho
         interface_name,
         expected_ips,
         default_allow,
+        profiles,
         origin,
     })
 }
