@@ -225,3 +225,62 @@ pub(crate) fn check_references(loaded: &mut Loaded) {
     });
     loaded.errors.extend(errors);
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::policy::load_str;
+
+    const HEP: &str = "apiVersion: projectcalico.org/v3\nkind: HostEndpoint\nmetadata: {name: h}\nspec: {node: n, interfaceName: eth1, profiles: [web]}\n---\n";
+
+    #[test]
+    fn tiers_sort_by_order_with_the_built_in_ones() {
+        let l = load_str(
+            Path::new("t.yaml"),
+            "apiVersion: projectcalico.org/v3\nkind: Tier\nmetadata: {name: security}\nspec: {order: 100, defaultAction: Pass}\n---\napiVersion: projectcalico.org/v3\nkind: Tier\nmetadata: {name: late}\n---\napiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: security.p}\nspec: {tier: security}\n",
+        );
+        assert!(l.errors.is_empty(), "{:#?}", l.errors);
+        let names: Vec<String> = ordered(&l.set.tiers).into_iter().map(|t| t.name).collect();
+        assert_eq!(
+            names,
+            ["security", "kube-admin", "default", "kube-baseline", "late"]
+        );
+        assert_eq!(l.set.policies[0].tier, "security");
+        assert_eq!(l.set.tiers[0].default_action, TierAction::Pass);
+    }
+
+    #[test]
+    fn missing_tiers_and_profiles_and_bad_tiers_are_refused_by_name() {
+        let l = load_str(
+            Path::new("t.yaml"),
+            &format!("{HEP}apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {{name: p}}\nspec: {{tier: nope}}\n---\napiVersion: projectcalico.org/v3\nkind: Tier\nmetadata: {{name: default}}\nspec: {{order: 5}}\n---\napiVersion: projectcalico.org/v3\nkind: Tier\nmetadata: {{name: a.b}}\n---\napiVersion: projectcalico.org/v3\nkind: Tier\nmetadata: {{name: x}}\nspec: {{defaultAction: Allow}}\n"),
+        );
+        let text: Vec<String> = l.errors.iter().map(|e| e.to_string()).collect();
+        let has = |s: &str| text.iter().any(|t| t.contains(s));
+        assert!(
+            has("GlobalNetworkPolicy/p: spec.tier: tier \"nope\" does not exist"),
+            "{text:#?}"
+        );
+        assert!(
+            has("HostEndpoint/h: spec.profiles: profile \"web\" does not exist"),
+            "{text:#?}"
+        );
+        assert!(
+            has("the built-in tier \"default\" has order 1000000"),
+            "{text:#?}"
+        );
+        assert!(has("\"a.b\" is not a tier name"), "{text:#?}");
+        assert!(has("\"Allow\" is not a tier default action"), "{text:#?}");
+        assert!(l.set.policies.is_empty() && l.set.host_endpoints.is_empty());
+        // With the Profile, the endpoint stands.
+        let l = load_str(
+            Path::new("t.yaml"),
+            &format!("{HEP}apiVersion: projectcalico.org/v3\nkind: Profile\nmetadata: {{name: web}}\nspec: {{ingress: [{{action: Allow, protocol: TCP, destination: {{ports: [443]}}}}]}}\n"),
+        );
+        assert!(l.errors.is_empty(), "{:#?}", l.errors);
+        assert_eq!(l.set.host_endpoints[0].profiles, ["web"]);
+        assert_eq!(l.set.profiles[0].ingress.len(), 1);
+    }
+}
