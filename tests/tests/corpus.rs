@@ -100,6 +100,7 @@ fn every_corpus_policy_parses_validates_and_compiles() {
                 expected_ips: vec![ip.parse().expect("ip")],
                 default_allow: false,
                 profiles: Vec::new(),
+                ports: Vec::new(),
                 origin: moat::policy::Origin {
                     file: dir.clone(),
                     document: 0,
@@ -165,6 +166,7 @@ fn private_network_isolation_us_south_in_the_kernel() {
             expected_ips: vec![ip.parse().expect("ip")],
             default_allow: false,
             profiles: Vec::new(),
+            ports: Vec::new(),
             origin: moat::policy::Origin {
                 file: dir.clone(),
                 document: 0,

@@ -209,6 +209,7 @@ fn policy_set(rng: &mut SmallRng) -> PolicySet {
             expected_ips: vec![],
             default_allow: false,
             profiles: Vec::new(),
+            ports: Vec::new(),
             origin: origin(),
         }],
         failsafes: None,

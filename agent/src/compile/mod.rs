@@ -499,6 +499,11 @@ impl Expansion<'_, '_> {
             return self.service_frontends(rule);
         }
         for side in [Side::Source, Side::Destination] {
+            if !side.of(rule).named_ports.is_empty() {
+                return self.named_ports(rule, side);
+            }
+        }
+        for side in [Side::Source, Side::Destination] {
             let e = side.of(rule);
             if e.not_selector.is_some() || !e.not_nets.is_empty() || !e.not_ports.is_empty() {
                 return self.negations(rule, side);
@@ -540,6 +545,39 @@ impl Expansion<'_, '_> {
                 hi: f.port,
             }];
             r.destination.nets = nets;
+            self.rule(&r);
+        }
+    }
+
+    /// Named ports become the numeric ports of the rule, if any, and one
+    /// rule per address and port the names stand for (none: nothing).
+    fn named_ports(&mut self, rule: &Rule, side: Side) {
+        let e = side.of(rule);
+        if !e.ports.is_empty() {
+            let mut r = rule.clone();
+            side.of_mut(&mut r).named_ports.clear();
+            self.rule(&r);
+        }
+        let Some(protocol) = rule.protocol else {
+            return; // a name stands for a port of one protocol
+        };
+        let mut targets: Vec<(std::net::IpAddr, u16)> = e
+            .named_ports
+            .iter()
+            .flat_map(|n| crate::policy::named_ports::resolve(self.set, n, protocol))
+            .collect();
+        targets.sort();
+        targets.dedup();
+        for (addr, port) in targets {
+            let nets = narrow(&e.nets, &[IpNet::from(addr)]);
+            if nets.is_empty() {
+                continue;
+            }
+            let mut r = rule.clone();
+            let m = side.of_mut(&mut r);
+            m.named_ports.clear();
+            m.nets = nets;
+            m.ports = vec![PortRange { lo: port, hi: port }];
             self.rule(&r);
         }
     }
@@ -880,6 +918,31 @@ mod tests {
             rule,
             &v6
         ));
+    }
+
+    #[test]
+    fn named_ports_become_the_addresses_and_ports_they_stand_for() {
+        let s = set("apiVersion: projectcalico.org/v3\nkind: HostEndpoint\nmetadata: {name: h, labels: {ibm.role: worker_public}}\nspec: {node: n, interfaceName: eth1, expectedIPs: [198.51.100.10], ports: [{name: admin, port: 8443, protocol: TCP}]}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: web, namespace: shop}\nspec: {containers: [{name: c, ports: [{name: admin, containerPort: 9443}, {name: dns, containerPort: 53, protocol: UDP}]}]}\nstatus: {podIP: 172.30.1.5}\n---\napiVersion: moat.dev/v1alpha1\nkind: FailsafeProfile\nmetadata: {name: none}\nspec: {selector: all(), inbound: [], outbound: []}\n---\napiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: p}\nspec:\n  ingress:\n    - action: Allow\n      protocol: TCP\n      destination: {ports: [admin, 22]}\n    - action: Allow\n      protocol: TCP\n      destination: {ports: [nobody]}\n    - action: Allow\n      protocol: UDP\n      destination: {ports: [admin]}\n");
+        let c = compile(&s, "n", &["eth1".into()]).expect("compiles");
+        let t = c.ifaces["eth1"].table(direction::INGRESS, table::POLICY);
+        let of = |i: u32| -> Vec<(u16, u8, u8)> {
+            t.rules
+                .iter()
+                .filter(|r| r.rule_index == i)
+                .map(|r| (r.dst_port_lo, r.dst_mask[15], r.dst_net[15]))
+                .collect()
+        };
+        // 22 anywhere; 8443 on the host endpoint, 9443 on the pod.
+        assert_eq!(of(0), [(22, 0, 0), (9443, 0xff, 5), (8443, 0xff, 10)]);
+        assert!(of(1).is_empty(), "a name nothing declares matches nothing");
+        assert!(of(2).is_empty(), "admin is a TCP port");
+        let f = |p: &str| crate::policy::packet_spec::parse(p).expect("packet");
+        let (pol, rule) = (&s.policies[0], &s.policies[0].ingress[0]);
+        let m = |p: &str| crate::policy::reference::rule_matches_in(&s, pol, rule, &f(p));
+        assert!(m("tcp 203.0.113.1:4000 -> 198.51.100.10:8443"));
+        assert!(m("tcp 203.0.113.1:4000 -> 172.30.1.5:9443"));
+        assert!(!m("tcp 203.0.113.1:4000 -> 198.51.100.10:9443"));
+        assert!(m("tcp 203.0.113.1:4000 -> 192.0.2.1:22"));
     }
 
     #[test]

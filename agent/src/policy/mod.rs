@@ -7,6 +7,7 @@
 //! never skipped. Errors name the file, the resource and the field.
 
 pub mod kubernetes;
+pub mod named_ports;
 pub mod packet_spec;
 pub mod profiles;
 pub mod reference;
@@ -98,6 +99,9 @@ pub struct EntityMatch {
     pub ports: Vec<PortRange>,
     /// The port must be in none of these.
     pub not_ports: Vec<PortRange>,
+    /// Ports by name (`named_ports`): with `ports`, the port must be in
+    /// one of the ranges or be one of these.
+    pub named_ports: Vec<String>,
     /// Addresses of the endpoints and network sets it selects.
     pub selector: Option<Selector>,
     /// The address must not belong to what this selects.
@@ -218,6 +222,8 @@ pub struct HostEndpoint {
     pub default_allow: bool,
     /// `spec.profiles`, in order (`projectcalico-default-allow` included).
     pub profiles: Vec<String>,
+    /// `spec.ports`: ports by name, for rules' named ports.
+    pub ports: Vec<named_ports::NamedPort>,
     pub origin: Origin,
 }
 
@@ -1332,8 +1338,12 @@ fn entity(
             "ports need protocol TCP, UDP or SCTP",
         );
     }
+    let mut named_ports = Vec::new();
     for (i, p) in raw_ports.iter().enumerate() {
-        ports.push(port_range(p, &format!("{field}.ports[{i}]"))?);
+        match p {
+            NumOrString::Str(s) if named_ports::is_port_name(s) => named_ports.push(s.clone()),
+            _ => ports.push(port_range(p, &format!("{field}.ports[{i}]"))?),
+        }
     }
     let raw_not_ports = raw.not_ports.unwrap_or_default();
     if !raw_not_ports.is_empty() && !ports_allowed {
@@ -1390,6 +1400,7 @@ fn entity(
         not_nets,
         ports,
         not_ports,
+        named_ports,
         selector,
         not_selector,
         namespace_selector,
@@ -1543,9 +1554,7 @@ fn host_endpoint(meta: &Metadata, spec: Value, origin: Origin) -> FieldResult<Ho
     }
     let profiles = raw.profiles.unwrap_or_default();
     let default_allow = profiles.iter().any(|p| p == DEFAULT_ALLOW_PROFILE);
-    if raw.ports.as_ref().is_some_and(|p| !p.is_empty()) {
-        return not_yet("spec.ports", "named host endpoint ports");
-    }
+    let ports = named_ports::host_endpoint_ports(raw.ports.as_deref().unwrap_or_default())?;
     Ok(HostEndpoint {
         name: meta.name.clone(),
         labels: meta.labels.clone(),
@@ -1554,6 +1563,7 @@ fn host_endpoint(meta: &Metadata, spec: Value, origin: Origin) -> FieldResult<Ho
         expected_ips,
         default_allow,
         profiles,
+        ports,
         origin,
     })
 }
@@ -1837,12 +1847,19 @@ mod tests {
         let p = &l.set.policies[0];
         assert!(p.pre_dnat && p.apply_on_forward && !p.do_not_track);
         assert_eq!(p.ingress[0].source.not_nets.len(), 1);
-        // Named ports stay unread, and say so.
+        // Named ports are read; what is neither a number nor a name is not.
+        let l = load(&gnp(
+            "  ingress: [{action: Deny, protocol: TCP, destination: {ports: [http, 22]}}]\n",
+        ));
+        assert!(l.errors.is_empty(), "{:#?}", l.errors);
+        assert_eq!(
+            l.set.policies[0].ingress[0].destination.named_ports,
+            ["http"]
+        );
         let e = only_error(&gnp(
-            "  ingress: [{action: Deny, protocol: TCP, destination: {ports: [http]}}]\n",
+            "  ingress: [{action: Deny, protocol: TCP, destination: {ports: [Not_A_Name]}}]\n",
         ));
         assert_eq!(e.field, "spec.ingress[0].destination.ports[0]");
-        assert!(e.message.contains("not enforced by this version"), "{e}");
     }
 
     #[test]

@@ -880,7 +880,10 @@ fn entity_matches(
     };
     (e.nets.is_empty() || contains(&e.nets, addr))
         && !contains(&e.not_nets, addr)
-        && (e.ports.is_empty() || in_ranges(&e.ports))
+        && ((e.ports.is_empty() && e.named_ports.is_empty())
+            || in_ranges(&e.ports)
+            || (has_ports(protocol)
+                && crate::policy::named_ports::matches(set, &e.named_ports, addr, port, protocol)))
         && !in_ranges(&e.not_ports)
         && (e.selector.is_none() && e.namespace_selector.is_none()
             || selected(e.selector.as_ref().unwrap_or(&Selector::All)))
