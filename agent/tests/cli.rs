@@ -406,6 +406,24 @@ fn check_pod_answers_for_ingress_and_egress() {
         ),
         deny("")
     );
+    // pcns.* (namespace labels) select the pod; pcsa.* and
+    // projectcalico.org/serviceaccount select the peer.
+    assert_eq!(
+        ask(
+            "prod/backend",
+            "--ingress",
+            "tcp 172.30.1.11:4000 -> 172.30.1.10:9090"
+        ),
+        allow("GlobalNetworkPolicy/metrics-from-scanners")
+    );
+    assert_eq!(
+        ask(
+            "prod/backend",
+            "--ingress",
+            "tcp 172.30.2.10:4000 -> 172.30.1.10:9090"
+        ),
+        deny("GlobalNetworkPolicy/metrics-from-scanners")
+    );
     // Bad --pod values say what is wrong.
     for (pod, says) in [
         ("backend", "expected NAMESPACE/NAME"),

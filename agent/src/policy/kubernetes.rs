@@ -423,6 +423,13 @@ pub enum Object {
         node: Option<String>,
         /// Container ports that have a name.
         ports: Vec<crate::policy::named_ports::NamedPort>,
+        /// `spec.serviceAccountName` (`default` when not given).
+        service_account: String,
+    },
+    ServiceAccount {
+        namespace: String,
+        name: String,
+        labels: BTreeMap<String, String>,
     },
     Node {
         name: String,
@@ -494,12 +501,23 @@ pub fn object(
                 labels: labels.clone(),
                 ips: all,
                 ports: crate::policy::named_ports::pod_ports(&spec)?,
+                service_account: spec
+                    .get("serviceAccountName")
+                    .or_else(|| spec.get("serviceAccount"))
+                    .and_then(Value::as_str)
+                    .unwrap_or("default")
+                    .into(),
                 node: spec
                     .get("nodeName")
                     .and_then(Value::as_str)
                     .map(str::to_string),
             }
         }
+        "ServiceAccount" => Object::ServiceAccount {
+            namespace: ns,
+            name: name.into(),
+            labels: labels.clone(),
+        },
         "Node" => Object::Node {
             name: name.into(),
             labels: labels.clone(),

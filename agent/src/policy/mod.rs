@@ -430,7 +430,8 @@ pub fn label_key_warnings(set: &PolicySet) -> Vec<PolicyError> {
         match o {
             Object::Namespace { labels, .. }
             | Object::Pod { labels, .. }
-            | Object::Node { labels, .. } => add(labels),
+            | Object::Node { labels, .. }
+            | Object::ServiceAccount { labels, .. } => add(labels),
             Object::Service { .. } => {}
         }
     }
@@ -853,7 +854,7 @@ fn load_value(file: &Path, index: &mut usize, value: Value, loaded: &mut Loaded)
             network_set(&meta, spec, origin, kind == "NetworkSet")
                 .map(|n| loaded.set.network_sets.push(n))
         }
-        ("Namespace" | "Pod" | "Node" | "Service", "v1") => {
+        ("Namespace" | "Pod" | "Node" | "Service" | "ServiceAccount", "v1") => {
             crate::policy::kubernetes::object(&kind, &meta.name, meta.namespace.as_deref(), &meta.labels, spec, value.get("status").cloned())
                 .map(|o| loaded.set.objects.push(o))
         }

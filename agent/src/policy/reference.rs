@@ -943,8 +943,8 @@ pub fn rule_applies_to_version(rule: &Rule, v: u8) -> bool {
 pub struct Workload {
     pub namespace: String,
     pub name: String,
-    /// Its labels plus `projectcalico.org/namespace` and
-    /// `projectcalico.org/orchestrator: k8s`, as Calico gives them.
+    /// Its labels plus the ones Calico gives a workload endpoint
+    /// (`resolve::workload_labels`).
     pub labels: std::collections::BTreeMap<String, String>,
     /// Its addresses (`status.podIPs`).
     pub ips: Vec<IpAddr>,
@@ -959,11 +959,10 @@ impl Workload {
                 name: n,
                 labels,
                 ips,
+                service_account,
                 ..
             } if ns == namespace && n == name => {
-                let mut labels = labels.clone();
-                labels.insert("projectcalico.org/namespace".into(), ns.clone());
-                labels.insert("projectcalico.org/orchestrator".into(), "k8s".into());
+                let labels = resolve::workload_labels(set, ns, labels, service_account);
                 Some(Workload {
                     namespace: ns.clone(),
                     name: n.clone(),
