@@ -424,6 +424,39 @@ fn check_pod_answers_for_ingress_and_egress() {
         ),
         deny("GlobalNetworkPolicy/metrics-from-scanners")
     );
+    // serviceAccountSelector and a rule's serviceAccounts.
+    assert_eq!(
+        ask(
+            "prod/frontend",
+            "--egress",
+            "tcp 172.30.1.11:4000 -> 172.30.2.10:6000"
+        ),
+        deny("NetworkPolicy/prod/scanners-egress")
+    );
+    assert_eq!(
+        ask(
+            "prod/backend",
+            "--egress",
+            "tcp 172.30.1.10:4000 -> 172.30.2.10:6000"
+        ),
+        allow("")
+    );
+    assert_eq!(
+        ask(
+            "prod/backend",
+            "--ingress",
+            "tcp 172.30.1.11:4000 -> 172.30.1.10:7070"
+        ),
+        allow("GlobalNetworkPolicy/admin-from-scanner-account")
+    );
+    assert_eq!(
+        ask(
+            "prod/backend",
+            "--ingress",
+            "tcp 172.30.2.10:4000 -> 172.30.1.10:7070"
+        ),
+        deny("GlobalNetworkPolicy/admin-from-scanner-account")
+    );
     // Bad --pod values say what is wrong.
     for (pod, says) in [
         ("backend", "expected NAMESPACE/NAME"),

@@ -13,6 +13,7 @@ pub mod profiles;
 pub mod reference;
 pub mod resolve;
 pub mod selector;
+pub mod service_accounts;
 pub mod tier;
 
 use std::{
@@ -1167,9 +1168,16 @@ fn policy(meta: &Metadata, spec: Value, origin: Origin, kind: PolicyKind) -> Fie
         .tier
         .filter(|t| !t.is_empty())
         .unwrap_or_else(|| tier::DEFAULT_TIER.into());
-    if raw.service_account_selector.is_some() {
-        return not_yet("spec.serviceAccountSelector", "serviceAccountSelector");
-    }
+    let selector = match raw.service_account_selector.as_deref() {
+        Some(t) if !t.trim().is_empty() => Selector::And(
+            Box::new(selector),
+            Box::new(service_accounts::selector(
+                t,
+                "spec.serviceAccountSelector",
+            )?),
+        ),
+        _ => selector,
+    };
     if let Some(hints) = raw.performance_hints {
         for (i, h) in hints.iter().enumerate() {
             if h != "AssumeNeededOnEveryNode" {
@@ -1379,15 +1387,17 @@ fn entity(
             *slot = Some(sel);
         }
     }
-    for (name, present) in [
-        ("serviceAccounts", raw.service_accounts.is_some()),
-        ("services", raw.services.is_some()),
-    ] {
-        if present {
-            return not_yet(&format!("{field}.{name}"), &format!("a rule {name}"));
-        }
+    if raw.services.is_some() {
+        return not_yet(&format!("{field}.services"), "a rule services");
     }
     let [selector, not_selector, namespace_selector] = selectors;
+    let by_account = raw
+        .service_accounts
+        .as_ref()
+        .map(|v| service_accounts::rule_match(v, &format!("{field}.serviceAccounts")))
+        .transpose()?
+        .flatten();
+    let selector = service_accounts::and(by_account, selector);
     let service_frontends = raw.moat_service_frontends.unwrap_or(false);
     if service_frontends && !field.ends_with("destination") {
         return field_err(
