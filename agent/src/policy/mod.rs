@@ -878,6 +878,13 @@ fn load_value(file: &Path, index: &mut usize, value: Value, loaded: &mut Loaded)
         ("FailsafeProfile", MOAT_API_VERSION) => {
             failsafe_profile(&meta, spec, origin).map(|f| loaded.set.failsafe_profiles.push(f))
         }
+        ("AdminNetworkPolicy" | "BaselineAdminNetworkPolicy", "policy.networking.k8s.io/v1alpha1") => Err((
+            String::new(),
+            format!(
+                "{kind} ({api}) is not enforced by this version of moat yet (Calico puts it in the {} tier); it is rejected rather than silently ignored",
+                if kind == "AdminNetworkPolicy" { "kube-admin" } else { "kube-baseline" }
+            ),
+        )),
         (
             "StagedNetworkPolicy" | "StagedGlobalNetworkPolicy"
             | "StagedKubernetesNetworkPolicy",

@@ -21,11 +21,12 @@ use crate::policy::{
 
 /// Name of the tier of policies without `spec.tier`.
 pub const DEFAULT_TIER: &str = "default";
-/// Built-in tiers and their orders, as Calico creates them.
-pub const BUILT_IN: [(&str, f64); 3] = [
-    ("kube-admin", 1_000.0),
-    (DEFAULT_TIER, 1_000_000.0),
-    ("kube-baseline", 10_000_000.0),
+/// Built-in tiers, their orders and default actions, as Calico creates
+/// them (libcalico-go clientv3 `EnsureInitialized`).
+pub const BUILT_IN: [(&str, f64, TierAction); 3] = [
+    ("kube-admin", 1_000.0, TierAction::Pass),
+    (DEFAULT_TIER, 1_000_000.0, TierAction::Deny),
+    ("kube-baseline", 10_000_000.0, TierAction::Pass),
 ];
 
 /// What ends a tier that applied and did not decide.
@@ -95,7 +96,7 @@ pub(crate) fn tier(meta: &Metadata, spec: Value, origin: Origin) -> FieldResult<
         return Err(("spec.order".into(), "order must be a finite number".into()));
     }
     // Calico's CEL rules pin the built-in tiers' orders.
-    if let Some((_, fixed)) = BUILT_IN.iter().find(|(b, _)| b == n) {
+    if let Some((_, fixed, _)) = BUILT_IN.iter().find(|(b, _, _)| b == n) {
         if raw.order.is_some_and(|o| o != *fixed) {
             return Err((
                 "spec.order".into(),
@@ -117,7 +118,7 @@ pub(crate) fn tier(meta: &Metadata, spec: Value, origin: Origin) -> FieldResult<
         name: n.clone(),
         order: raw
             .order
-            .or_else(|| BUILT_IN.iter().find(|(b, _)| b == n).map(|(_, o)| *o)),
+            .or_else(|| BUILT_IN.iter().find(|(b, _, _)| b == n).map(|(_, o, _)| *o)),
         default_action,
         origin: Some(origin),
     })
@@ -159,12 +160,12 @@ pub(crate) fn profile(meta: &Metadata, spec: Value, origin: Origin) -> FieldResu
 /// set defines them, and the set's own.
 pub fn ordered(tiers: &[Tier]) -> Vec<Tier> {
     let mut all: Vec<Tier> = tiers.to_vec();
-    for (name, order) in BUILT_IN {
+    for (name, order, default_action) in BUILT_IN {
         if !all.iter().any(|t| t.name == name) {
             all.push(Tier {
                 name: name.into(),
                 order: Some(order),
-                default_action: TierAction::Deny,
+                default_action,
                 origin: None,
             });
         }
@@ -249,6 +250,37 @@ mod tests {
         );
         assert_eq!(l.set.policies[0].tier, "security");
         assert_eq!(l.set.tiers[0].default_action, TierAction::Pass);
+        // Calico creates kube-admin and kube-baseline passing, default denying.
+        let actions: Vec<(String, TierAction)> = ordered(&[])
+            .into_iter()
+            .map(|t| (t.name, t.default_action))
+            .collect();
+        assert_eq!(
+            actions,
+            [
+                ("kube-admin".into(), TierAction::Pass),
+                ("default".into(), TierAction::Deny),
+                ("kube-baseline".into(), TierAction::Pass)
+            ]
+        );
+    }
+
+    #[test]
+    fn admin_network_policies_are_refused_by_name() {
+        for kind in ["AdminNetworkPolicy", "BaselineAdminNetworkPolicy"] {
+            let l = load_str(
+                Path::new("t.yaml"),
+                &format!("apiVersion: policy.networking.k8s.io/v1alpha1\nkind: {kind}\nmetadata: {{name: default}}\nspec: {{priority: 10, subject: {{namespaces: {{}}}}}}\n"),
+            );
+            assert_eq!(l.errors.len(), 1, "{:#?}", l.errors);
+            let e = l.errors[0].to_string();
+            assert!(
+                e.contains(&format!(
+                    "{kind} (policy.networking.k8s.io/v1alpha1) is not enforced"
+                )),
+                "{e}"
+            );
+        }
     }
 
     #[test]
