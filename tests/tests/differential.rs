@@ -548,17 +548,7 @@ fn kernel_agrees_with_reference() {
                 context()
             );
             // Events: every Log rule hit, in order, then the deny.
-            let logs: Vec<(Option<&str>, u32)> = events
-                .iter()
-                .filter(|e| e.verdict == verdict::LOG)
-                .map(|e| (k.compiled.policy_name(e.policy_id), e.rule_index))
-                .collect();
-            let want_logs: Vec<(Option<&str>, u32)> = want
-                .logged
-                .iter()
-                .map(|(p, r)| (Some(p.as_str()), *r as u32))
-                .collect();
-            assert_eq!(logs, want_logs, "Log events differ\n{}", context());
+            assert_logs(&events, &k.compiled, &want, &context);
             let denies: Vec<_> = events
                 .iter()
                 .filter(|e| e.verdict == verdict::DENY)
@@ -578,24 +568,13 @@ fn kernel_agrees_with_reference() {
                     "deny reasons differ\n{}",
                     context()
                 );
-                if let DecidedBy::ProfileRule { profile, rule, .. } = &want.by {
+                if let Some((name, rule)) = deciding_rule(&want.by) {
                     assert_eq!(
                         (
                             k.compiled.policy_name(denies[0].policy_id),
                             denies[0].rule_index
                         ),
-                        (Some(format!("Profile/{profile}").as_str()), *rule as u32),
-                        "deciding profile rule differs\n{}",
-                        context()
-                    );
-                }
-                if let DecidedBy::Rule { policy, rule, .. } = &want.by {
-                    assert_eq!(
-                        (
-                            k.compiled.policy_name(denies[0].policy_id),
-                            denies[0].rule_index
-                        ),
-                        (Some(policy.as_str()), *rule as u32),
+                        (Some(name.as_str()), rule),
                         "deciding rule differs\n{}",
                         context()
                     );
@@ -654,6 +633,37 @@ fn kernel_agrees_with_reference() {
             "no packet took the {path} path; took {paths:?}"
         );
     }
+}
+
+/// The (policy or `Profile/<name>`, rule) the reference says decided.
+fn deciding_rule(by: &DecidedBy) -> Option<(String, u32)> {
+    match by {
+        DecidedBy::Rule { policy, rule, .. } => Some((policy.clone(), *rule as u32)),
+        DecidedBy::ProfileRule { profile, rule, .. } => {
+            Some((format!("Profile/{profile}"), *rule as u32))
+        }
+        _ => None,
+    }
+}
+
+/// The kernel's Log events are the reference's Log hits, in order.
+fn assert_logs(
+    events: &[moat_common::DenyEvent],
+    compiled: &Compiled,
+    want: &reference::Judgement,
+    context: &dyn Fn() -> String,
+) {
+    let logs: Vec<(Option<&str>, u32)> = events
+        .iter()
+        .filter(|e| e.verdict == verdict::LOG)
+        .map(|e| (compiled.policy_name(e.policy_id), e.rule_index))
+        .collect();
+    let want_logs: Vec<(Option<&str>, u32)> = want
+        .logged
+        .iter()
+        .map(|(p, r)| (Some(p.as_str()), *r as u32))
+        .collect();
+    assert_eq!(logs, want_logs, "Log events differ\n{}", context());
 }
 
 /// The next policy set of a sequence: often `prev` with one rule changed,

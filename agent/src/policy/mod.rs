@@ -838,71 +838,85 @@ fn load_value(file: &Path, index: &mut usize, value: Value, loaded: &mut Loaded)
         return;
     }
     let spec = get("spec").cloned().unwrap_or(Value::Null);
-    let result = match (kind.as_str(), api.as_str()) {
-        ("GlobalNetworkPolicy", a) if CALICO_API_VERSIONS.contains(&a) => {
-            policy(&meta, spec, origin, PolicyKind::GlobalNetworkPolicy)
-                .map(|p| loaded.set.policies.push(p))
-        }
-        ("NetworkPolicy", a) if CALICO_API_VERSIONS.contains(&a) => {
-            policy(&meta, spec, origin, PolicyKind::NetworkPolicy)
-                .map(|p| loaded.set.policies.push(p))
-        }
-        ("NetworkPolicy", "networking.k8s.io/v1") => {
-            crate::policy::kubernetes::network_policy(&meta.name, meta.namespace.as_deref(), spec, origin)
-                .map(|p| loaded.set.policies.push(p))
-        }
-        ("GlobalNetworkSet" | "NetworkSet", a) if CALICO_API_VERSIONS.contains(&a) => {
-            network_set(&meta, spec, origin, kind == "NetworkSet")
-                .map(|n| loaded.set.network_sets.push(n))
-        }
-        ("Namespace" | "Pod" | "Node" | "Service" | "ServiceAccount", "v1") => {
-            crate::policy::kubernetes::object(&kind, &meta.name, meta.namespace.as_deref(), &meta.labels, spec, value.get("status").cloned())
-                .map(|o| loaded.set.objects.push(o))
-        }
-        ("HostEndpoint", a) if CALICO_API_VERSIONS.contains(&a) => {
-            host_endpoint(&meta, spec, origin).map(|h| loaded.set.host_endpoints.push(h))
-        }
-        ("FelixConfiguration", a) if CALICO_API_VERSIONS.contains(&a) => {
-            felix_configuration(&meta, spec).map(|f| {
-                if let Some(f) = f {
-                    loaded.set.failsafes = Some(f);
-                }
-            })
-        }
-        ("Tier", a) if CALICO_API_VERSIONS.contains(&a) => {
-            tier::tier(&meta, spec, origin).map(|t| loaded.set.tiers.push(t))
-        }
-        ("Profile", a) if CALICO_API_VERSIONS.contains(&a) => {
-            tier::profile(&meta, spec, origin).map(|p| loaded.set.profiles.push(p))
-        }
-        ("FailsafeProfile", MOAT_API_VERSION) => {
-            failsafe_profile(&meta, spec, origin).map(|f| loaded.set.failsafe_profiles.push(f))
-        }
-        ("AdminNetworkPolicy" | "BaselineAdminNetworkPolicy", "policy.networking.k8s.io/v1alpha1") => Err((
-            String::new(),
-            format!(
-                "{kind} ({api}) is not enforced by this version of moat yet (Calico puts it in the {} tier); it is rejected rather than silently ignored",
-                if kind == "AdminNetworkPolicy" { "kube-admin" } else { "kube-baseline" }
-            ),
-        )),
-        (
-            "StagedNetworkPolicy" | "StagedGlobalNetworkPolicy"
-            | "StagedKubernetesNetworkPolicy",
-            a,
-        ) if CALICO_API_VERSIONS.contains(&a) => Err((
-            String::new(),
-            format!(
-                "{kind} ({api}) is not enforced by this version of moat yet; it is rejected rather than silently ignored"
-            ),
-        )),
-        (k, a) => Err((
-            if CALICO_API_VERSIONS.contains(&a) || a == MOAT_API_VERSION { "kind" } else { "apiVersion" }.into(),
-            format!("unknown resource {a} {k} (moat reads projectcalico.org/v3 or crd.projectcalico.org/v1 GlobalNetworkPolicy, NetworkPolicy, HostEndpoint, GlobalNetworkSet, NetworkSet, FelixConfiguration; networking.k8s.io/v1 NetworkPolicy; v1 Namespace, Pod, Node, Service; {MOAT_API_VERSION} FailsafeProfile)"),
-        )),
-    };
+    let status = value.get("status").cloned();
+    let result = read_resource(&kind, &api, &meta, spec, status, origin, loaded);
     if let Err((field, message)) = result {
         loaded.errors.push(err(&resource, &field, message));
     }
+}
+
+/// Reads one resource of `kind` and `api` into `loaded`.
+fn read_resource(
+    kind: &str,
+    api: &str,
+    meta: &Metadata,
+    spec: Value,
+    status: Option<Value>,
+    origin: Origin,
+    loaded: &mut Loaded,
+) -> FieldResult<()> {
+    match (kind, api) {
+    ("GlobalNetworkPolicy", a) if CALICO_API_VERSIONS.contains(&a) => {
+        policy(meta, spec, origin, PolicyKind::GlobalNetworkPolicy)
+            .map(|p| loaded.set.policies.push(p))
+    }
+    ("NetworkPolicy", a) if CALICO_API_VERSIONS.contains(&a) => {
+        policy(meta, spec, origin, PolicyKind::NetworkPolicy)
+            .map(|p| loaded.set.policies.push(p))
+    }
+    ("NetworkPolicy", "networking.k8s.io/v1") => {
+        crate::policy::kubernetes::network_policy(&meta.name, meta.namespace.as_deref(), spec, origin)
+            .map(|p| loaded.set.policies.push(p))
+    }
+    ("GlobalNetworkSet" | "NetworkSet", a) if CALICO_API_VERSIONS.contains(&a) => {
+        network_set(meta, spec, origin, kind == "NetworkSet")
+            .map(|n| loaded.set.network_sets.push(n))
+    }
+    ("Namespace" | "Pod" | "Node" | "Service" | "ServiceAccount", "v1") => {
+        crate::policy::kubernetes::object(kind, &meta.name, meta.namespace.as_deref(), &meta.labels, spec, status)
+            .map(|o| loaded.set.objects.push(o))
+    }
+    ("HostEndpoint", a) if CALICO_API_VERSIONS.contains(&a) => {
+        host_endpoint(meta, spec, origin).map(|h| loaded.set.host_endpoints.push(h))
+    }
+    ("FelixConfiguration", a) if CALICO_API_VERSIONS.contains(&a) => {
+        felix_configuration(meta, spec).map(|f| {
+            if let Some(f) = f {
+                loaded.set.failsafes = Some(f);
+            }
+        })
+    }
+    ("Tier", a) if CALICO_API_VERSIONS.contains(&a) => {
+        tier::tier(meta, spec, origin).map(|t| loaded.set.tiers.push(t))
+    }
+    ("Profile", a) if CALICO_API_VERSIONS.contains(&a) => {
+        tier::profile(meta, spec, origin).map(|p| loaded.set.profiles.push(p))
+    }
+    ("FailsafeProfile", MOAT_API_VERSION) => {
+        failsafe_profile(meta, spec, origin).map(|f| loaded.set.failsafe_profiles.push(f))
+    }
+    ("AdminNetworkPolicy" | "BaselineAdminNetworkPolicy", "policy.networking.k8s.io/v1alpha1") => Err((
+        String::new(),
+        format!(
+            "{kind} ({api}) is not enforced by this version of moat yet (Calico puts it in the {} tier); it is rejected rather than silently ignored",
+            if kind == "AdminNetworkPolicy" { "kube-admin" } else { "kube-baseline" }
+        ),
+    )),
+    (
+        "StagedNetworkPolicy" | "StagedGlobalNetworkPolicy"
+        | "StagedKubernetesNetworkPolicy",
+        a,
+    ) if CALICO_API_VERSIONS.contains(&a) => Err((
+        String::new(),
+        format!(
+            "{kind} ({api}) is not enforced by this version of moat yet; it is rejected rather than silently ignored"
+        ),
+    )),
+    (k, a) => Err((
+        if CALICO_API_VERSIONS.contains(&a) || a == MOAT_API_VERSION { "kind" } else { "apiVersion" }.into(),
+        format!("unknown resource {a} {k} (moat reads projectcalico.org/v3 or crd.projectcalico.org/v1 GlobalNetworkPolicy, NetworkPolicy, HostEndpoint, GlobalNetworkSet, NetworkSet, FelixConfiguration; Tier, Profile; networking.k8s.io/v1 NetworkPolicy; v1 Namespace, Pod, Node, Service, ServiceAccount; {MOAT_API_VERSION} FailsafeProfile)"),
+    )),
+}
 }
 
 /// Kubernetes object names: DNS subdomain (RFC 1123), at most 253 chars.
