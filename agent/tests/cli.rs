@@ -364,6 +364,99 @@ fn check_pod_answers_for_ingress_and_egress() {
         ),
         allow("")
     );
+    // Named ports: resolved on the receiving pod (ingress: the backend's
+    // own serve-81-tcp; egress: the peer's).
+    assert_eq!(
+        ask(
+            "prod/backend",
+            "--ingress",
+            "tcp 172.30.2.10:4000 -> 172.30.1.10:81"
+        ),
+        allow("KubernetesNetworkPolicy/prod/knp.default.backend-from-frontend")
+    );
+    assert_eq!(
+        ask(
+            "prod/backend",
+            "--ingress",
+            "tcp 172.30.2.10:4000 -> 172.30.1.10:8181"
+        ),
+        deny("")
+    );
+    assert_eq!(
+        ask(
+            "prod/backend",
+            "--ingress",
+            "udp 172.30.2.10:4000 -> 172.30.1.10:81"
+        ),
+        deny("")
+    );
+    assert_eq!(
+        ask(
+            "finance/ledger",
+            "--egress",
+            "tcp 172.30.2.10:4000 -> 172.30.1.10:81"
+        ),
+        allow("NetworkPolicy/finance/ledger-egress")
+    );
+    assert_eq!(
+        ask(
+            "finance/ledger",
+            "--egress",
+            "tcp 172.30.2.10:4000 -> 172.30.1.11:81"
+        ),
+        deny("")
+    );
+    // pcns.* (namespace labels) select the pod; pcsa.* and
+    // projectcalico.org/serviceaccount select the peer.
+    assert_eq!(
+        ask(
+            "prod/backend",
+            "--ingress",
+            "tcp 172.30.1.11:4000 -> 172.30.1.10:9090"
+        ),
+        allow("GlobalNetworkPolicy/metrics-from-scanners")
+    );
+    assert_eq!(
+        ask(
+            "prod/backend",
+            "--ingress",
+            "tcp 172.30.2.10:4000 -> 172.30.1.10:9090"
+        ),
+        deny("GlobalNetworkPolicy/metrics-from-scanners")
+    );
+    // serviceAccountSelector and a rule's serviceAccounts.
+    assert_eq!(
+        ask(
+            "prod/frontend",
+            "--egress",
+            "tcp 172.30.1.11:4000 -> 172.30.2.10:6000"
+        ),
+        deny("NetworkPolicy/prod/scanners-egress")
+    );
+    assert_eq!(
+        ask(
+            "prod/backend",
+            "--egress",
+            "tcp 172.30.1.10:4000 -> 172.30.2.10:6000"
+        ),
+        allow("")
+    );
+    assert_eq!(
+        ask(
+            "prod/backend",
+            "--ingress",
+            "tcp 172.30.1.11:4000 -> 172.30.1.10:7070"
+        ),
+        allow("GlobalNetworkPolicy/admin-from-scanner-account")
+    );
+    assert_eq!(
+        ask(
+            "prod/backend",
+            "--ingress",
+            "tcp 172.30.2.10:4000 -> 172.30.1.10:7070"
+        ),
+        deny("GlobalNetworkPolicy/admin-from-scanner-account")
+    );
     // Bad --pod values say what is wrong.
     for (pod, says) in [
         ("backend", "expected NAMESPACE/NAME"),

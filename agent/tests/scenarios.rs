@@ -66,6 +66,7 @@ fn by_name(by: &DecidedBy) -> String {
         DecidedBy::Conntrack => "conntrack".into(),
         DecidedBy::ForwardedWithoutPolicy => "forwarded-without-policy".into(),
         DecidedBy::OwnAddress => "own-address".into(),
+        DecidedBy::ProfileRule { profile, rule, .. } => format!("Profile/{profile}#{rule}"),
         DecidedBy::ConntrackInvalid { .. } => "conntrack-invalid".into(),
         other => format!("{other:?}"),
     }

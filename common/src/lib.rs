@@ -179,6 +179,10 @@ pub mod verdict {
     /// In events: the packet would have been denied, and passed because the
     /// interface is in audit mode.
     pub const AUDIT: u8 = 5;
+    /// In rule entries only: the end of a tier whose default action is
+    /// Deny, reached after a Pass from an earlier tier: deny, reason
+    /// `END_OF_POLICIES`.
+    pub const END_OF_TIER: u8 = 6;
 }
 
 /// Why a packet was denied (or, for `LOG`, why it was reported).

@@ -734,6 +734,7 @@ pub extern "C" fn moat_rule(w: *mut Walk, bit: u32) -> u32 {
         verdict::ALLOW => Decision::by_rule(verdict::ALLOW, 0, rule),
         verdict::DENY => Decision::by_rule(verdict::DENY, reason::RULE, rule),
         verdict::PASS => Decision::by_rule(w.pass_verdict as u8, reason::NO_PROFILE, rule),
+        verdict::END_OF_TIER => Decision::by_rule(verdict::DENY, reason::END_OF_POLICIES, rule),
         _ => {
             // LOG. One rule may be several bits; report it once.
             if (w.logged_policy, w.logged_rule) != (rule.policy_id, rule.rule_index) {

@@ -99,6 +99,8 @@ fn every_corpus_policy_parses_validates_and_compiles() {
                 interface_name: iface.into(),
                 expected_ips: vec![ip.parse().expect("ip")],
                 default_allow: false,
+                profiles: Vec::new(),
+                ports: Vec::new(),
                 origin: moat::policy::Origin {
                     file: dir.clone(),
                     document: 0,
@@ -163,6 +165,8 @@ fn private_network_isolation_us_south_in_the_kernel() {
             interface_name: "eth0".into(),
             expected_ips: vec![ip.parse().expect("ip")],
             default_allow: false,
+            profiles: Vec::new(),
+            ports: Vec::new(),
             origin: moat::policy::Origin {
                 file: dir.clone(),
                 document: 0,

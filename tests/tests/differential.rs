@@ -17,6 +17,7 @@ use moat::{
     policy::{
         reference::{self, DecidedBy, Fragment, Frame, Stage, Verdict},
         selector::Selector,
+        tier::{CalicoProfile, Tier, TierAction},
         Action, EntityMatch, FailsafePort, FailsafeProfile, Failsafes, HostEndpoint, IcmpMatch,
         Origin, Policy, PolicyKind, PolicySet, PortRange, Rule,
     },
@@ -193,6 +194,7 @@ fn policy_set(rng: &mut SmallRng) -> PolicySet {
                 egress_applies,
                 ingress,
                 egress,
+                tier: "default".into(),
                 origin: origin(),
             }
         })
@@ -205,7 +207,9 @@ fn policy_set(rng: &mut SmallRng) -> PolicySet {
             node: NODE.into(),
             interface_name: "eth1".into(),
             expected_ips: vec![],
-            default_allow: rng.gen_bool(0.3),
+            default_allow: false,
+            profiles: Vec::new(),
+            ports: Vec::new(),
             origin: origin(),
         }],
         failsafes: None,
@@ -220,9 +224,57 @@ fn policy_set(rng: &mut SmallRng) -> PolicySet {
         }],
         network_sets: Vec::new(),
         objects: Vec::new(),
+        tiers: Vec::new(),
+        profiles: Vec::new(),
     };
+    if rng.gen_bool(0.3) {
+        set.host_endpoints[0].default_allow = true;
+        set.host_endpoints[0].profiles = vec![moat::policy::DEFAULT_ALLOW_PROFILE.into()];
+    }
+    tiers_and_profiles(&mut SmallRng::seed_from_u64(rng.gen()), &mut set);
     set.sort();
     set
+}
+
+/// Tiers (before and after `default`, ending in Deny or Pass) the policies
+/// are spread over, and a Profile with rules before the endpoint's other
+/// profiles.
+fn tiers_and_profiles(rng: &mut SmallRng, set: &mut PolicySet) {
+    if rng.gen_bool(0.6) {
+        let action = |rng: &mut SmallRng| {
+            if rng.gen_bool(0.5) {
+                TierAction::Pass
+            } else {
+                TierAction::Deny
+            }
+        };
+        set.tiers = vec![
+            Tier {
+                name: "first".into(),
+                order: Some(100.0),
+                default_action: action(rng),
+                origin: None,
+            },
+            Tier {
+                name: "last".into(),
+                order: None,
+                default_action: action(rng),
+                origin: None,
+            },
+        ];
+        for p in &mut set.policies {
+            p.tier = ["first", "default", "last"][rng.gen_range(0..3)].into();
+        }
+    }
+    if rng.gen_bool(0.4) {
+        set.profiles = vec![CalicoProfile {
+            name: "prof".into(),
+            ingress: (0..rng.gen_range(0..4)).map(|_| rule(rng)).collect(),
+            egress: (0..rng.gen_range(0..3)).map(|_| rule(rng)).collect(),
+            origin: origin(),
+        }];
+        set.host_endpoints[0].profiles.insert(0, "prof".into());
+    }
 }
 
 /// Whether `set` fits this version's tables (negated matches compile to
@@ -392,6 +444,7 @@ fn path_name(by: &DecidedBy, v: Verdict) -> &'static str {
         DecidedBy::Misconfigured { .. } => "misconfigured",
         DecidedBy::ForwardedWithoutPolicy => "forwarded",
         DecidedBy::OwnAddress => "own-address",
+        DecidedBy::ProfileRule { .. } => "profile-rule",
     }
 }
 
@@ -424,6 +477,11 @@ fn describe(set: &PolicySet) -> String {
         set.host_endpoints[0].default_allow
     );
     s += &format!("failsafes {:?}\n", set.failsafe_profiles[0].failsafes);
+    s += &format!("tiers {:?}\n", set.tiers);
+    s += &format!(
+        "profiles {:?}: {:#?}\n",
+        set.host_endpoints[0].profiles, set.profiles
+    );
     s
 }
 
@@ -434,7 +492,7 @@ fn kernel_agrees_with_reference() {
         .and_then(|s| s.parse().ok())
         // The default draw is one that exercises every decision path (checked
         // below); any seed must agree.
-        .unwrap_or(1);
+        .unwrap_or(5);
     let per_set: usize = std::env::var("MOAT_DIFF_PACKETS")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -491,17 +549,7 @@ fn kernel_agrees_with_reference() {
                 context()
             );
             // Events: every Log rule hit, in order, then the deny.
-            let logs: Vec<(Option<&str>, u32)> = events
-                .iter()
-                .filter(|e| e.verdict == verdict::LOG)
-                .map(|e| (k.compiled.policy_name(e.policy_id), e.rule_index))
-                .collect();
-            let want_logs: Vec<(Option<&str>, u32)> = want
-                .logged
-                .iter()
-                .map(|(p, r)| (Some(p.as_str()), *r as u32))
-                .collect();
-            assert_eq!(logs, want_logs, "Log events differ\n{}", context());
+            assert_logs(&events, &k.compiled, &want, &context);
             let denies: Vec<_> = events
                 .iter()
                 .filter(|e| e.verdict == verdict::DENY)
@@ -521,13 +569,13 @@ fn kernel_agrees_with_reference() {
                     "deny reasons differ\n{}",
                     context()
                 );
-                if let DecidedBy::Rule { policy, rule, .. } = &want.by {
+                if let Some((name, rule)) = deciding_rule(&want.by) {
                     assert_eq!(
                         (
                             k.compiled.policy_name(denies[0].policy_id),
                             denies[0].rule_index
                         ),
-                        (Some(policy.as_str()), *rule as u32),
+                        (Some(name.as_str()), rule),
                         "deciding rule differs\n{}",
                         context()
                     );
@@ -578,6 +626,7 @@ fn kernel_agrees_with_reference() {
         "end-of-policies",
         "profile-allow",
         "profile-deny",
+        "profile-rule",
     ];
     for path in all {
         assert!(
@@ -585,6 +634,37 @@ fn kernel_agrees_with_reference() {
             "no packet took the {path} path; took {paths:?}"
         );
     }
+}
+
+/// The (policy or `Profile/<name>`, rule) the reference says decided.
+fn deciding_rule(by: &DecidedBy) -> Option<(String, u32)> {
+    match by {
+        DecidedBy::Rule { policy, rule, .. } => Some((policy.clone(), *rule as u32)),
+        DecidedBy::ProfileRule { profile, rule, .. } => {
+            Some((format!("Profile/{profile}"), *rule as u32))
+        }
+        _ => None,
+    }
+}
+
+/// The kernel's Log events are the reference's Log hits, in order.
+fn assert_logs(
+    events: &[moat_common::DenyEvent],
+    compiled: &Compiled,
+    want: &reference::Judgement,
+    context: &dyn Fn() -> String,
+) {
+    let logs: Vec<(Option<&str>, u32)> = events
+        .iter()
+        .filter(|e| e.verdict == verdict::LOG)
+        .map(|e| (compiled.policy_name(e.policy_id), e.rule_index))
+        .collect();
+    let want_logs: Vec<(Option<&str>, u32)> = want
+        .logged
+        .iter()
+        .map(|(p, r)| (Some(p.as_str()), *r as u32))
+        .collect();
+    assert_eq!(logs, want_logs, "Log events differ\n{}", context());
 }
 
 /// The next policy set of a sequence: often `prev` with one rule changed,

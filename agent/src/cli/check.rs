@@ -101,13 +101,18 @@ pub fn answer(
                 .unwrap_or_else(|| policy.clone());
             (Some(resource), Some(*rule))
         }
+        DecidedBy::ProfileRule { profile, rule, .. } => {
+            (Some(format!("Profile/{profile}")), Some(*rule))
+        }
         _ => (None, None),
     };
     let decided_by = match &j.by {
-        DecidedBy::Rule { rule, action, .. } => format!(
-            "rule {rule} ({action:?}) of {}",
-            policy.as_deref().unwrap_or("?")
-        ),
+        DecidedBy::Rule { rule, action, .. } | DecidedBy::ProfileRule { rule, action, .. } => {
+            format!(
+                "rule {rule} ({action:?}) of {}",
+                policy.as_deref().unwrap_or("?")
+            )
+        }
         DecidedBy::Failsafe { index } => format!("failsafe port #{index} of {}", hep.name),
         DecidedBy::EndOfPolicies => format!(
             "default deny: policies apply to {direction} on {iface} and none allowed the packet"
@@ -410,12 +415,19 @@ pub fn summary(loaded: &Loaded) -> Summary {
     if set.failsafes.is_some() {
         count("FelixConfiguration", None);
     }
+    for t in &set.tiers {
+        count("Tier", t.origin.as_ref());
+    }
+    for p in &set.profiles {
+        count("Profile", Some(&p.origin));
+    }
     for o in &set.objects {
         let kind = match o {
             Object::Namespace { .. } => "Namespace",
             Object::Pod { .. } => "Pod",
             Object::Node { .. } => "Node",
             Object::Service { .. } => "Service",
+            Object::ServiceAccount { .. } => "ServiceAccount",
         };
         count(kind, None);
     }

@@ -7,6 +7,7 @@
 //! the same policy and rule index; entries of one rule are contiguous.
 
 pub mod classify;
+pub mod tiers;
 
 use std::collections::BTreeMap;
 
@@ -108,7 +109,13 @@ pub fn endpoint_for<'a>(
 /// Compiles `set` for the interfaces `ifaces` of `node`.
 pub fn compile(set: &PolicySet, node: &str, ifaces: &[String]) -> Result<Compiled, CompileError> {
     let mut out = Compiled {
-        policy_names: set.policies.iter().map(|p| p.name.clone()).collect(),
+        // Policies, then profiles (`Profile/<name>`), by id.
+        policy_names: set
+            .policies
+            .iter()
+            .map(|p| p.name.clone())
+            .chain(set.profiles.iter().map(|p| format!("Profile/{}", p.name)))
+            .collect(),
         pod_policies: set
             .policies
             .iter()
@@ -145,78 +152,36 @@ pub fn compile(set: &PolicySet, node: &str, ifaces: &[String]) -> Result<Compile
                 end_reason: 0,
                 pass_verdict: verdict::NONE,
             };
-            // The rules of the policies of one stage that select `hep`, in
-            // order; and whether any applied in this direction.
-            let stage_rules = |in_stage: &dyn Fn(&Policy) -> bool| {
-                let mut rules = Vec::new();
-                let mut applies = false;
-                for (id, policy) in set.policies.iter().enumerate() {
-                    if !policy.can_select_host_endpoints()
-                        || !in_stage(policy)
-                        || !policy.selector.matches(&hep.labels)
-                    {
-                        continue;
-                    }
-                    let Some(list) = policy.rules(dir) else {
-                        continue;
-                    };
-                    applies = true;
-                    for (index, rule) in list.iter().enumerate() {
-                        expand(set, policy, rule, id as u32, index as u32, &mut rules);
-                    }
-                }
-                (rules, applies)
+            let stage = |in_stage: &dyn Fn(&Policy) -> bool, normal: bool| {
+                stage_table(set, hep, dir, in_stage, normal)
             };
             // Untracked and pre-DNAT stages have no default deny: a packet
-            // no rule decided (or a Pass) goes on to the next stage.
-            // A Pass ends the stage: the walk reports `PASS`, which the
-            // program treats as "go on", like no decision.
-            let (untracked, _) = stage_rules(&|p| p.do_not_track);
-            tables[table::index(dir, table::UNTRACKED)] = TableSpec {
-                rules: untracked,
-                end_verdict: verdict::NONE,
-                end_reason: 0,
-                pass_verdict: verdict::PASS,
-            };
+            // no rule decided (or a Pass past the last tier) goes on to the
+            // next stage: the walk reports `PASS` (or nothing), which the
+            // program treats as "go on".
+            let (untracked, _) = stage(&|p| p.do_not_track, false);
+            tables[table::index(dir, table::UNTRACKED)] = untracked;
             // Pre-DNAT policies have ingress rules only (validation).
-            let (pre_dnat, _) = stage_rules(&|p| p.pre_dnat);
-            tables[table::index(dir, table::PRE_DNAT)] = TableSpec {
-                rules: pre_dnat,
-                end_verdict: verdict::NONE,
-                end_reason: 0,
-                pass_verdict: verdict::PASS,
-            };
+            let (pre_dnat, _) = stage(&|p| p.pre_dnat, false);
+            tables[table::index(dir, table::PRE_DNAT)] = pre_dnat;
             // Forwarded traffic: applyOnForward policies only; none
             // applying means allowed.
-            let (forward, forward_applies) =
-                stage_rules(&|p| p.apply_on_forward && !p.pre_dnat && !p.do_not_track);
-            tables[table::index(dir, table::FORWARD)] = TableSpec {
-                rules: forward,
-                end_verdict: if forward_applies {
-                    verdict::DENY
-                } else {
-                    verdict::ALLOW
-                },
-                end_reason: if forward_applies {
-                    reason::END_OF_POLICIES
-                } else {
-                    0
-                },
-                pass_verdict: profile,
+            let (forward, forward_applies) = stage(
+                &|p| p.apply_on_forward && !p.pre_dnat && !p.do_not_track,
+                true,
+            );
+            tables[table::index(dir, table::FORWARD)] = if forward_applies {
+                forward
+            } else {
+                TableSpec {
+                    rules: Vec::new(),
+                    end_verdict: verdict::ALLOW,
+                    end_reason: 0,
+                    pass_verdict: profile,
+                }
             };
-            let (rules, applies) = stage_rules(&|p| !p.pre_dnat && !p.do_not_track);
-            tables[table::index(dir, table::POLICY)] = TableSpec {
-                rules,
-                // Policies applied and none decided: Calico's end-of-tier
-                // drop. None applied: the profiles decide.
-                end_verdict: if applies { verdict::DENY } else { profile },
-                end_reason: if applies {
-                    reason::END_OF_POLICIES
-                } else {
-                    reason::NO_PROFILE
-                },
-                pass_verdict: profile,
-            };
+            let (normal, _) = stage(&|p| !p.pre_dnat && !p.do_not_track, true);
+            tables[table::index(dir, table::POLICY)] = normal;
         }
         out.ifaces.insert(
             iface.clone(),
@@ -228,6 +193,93 @@ pub fn compile(set: &PolicySet, node: &str, ifaces: &[String]) -> Result<Compile
         );
     }
     Ok(out)
+}
+
+/// The table of one stage of `hep` in `dir`: the policies `in_stage`
+/// selects, tier by tier (`tiers`), and in the normal stage the profiles
+/// after them; whether any policy applied.
+fn stage_table(
+    set: &PolicySet,
+    hep: &HostEndpoint,
+    dir: u8,
+    in_stage: &dyn Fn(&Policy) -> bool,
+    normal: bool,
+) -> (TableSpec, bool) {
+    let mut runs = Vec::new();
+    for tier in crate::policy::tier::ordered(&set.tiers) {
+        let mut entries = Vec::new();
+        let mut applies = false;
+        for (id, policy) in set.policies.iter().enumerate() {
+            if policy.tier != tier.name
+                || !policy.can_select_host_endpoints()
+                || !in_stage(policy)
+                || !policy.selector.matches(&hep.labels)
+            {
+                continue;
+            }
+            let Some(list) = policy.rules(dir) else {
+                continue;
+            };
+            applies = true;
+            for (index, rule) in list.iter().enumerate() {
+                expand(set, policy, rule, id as u32, index as u32, &mut entries);
+            }
+        }
+        if applies {
+            runs.push(tiers::Run {
+                entries,
+                end_denies: normal && tier.default_action == crate::policy::tier::TierAction::Deny,
+            });
+        }
+    }
+    let applies = !runs.is_empty();
+    let profile = if hep.default_allow {
+        verdict::ALLOW
+    } else {
+        verdict::DENY
+    };
+    if normal {
+        // After the last tier, the profiles in order (a Pass in one goes on
+        // to the next); up to projectcalico-default-allow.
+        for name in &hep.profiles {
+            if name == crate::policy::DEFAULT_ALLOW_PROFILE {
+                break;
+            }
+            let Some((i, p)) = set
+                .profiles
+                .iter()
+                .enumerate()
+                .find(|(_, p)| &p.name == name)
+            else {
+                continue;
+            };
+            let scope = crate::policy::reference::profile_scope(p);
+            let id = (set.policies.len() + i) as u32;
+            let mut entries = Vec::new();
+            for (index, rule) in p.rules(dir).iter().enumerate() {
+                expand(set, &scope, rule, id, index as u32, &mut entries);
+            }
+            runs.push(tiers::Run {
+                entries,
+                end_denies: false,
+            });
+        }
+    }
+    let mut rules = tiers::flatten(&runs, &[tiers::catch_all(verdict::PASS)]);
+    // The trailing catch-all is the table's end.
+    let end = rules.pop().filter(tiers::is_end);
+    let (end_verdict, end_reason) = match end.map(|e| e.action) {
+        Some(verdict::END_OF_TIER) => (verdict::DENY, reason::END_OF_POLICIES),
+        _ if !normal => (verdict::NONE, 0),
+        _ => (profile, reason::NO_PROFILE),
+    };
+    let spec = TableSpec {
+        rules,
+        end_verdict,
+        end_reason,
+        pass_verdict: if normal { profile } else { verdict::PASS },
+    };
+    (spec, applies)
 }
 
 /// IPv4 nets live in `::ffff:0:0/96`.
@@ -447,6 +499,11 @@ impl Expansion<'_, '_> {
             return self.service_frontends(rule);
         }
         for side in [Side::Source, Side::Destination] {
+            if !side.of(rule).named_ports.is_empty() {
+                return self.named_ports(rule, side);
+            }
+        }
+        for side in [Side::Source, Side::Destination] {
             let e = side.of(rule);
             if e.not_selector.is_some() || !e.not_nets.is_empty() || !e.not_ports.is_empty() {
                 return self.negations(rule, side);
@@ -488,6 +545,39 @@ impl Expansion<'_, '_> {
                 hi: f.port,
             }];
             r.destination.nets = nets;
+            self.rule(&r);
+        }
+    }
+
+    /// Named ports become the numeric ports of the rule, if any, and one
+    /// rule per address and port the names stand for (none: nothing).
+    fn named_ports(&mut self, rule: &Rule, side: Side) {
+        let e = side.of(rule);
+        if !e.ports.is_empty() {
+            let mut r = rule.clone();
+            side.of_mut(&mut r).named_ports.clear();
+            self.rule(&r);
+        }
+        let Some(protocol) = rule.protocol else {
+            return; // a name stands for a port of one protocol
+        };
+        let mut targets: Vec<(std::net::IpAddr, u16)> = e
+            .named_ports
+            .iter()
+            .flat_map(|n| crate::policy::named_ports::resolve(self.set, n, protocol))
+            .collect();
+        targets.sort();
+        targets.dedup();
+        for (addr, port) in targets {
+            let nets = narrow(&e.nets, &[IpNet::from(addr)]);
+            if nets.is_empty() {
+                continue;
+            }
+            let mut r = rule.clone();
+            let m = side.of_mut(&mut r);
+            m.named_ports.clear();
+            m.nets = nets;
+            m.ports = vec![PortRange { lo: port, hi: port }];
             self.rule(&r);
         }
     }
@@ -828,6 +918,31 @@ mod tests {
             rule,
             &v6
         ));
+    }
+
+    #[test]
+    fn named_ports_become_the_addresses_and_ports_they_stand_for() {
+        let s = set("apiVersion: projectcalico.org/v3\nkind: HostEndpoint\nmetadata: {name: h, labels: {ibm.role: worker_public}}\nspec: {node: n, interfaceName: eth1, expectedIPs: [198.51.100.10], ports: [{name: admin, port: 8443, protocol: TCP}]}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: web, namespace: shop}\nspec: {containers: [{name: c, ports: [{name: admin, containerPort: 9443}, {name: dns, containerPort: 53, protocol: UDP}]}]}\nstatus: {podIP: 172.30.1.5}\n---\napiVersion: moat.dev/v1alpha1\nkind: FailsafeProfile\nmetadata: {name: none}\nspec: {selector: all(), inbound: [], outbound: []}\n---\napiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: p}\nspec:\n  ingress:\n    - action: Allow\n      protocol: TCP\n      destination: {ports: [admin, 22]}\n    - action: Allow\n      protocol: TCP\n      destination: {ports: [nobody]}\n    - action: Allow\n      protocol: UDP\n      destination: {ports: [admin]}\n");
+        let c = compile(&s, "n", &["eth1".into()]).expect("compiles");
+        let t = c.ifaces["eth1"].table(direction::INGRESS, table::POLICY);
+        let of = |i: u32| -> Vec<(u16, u8, u8)> {
+            t.rules
+                .iter()
+                .filter(|r| r.rule_index == i)
+                .map(|r| (r.dst_port_lo, r.dst_mask[15], r.dst_net[15]))
+                .collect()
+        };
+        // 22 anywhere; 8443 on the host endpoint, 9443 on the pod.
+        assert_eq!(of(0), [(22, 0, 0), (9443, 0xff, 5), (8443, 0xff, 10)]);
+        assert!(of(1).is_empty(), "a name nothing declares matches nothing");
+        assert!(of(2).is_empty(), "admin is a TCP port");
+        let f = |p: &str| crate::policy::packet_spec::parse(p).expect("packet");
+        let (pol, rule) = (&s.policies[0], &s.policies[0].ingress[0]);
+        let m = |p: &str| crate::policy::reference::rule_matches_in(&s, pol, rule, &f(p));
+        assert!(m("tcp 203.0.113.1:4000 -> 198.51.100.10:8443"));
+        assert!(m("tcp 203.0.113.1:4000 -> 172.30.1.5:9443"));
+        assert!(!m("tcp 203.0.113.1:4000 -> 198.51.100.10:9443"));
+        assert!(m("tcp 203.0.113.1:4000 -> 192.0.2.1:22"));
     }
 
     #[test]

@@ -136,11 +136,13 @@ fn pods_of(ns: &str, sel: Option<Selector>) -> Selector {
 
 /// (protocol, ports) groups of a rule's `ports` list; one empty group when
 /// the list is empty (all protocols and ports).
-fn port_groups(raw: &[RawPort], field: &str) -> FieldResult<Vec<(Option<u8>, Vec<PortRange>)>> {
+type PortGroup = (Option<u8>, Vec<PortRange>, Vec<String>);
+
+fn port_groups(raw: &[RawPort], field: &str) -> FieldResult<Vec<PortGroup>> {
     if raw.is_empty() {
-        return Ok(vec![(None, Vec::new())]);
+        return Ok(vec![(None, Vec::new(), Vec::new())]);
     }
-    let mut groups: Vec<(Option<u8>, Vec<PortRange>)> = Vec::new();
+    let mut groups: Vec<PortGroup> = Vec::new();
     for (i, p) in raw.iter().enumerate() {
         let f = format!("{field}[{i}]");
         let protocol = match p.protocol.as_deref().unwrap_or("TCP") {
@@ -154,23 +156,42 @@ fn port_groups(raw: &[RawPort], field: &str) -> FieldResult<Vec<(Option<u8>, Vec
                 ))
             }
         };
+        let mut name = None;
         let range = match &p.port {
             None => None,
             Some(Value::Number(n)) => {
-                let lo = n.as_i64().filter(|n| (1..=65535).contains(n)).ok_or_else(|| {
-                    (format!("{f}.port"), format!("port {n} is out of range 1-65535"))
-                })?;
+                let lo = n
+                    .as_i64()
+                    .filter(|n| (1..=65535).contains(n))
+                    .ok_or_else(|| {
+                        (
+                            format!("{f}.port"),
+                            format!("port {n} is out of range 1-65535"),
+                        )
+                    })?;
                 let hi = match p.end_port {
                     None => lo,
                     Some(e) if (lo..=65535).contains(&e) => e,
-                    Some(e) => return Err((format!("{f}.endPort"), format!("endPort {e} is below port {lo} or above 65535"))),
+                    Some(e) => {
+                        return Err((
+                            format!("{f}.endPort"),
+                            format!("endPort {e} is below port {lo} or above 65535"),
+                        ))
+                    }
                 };
-                Some(PortRange { lo: lo as u16, hi: hi as u16 })
+                Some(PortRange {
+                    lo: lo as u16,
+                    hi: hi as u16,
+                })
             }
-            Some(Value::String(name)) => {
+            Some(Value::String(s)) if crate::policy::named_ports::is_port_name(s) => {
+                name = Some(s.clone());
+                None
+            }
+            Some(Value::String(s)) => {
                 return Err((
                     format!("{f}.port"),
-                    format!("named port {name:?} is not enforced by this version of moat yet; the policy is rejected rather than enforced without it"),
+                    format!("{s:?} is neither a port number nor a port name"),
                 ))
             }
             Some(other) => return Err((format!("{f}.port"), format!("{other:?} is not a port"))),
@@ -181,9 +202,16 @@ fn port_groups(raw: &[RawPort], field: &str) -> FieldResult<Vec<(Option<u8>, Vec
                 "endPort needs a numeric port".into(),
             ));
         }
-        match groups.iter_mut().find(|(pr, _)| *pr == Some(protocol)) {
-            Some((_, ports)) => ports.extend(range),
-            None => groups.push((Some(protocol), range.into_iter().collect())),
+        match groups.iter_mut().find(|(pr, _, _)| *pr == Some(protocol)) {
+            Some((_, ports, names)) => {
+                ports.extend(range);
+                names.extend(name);
+            }
+            None => groups.push((
+                Some(protocol),
+                range.into_iter().collect(),
+                name.into_iter().collect(),
+            )),
         }
     }
     // A protocol listed without a port means every port of it.
@@ -195,8 +223,11 @@ fn port_groups(raw: &[RawPort], field: &str) -> FieldResult<Vec<(Option<u8>, Vec
                 "SCTP" => 132,
                 _ => 6,
             };
-            if let Some((_, ports)) = groups.iter_mut().find(|(pr, _)| *pr == Some(protocol)) {
+            if let Some((_, ports, names)) =
+                groups.iter_mut().find(|(pr, _, _)| *pr == Some(protocol))
+            {
                 ports.clear();
+                names.clear();
             }
         }
     }
@@ -278,7 +309,7 @@ fn allow_rules(
 ) -> FieldResult<Vec<Rule>> {
     let mut out = Vec::new();
     for peer in peers(peer_list, ns, &format!("{field}.{peer_key}"))? {
-        for (protocol, ports) in port_groups(
+        for (protocol, ports, names) in port_groups(
             ports.as_deref().unwrap_or_default(),
             &format!("{field}.ports"),
         )? {
@@ -288,6 +319,7 @@ fn allow_rules(
                 (EntityMatch::default(), peer.clone())
             };
             destination.ports = ports;
+            destination.named_ports = names;
             out.push(Rule {
                 action: Action::Allow,
                 protocol,
@@ -358,6 +390,7 @@ pub fn network_policy(
         pre_dnat: false,
         do_not_track: false,
         apply_on_forward: false,
+        tier: crate::policy::tier::DEFAULT_TIER.into(),
         ingress_applies,
         egress_applies,
         ingress,
@@ -387,6 +420,15 @@ pub enum Object {
         labels: BTreeMap<String, String>,
         ips: Vec<IpAddr>,
         node: Option<String>,
+        /// Container ports that have a name.
+        ports: Vec<crate::policy::named_ports::NamedPort>,
+        /// `spec.serviceAccountName` (`default` when not given).
+        service_account: String,
+    },
+    ServiceAccount {
+        namespace: String,
+        name: String,
+        labels: BTreeMap<String, String>,
     },
     Node {
         name: String,
@@ -457,12 +499,24 @@ pub fn object(
                 name: name.into(),
                 labels: labels.clone(),
                 ips: all,
+                ports: crate::policy::named_ports::pod_ports(&spec)?,
+                service_account: spec
+                    .get("serviceAccountName")
+                    .or_else(|| spec.get("serviceAccount"))
+                    .and_then(Value::as_str)
+                    .unwrap_or("default")
+                    .into(),
                 node: spec
                     .get("nodeName")
                     .and_then(Value::as_str)
                     .map(str::to_string),
             }
         }
+        "ServiceAccount" => Object::ServiceAccount {
+            namespace: ns,
+            name: name.into(),
+            labels: labels.clone(),
+        },
         "Node" => Object::Node {
             name: name.into(),
             labels: labels.clone(),

@@ -8,11 +8,14 @@
 
 pub mod kubernetes;
 pub mod limits;
+pub mod named_ports;
 pub mod packet_spec;
 pub mod profiles;
 pub mod reference;
 pub mod resolve;
 pub mod selector;
+pub mod service_accounts;
+pub mod tier;
 pub mod tree;
 
 use std::{
@@ -102,6 +105,9 @@ pub struct EntityMatch {
     pub ports: Vec<PortRange>,
     /// The port must be in none of these.
     pub not_ports: Vec<PortRange>,
+    /// Ports by name (`named_ports`): with `ports`, the port must be in
+    /// one of the ranges or be one of these.
+    pub named_ports: Vec<String>,
     /// Addresses of the endpoints and network sets it selects.
     pub selector: Option<Selector>,
     /// The address must not belong to what this selects.
@@ -167,6 +173,8 @@ pub struct Policy {
     pub egress_applies: bool,
     pub ingress: Vec<Rule>,
     pub egress: Vec<Rule>,
+    /// `spec.tier` (`default` when not given).
+    pub tier: String,
     pub origin: Origin,
 }
 
@@ -218,6 +226,10 @@ pub struct HostEndpoint {
     pub expected_ips: Vec<std::net::IpAddr>,
     /// Whether `projectcalico-default-allow` is among its profiles.
     pub default_allow: bool,
+    /// `spec.profiles`, in order (`projectcalico-default-allow` included).
+    pub profiles: Vec<String>,
+    /// `spec.ports`: ports by name, for rules' named ports.
+    pub ports: Vec<named_ports::NamedPort>,
     pub origin: Origin,
 }
 
@@ -282,6 +294,10 @@ pub struct PolicySet {
     /// Namespaces, pods, nodes and services that selectors and
     /// `allow-node-port-dnat` resolve against.
     pub objects: Vec<crate::policy::kubernetes::Object>,
+    /// `Tier` resources (the built-in ones are added by `tier::ordered`).
+    pub tiers: Vec<tier::Tier>,
+    /// `Profile` resources.
+    pub profiles: Vec<tier::CalicoProfile>,
 }
 
 /// A GlobalNetworkSet (no namespace) or NetworkSet: labelled nets that rule
@@ -438,7 +454,8 @@ pub fn label_key_warnings(set: &PolicySet) -> Vec<PolicyError> {
         match o {
             Object::Namespace { labels, .. }
             | Object::Pod { labels, .. }
-            | Object::Node { labels, .. } => add(labels),
+            | Object::Node { labels, .. }
+            | Object::ServiceAccount { labels, .. } => add(labels),
             Object::Service { .. } => {}
         }
     }
@@ -754,6 +771,7 @@ fn check_duplicates(loaded: &mut Loaded) {
         .failsafe_profiles
         .retain(|f| !dup(&format!("FailsafeProfile/{}", f.name)));
     loaded.set.network_sets.retain(|n| !dup(&n.resource()));
+    tier::check_references(loaded);
 }
 
 /// Placeholders such as `<worker-node-name>` outside comments: a template
@@ -952,60 +970,8 @@ fn load_value(file: &Path, index: &mut usize, value: Value, loaded: &mut Loaded)
     let spec = get("spec").cloned().unwrap_or(Value::Null);
     // Problems after the first, from validators that report them all.
     let mut more = Vec::new();
-    let result = match (kind.as_str(), api.as_str()) {
-        ("GlobalNetworkPolicy", a) if CALICO_API_VERSIONS.contains(&a) => {
-            first_and_rest(policy(&meta, spec, origin, PolicyKind::GlobalNetworkPolicy), &mut more)
-                .map(|p| loaded.set.policies.push(p))
-        }
-        ("NetworkPolicy", a) if CALICO_API_VERSIONS.contains(&a) => {
-            first_and_rest(policy(&meta, spec, origin, PolicyKind::NetworkPolicy), &mut more)
-                .map(|p| loaded.set.policies.push(p))
-        }
-        ("NetworkPolicy", "networking.k8s.io/v1") => {
-            crate::policy::kubernetes::network_policy(&meta.name, meta.namespace.as_deref(), spec, origin)
-                .map(|p| loaded.set.policies.push(p))
-        }
-        ("GlobalNetworkSet" | "NetworkSet", a) if CALICO_API_VERSIONS.contains(&a) => {
-            first_and_rest(strict_spec::<RawNetworkSetSpec>(&spec), &mut more)
-                .and_then(|()| network_set(&meta, spec, origin, kind == "NetworkSet"))
-                .map(|n| loaded.set.network_sets.push(n))
-        }
-        ("Namespace" | "Pod" | "Node" | "Service", "v1") => {
-            crate::policy::kubernetes::object(&kind, &meta.name, meta.namespace.as_deref(), &meta.labels, spec, value.get("status").cloned())
-                .map(|o| loaded.set.objects.push(o))
-        }
-        ("HostEndpoint", a) if CALICO_API_VERSIONS.contains(&a) => {
-            first_and_rest(strict_spec::<RawHostEndpointSpec>(&spec), &mut more)
-                .and_then(|()| host_endpoint(&meta, spec, origin))
-                .map(|h| loaded.set.host_endpoints.push(h))
-        }
-        ("FelixConfiguration", a) if CALICO_API_VERSIONS.contains(&a) => {
-            felix_configuration(&meta, spec).map(|f| {
-                if let Some(f) = f {
-                    loaded.set.failsafes = Some(f);
-                }
-            })
-        }
-        ("FailsafeProfile", MOAT_API_VERSION) => {
-            first_and_rest(strict_spec::<RawFailsafeProfileSpec>(&spec), &mut more)
-                .and_then(|()| failsafe_profile(&meta, spec, origin))
-                .map(|f| loaded.set.failsafe_profiles.push(f))
-        }
-        (
-            "Profile" | "Tier" | "StagedNetworkPolicy" | "StagedGlobalNetworkPolicy"
-            | "StagedKubernetesNetworkPolicy",
-            a,
-        ) if CALICO_API_VERSIONS.contains(&a) => Err((
-            String::new(),
-            format!(
-                "{kind} ({api}) is not enforced by this version of moat yet; it is rejected rather than silently ignored"
-            ),
-        )),
-        (k, a) => Err((
-            if CALICO_API_VERSIONS.contains(&a) || a == MOAT_API_VERSION { "kind" } else { "apiVersion" }.into(),
-            format!("unknown resource {a} {k} (moat reads projectcalico.org/v3 or crd.projectcalico.org/v1 GlobalNetworkPolicy, NetworkPolicy, HostEndpoint, GlobalNetworkSet, NetworkSet, FelixConfiguration; networking.k8s.io/v1 NetworkPolicy; v1 Namespace, Pod, Node, Service; {MOAT_API_VERSION} FailsafeProfile)"),
-        )),
-    };
+    let status = value.get("status").cloned();
+    let result = read_resource(&kind, &api, &meta, spec, status, origin, loaded, &mut more);
     if let Err((field, message)) = result {
         loaded.errors.push(err(&resource, &field, message));
     }
@@ -1047,6 +1013,86 @@ fn first_and_rest<T>(r: ObjectResult<T>, more: &mut Vec<(String, String)>) -> Fi
         more.extend(it);
         first
     })
+}
+
+/// Reads one resource of `kind` and `api` into `loaded`.
+fn read_resource(
+    kind: &str,
+    api: &str,
+    meta: &Metadata,
+    spec: Value,
+    status: Option<Value>,
+    origin: Origin,
+    loaded: &mut Loaded,
+    more: &mut Vec<(String, String)>,
+) -> FieldResult<()> {
+    match (kind, api) {
+    ("GlobalNetworkPolicy", a) if CALICO_API_VERSIONS.contains(&a) => {
+        first_and_rest(policy(meta, spec, origin, PolicyKind::GlobalNetworkPolicy), more)
+            .map(|p| loaded.set.policies.push(p))
+    }
+    ("NetworkPolicy", a) if CALICO_API_VERSIONS.contains(&a) => {
+        first_and_rest(policy(meta, spec, origin, PolicyKind::NetworkPolicy), more)
+            .map(|p| loaded.set.policies.push(p))
+    }
+    ("NetworkPolicy", "networking.k8s.io/v1") => {
+        crate::policy::kubernetes::network_policy(&meta.name, meta.namespace.as_deref(), spec, origin)
+            .map(|p| loaded.set.policies.push(p))
+    }
+    ("GlobalNetworkSet" | "NetworkSet", a) if CALICO_API_VERSIONS.contains(&a) => {
+        first_and_rest(strict_spec::<RawNetworkSetSpec>(&spec), more)
+            .and_then(|()| network_set(meta, spec, origin, kind == "NetworkSet"))
+            .map(|n| loaded.set.network_sets.push(n))
+    }
+    ("Namespace" | "Pod" | "Node" | "Service" | "ServiceAccount", "v1") => {
+        crate::policy::kubernetes::object(kind, &meta.name, meta.namespace.as_deref(), &meta.labels, spec, status)
+            .map(|o| loaded.set.objects.push(o))
+    }
+    ("HostEndpoint", a) if CALICO_API_VERSIONS.contains(&a) => {
+        first_and_rest(strict_spec::<RawHostEndpointSpec>(&spec), more)
+            .and_then(|()| host_endpoint(meta, spec, origin))
+            .map(|h| loaded.set.host_endpoints.push(h))
+    }
+    ("FelixConfiguration", a) if CALICO_API_VERSIONS.contains(&a) => {
+        felix_configuration(meta, spec).map(|f| {
+            if let Some(f) = f {
+                loaded.set.failsafes = Some(f);
+            }
+        })
+    }
+    ("Tier", a) if CALICO_API_VERSIONS.contains(&a) => {
+        tier::tier(meta, spec, origin).map(|t| loaded.set.tiers.push(t))
+    }
+    ("Profile", a) if CALICO_API_VERSIONS.contains(&a) => {
+        tier::profile(meta, spec, origin).map(|p| loaded.set.profiles.push(p))
+    }
+    ("FailsafeProfile", MOAT_API_VERSION) => {
+        first_and_rest(strict_spec::<RawFailsafeProfileSpec>(&spec), more)
+            .and_then(|()| failsafe_profile(meta, spec, origin))
+            .map(|f| loaded.set.failsafe_profiles.push(f))
+    }
+    ("AdminNetworkPolicy" | "BaselineAdminNetworkPolicy", "policy.networking.k8s.io/v1alpha1") => Err((
+        String::new(),
+        format!(
+            "{kind} ({api}) is not enforced by this version of moat yet (Calico puts it in the {} tier); it is rejected rather than silently ignored",
+            if kind == "AdminNetworkPolicy" { "kube-admin" } else { "kube-baseline" }
+        ),
+    )),
+    (
+        "StagedNetworkPolicy" | "StagedGlobalNetworkPolicy"
+        | "StagedKubernetesNetworkPolicy",
+        a,
+    ) if CALICO_API_VERSIONS.contains(&a) => Err((
+        String::new(),
+        format!(
+            "{kind} ({api}) is not enforced by this version of moat yet; it is rejected rather than silently ignored"
+        ),
+    )),
+    (k, a) => Err((
+        if CALICO_API_VERSIONS.contains(&a) || a == MOAT_API_VERSION { "kind" } else { "apiVersion" }.into(),
+        format!("unknown resource {a} {k} (moat reads projectcalico.org/v3 or crd.projectcalico.org/v1 GlobalNetworkPolicy, NetworkPolicy, HostEndpoint, GlobalNetworkSet, NetworkSet, FelixConfiguration; Tier, Profile; networking.k8s.io/v1 NetworkPolicy; v1 Namespace, Pod, Node, Service, ServiceAccount; {MOAT_API_VERSION} FailsafeProfile)"),
+    )),
+}
 }
 
 /// Kubernetes object names: DNS subdomain (RFC 1123), at most 253 chars.
@@ -1141,7 +1187,7 @@ pub fn did_you_mean<'a>(word: &str, known: &[&'a str]) -> Option<&'a str> {
 }
 
 /// Turns a serde error into (field path, message), with "did you mean".
-fn spec_error(e: serde_path_to_error::Error<serde_yaml_ng::Error>) -> (String, String) {
+pub(crate) fn spec_error(e: serde_path_to_error::Error<serde_yaml_ng::Error>) -> (String, String) {
     let path = e.path().to_string();
     let inner = e.inner().to_string();
     let message = match parse_unknown_field(&inner) {
@@ -1177,7 +1223,7 @@ fn parse_unknown_field(msg: &str) -> Option<(String, Vec<String>)> {
 /// other is an error, so a typo (`lables`, `Namespace`) is never dropped.
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct Metadata {
+pub(crate) struct Metadata {
     #[serde(default)]
     name: String,
     namespace: Option<String>,
@@ -1236,7 +1282,7 @@ struct RawPolicySpec {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct RawRule {
+pub(crate) struct RawRule {
     action: String,
     protocol: Option<NumOrString>,
     not_protocol: Option<NumOrString>,
@@ -1276,13 +1322,13 @@ struct RawEntity {
     moat_service_frontends: Option<bool>,
 }
 
-type FieldResult<T> = Result<T, (String, String)>;
+pub(crate) type FieldResult<T> = Result<T, (String, String)>;
 
 fn field_err<T>(field: impl Into<String>, message: impl Into<String>) -> FieldResult<T> {
     Err((field.into(), message.into()))
 }
 
-fn not_yet<T>(field: &str, what: &str) -> FieldResult<T> {
+pub(crate) fn not_yet<T>(field: &str, what: &str) -> FieldResult<T> {
     field_err(
         field,
         format!("{what} is not enforced by this version of moat yet; the policy is rejected rather than enforced without it"),
@@ -1468,16 +1514,22 @@ fn policy(meta: &Metadata, spec: Value, origin: Origin, kind: PolicyKind) -> Obj
         .namespace_selector
         .as_deref()
         .and_then(|t| p.ok(parse_selector(t, "spec.namespaceSelector")));
-    // Valid Calico that this version does not read yet.
-    if let Some(tier) = raw.tier.filter(|t| t != "default") {
-        p.ok(not_yet::<()>("spec.tier", &format!("tier {tier:?}")));
-    }
-    if raw.service_account_selector.is_some() {
-        p.ok(not_yet::<()>(
-            "spec.serviceAccountSelector",
-            "serviceAccountSelector",
-        ));
-    }
+    let tier = raw
+        .tier
+        .filter(|t| !t.is_empty())
+        .unwrap_or_else(|| tier::DEFAULT_TIER.into());
+    let selector = match raw.service_account_selector.as_deref() {
+        Some(t) if !t.trim().is_empty() => {
+            let accounts = p.ok(service_accounts::selector(
+                t,
+                "spec.serviceAccountSelector",
+            ));
+            selector
+                .zip(accounts)
+                .map(|(s, a)| Selector::And(Box::new(s), Box::new(a)))
+        }
+        _ => selector,
+    };
     for (i, h) in raw.performance_hints.iter().flatten().enumerate() {
         if h != "AssumeNeededOnEveryNode" {
             p.add(
@@ -1500,6 +1552,7 @@ fn policy(meta: &Metadata, spec: Value, origin: Origin, kind: PolicyKind) -> Obj
         egress_applies,
         ingress,
         egress,
+        tier,
         origin,
     });
     p.finish(policy)
@@ -1542,6 +1595,17 @@ fn parse_selector(text: &str, field: &str) -> FieldResult<Selector> {
         );
     }
     Ok(sel)
+}
+
+/// The rules of a list, or its first problem (for resources that report
+/// one error: a Profile's rules).
+pub(crate) fn rules_or_first(raw: Vec<Value>, field: &str) -> FieldResult<Vec<Rule>> {
+    let mut p = Problems::default();
+    let out = rules(raw, field, &mut p);
+    match p.0.into_iter().next() {
+        Some(first) => Err(first),
+        None => Ok(out),
+    }
 }
 
 /// Every rule of a list that is valid; the problems of the others go to
@@ -1659,23 +1723,31 @@ fn rule(raw: RawRule, field: &str, p: &mut Problems) -> Option<Rule> {
     })
 }
 
-/// Port ranges of `ports` or `notPorts`, each problem added to `p`.
+/// Port ranges of `ports` or `notPorts`, and (where `names_allowed`) the
+/// port names among them, each problem added to `p`.
 fn entity_ports(
     raw: Option<Vec<NumOrString>>,
     field: String,
     ports_allowed: bool,
+    names_allowed: bool,
     p: &mut Problems,
-) -> Vec<PortRange> {
+) -> (Vec<PortRange>, Vec<String>) {
     let raw = raw.unwrap_or_default();
     if !raw.is_empty() && !ports_allowed {
         let name = field.rsplit('.').next().unwrap_or_default().to_string();
         p.add(field, format!("{name} need protocol TCP, UDP or SCTP"));
-        return Vec::new();
+        return (Vec::new(), Vec::new());
     }
-    raw.iter()
-        .enumerate()
-        .filter_map(|(i, r)| p.ok(port_range(r, &format!("{field}[{i}]"))))
-        .collect()
+    let (mut ranges, mut names) = (Vec::new(), Vec::new());
+    for (i, r) in raw.iter().enumerate() {
+        match r {
+            NumOrString::Str(s) if names_allowed && named_ports::is_port_name(s) => {
+                names.push(s.clone())
+            }
+            _ => ranges.extend(p.ok(port_range(r, &format!("{field}[{i}]")))),
+        }
+    }
+    (ranges, names)
 }
 
 fn entity(
@@ -1699,8 +1771,15 @@ fn entity(
         }
         nets.push(net);
     }
-    let ports = entity_ports(raw.ports, format!("{field}.ports"), ports_allowed, p);
-    let not_ports = entity_ports(raw.not_ports, format!("{field}.notPorts"), ports_allowed, p);
+    let (ports, named_ports) =
+        entity_ports(raw.ports, format!("{field}.ports"), ports_allowed, true, p);
+    let (not_ports, _) = entity_ports(
+        raw.not_ports,
+        format!("{field}.notPorts"),
+        ports_allowed,
+        false,
+        p,
+    );
     let mut not_nets = Vec::new();
     for (i, n) in raw.not_nets.iter().flatten().enumerate() {
         let f = format!("{field}.notNets[{i}]");
@@ -1738,18 +1817,24 @@ fn entity(
         }
         *slot = Some(sel);
     }
-    for (name, present) in [
-        ("serviceAccounts", raw.service_accounts.is_some()),
-        ("services", raw.services.is_some()),
-    ] {
-        if present {
-            p.ok(not_yet::<()>(
-                &format!("{field}.{name}"),
-                &format!("a rule {name}"),
-            ));
-        }
+    if raw.services.is_some() {
+        p.ok(not_yet::<()>(
+            &format!("{field}.services"),
+            "a rule services",
+        ));
     }
     let [selector, not_selector, namespace_selector] = selectors;
+    let by_account = raw
+        .service_accounts
+        .as_ref()
+        .and_then(|v| {
+            p.ok(service_accounts::rule_match(
+                v,
+                &format!("{field}.serviceAccounts"),
+            ))
+        })
+        .flatten();
+    let selector = service_accounts::and(by_account, selector);
     let service_frontends = raw.moat_service_frontends.unwrap_or(false);
     if service_frontends && !field.ends_with("destination") {
         p.add(
@@ -1763,6 +1848,7 @@ fn entity(
         not_nets,
         ports,
         not_ports,
+        named_ports,
         selector,
         not_selector,
         namespace_selector,
@@ -1920,20 +2006,9 @@ fn host_endpoint(meta: &Metadata, spec: Value, origin: Origin) -> FieldResult<Ho
     if interface_name == "*" {
         return not_yet("spec.interfaceName", "interfaceName \"*\" (all interfaces)");
     }
-    let mut default_allow = false;
-    for (i, p) in raw.profiles.iter().flatten().enumerate() {
-        if p == DEFAULT_ALLOW_PROFILE {
-            default_allow = true;
-        } else {
-            return not_yet(
-                &format!("spec.profiles[{i}]"),
-                &format!("profile {p:?} (only {DEFAULT_ALLOW_PROFILE} is known)"),
-            );
-        }
-    }
-    if raw.ports.as_ref().is_some_and(|p| !p.is_empty()) {
-        return not_yet("spec.ports", "named host endpoint ports");
-    }
+    let profiles = raw.profiles.unwrap_or_default();
+    let default_allow = profiles.iter().any(|p| p == DEFAULT_ALLOW_PROFILE);
+    let ports = named_ports::host_endpoint_ports(raw.ports.as_deref().unwrap_or_default())?;
     Ok(HostEndpoint {
         name: meta.name.clone(),
         labels: meta.labels.clone(),
@@ -1941,6 +2016,8 @@ fn host_endpoint(meta: &Metadata, spec: Value, origin: Origin) -> FieldResult<Ho
         interface_name,
         expected_ips,
         default_allow,
+        profiles,
+        ports,
         origin,
     })
 }
@@ -2224,12 +2301,19 @@ mod tests {
         let p = &l.set.policies[0];
         assert!(p.pre_dnat && p.apply_on_forward && !p.do_not_track);
         assert_eq!(p.ingress[0].source.not_nets.len(), 1);
-        // Named ports stay unread, and say so.
+        // Named ports are read; what is neither a number nor a name is not.
+        let l = load(&gnp(
+            "  ingress: [{action: Deny, protocol: TCP, destination: {ports: [http, 22]}}]\n",
+        ));
+        assert!(l.errors.is_empty(), "{:#?}", l.errors);
+        assert_eq!(
+            l.set.policies[0].ingress[0].destination.named_ports,
+            ["http"]
+        );
         let e = only_error(&gnp(
-            "  ingress: [{action: Deny, protocol: TCP, destination: {ports: [http]}}]\n",
+            "  ingress: [{action: Deny, protocol: TCP, destination: {ports: [Not_A_Name]}}]\n",
         ));
         assert_eq!(e.field, "spec.ingress[0].destination.ports[0]");
-        assert!(e.message.contains("not enforced by this version"), "{e}");
     }
 
     #[test]

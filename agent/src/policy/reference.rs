@@ -335,6 +335,12 @@ pub enum DecidedBy {
     /// A pod's packet to (or from) its own address: it never leaves the
     /// pod, so no policy sees it.
     OwnAddress,
+    /// A rule of one of the endpoint's `Profile`s, after the last tier.
+    ProfileRule {
+        profile: String,
+        rule: usize,
+        action: Action,
+    },
 }
 
 /// A verdict and how it came about.
@@ -396,7 +402,14 @@ impl Judgement {
                     ..
                 },
             ) => reason::NO_PROFILE,
-            (_, DecidedBy::Rule { .. }) => reason::RULE,
+            (
+                _,
+                DecidedBy::ProfileRule {
+                    action: Action::Pass,
+                    ..
+                },
+            ) => reason::NO_PROFILE,
+            (_, DecidedBy::Rule { .. } | DecidedBy::ProfileRule { .. }) => reason::RULE,
             (_, DecidedBy::EndOfPolicies) => reason::END_OF_POLICIES,
             _ => reason::NO_PROFILE,
         }
@@ -467,12 +480,155 @@ pub struct Step {
 /// The end of one stage's walk.
 enum StageEnd {
     Decided(Verdict, DecidedBy),
-    /// A Pass rule: the stage ends (normal stage: the profiles decide).
+    /// A Pass rule (the last one, when several tiers passed) and no later
+    /// tier decided: the stage ends (normal stage: the profiles decide).
     Passed(DecidedBy),
-    /// No rule decided; whether any policy applied.
+    /// Policies applied, none decided, and no tier passed: the end of a
+    /// tier whose default action is Deny (the end-of-tier drop).
     Undecided {
         applied: bool,
     },
+    /// Tiers applied and every one ended with default action Pass, no
+    /// Pass rule: the profiles decide.
+    TierPassed,
+}
+
+/// Walks the stage's `policies` (in order) tier by tier, in tier order:
+/// a tier with no policy for `dir` is skipped; Pass (a rule, or the end of
+/// a tier whose default action is Pass) goes on to the next tier; the end
+/// of a tier with default action Deny denies when `end_denies` (the normal
+/// stage), and goes on otherwise (untracked and pre-DNAT stages).
+#[expect(clippy::too_many_arguments, reason = "the walk's state, passed down")]
+fn walk_tiers<'a>(
+    set: &PolicySet,
+    policies: impl Iterator<Item = &'a Policy>,
+    dir: u8,
+    f: &Fields,
+    stage: Stage,
+    end_denies: bool,
+    trace: &mut Vec<Step>,
+    logged: &mut Vec<(String, usize)>,
+) -> StageEnd {
+    let policies: Vec<&Policy> = policies.filter(|p| p.rules(dir).is_some()).collect();
+    let mut last_pass = None;
+    let mut tier_passed = false;
+    let mut applied = false;
+    for tier in crate::policy::tier::ordered(&set.tiers) {
+        let in_tier = policies.iter().copied().filter(|p| p.tier == tier.name);
+        match walk_stage(set, in_tier, dir, f, stage, trace, logged) {
+            StageEnd::Decided(v, by) => return StageEnd::Decided(v, by),
+            StageEnd::Passed(by) => last_pass = Some(by),
+            StageEnd::Undecided { applied: false } => continue,
+            _ if tier.default_action == crate::policy::tier::TierAction::Pass => tier_passed = true,
+            _ if end_denies => return StageEnd::Undecided { applied: true },
+            _ => applied = true,
+        }
+    }
+    match last_pass {
+        Some(by) => StageEnd::Passed(by),
+        None if tier_passed => StageEnd::TierPassed,
+        None => StageEnd::Undecided { applied },
+    }
+}
+
+/// After the last tier: the endpoint's profiles in order. A rule of a
+/// `Profile` decides (Log logs, Pass goes on to the next profile);
+/// `projectcalico-default-allow` allows; with no decision, deny. The
+/// decider is `None` unless a profile rule decided or passed.
+fn walk_profiles(
+    set: &PolicySet,
+    hep: &HostEndpoint,
+    dir: u8,
+    f: &Fields,
+    trace: &mut Vec<Step>,
+    logged: &mut Vec<(String, usize)>,
+) -> (Verdict, Option<DecidedBy>) {
+    let mut passed = None;
+    for name in &hep.profiles {
+        if name == crate::policy::DEFAULT_ALLOW_PROFILE {
+            return (Verdict::Allow, passed);
+        }
+        let Some(profile) = set.profiles.iter().find(|p| &p.name == name) else {
+            continue; // refused at load: not in the set
+        };
+        let scope = profile_scope(profile);
+        let mut outcome = "no rule decided".to_string();
+        let mut decided = None;
+        for (index, rule) in profile.rules(dir).iter().enumerate() {
+            if !rule_matches_in(set, &scope, rule, f) {
+                continue;
+            }
+            let key = format!("Profile/{}", profile.name);
+            let verdict = match rule.action {
+                Action::Log => {
+                    logged.push((key, index));
+                    continue;
+                }
+                Action::Pass => {
+                    outcome = format!("pass by rule {index}");
+                    passed = Some(DecidedBy::ProfileRule {
+                        profile: profile.name.clone(),
+                        rule: index,
+                        action: Action::Pass,
+                    });
+                    break;
+                }
+                Action::Allow => Verdict::Allow,
+                Action::Deny => Verdict::Deny,
+            };
+            outcome = format!(
+                "{} by rule {index}",
+                if verdict == Verdict::Allow {
+                    "allow"
+                } else {
+                    "deny"
+                }
+            );
+            decided = Some((
+                verdict,
+                DecidedBy::ProfileRule {
+                    profile: profile.name.clone(),
+                    rule: index,
+                    action: rule.action,
+                },
+            ));
+            break;
+        }
+        trace.push(Step {
+            stage: Stage::Normal,
+            policy: format!("Profile/{}", profile.name),
+            outcome,
+        });
+        if let Some((v, by)) = decided {
+            return (v, Some(by));
+        }
+    }
+    if hep.default_allow {
+        return (Verdict::Allow, passed);
+    }
+    (Verdict::Deny, passed)
+}
+
+/// The policy a profile's rule selectors resolve in: global, like a
+/// GlobalNetworkPolicy.
+pub fn profile_scope(profile: &crate::policy::tier::CalicoProfile) -> Policy {
+    Policy {
+        kind: crate::policy::PolicyKind::GlobalNetworkPolicy,
+        name: format!("Profile/{}", profile.name),
+        namespace: None,
+        order: None,
+        selector: Selector::All,
+        namespace_selector: None,
+        pre_dnat: false,
+        do_not_track: false,
+        apply_on_forward: false,
+        ingress_applies: true,
+        egress_applies: true,
+        ingress: Vec::new(),
+        egress: Vec::new(),
+        tier: String::new(),
+        origin: profile.origin.clone(),
+    }
 }
 
 /// Walks `policies` (already in order) for `dir`, recording the trace and
@@ -606,17 +762,18 @@ pub fn evaluate(set: &PolicySet, hep: &HostEndpoint, dir: u8, f: &Fields, q: Que
     // traffic only ingress rules count.
     if failsafe.is_none() && !(q.forwarded && dir == direction::EGRESS) {
         let untracked = host_policies().filter(|p| p.do_not_track);
-        match walk_stage(
+        let end = walk_tiers(
             set,
             untracked,
             dir,
             f,
             Stage::Untracked,
+            false,
             &mut trace,
             &mut logged,
-        ) {
-            StageEnd::Decided(v, by) => return done(v, by, Stage::Untracked, trace, logged),
-            StageEnd::Passed(_) | StageEnd::Undecided { .. } => {}
+        );
+        if let StageEnd::Decided(v, by) = end {
+            return done(v, by, Stage::Untracked, trace, logged);
         }
     }
 
@@ -628,23 +785,19 @@ pub fn evaluate(set: &PolicySet, hep: &HostEndpoint, dir: u8, f: &Fields, q: Que
     // 3. Pre-DNAT (ingress only, new connections, host and forwarded).
     if failsafe.is_none() && dir == direction::INGRESS {
         let pre_dnat = host_policies().filter(|p| p.pre_dnat);
-        match walk_stage(
+        let end = walk_tiers(
             set,
             pre_dnat,
             dir,
             f,
             Stage::PreDnat,
+            false,
             &mut trace,
             &mut logged,
-        ) {
-            StageEnd::Decided(Verdict::Deny, by) => {
-                return done(Verdict::Deny, by, Stage::PreDnat, trace, logged)
-            }
-            // Allow skips normal policy.
-            StageEnd::Decided(Verdict::Allow, by) => {
-                return done(Verdict::Allow, by, Stage::PreDnat, trace, logged)
-            }
-            StageEnd::Passed(_) | StageEnd::Undecided { .. } => {}
+        );
+        // Deny drops; Allow skips normal policy.
+        if let StageEnd::Decided(v, by) = end {
+            return done(v, by, Stage::PreDnat, trace, logged);
         }
     }
 
@@ -662,39 +815,45 @@ pub fn evaluate(set: &PolicySet, hep: &HostEndpoint, dir: u8, f: &Fields, q: Que
     // 5. Normal: host traffic, or forwarded traffic with applyOnForward.
     let normal = host_policies()
         .filter(|p| !p.pre_dnat && !p.do_not_track && (!q.forwarded || p.apply_on_forward));
-    let profile = if hep.default_allow {
-        Verdict::Allow
-    } else {
-        Verdict::Deny
+    let end = walk_tiers(
+        set,
+        normal,
+        dir,
+        f,
+        Stage::Normal,
+        true,
+        &mut trace,
+        &mut logged,
+    );
+    let to_profiles = match end {
+        StageEnd::Decided(v, by) => return done(v, by, Stage::Normal, trace, logged),
+        StageEnd::Undecided { applied: true } => {
+            return done(
+                Verdict::Deny,
+                DecidedBy::EndOfPolicies,
+                Stage::Normal,
+                trace,
+                logged,
+            )
+        }
+        StageEnd::Undecided { applied: false } if q.forwarded => {
+            return done(
+                Verdict::Allow,
+                DecidedBy::ForwardedWithoutPolicy,
+                Stage::Normal,
+                trace,
+                logged,
+            )
+        }
+        StageEnd::Passed(by) => Some(by),
+        StageEnd::TierPassed | StageEnd::Undecided { applied: false } => None,
     };
-    match walk_stage(set, normal, dir, f, Stage::Normal, &mut trace, &mut logged) {
-        StageEnd::Decided(v, by) => done(v, by, Stage::Normal, trace, logged),
-        // Pass: the profiles decide, and the Pass rule is why.
-        StageEnd::Passed(by) => done(profile, by, Stage::Normal, trace, logged),
-        StageEnd::Undecided { applied: true } => done(
-            Verdict::Deny,
-            DecidedBy::EndOfPolicies,
-            Stage::Normal,
-            trace,
-            logged,
-        ),
-        StageEnd::Undecided { applied: false } if q.forwarded => done(
-            Verdict::Allow,
-            DecidedBy::ForwardedWithoutPolicy,
-            Stage::Normal,
-            trace,
-            logged,
-        ),
-        StageEnd::Undecided { applied: false } => done(
-            profile,
-            DecidedBy::Profile {
-                allowed: hep.default_allow,
-            },
-            Stage::Normal,
-            trace,
-            logged,
-        ),
-    }
+    // The profiles decide; a profile rule, else the Pass rule, is why.
+    let (profile, by) = walk_profiles(set, hep, dir, f, &mut trace, &mut logged);
+    let by = by.or(to_profiles).unwrap_or(DecidedBy::Profile {
+        allowed: profile == Verdict::Allow,
+    });
+    done(profile, by, Stage::Normal, trace, logged)
 }
 
 fn failsafe_matches(p: &FailsafePort, dir: u8, f: &Fields) -> bool {
@@ -732,7 +891,10 @@ fn entity_matches(
     };
     (e.nets.is_empty() || contains(&e.nets, addr))
         && !contains(&e.not_nets, addr)
-        && (e.ports.is_empty() || in_ranges(&e.ports))
+        && ((e.ports.is_empty() && e.named_ports.is_empty())
+            || in_ranges(&e.ports)
+            || (has_ports(protocol)
+                && crate::policy::named_ports::matches(set, &e.named_ports, addr, port, protocol)))
         && !in_ranges(&e.not_ports)
         && (e.selector.is_none() && e.namespace_selector.is_none()
             || selected(e.selector.as_ref().unwrap_or(&Selector::All)))
@@ -792,8 +954,8 @@ pub fn rule_applies_to_version(rule: &Rule, v: u8) -> bool {
 pub struct Workload {
     pub namespace: String,
     pub name: String,
-    /// Its labels plus `projectcalico.org/namespace` and
-    /// `projectcalico.org/orchestrator: k8s`, as Calico gives them.
+    /// Its labels plus the ones Calico gives a workload endpoint
+    /// (`resolve::workload_labels`).
     pub labels: std::collections::BTreeMap<String, String>,
     /// Its addresses (`status.podIPs`).
     pub ips: Vec<IpAddr>,
@@ -808,11 +970,10 @@ impl Workload {
                 name: n,
                 labels,
                 ips,
+                service_account,
                 ..
             } if ns == namespace && n == name => {
-                let mut labels = labels.clone();
-                labels.insert("projectcalico.org/namespace".into(), ns.clone());
-                labels.insert("projectcalico.org/orchestrator".into(), "k8s".into());
+                let labels = resolve::workload_labels(set, ns, labels, service_account);
                 Some(Workload {
                     namespace: ns.clone(),
                     name: n.clone(),
@@ -867,18 +1028,26 @@ pub fn evaluate_workload(
         };
         in_scope && !p.pre_dnat && !p.do_not_track && p.selector.matches(&pod.labels)
     });
-    match walk_stage(
+    match walk_tiers(
         set,
         policies,
         dir,
         f,
         Stage::Normal,
+        true,
         &mut trace,
         &mut logged,
     ) {
         StageEnd::Decided(v, by) => done(v, by, Stage::Normal, trace, logged),
-        // Pass with a single tier: on to the profile, which allows.
+        // Past the last tier: on to the namespace profile, which allows.
         StageEnd::Passed(by) => done(Verdict::Allow, by, Stage::Normal, trace, logged),
+        StageEnd::TierPassed => done(
+            Verdict::Allow,
+            DecidedBy::Profile { allowed: true },
+            Stage::Normal,
+            trace,
+            logged,
+        ),
         StageEnd::Undecided { applied: true } => done(
             Verdict::Deny,
             DecidedBy::EndOfPolicies,

@@ -42,19 +42,57 @@ fn selectables(set: &PolicySet) -> Vec<Selectable> {
             namespace,
             labels,
             ips,
+            service_account,
             ..
         } = o
         {
-            let mut labels = labels.clone();
-            labels.insert("projectcalico.org/namespace".into(), namespace.clone());
-            labels.insert("projectcalico.org/orchestrator".into(), "k8s".into());
             out.push(Selectable {
-                labels,
+                labels: workload_labels(set, namespace, labels, service_account),
                 namespace: Some(namespace.clone()),
                 nets: ips.iter().map(|ip| IpNet::from(*ip)).collect(),
             });
         }
     }
+    out
+}
+
+/// A pod's labels as Calico gives its workload endpoint: its own, plus
+/// `projectcalico.org/namespace`, `projectcalico.org/orchestrator: k8s`,
+/// `projectcalico.org/serviceaccount`, its namespace's labels as
+/// `pcns.<key>` (from the `kns.<namespace>` profile) and its service
+/// account's as `pcsa.<key>` (from `ksa.<namespace>.<name>`, with
+/// `pcsa.projectcalico.org/name`).
+pub fn workload_labels(
+    set: &PolicySet,
+    namespace: &str,
+    labels: &BTreeMap<String, String>,
+    service_account: &str,
+) -> BTreeMap<String, String> {
+    let mut out = labels.clone();
+    for (k, v) in namespace_labels(set, namespace) {
+        out.insert(format!("pcns.{k}"), v);
+    }
+    let sa_labels = set.objects.iter().find_map(|o| match o {
+        Object::ServiceAccount {
+            namespace: ns,
+            name,
+            labels,
+        } if ns == namespace && name == service_account => Some(labels.clone()),
+        _ => None,
+    });
+    for (k, v) in sa_labels.unwrap_or_default() {
+        out.insert(format!("pcsa.{k}"), v);
+    }
+    out.insert(
+        "pcsa.projectcalico.org/name".into(),
+        service_account.to_string(),
+    );
+    out.insert("projectcalico.org/namespace".into(), namespace.to_string());
+    out.insert("projectcalico.org/orchestrator".into(), "k8s".into());
+    out.insert(
+        "projectcalico.org/serviceaccount".into(),
+        service_account.to_string(),
+    );
     out
 }
 

@@ -25,7 +25,9 @@ use crate::{
 pub const PREFIX: &str = "/calico/resources/v3/projectcalico.org/";
 /// The kinds (as key plurals) that make up host endpoint policy.
 /// FelixConfiguration is read for `default` only (its failsafe ports).
-pub const PLURALS: [&str; 6] = [
+pub const PLURALS: [&str; 8] = [
+    "tiers",
+    "profiles",
     "globalnetworkpolicies",
     "networkpolicies",
     "hostendpoints",
