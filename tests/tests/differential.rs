@@ -269,6 +269,7 @@ fn tiers_and_profiles(rng: &mut SmallRng, set: &mut PolicySet) {
     if rng.gen_bool(0.4) {
         set.profiles = vec![CalicoProfile {
             name: "prof".into(),
+            labels_to_apply: BTreeMap::new(),
             ingress: (0..rng.gen_range(0..4)).map(|_| rule(rng)).collect(),
             egress: (0..rng.gen_range(0..3)).map(|_| rule(rng)).collect(),
             origin: origin(),

@@ -49,6 +49,9 @@ pub struct Tier {
 #[derive(Clone, Debug, PartialEq)]
 pub struct CalicoProfile {
     pub name: String,
+    /// `spec.labelsToApply`: labels every endpoint naming the profile
+    /// inherits (its own labels win).
+    pub labels_to_apply: std::collections::BTreeMap<String, String>,
     pub ingress: Vec<Rule>,
     pub egress: Vec<Rule>,
     pub origin: Origin,
@@ -139,9 +142,6 @@ pub(crate) fn profile(meta: &Metadata, spec: Value, origin: Origin) -> FieldResu
     } else {
         serde_path_to_error::deserialize(spec).map_err(spec_error)?
     };
-    if raw.labels_to_apply.is_some_and(|l| !l.is_empty()) {
-        return crate::policy::not_yet("spec.labelsToApply", "profile labelsToApply");
-    }
     if meta.name == DEFAULT_ALLOW_PROFILE {
         return Err((
             "metadata.name".into(),
@@ -150,6 +150,7 @@ pub(crate) fn profile(meta: &Metadata, spec: Value, origin: Origin) -> FieldResu
     }
     Ok(CalicoProfile {
         name: meta.name.clone(),
+        labels_to_apply: raw.labels_to_apply.unwrap_or_default(),
         ingress: crate::policy::rules_or_first(raw.ingress.unwrap_or_default(), "spec.ingress")?,
         egress: crate::policy::rules_or_first(raw.egress.unwrap_or_default(), "spec.egress")?,
         origin,
@@ -226,6 +227,17 @@ pub(crate) fn check_references(loaded: &mut Loaded) {
         }
         missing.is_empty()
     });
+    // Endpoints inherit their profiles' labelsToApply (their own win).
+    let profiles = &loaded.set.profiles;
+    for h in &mut loaded.set.host_endpoints {
+        for name in &h.profiles {
+            if let Some(p) = profiles.iter().find(|p| &p.name == name) {
+                for (k, v) in &p.labels_to_apply {
+                    h.labels.entry(k.clone()).or_insert_with(|| v.clone());
+                }
+            }
+        }
+    }
     loaded.errors.extend(errors);
 }
 
@@ -311,9 +323,10 @@ mod tests {
         // With the Profile, the endpoint stands.
         let l = load_str(
             Path::new("t.yaml"),
-            &format!("{HEP}apiVersion: projectcalico.org/v3\nkind: Profile\nmetadata: {{name: web}}\nspec: {{ingress: [{{action: Allow, protocol: TCP, destination: {{ports: [443]}}}}]}}\n"),
+            &format!("{HEP}apiVersion: projectcalico.org/v3\nkind: Profile\nmetadata: {{name: web}}\nspec: {{labelsToApply: {{tier: web}}, ingress: [{{action: Allow, protocol: TCP, destination: {{ports: [443]}}}}]}}\n"),
         );
         assert!(l.errors.is_empty(), "{:#?}", l.errors);
+        assert_eq!(l.set.host_endpoints[0].labels["tier"], "web");
         assert_eq!(l.set.host_endpoints[0].profiles, ["web"]);
         assert_eq!(l.set.profiles[0].ingress.len(), 1);
     }
