@@ -681,6 +681,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                     cfg.xdp_mode,
                 )?;
                 last_apply = started.elapsed();
+                observer.stats.apply_seconds.observe(last_apply);
                 have_policy = true;
                 settle_pins(&dataplane, &wanted)?;
                 pins_settled = true;
@@ -792,7 +793,14 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             _ = sigint.recv() => { info!("SIGINT: detaching"); break; }
             _ = sigterm.recv() => { info!("SIGTERM: detaching"); break; }
             Some(reply) = observer.snapshots.recv() => {
+                use crate::sources::reconcile::Stats as S;
                 let s = crate::events::metrics::Snapshot {
+                    policy: crate::events::metrics::PolicyHealth {
+                        objects_invalid: S::get(&stats.invalid_now),
+                        objects_kept_last_good: S::get(&stats.kept_last_good),
+                        reconciles: S::get(&stats.reconciles),
+                        reconcile_errors: S::get(&stats.failed),
+                    },
                     counters: dataplane.counters()?,
                     fill: dataplane.fill()?,
                     local_addresses: local.len() as u64,
@@ -816,8 +824,12 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                     None => bail!("the policy source stopped"),
                 };
                 let next = generation.wrapping_add(1).max(1);
+                // The generation in force's per-rule counts, read just
+                // before the switch, so its rules' totals go on after it.
+                let _ = observer.stats.rule_totals.lock().map(|mut t| t.observe(generation, &rule_counters(&dataplane, &compiled)));
                 let started = std::time::Instant::now();
                 if let Err(e) = enforce(&mut dataplane, &mut ifaces, &outcome.compiled, next, cfg.xdp_mode) {
+                    observer.stats.apply_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     error!("applying {}: {e:#}; the policy in force stays", outcome.origin);
                     if !synced && generation == 0 {
                         return Err(e);
@@ -826,6 +838,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                     continue;
                 }
                 last_apply = started.elapsed();
+                observer.stats.apply_seconds.observe(last_apply);
                 have_policy = true;
                 if !pins_settled {
                     settle_pins(&dataplane, &wanted)?;
