@@ -10,6 +10,7 @@ pub mod check;
 pub mod cmd;
 pub mod config;
 pub mod exit;
+pub mod rules;
 pub mod status;
 pub mod tail;
 pub mod trace;

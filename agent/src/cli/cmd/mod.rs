@@ -16,6 +16,7 @@ pub mod bench;
 pub mod check;
 pub mod completions;
 pub mod man;
+pub mod rules;
 pub mod status;
 pub mod tail;
 pub mod trace;
@@ -45,6 +46,7 @@ pub enum Command {
     Check(check::Args),
     Trace(trace::Args),
     Bench(bench::Args),
+    Rules(rules::Args),
     Uninstall(uninstall::Args),
     Completions(completions::Args),
     Man(man::Args),
