@@ -206,8 +206,13 @@ pub fn bar(report: &Report) -> Vec<Bar> {
         status: "",
         detail,
     }));
-    // Allowed traffic: moat's added cost below every other engine's, at
-    // every rule count both were measured.
+    out.push(allowed_bar(report));
+    out
+}
+
+/// Allowed traffic: moat's added cost below every other engine's, at
+/// every rule count both were measured.
+fn allowed_bar(report: &Report) -> Bar {
     let mut worst: Option<(f64, String)> = None;
     let mut compared = 0;
     {
@@ -237,7 +242,7 @@ pub fn bar(report: &Report) -> Vec<Bar> {
             }
         }
     }
-    out.push(judged(Bar {
+    judged(Bar {
         claim: "allowed traffic: moat's added cost below every other engine's (margin in ns, > 0 passes)".into(),
         wanted: 0.0,
         measured: worst.as_ref().map(|w| w.0),
@@ -246,8 +251,7 @@ pub fn bar(report: &Report) -> Vec<Bar> {
         detail: worst
             .map(|w| format!("{compared} comparisons; {}", w.1))
             .unwrap_or_else(|| "no pair of allowed-traffic figures to compare".into()),
-    }));
-    out
+    })
 }
 
 fn cell(v: Option<f64>, unit: &str) -> String {
@@ -375,9 +379,15 @@ pub fn markdown(report: &Report) -> String {
             cell(u.change_ms, "")
         );
     }
+    event_path_section(&mut s, report);
+    closing_sections(&mut s, report);
+    s
+}
+/// The deny event path's section.
+fn event_path_section(s: &mut String, report: &Report) {
     if let Some(e) = &report.event_path {
-        let _ = writeln!(s, "\n## The deny event path ({} rules)\n", e.rules);
-        let _ = writeln!(s, "| figure | value |\n|---|---:|");
+        let _ = writeln!(*s, "\n## The deny event path ({} rules)\n", e.rules);
+        let _ = writeln!(*s, "| figure | value |\n|---|---:|");
         let _ = writeln!(
             s,
             "| denied packet, event written (BPF_PROG_TEST_RUN, ns) | {:.1} [{:.0}..{:.0}] |",
@@ -417,7 +427,11 @@ pub fn markdown(report: &Report) -> String {
             }
         );
     }
-    let _ = writeln!(s, "\n## moat's memory\n");
+}
+
+/// Memory, the bar and the limits.
+fn closing_sections(s: &mut String, report: &Report) {
+    let _ = writeln!(*s, "\n## moat's memory\n");
     let _ = writeln!(
         s,
         "| rules | BPF map memory (fdinfo memlock) | process RSS | note |\n|---:|---:|---:|---|"
@@ -432,8 +446,8 @@ pub fn markdown(report: &Report) -> String {
             mem.unsupported.as_deref().unwrap_or("")
         );
     }
-    let _ = writeln!(s, "\nmoat's maps are sized at load time, so their memory does not grow with the rule count; the RSS is the bench process's own (it holds every figure too).\n");
-    let _ = writeln!(s, "## The bar\n");
+    let _ = writeln!(*s, "\nmoat's maps are sized at load time, so their memory does not grow with the rule count; the RSS is the bench process's own (it holds every figure too).\n");
+    let _ = writeln!(*s, "## The bar\n");
     for b in &report.bar {
         let _ = writeln!(
             s,
@@ -445,11 +459,10 @@ pub fn markdown(report: &Report) -> String {
             b.detail
         );
     }
-    let _ = writeln!(s, "\n## Limits\n");
+    let _ = writeln!(*s, "\n## Limits\n");
     for l in &report.limits {
-        let _ = writeln!(s, "- {l}");
+        let _ = writeln!(*s, "- {l}");
     }
-    s
 }
 
 /// Fonts the plot's text is drawn with (Debian's fonts-dejavu-core).

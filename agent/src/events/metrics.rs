@@ -286,34 +286,7 @@ pub fn render(s: &Snapshot, stats: &AgentStats, hub: &Hub, health: &Health) -> S
             .get_or_create(&labels(&[("direction", dir)]))
             .inc_by(row[counter::AUDIT_PASSED as usize]);
     }
-    let rules = stats
-        .rule_totals
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .observe(s.generation, &s.rules);
-    if !rules.is_empty() {
-        let packets = counter_family(
-            &mut reg,
-            "moat_rule_packets",
-            "Packets a rule matched, by policy, rule index and direction, over every generation",
-        );
-        let bytes = counter_family(
-            &mut reg,
-            "moat_rule_bytes",
-            "Bytes a rule matched, by policy, rule index and direction, over every generation",
-        );
-        for r in &rules {
-            let rule = r.rule.to_string();
-            let l = labels(&[
-                ("policy", &r.policy),
-                ("rule", &rule),
-                ("direction", r.direction),
-            ]);
-            packets.get_or_create(&l).inc_by(r.packets);
-            bytes.get_or_create(&l).inc_by(r.bytes);
-        }
-    }
-
+    rule_series(&mut reg, s, stats);
     let gauge = |reg: &mut Registry, name: &str, help: &str, v: i64| {
         let g = Gauge::<i64>::default();
         g.set(v);
@@ -371,6 +344,51 @@ pub fn render(s: &Snapshot, stats: &AgentStats, hub: &Hub, health: &Health) -> S
         "Clients following the event stream",
         hub.subscribers() as i64,
     );
+    agent_counters(&mut reg, stats, hub);
+    let mut out = String::new();
+    // Writing into a String cannot fail.
+    let _ = encode(&mut out, &reg);
+    out
+}
+
+/// `moat_rule_packets` and `moat_rule_bytes`, carried across generations.
+fn rule_series(reg: &mut Registry, s: &Snapshot, stats: &AgentStats) {
+    let counter_family = |reg: &mut Registry, name: &str, help: &str| {
+        let f = Family::<Labels, Counter>::default();
+        reg.register(name, help, f.clone());
+        f
+    };
+    let rules = stats
+        .rule_totals
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .observe(s.generation, &s.rules);
+    if !rules.is_empty() {
+        let packets = counter_family(
+            reg,
+            "moat_rule_packets",
+            "Packets a rule matched, by policy, rule index and direction, over every generation",
+        );
+        let bytes = counter_family(
+            reg,
+            "moat_rule_bytes",
+            "Bytes a rule matched, by policy, rule index and direction, over every generation",
+        );
+        for r in &rules {
+            let rule = r.rule.to_string();
+            let l = labels(&[
+                ("policy", &r.policy),
+                ("rule", &rule),
+                ("direction", r.direction),
+            ]);
+            packets.get_or_create(&l).inc_by(r.packets);
+            bytes.get_or_create(&l).inc_by(r.bytes);
+        }
+    }
+}
+
+/// The agent's own counters: events read, outputs, subscribers.
+fn agent_counters(reg: &mut Registry, stats: &AgentStats, hub: &Hub) {
     let agent_counter = |reg: &mut Registry, name: &str, help: &str, v: u64| {
         let c = Counter::<u64>::default();
         c.inc_by(v);
@@ -378,45 +396,41 @@ pub fn render(s: &Snapshot, stats: &AgentStats, hub: &Hub, health: &Health) -> S
     };
     let r = |a: &AtomicU64| a.load(Ordering::Relaxed);
     agent_counter(
-        &mut reg,
+        reg,
         "moat_agent_events_read",
         "Events the agent read from the ring buffer",
         r(&stats.events_read),
     );
     agent_counter(
-        &mut reg,
+        reg,
         "moat_agent_events_malformed",
         "Ring buffer records too short to be an event",
         r(&stats.events_malformed),
     );
     agent_counter(
-        &mut reg,
+        reg,
         "moat_subscriber_events_missed",
         "Events subscribers missed because they read too slowly (each got a gap marker)",
         r(&hub.missed),
     );
     agent_counter(
-        &mut reg,
+        reg,
         "moat_events_file_written",
         "Events written to the events file",
         r(&stats.file_written),
     );
     agent_counter(
-        &mut reg,
+        reg,
         "moat_syslog_sent",
         "Events sent to syslog",
         r(&stats.syslog_sent),
     );
     agent_counter(
-        &mut reg,
+        reg,
         "moat_output_errors",
         "Failed writes to the events file or syslog",
         r(&stats.output_errors),
     );
-    let mut out = String::new();
-    // Writing into a String cannot fail.
-    let _ = encode(&mut out, &reg);
-    out
 }
 
 /// The policy's health: invalid objects, reconcile and apply errors, apply
