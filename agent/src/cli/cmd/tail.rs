@@ -48,10 +48,15 @@ pub struct Args {
     #[command(flatten, next_help_heading = "Filters")]
     pub filters: FilterArgs,
     /// Output format.
-    #[arg(short, long, value_enum, default_value_t)]
+    #[arg(short, long, value_enum, default_value_t, help_heading = "Output")]
     pub output: TailFormat,
     /// Prefix of `-o iptables` lines.
-    #[arg(long, value_name = "TEXT", default_value = "calico-packet: ")]
+    #[arg(
+        long,
+        value_name = "TEXT",
+        default_value = "calico-packet: ",
+        help_heading = "Output"
+    )]
     pub log_prefix: String,
     #[command(flatten, next_help_heading = "Summary (--top)")]
     pub top: TopArgs,
