@@ -302,7 +302,7 @@ impl<W: std::io::Write> Session<W> {
                 "--- {time} the agent closed the stream (stopped or restarting); exiting ---"
             ),
             (_, Some(since)) => format!(
-                "--- {time} reconnected after {:.1} s; events while no agent ran were not recorded ---",
+                "--- {time} reconnected after {:.1} s (what the new agent read since the break follows) ---",
                 (at_ns - since) as f64 / 1e9
             ),
             _ => format!("--- {time} {kind} ---"),
