@@ -3,9 +3,8 @@
 
 use std::process::ExitCode;
 
-use clap::Parser as _;
 use moat::cli::{
-    cmd::{self, Cli, Command},
+    cmd::{self, Command},
     exit,
 };
 
@@ -18,13 +17,15 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
-    exit::finish(match Cli::parse().command {
+    let (cli, matches) = cmd::parse();
+    exit::finish(match cli.command {
         Command::Agent(args) => cmd::agent::run(args),
         Command::Status(args) => cmd::status::run(args),
-        Command::Tail(args) => cmd::tail::run(args),
+        Command::Tail(args) => cmd::tail::run(args, cmd::sub(&matches, "tail")),
         Command::Check(args) => cmd::check::run(args),
         Command::Trace(args) => cmd::trace::run(args),
         Command::Bench(args) => cmd::bench::run(args),
+        Command::Rules(args) => cmd::rules::run(args),
         Command::Uninstall(args) => cmd::uninstall::run(args),
         Command::Completions(args) => cmd::completions::run(args),
         Command::Man(args) => cmd::man::run(args),

@@ -156,6 +156,14 @@ fn smoke_run_has_every_engines_figures_and_leaves_nothing_behind() {
     assert!(json["memory"][0]["map_bytes"].as_u64().unwrap() > 0);
     let bar = json["bar"].as_array().unwrap();
     assert_eq!(bar.len(), 5);
+    // A quick run at 1 and 3 rules measures nothing at 10,000: those bars
+    // were not run, not missed.
+    for b in bar {
+        if b["measured"].is_null() {
+            assert_eq!(b["status"], "not run", "{b}");
+        }
+    }
+    assert!(bar.iter().any(|b| b["status"] == "not run"), "{bar:?}");
     let floor = bar
         .iter()
         .find(|b| {

@@ -68,6 +68,19 @@ fn largest_run(report: &Report, names: &[&str]) -> String {
         .unwrap_or_default()
 }
 
+/// `b` with its status: a bar with no measured figure was not run (a
+/// `--quick` run stops below 10,000 rules), not missed.
+fn judged(b: Bar) -> Bar {
+    Bar {
+        status: match (b.measured, b.pass) {
+            (None, _) => "not run",
+            (Some(_), true) => "pass",
+            (Some(_), false) => "miss",
+        },
+        ..b
+    }
+}
+
 /// The bar, computed from the figures.
 pub fn bar(report: &Report) -> Vec<Bar> {
     let mut out = Vec::new();
@@ -105,13 +118,14 @@ pub fn bar(report: &Report) -> Vec<Bar> {
             (None, _) => (None, format!("{}{}", why_moat(), largest_run(report, names))),
             (_, None) => (None, format!("no figure for {} at {at} rules", names.join(" / "))),
         };
-        out.push(Bar {
+        out.push(judged(Bar {
             claim: claim.into(),
             wanted,
             measured,
             pass: measured.is_some_and(|m| m >= wanted),
+            status: "",
             detail,
-        });
+        }));
     }
     // moat's classification cost at 10,000 realistic rules vs at 10.
     let class = |rules| {
@@ -143,14 +157,15 @@ pub fn bar(report: &Report) -> Vec<Bar> {
                 .unwrap_or_else(|| format!("no classification figure at {at} and 10 rules")),
         ),
     };
-    out.push(Bar {
+    out.push(judged(Bar {
         claim: "moat's cost at 10,000 realistic rules within 1.5x its cost at 10 (lower is better)"
             .into(),
         wanted: 1.5,
         measured,
         pass: measured.is_some_and(|m| m <= 1.5),
+        status: "",
         detail,
-    });
+    }));
     // moat at 10,000 realistic rules vs a program that only parses and
     // passes; the floor (parse + one flow-table lookup, which any design
     // that tracks connections makes for every packet) says how far down
@@ -183,15 +198,21 @@ pub fn bar(report: &Report) -> Vec<Bar> {
         ),
         (_, None) => (None, "no parse-and-pass baseline in this run".into()),
     };
-    out.push(Bar {
+    out.push(judged(Bar {
         claim: "moat's cost at 10,000 realistic rules within 3x an XDP program that only parses and passes (lower is better)".into(),
         wanted: 3.0,
         measured,
         pass: measured.is_some_and(|m| m <= 3.0),
+        status: "",
         detail,
-    });
-    // Allowed traffic: moat's added cost below every other engine's, at
-    // every rule count both were measured.
+    }));
+    out.push(allowed_bar(report));
+    out
+}
+
+/// Allowed traffic: moat's added cost below every other engine's, at
+/// every rule count both were measured.
+fn allowed_bar(report: &Report) -> Bar {
     let mut worst: Option<(f64, String)> = None;
     let mut compared = 0;
     {
@@ -221,16 +242,16 @@ pub fn bar(report: &Report) -> Vec<Bar> {
             }
         }
     }
-    out.push(Bar {
+    judged(Bar {
         claim: "allowed traffic: moat's added cost below every other engine's (margin in ns, > 0 passes)".into(),
         wanted: 0.0,
         measured: worst.as_ref().map(|w| w.0),
         pass: compared > 0 && worst.as_ref().is_some_and(|w| w.0 > 0.0),
+        status: "",
         detail: worst
             .map(|w| format!("{compared} comparisons; {}", w.1))
             .unwrap_or_else(|| "no pair of allowed-traffic figures to compare".into()),
-    });
-    out
+    })
 }
 
 fn cell(v: Option<f64>, unit: &str) -> String {
@@ -358,9 +379,15 @@ pub fn markdown(report: &Report) -> String {
             cell(u.change_ms, "")
         );
     }
+    event_path_section(&mut s, report);
+    closing_sections(&mut s, report);
+    s
+}
+/// The deny event path's section.
+fn event_path_section(s: &mut String, report: &Report) {
     if let Some(e) = &report.event_path {
-        let _ = writeln!(s, "\n## The deny event path ({} rules)\n", e.rules);
-        let _ = writeln!(s, "| figure | value |\n|---|---:|");
+        let _ = writeln!(*s, "\n## The deny event path ({} rules)\n", e.rules);
+        let _ = writeln!(*s, "| figure | value |\n|---|---:|");
         let _ = writeln!(
             s,
             "| denied packet, event written (BPF_PROG_TEST_RUN, ns) | {:.1} [{:.0}..{:.0}] |",
@@ -400,7 +427,11 @@ pub fn markdown(report: &Report) -> String {
             }
         );
     }
-    let _ = writeln!(s, "\n## moat's memory\n");
+}
+
+/// Memory, the bar and the limits.
+fn closing_sections(s: &mut String, report: &Report) {
+    let _ = writeln!(*s, "\n## moat's memory\n");
     let _ = writeln!(
         s,
         "| rules | BPF map memory (fdinfo memlock) | process RSS | note |\n|---:|---:|---:|---|"
@@ -415,24 +446,23 @@ pub fn markdown(report: &Report) -> String {
             mem.unsupported.as_deref().unwrap_or("")
         );
     }
-    let _ = writeln!(s, "\nmoat's maps are sized at load time, so their memory does not grow with the rule count; the RSS is the bench process's own (it holds every figure too).\n");
-    let _ = writeln!(s, "## The bar\n");
+    let _ = writeln!(*s, "\nmoat's maps are sized at load time, so their memory does not grow with the rule count; the RSS is the bench process's own (it holds every figure too).\n");
+    let _ = writeln!(*s, "## The bar\n");
     for b in &report.bar {
         let _ = writeln!(
             s,
             "- **{}** {}: wanted {}, measured {} ({})",
-            if b.pass { "PASS" } else { "MISS" },
+            b.status.to_uppercase(),
             b.claim,
             b.wanted,
             b.measured.map_or("none".into(), |m| format!("{m:.2}")),
             b.detail
         );
     }
-    let _ = writeln!(s, "\n## Limits\n");
+    let _ = writeln!(*s, "\n## Limits\n");
     for l in &report.limits {
-        let _ = writeln!(s, "- {l}");
+        let _ = writeln!(*s, "- {l}");
     }
-    s
 }
 
 /// Fonts the plot's text is drawn with (Debian's fonts-dejavu-core).
@@ -555,4 +585,27 @@ pub fn write(report: &Report, dir: &Path) -> anyhow::Result<Vec<std::path::PathB
     }
     std::fs::write(&md, text).with_context(|| format!("writing {}", md.display()))?;
     Ok(out)
+}
+
+#[cfg(test)]
+mod bar_tests {
+    use super::*;
+
+    #[test]
+    fn a_bar_with_no_figure_is_not_run_not_missed() {
+        let b = |measured, pass| {
+            judged(Bar {
+                claim: "c".into(),
+                wanted: 1.0,
+                measured,
+                pass,
+                status: "",
+                detail: String::new(),
+            })
+            .status
+        };
+        assert_eq!(b(None, false), "not run");
+        assert_eq!(b(Some(0.5), false), "miss");
+        assert_eq!(b(Some(2.0), true), "pass");
+    }
 }

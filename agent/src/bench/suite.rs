@@ -167,6 +167,9 @@ pub struct Bar {
     pub wanted: f64,
     pub measured: Option<f64>,
     pub pass: bool,
+    /// `pass`, `miss`, or `not run` (this run measured no figure for it,
+    /// e.g. `--quick`, which stops below 10,000 rules).
+    pub status: &'static str,
     pub detail: String,
 }
 

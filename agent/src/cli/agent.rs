@@ -998,6 +998,7 @@ impl<'a> Agent<'a> {
             self.cfg.xdp_mode,
         )?;
         self.last_apply = started.elapsed();
+        self.observer.stats.apply_seconds.observe(self.last_apply);
         self.have_policy = true;
         settle_pins(&self.dataplane, &self.wanted)?;
         self.pins_settled = true;
@@ -1104,7 +1105,15 @@ impl<'a> Agent<'a> {
     }
 
     fn answer_scrape(&self, reply: crate::events::metrics::SnapshotRequest) -> anyhow::Result<()> {
+        use crate::sources::reconcile::Stats as S;
+        let stats = &self.stats;
         let s = crate::events::metrics::Snapshot {
+            policy: crate::events::metrics::PolicyHealth {
+                objects_invalid: S::get(&stats.invalid_now),
+                objects_kept_last_good: S::get(&stats.kept_last_good),
+                reconciles: S::get(&stats.reconciles),
+                reconcile_errors: S::get(&stats.failed),
+            },
             counters: self.dataplane.counters()?,
             fill: self.dataplane.fill()?,
             local_addresses: self.local.len() as u64,
@@ -1136,6 +1145,12 @@ impl<'a> Agent<'a> {
             None => bail!("the policy source stopped"),
         };
         let next = self.generation.wrapping_add(1).max(1);
+        // The generation in force's per-rule counts, read just before the
+        // switch, so its rules' totals go on after it.
+        let counts = rule_counters(&self.dataplane, &self.compiled);
+        if let Ok(mut totals) = self.observer.stats.rule_totals.lock() {
+            totals.observe(self.generation, &counts);
+        }
         let started = std::time::Instant::now();
         if let Err(e) = enforce(
             &mut self.dataplane,
@@ -1144,6 +1159,10 @@ impl<'a> Agent<'a> {
             next,
             self.cfg.xdp_mode,
         ) {
+            self.observer
+                .stats
+                .apply_errors
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             error!(
                 "applying {}: {e:#}; the policy in force stays",
                 outcome.origin
@@ -1155,6 +1174,7 @@ impl<'a> Agent<'a> {
             return Ok(());
         }
         self.last_apply = started.elapsed();
+        self.observer.stats.apply_seconds.observe(self.last_apply);
         self.have_policy = true;
         if !self.pins_settled {
             settle_pins(&self.dataplane, &self.wanted)?;

@@ -11,6 +11,7 @@ pub mod cmd;
 pub mod config;
 pub mod exit;
 pub mod ready;
+pub mod rules;
 pub mod status;
 pub mod tail;
 pub mod trace;

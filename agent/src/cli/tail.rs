@@ -12,7 +12,7 @@ use std::{
 
 use anyhow::Context as _;
 
-use crate::events::hub::{Filter, Message, Request, WireEvent};
+use crate::events::hub::{Message, Request, WireEvent};
 
 /// `-o/--output` of `moat tail`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -36,6 +36,9 @@ pub struct TailConfig {
     pub top: Option<TopConfig>,
     pub prefix: String,
     pub colour: bool,
+    /// When following and the agent goes away (stops or restarts): wait
+    /// for it and go on (true), or end (`--exit-on-restart`).
+    pub reconnect: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -46,6 +49,20 @@ pub struct TopConfig {
     /// Redraw in place (a terminal) rather than print blocks.
     pub in_place: bool,
 }
+
+/// How a tail ended.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Outcome {
+    /// Events the agent could not deliver to this client (gaps).
+    pub missed: u64,
+    /// The agent went away while following (`--exit-on-restart`).
+    pub agent_gone: bool,
+}
+
+/// No agent answers on the socket.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct NotRunning(pub String);
 
 /// Connects to the agent's socket, explaining the usual failures. The
 /// process serving it must be root's or this user's (SO_PEERCRED): events
@@ -68,134 +85,272 @@ pub fn connect(path: &Path) -> anyhow::Result<UnixStream> {
 
 fn connect_any(path: &Path) -> anyhow::Result<UnixStream> {
     UnixStream::connect(path).map_err(|e| {
-        let hint = match e.kind() {
-            std::io::ErrorKind::NotFound => format!(
+        let gone = |hint: String| anyhow::Error::from(NotRunning(format!("{hint}: {e}")));
+        match e.kind() {
+            std::io::ErrorKind::NotFound => gone(format!(
                 "no event socket at {}: is `moat agent` running? (it creates the socket when it starts; pass --socket if it uses another path)",
                 path.display()
-            ),
-            std::io::ErrorKind::ConnectionRefused => format!(
+            )),
+            std::io::ErrorKind::ConnectionRefused => gone(format!(
                 "nothing listens on {}: the agent that created it is not running any more",
                 path.display()
-            ),
-            std::io::ErrorKind::PermissionDenied => format!(
+            )),
+            std::io::ErrorKind::PermissionDenied => anyhow::anyhow!(e).context(format!(
                 "permission denied on {}: the socket is root-only by default; run moat tail as root, or start the agent with --socket-group GROUP --socket-mode 0660 and join GROUP",
                 path.display()
-            ),
-            _ => format!("connecting to {}", path.display()),
-        };
-        anyhow::anyhow!(e).context(hint)
+            )),
+            _ => anyhow::anyhow!(e).context(format!("connecting to {}", path.display())),
+        }
     })
 }
 
-/// Runs `moat tail`; returns whether the stream had gaps.
-pub fn run(cfg: TailConfig) -> anyhow::Result<bool> {
-    let mut stream = connect(&cfg.socket)?;
-    let mut req = serde_json::to_vec(&cfg.request)?;
-    req.push(b'\n');
-    stream
-        .write_all(&req)
-        .with_context(|| format!("sending the request to {}", cfg.socket.display()))?;
-    let reader = BufReader::new(stream.try_clone().context("socket")?);
+/// How one connection to the agent ended.
+enum End {
+    /// All that was asked for was shown.
+    Done,
+    /// The agent closed the stream while this client followed it.
+    Closed,
+}
+
+/// What a tail keeps across connections.
+struct Session<W: std::io::Write> {
+    cfg: TailConfig,
+    out: W,
+    missed: u64,
+    top: Option<Top>,
+    widths: Widths,
+    /// Time of the newest event shown: after a reconnection, older ones
+    /// (already shown) are skipped.
+    newest_ns: Option<i64>,
+}
+
+/// Runs `moat tail`.
+pub fn run(cfg: TailConfig) -> anyhow::Result<Outcome> {
     let stdout = std::io::stdout();
-    let mut out = std::io::BufWriter::new(stdout.lock());
-    let mut missed_total = 0u64;
-    let mut top = cfg.top.clone().map(Top::new);
-    if let Some(t) = &top {
-        // Redraw even when no event comes.
-        stream
-            .set_read_timeout(Some(t.cfg.interval))
-            .context("socket timeout")?;
-    }
-    let mut widths = Widths::default();
-    let mut reader = reader;
-    let mut buf = Vec::new();
-    let mut ended = false;
+    let mut s = Session {
+        top: cfg.top.clone().map(Top::new),
+        cfg,
+        out: std::io::BufWriter::new(stdout.lock()),
+        missed: 0,
+        widths: Widths::default(),
+        newest_ns: None,
+    };
+    let mut stream = connect(&s.cfg.socket)?;
+    let mut request = s.cfg.request.clone();
     loop {
-        // read_until keeps what it read before a timeout in `buf`, so a
-        // line split by a --top redraw is not lost.
-        match reader.read_until(b'\n', &mut buf) {
-            Ok(0) => break,
-            Ok(_) if buf.last() != Some(&b'\n') => break,
-            Ok(_) => {}
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
-            {
-                if let Some(t) = top.as_mut().filter(|_| ended) {
-                    t.maybe_draw(&mut out, missed_total)?;
+        match s.stream(stream, &request)? {
+            End::Done => break,
+            End::Closed => {
+                let gone_ns = crate::events::hub::now_ns();
+                s.marker("disconnected", gone_ns, None)?;
+                if !s.cfg.reconnect {
+                    s.finish()?;
+                    return Ok(Outcome {
+                        missed: s.missed,
+                        agent_gone: true,
+                    });
                 }
-                continue;
+                stream = wait_for(&s.cfg.socket);
+                let back_ns = crate::events::hub::now_ns();
+                s.marker("reconnected", back_ns, Some(gone_ns))?;
+                // What the new agent saw since the old one went away.
+                let down = (back_ns - gone_ns).max(0) as u64 / 1_000_000_000;
+                request.history = None;
+                request.since_seconds = Some(down + 2);
             }
-            Err(e) => return Err(e).context("reading events from the agent"),
         }
-        let line = String::from_utf8_lossy(&buf).trim_end().to_string();
-        buf.clear();
-        let msg: Message = serde_json::from_str(&line)
-            .with_context(|| format!("the agent sent a line that is not a message: {line}"))?;
-        match msg {
-            Message::Event(e) => {
-                if let Some(t) = top.as_mut() {
-                    t.add(&e);
-                    // The first table once the whole history is in.
-                    if ended {
-                        t.maybe_draw(&mut out, missed_total)?;
+    }
+    s.finish()?;
+    if s.missed > 0 {
+        eprintln!(
+            "moat tail: the stream had gaps: {} event(s) in all were not shown",
+            s.missed
+        );
+    }
+    Ok(Outcome {
+        missed: s.missed,
+        agent_gone: false,
+    })
+}
+
+/// Connects again, once a second, until an agent answers.
+fn wait_for(path: &Path) -> UnixStream {
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+        if let Ok(s) = UnixStream::connect(path) {
+            return s;
+        }
+    }
+}
+
+impl<W: std::io::Write> Session<W> {
+    /// Sends `request` and shows what comes back until the history ends
+    /// (not following) or the agent closes the stream.
+    fn stream(&mut self, stream: UnixStream, request: &Request) -> anyhow::Result<End> {
+        let mut stream = stream;
+        let mut req = serde_json::to_vec(request)?;
+        req.push(b'\n');
+        stream
+            .write_all(&req)
+            .with_context(|| format!("sending the request to {}", self.cfg.socket.display()))?;
+        if let Some(t) = &self.top {
+            // Redraw even when no event comes.
+            stream
+                .set_read_timeout(Some(t.cfg.interval))
+                .context("socket timeout")?;
+        }
+        let mut reader = BufReader::new(stream);
+        let mut buf = Vec::new();
+        let mut ended = false;
+        loop {
+            // read_until keeps what it read before a timeout in `buf`, so
+            // a line split by a --top redraw is not lost.
+            match reader.read_until(b'\n', &mut buf) {
+                Ok(0) => break,
+                Ok(_) if buf.last() != Some(&b'\n') => break,
+                Ok(_) => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    if let Some(t) = self.top.as_mut().filter(|_| ended) {
+                        t.maybe_draw(&mut self.out, self.missed)?;
                     }
                     continue;
                 }
-                match cfg.format {
-                    TailFormat::Json => writeln!(out, "{line}")?,
-                    TailFormat::Iptables => writeln!(out, "{}{}", cfg.prefix, e.iptables)?,
-                    TailFormat::Text => writeln!(out, "{}", widths.line(&e, cfg.colour))?,
+                Err(e) if request.follow && ended => {
+                    tracing::debug!("reading events: {e}");
+                    break;
+                }
+                Err(e) => return Err(e).context("reading events from the agent"),
+            }
+            let line = String::from_utf8_lossy(&buf).trim_end().to_string();
+            buf.clear();
+            let msg: Message = serde_json::from_str(&line)
+                .with_context(|| format!("the agent sent a line that is not a message: {line}"))?;
+            if let Message::EndOfHistory { .. } = msg {
+                ended = true;
+            }
+            if self.message(msg, &line, request.follow)? {
+                return Ok(End::Done);
+            }
+        }
+        self.out.flush()?;
+        if !ended || !request.follow {
+            anyhow::bail!(
+                "the agent closed the stream (did it stop?); {} event(s) were not delivered to this client",
+                self.missed
+            );
+        }
+        Ok(End::Closed)
+    }
+
+    /// Shows one message; true when the tail is done.
+    fn message(&mut self, msg: Message, line: &str, follow: bool) -> anyhow::Result<bool> {
+        let json = self.cfg.format == TailFormat::Json && self.top.is_none();
+        match msg {
+            Message::Event(e) => {
+                if self.newest_ns.is_some_and(|n| e.time_ns <= n) {
+                    return Ok(false);
+                }
+                self.newest_ns = Some(e.time_ns);
+                if let Some(t) = self.top.as_mut() {
+                    t.add(&e);
+                    // The first table once the whole history is in.
+                    if t.last_draw.is_some() {
+                        t.maybe_draw(&mut self.out, self.missed)?;
+                    }
+                    return Ok(false);
+                }
+                match self.cfg.format {
+                    TailFormat::Json => writeln!(self.out, "{line}")?,
+                    TailFormat::Iptables => {
+                        writeln!(self.out, "{}{}", self.cfg.prefix, e.iptables)?
+                    }
+                    TailFormat::Text => {
+                        writeln!(self.out, "{}", self.widths.line(&e, self.cfg.colour))?
+                    }
                 }
             }
             Message::Gap { missed } => {
-                missed_total += missed;
-                if cfg.format == TailFormat::Json && top.is_none() {
-                    writeln!(out, "{line}")?;
+                self.missed += missed;
+                if json {
+                    writeln!(self.out, "{line}")?;
                 }
-                out.flush()?;
+                self.out.flush()?;
                 eprintln!(
                     "moat tail: {missed} event(s) not shown: this client read more slowly than events came (the agent never waits for a client); narrow the filters or use --top"
                 );
             }
-            Message::EndOfHistory { count } => {
-                ended = true;
-                if let Some(t) = top.as_mut() {
-                    t.draw(&mut out, missed_total)?;
+            Message::EndOfHistory { .. } => {
+                if let Some(t) = self.top.as_mut() {
+                    t.draw(&mut self.out, self.missed)?;
                 }
-                if cfg.format == TailFormat::Json && top.is_none() {
-                    writeln!(out, "{line}")?;
+                if json {
+                    writeln!(self.out, "{line}")?;
                 }
-                if !cfg.request.follow {
-                    out.flush()?;
-                    break;
+                if !follow {
+                    self.out.flush()?;
+                    return Ok(true);
                 }
-                let _ = count;
             }
             Message::Error { message } => {
                 anyhow::bail!("the agent refused the request: {message}")
             }
         }
-        if top.is_none() {
-            out.flush()?;
+        if self.top.is_none() {
+            self.out.flush()?;
         }
+        Ok(false)
     }
-    if let Some(t) = top.as_mut() {
-        t.draw(&mut out, missed_total)?;
+
+    /// A visible mark where the stream broke or resumed: a line on stdout
+    /// (text: `--- ... ---`; JSON: `{"type":"disconnected"|"reconnected"}`),
+    /// on stderr for iptables lines and --top.
+    fn marker(&mut self, kind: &str, at_ns: i64, since_ns: Option<i64>) -> anyhow::Result<()> {
+        let time = crate::events::event::rfc3339(at_ns as i128);
+        let text = match (kind, since_ns) {
+            ("disconnected", _) if self.cfg.reconnect => format!(
+                "--- {time} the agent closed the stream (stopped or restarting); waiting for it on {} ---",
+                self.cfg.socket.display()
+            ),
+            ("disconnected", _) => format!(
+                "--- {time} the agent closed the stream (stopped or restarting); exiting ---"
+            ),
+            (_, Some(since)) => format!(
+                "--- {time} reconnected after {:.1} s (what the new agent read since the break follows) ---",
+                (at_ns - since) as f64 / 1e9
+            ),
+            _ => format!("--- {time} {kind} ---"),
+        };
+        if self.cfg.format == TailFormat::Json && self.top.is_none() {
+            let mut v = serde_json::json!({"type": kind, "time": time});
+            if let Some(since) = since_ns {
+                v["after_seconds"] = serde_json::json!((at_ns - since) as f64 / 1e9);
+            }
+            writeln!(self.out, "{v}")?;
+        } else if self.cfg.format == TailFormat::Text && self.top.is_none() {
+            writeln!(self.out, "{text}")?;
+        } else {
+            self.out.flush()?;
+            eprintln!("moat tail: {text}");
+        }
+        self.out.flush()?;
+        Ok(())
     }
-    out.flush()?;
-    if !ended {
-        anyhow::bail!(
-            "the agent closed the stream (did it stop?); {} event(s) were not delivered to this client",
-            missed_total
-        );
+
+    /// The last --top frame, unless the history's end just drew it.
+    fn finish(&mut self) -> anyhow::Result<()> {
+        if let Some(t) = self.top.as_mut() {
+            if self.cfg.request.follow || t.last_draw.is_none() {
+                t.draw(&mut self.out, self.missed)?;
+            }
+        }
+        self.out.flush()?;
+        Ok(())
     }
-    if missed_total > 0 {
-        eprintln!("moat tail: the stream had gaps: {missed_total} event(s) in all were not shown");
-    }
-    Ok(missed_total > 0)
 }
 
 /// Column widths that grow to the widest value seen, so columns stay
@@ -245,8 +400,9 @@ impl Widths {
             (Some(p), Some(r)) => format!("{p} rule {r}"),
             _ => e.reason.clone(),
         };
-        // Time without the date: the day rarely changes within a tail.
-        let time = e.time.split_once('T').map_or(e.time.as_str(), |(_, t)| t);
+        // The date too: a tail may cross midnight, and history goes back
+        // days.
+        let time = &e.time;
         format!(
             "{time} {:<iw$} {:<7} {verdict} {:<6} {src:<sw$} -> {dst:<dw$} {what:<9} {by}",
             e.iface,
@@ -365,33 +521,4 @@ impl Top {
 /// Whether stdout is a terminal (follow and colour by default).
 pub fn stdout_is_terminal() -> bool {
     std::io::stdout().is_terminal()
-}
-
-/// Builds the filter from the command line's values, checking them.
-#[expect(
-    clippy::too_many_arguments,
-    reason = "one argument per command-line filter"
-)]
-pub fn filter(
-    iface: Vec<String>,
-    direction: Option<String>,
-    policy: Option<String>,
-    verdict: Option<String>,
-    src: Option<ipnet::IpNet>,
-    dst: Option<ipnet::IpNet>,
-    port: Option<u16>,
-    proto: Option<String>,
-) -> anyhow::Result<Filter> {
-    let f = Filter {
-        iface,
-        direction,
-        policy,
-        verdict,
-        src,
-        dst,
-        port,
-        proto,
-    };
-    f.validate().map_err(|e| anyhow::anyhow!("--{e}"))?;
-    Ok(f)
 }

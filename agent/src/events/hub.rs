@@ -60,6 +60,9 @@ pub struct WireEvent {
     pub iptables: String,
     /// The `moat check` command that explains the verdict.
     pub check: String,
+    /// The Calico node name of the agent that saw the event.
+    #[serde(default)]
+    pub node: String,
 }
 
 impl WireEvent {
@@ -71,6 +74,7 @@ impl WireEvent {
             ttl,
             iptables,
             check: String::new(),
+            node: String::new(),
         }
     }
 }
@@ -116,6 +120,13 @@ pub struct Filter {
     /// Protocol name or number.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub proto: Option<String>,
+    /// The node of the agent that saw the event.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// Events matching any of these are left out (`moat tail --not`: each
+    /// holds the one filter that followed a `--not`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exclude: Vec<Filter>,
 }
 
 impl Filter {
@@ -137,6 +148,12 @@ impl Filter {
                     "proto {p:?}: expected tcp, udp, icmp, icmpv6, sctp, udplite, vrrp or 0-255"
                 ));
             }
+        }
+        for x in &self.exclude {
+            if !x.exclude.is_empty() {
+                return Err("exclude: an excluded filter excludes nothing itself".into());
+            }
+            x.validate()?;
         }
         Ok(())
     }
@@ -163,6 +180,8 @@ impl Filter {
                 .proto
                 .as_ref()
                 .is_none_or(|p| protocol_number(p) == protocol_number(&e.event.protocol))
+            && self.node.as_ref().is_none_or(|n| *n == e.node)
+            && !self.exclude.iter().any(|x| x.matches(e))
     }
 }
 
@@ -177,6 +196,9 @@ pub struct Request {
     /// Only history events of the last this many seconds.
     #[serde(default)]
     pub since_seconds: Option<u64>,
+    /// Only history events at least this many seconds old (no following).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until_seconds: Option<u64>,
     /// Keep the connection open and stream live events.
     #[serde(default)]
     pub follow: bool,
@@ -295,14 +317,18 @@ impl Hub {
     fn subscribe(&self, req: &Request) -> (Vec<Arc<WireEvent>>, Option<LiveQueue>) {
         let now = now_ns();
         let mut inner = self.lock();
-        let cutoff = req
-            .since_seconds
-            .map(|s| now - (s as i64).saturating_mul(1_000_000_000));
+        let ago = |s: u64| now - (s as i64).saturating_mul(1_000_000_000);
+        let cutoff = req.since_seconds.map(ago);
+        let until = req.until_seconds.map(ago);
         let mut picked: Vec<Arc<WireEvent>> = inner
             .history
             .iter()
             .rev()
-            .filter(|e| cutoff.is_none_or(|c| e.time_ns >= c) && req.filter.matches(e))
+            .filter(|e| {
+                cutoff.is_none_or(|c| e.time_ns >= c)
+                    && until.is_none_or(|u| e.time_ns <= u)
+                    && req.filter.matches(e)
+            })
             .take(req.history.unwrap_or(usize::MAX))
             .cloned()
             .collect();
@@ -507,7 +533,14 @@ async fn session(stream: UnixStream, hub: Arc<Hub>) -> std::io::Result<()> {
             return write.flush().await;
         }
     };
-    if let Err(message) = req.filter.validate() {
+    let checked = req.filter.validate().and_then(|()| {
+        if req.follow && req.until_seconds.is_some() {
+            Err("until_seconds: a request that follows has no end".to_string())
+        } else {
+            Ok(())
+        }
+    });
+    if let Err(message) = checked {
         send(&mut write, &Message::Error { message }).await?;
         return write.flush().await;
     }
@@ -604,6 +637,20 @@ mod tests {
         assert!(f(r#"{"verdict":"bogus"}"#).validate().is_err());
         assert!(f(r#"{"proto":"gre"}"#).validate().is_err());
         assert!(serde_json::from_str::<Filter>(r#"{"prot":"tcp"}"#).is_err());
+        // Negation: each excluded filter leaves out what it matches.
+        assert!(!f(r#"{"exclude":[{"src":"203.0.113.7/32"}]}"#).matches(&e));
+        assert!(f(r#"{"exclude":[{"src":"203.0.113.8/32"}]}"#).matches(&e));
+        assert!(!f(r#"{"exclude":[{"port":9},{"policy":"deny-ssh"}]}"#).matches(&e));
+        assert!(f(r#"{"port":22,"exclude":[{"verdict":"log"}]}"#).matches(&e));
+        assert!(f(r#"{"exclude":[{"verdict":"bogus"}]}"#)
+            .validate()
+            .is_err());
+        // The node the event was seen on.
+        let mut on = e.clone();
+        on.node = "worker-1".into();
+        assert!(f(r#"{"node":"worker-1"}"#).matches(&on));
+        assert!(!f(r#"{"node":"worker-2"}"#).matches(&on));
+        assert!(!f(r#"{"exclude":[{"node":"worker-1"}]}"#).matches(&on));
     }
 
     #[test]

@@ -22,7 +22,7 @@ use hyper_util::rt::TokioIo;
 use moat_common::{counter, direction};
 use prometheus_client::{
     encoding::text::encode,
-    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram, info::Info},
     registry::Registry,
 };
 use tokio::sync::{mpsc, oneshot};
@@ -41,9 +41,25 @@ pub struct RuleCounter {
     pub bytes: u64,
 }
 
+/// The policy source's health, from the reconciler.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyHealth {
+    /// Invalid objects in the latest snapshot (left out, or their last
+    /// good version kept).
+    pub objects_invalid: u64,
+    /// Of those, objects whose last good version stays in force.
+    pub objects_kept_last_good: u64,
+    /// Snapshots reconciled since the agent started.
+    pub reconciles: u64,
+    /// Snapshots that did not compile (the policy in force stayed).
+    pub reconcile_errors: u64,
+}
+
 /// What the dataplane says at one instant.
 #[derive(Clone, Debug, Default)]
 pub struct Snapshot {
+    /// The policy source's health.
+    pub policy: PolicyHealth,
     /// `[direction][counter]`, summed over CPUs.
     pub counters: [[u64; counter::COUNT as usize]; direction::COUNT],
     /// Rule slots and tracked flows, with their capacities.
@@ -67,6 +83,84 @@ pub struct AgentStats {
     pub syslog_sent: AtomicU64,
     /// Writes to the events file or syslog that failed.
     pub output_errors: AtomicU64,
+    /// How long each policy apply took.
+    pub apply_seconds: ApplySeconds,
+    /// Per-rule counters carried across generations.
+    pub rule_totals: Mutex<RuleTotals>,
+    /// Generations that failed to apply (the policy in force stayed).
+    pub apply_errors: AtomicU64,
+}
+
+/// The `moat_apply_seconds` histogram: every policy apply's duration.
+#[derive(Clone, Debug)]
+pub struct ApplySeconds(Histogram);
+
+impl Default for ApplySeconds {
+    fn default() -> Self {
+        // 1 ms to about 16 s.
+        ApplySeconds(Histogram::new(
+            prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.0, 15),
+        ))
+    }
+}
+
+impl ApplySeconds {
+    pub fn observe(&self, d: Duration) {
+        self.0.observe(d.as_secs_f64());
+    }
+}
+
+/// Per-rule packet and byte totals that survive generations: the kernel
+/// counts per bank slot, from zero at each generation; this adds up what
+/// each rule (by policy and rule index) matched in every generation, so a
+/// series never vanishes or goes backwards while the agent runs.
+#[derive(Debug, Default)]
+pub struct RuleTotals {
+    generation: u32,
+    /// Totals of the generations before `generation`.
+    before: std::collections::BTreeMap<(String, u32, &'static str), (u64, u64)>,
+    /// The latest counts of `generation`.
+    current: std::collections::BTreeMap<(String, u32, &'static str), (u64, u64)>,
+}
+
+impl RuleTotals {
+    /// Takes the kernel's counts of `generation` (read now); returns every
+    /// rule's total.
+    pub fn observe(&mut self, generation: u32, rules: &[RuleCounter]) -> Vec<RuleCounter> {
+        if generation != self.generation {
+            for (k, (p, b)) in std::mem::take(&mut self.current) {
+                let e = self.before.entry(k).or_default();
+                e.0 += p;
+                e.1 += b;
+            }
+            self.generation = generation;
+        }
+        for r in rules {
+            let e = self
+                .current
+                .entry((r.policy.clone(), r.rule, r.direction))
+                .or_default();
+            // Within a generation the kernel's counts only grow.
+            *e = ((e.0).max(r.packets), (e.1).max(r.bytes));
+        }
+        let mut all = self.before.clone();
+        for (k, (p, b)) in &self.current {
+            let e = all.entry(k.clone()).or_default();
+            e.0 += p;
+            e.1 += b;
+        }
+        all.into_iter()
+            .map(
+                |((policy, rule, direction), (packets, bytes))| RuleCounter {
+                    policy,
+                    rule,
+                    direction,
+                    packets,
+                    bytes,
+                },
+            )
+            .collect()
+    }
 }
 
 /// What `/healthz` and `/readyz` report.
@@ -212,21 +306,7 @@ pub fn render(s: &Snapshot, stats: &AgentStats, hub: &Hub, health: &Health) -> S
             .get_or_create(&labels(&[("direction", dir)]))
             .inc_by(row[counter::AUDIT_PASSED as usize]);
     }
-    if !s.rules.is_empty() {
-        let packets = counter_family(&mut reg, "moat_rule_packets", "Packets a rule matched");
-        let bytes = counter_family(&mut reg, "moat_rule_bytes", "Bytes a rule matched");
-        for r in &s.rules {
-            let rule = r.rule.to_string();
-            let l = labels(&[
-                ("policy", &r.policy),
-                ("rule", &rule),
-                ("direction", r.direction),
-            ]);
-            packets.get_or_create(&l).inc_by(r.packets);
-            bytes.get_or_create(&l).inc_by(r.bytes);
-        }
-    }
-
+    rule_series(&mut reg, s, stats);
     let gauge = |reg: &mut Registry, name: &str, help: &str, v: i64| {
         let g = Gauge::<i64>::default();
         g.set(v);
@@ -262,9 +342,10 @@ pub fn render(s: &Snapshot, stats: &AgentStats, hub: &Hub, health: &Health) -> S
     gauge(
         &mut reg,
         "moat_policy_generation",
-        "Policy generation in force",
+        "Policy generation in force (the same as moat_generation)",
         s.generation as i64,
     );
+    policy_health(&mut reg, s, stats);
     let apply = Gauge::<f64, AtomicU64>::default();
     apply.set(s.last_apply_seconds);
     reg.register(
@@ -284,6 +365,51 @@ pub fn render(s: &Snapshot, stats: &AgentStats, hub: &Hub, health: &Health) -> S
         "Clients following the event stream",
         hub.subscribers() as i64,
     );
+    agent_counters(&mut reg, stats, hub);
+    let mut out = String::new();
+    // Writing into a String cannot fail.
+    let _ = encode(&mut out, &reg);
+    out
+}
+
+/// `moat_rule_packets` and `moat_rule_bytes`, carried across generations.
+fn rule_series(reg: &mut Registry, s: &Snapshot, stats: &AgentStats) {
+    let counter_family = |reg: &mut Registry, name: &str, help: &str| {
+        let f = Family::<Labels, Counter>::default();
+        reg.register(name, help, f.clone());
+        f
+    };
+    let rules = stats
+        .rule_totals
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .observe(s.generation, &s.rules);
+    if !rules.is_empty() {
+        let packets = counter_family(
+            reg,
+            "moat_rule_packets",
+            "Packets a rule matched, by policy, rule index and direction, over every generation",
+        );
+        let bytes = counter_family(
+            reg,
+            "moat_rule_bytes",
+            "Bytes a rule matched, by policy, rule index and direction, over every generation",
+        );
+        for r in &rules {
+            let rule = r.rule.to_string();
+            let l = labels(&[
+                ("policy", &r.policy),
+                ("rule", &rule),
+                ("direction", r.direction),
+            ]);
+            packets.get_or_create(&l).inc_by(r.packets);
+            bytes.get_or_create(&l).inc_by(r.bytes);
+        }
+    }
+}
+
+/// The agent's own counters: events read, outputs, subscribers.
+fn agent_counters(reg: &mut Registry, stats: &AgentStats, hub: &Hub) {
     let agent_counter = |reg: &mut Registry, name: &str, help: &str, v: u64| {
         let c = Counter::<u64>::default();
         c.inc_by(v);
@@ -291,45 +417,107 @@ pub fn render(s: &Snapshot, stats: &AgentStats, hub: &Hub, health: &Health) -> S
     };
     let r = |a: &AtomicU64| a.load(Ordering::Relaxed);
     agent_counter(
-        &mut reg,
+        reg,
         "moat_agent_events_read",
         "Events the agent read from the ring buffer",
         r(&stats.events_read),
     );
     agent_counter(
-        &mut reg,
+        reg,
         "moat_agent_events_malformed",
         "Ring buffer records too short to be an event",
         r(&stats.events_malformed),
     );
     agent_counter(
-        &mut reg,
+        reg,
         "moat_subscriber_events_missed",
         "Events subscribers missed because they read too slowly (each got a gap marker)",
         r(&hub.missed),
     );
     agent_counter(
-        &mut reg,
+        reg,
         "moat_events_file_written",
         "Events written to the events file",
         r(&stats.file_written),
     );
     agent_counter(
-        &mut reg,
+        reg,
         "moat_syslog_sent",
         "Events sent to syslog",
         r(&stats.syslog_sent),
     );
     agent_counter(
-        &mut reg,
+        reg,
         "moat_output_errors",
         "Failed writes to the events file or syslog",
         r(&stats.output_errors),
     );
-    let mut out = String::new();
-    // Writing into a String cannot fail.
-    let _ = encode(&mut out, &reg);
-    out
+}
+
+/// The policy's health: invalid objects, reconcile and apply errors, apply
+/// times, the generation, and what this build is.
+fn policy_health(reg: &mut Registry, s: &Snapshot, stats: &AgentStats) {
+    let gauge = |reg: &mut Registry, name: &str, help: &str, v: u64| {
+        let g = Gauge::<i64>::default();
+        g.set(v as i64);
+        reg.register(name, help, g);
+    };
+    let counter = |reg: &mut Registry, name: &str, help: &str, v: u64| {
+        let c = Counter::<u64>::default();
+        c.inc_by(v);
+        reg.register(name, help, c);
+    };
+    gauge(
+        reg,
+        "moat_generation",
+        "Policy generation in force",
+        u64::from(s.generation),
+    );
+    gauge(
+        reg,
+        "moat_objects_invalid",
+        "Invalid objects in the policy source's latest snapshot (left out, or their last good version kept)",
+        s.policy.objects_invalid,
+    );
+    gauge(
+        reg,
+        "moat_objects_kept_last_good",
+        "Invalid objects whose last good version stays in force",
+        s.policy.objects_kept_last_good,
+    );
+    counter(
+        reg,
+        "moat_reconciles",
+        "Policy source snapshots reconciled",
+        s.policy.reconciles,
+    );
+    counter(
+        reg,
+        "moat_reconcile_errors",
+        "Snapshots that did not compile or could not be applied (the policy in force stayed)",
+        s.policy
+            .reconcile_errors
+            .saturating_add(stats.apply_errors.load(Ordering::Relaxed)),
+    );
+    reg.register(
+        "moat_apply_seconds",
+        "How long each policy apply took (planning and writing the maps, the switch)",
+        stats.apply_seconds.0.clone(),
+    );
+    let info = Info::new(vec![
+        ("version".to_string(), env!("CARGO_PKG_VERSION").to_string()),
+        (
+            "kernel".to_string(),
+            nix::sys::utsname::uname()
+                .map(|u| u.release().to_string_lossy().into_owned())
+                .unwrap_or_default(),
+        ),
+    ]);
+    reg.register(
+        "moat_build",
+        "The agent's version and the kernel it runs on",
+        info,
+    );
 }
 
 fn reply(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
@@ -516,5 +704,72 @@ pub async fn serve(listener: tokio::net::TcpListener, state: Arc<State>) {
         });
         // The task removes itself when done, after this (the lock is held).
         l.tasks.insert(id, task.abort_handle());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule(policy: &str, rule: u32, packets: u64) -> RuleCounter {
+        RuleCounter {
+            policy: policy.into(),
+            rule,
+            direction: "ingress",
+            packets,
+            bytes: packets * 60,
+        }
+    }
+
+    #[test]
+    fn rule_totals_survive_generations() {
+        let mut t = RuleTotals::default();
+        assert_eq!(t.observe(1, &[rule("p", 0, 5)]), vec![rule("p", 0, 5)]);
+        assert_eq!(t.observe(1, &[rule("p", 0, 7)]), vec![rule("p", 0, 7)]);
+        // A new generation: the kernel counts from zero, and a rule that
+        // matched nothing yet is left out by the kernel side; its series
+        // stays, at its total.
+        assert_eq!(
+            t.observe(2, &[rule("q", 1, 1)]),
+            vec![rule("p", 0, 7), rule("q", 1, 1)]
+        );
+        assert_eq!(
+            t.observe(3, &[rule("p", 0, 2)]),
+            vec![rule("p", 0, 9), rule("q", 1, 1)]
+        );
+    }
+
+    #[test]
+    fn health_build_info_and_apply_times_are_exported() {
+        let stats = AgentStats::default();
+        stats.apply_seconds.observe(Duration::from_millis(3));
+        stats.apply_errors.fetch_add(1, Ordering::Relaxed);
+        let s = Snapshot {
+            generation: 4,
+            policy: PolicyHealth {
+                objects_invalid: 2,
+                objects_kept_last_good: 1,
+                reconciles: 9,
+                reconcile_errors: 3,
+            },
+            ..Snapshot::default()
+        };
+        let text = render(&s, &stats, &Hub::new(1, 1), &Health::default());
+        for line in [
+            "moat_generation 4",
+            "moat_objects_invalid 2",
+            "moat_objects_kept_last_good 1",
+            "moat_reconciles_total 9",
+            "moat_reconcile_errors_total 4",
+            "moat_apply_seconds_count 1",
+            "moat_apply_seconds_bucket{le=\"0.004\"} 1",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} not in:\n{text}");
+        }
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("moat_build_info{version=\"") && l.ends_with(" 1")),
+            "{text}"
+        );
     }
 }

@@ -203,6 +203,7 @@ impl Observer {
         let time_ns = (e.timestamp_ns as i128 + wall_offset_ns) as i64;
         let mut w = WireEvent::new(0, time_ns, resolved, e.detail.ttl, iptables);
         w.check = self.check.command(&w.event, local);
+        w.node.clone_from(&self.check.node);
         let w = self.hub.publish(w);
         if let Some(f) = self.file.as_mut() {
             let written = serde_json::to_string(&*w)

@@ -16,6 +16,7 @@ pub mod bench;
 pub mod check;
 pub mod completions;
 pub mod man;
+pub mod rules;
 pub mod status;
 pub mod tail;
 pub mod trace;
@@ -45,9 +46,26 @@ pub enum Command {
     Check(check::Args),
     Trace(trace::Args),
     Bench(bench::Args),
+    Rules(rules::Args),
     Uninstall(uninstall::Args),
     Completions(completions::Args),
     Man(man::Args),
+}
+
+/// Parses the process's arguments (exits on a usage error, as clap does),
+/// keeping the matches: `moat tail` reads the order of its flags there.
+pub fn parse() -> (Cli, clap::ArgMatches) {
+    use clap::{CommandFactory as _, FromArgMatches as _};
+    let matches = Cli::command().get_matches();
+    match Cli::from_arg_matches(&matches) {
+        Ok(cli) => (cli, matches),
+        Err(e) => e.format(&mut Cli::command()).exit(),
+    }
+}
+
+/// The matches of subcommand `name`.
+pub fn sub<'a>(matches: &'a clap::ArgMatches, name: &str) -> &'a clap::ArgMatches {
+    matches.subcommand_matches(name).unwrap_or(matches)
 }
 
 /// `--profile none` means no profile.
