@@ -232,11 +232,10 @@ fn pending(key: &FlowKey, tcp_flags: u8, direction: u8) -> bool {
     let other = reverse(key, icmp);
     // An insert that fails leaves the pair waiting: still judged
     // ESTABLISHED while it waits, and confirmed by the next reply.
-    if CONNTRACK.insert(key, &confirmed, 0).is_ok()
-        && CONNTRACK.insert(&other, &confirmed, 0).is_ok()
+    if CONNTRACK.insert(key, confirmed, 0).is_ok() && CONNTRACK.insert(other, confirmed, 0).is_ok()
     {
         let _ = CT_PENDING.remove(key);
-        let _ = CT_PENDING.remove(&other);
+        let _ = CT_PENDING.remove(other);
         count(direction, counter::CT_CONFIRMED);
     }
     true

@@ -163,9 +163,8 @@ pub fn parse(data: usize, data_end: usize, outer_tags: u32, pkt: &mut Packet) ->
     // Stacked tags, any TPID in any order, up to the bound (Linux strips
     // every priority tag and delivers what is inside, so a tag is no
     // reason to stop looking).
-    let mut tags = outer_tags;
-    for _ in 0..MAX_VLAN_TAGS {
-        if !is_vlan(ethertype) || tags >= MAX_VLAN_TAGS {
+    for tag in 0..MAX_VLAN_TAGS {
+        if !is_vlan(ethertype) || tag + outer_tags >= MAX_VLAN_TAGS {
             break;
         }
         let Some(inner) = be16(data, data_end, l3 + 2) else {
@@ -174,7 +173,6 @@ pub fn parse(data: usize, data_end: usize, outer_tags: u32, pkt: &mut Packet) ->
         };
         ethertype = inner;
         l3 += 4;
-        tags += 1;
     }
     if is_vlan(ethertype) {
         *pkt = Packet::empty();

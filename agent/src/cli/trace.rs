@@ -249,6 +249,8 @@ pub fn trace(
             fields.src
         });
     }
+    // The query says what is local, not this machine's routing table.
+    dataplane.set_route_lookup(false);
     dataplane.set_local_addresses(&local)?;
     dataplane.set_event_rate(0, 1)?;
     let mut tables = BTreeMap::new();
