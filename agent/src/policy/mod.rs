@@ -971,7 +971,15 @@ fn load_value(file: &Path, index: &mut usize, value: Value, loaded: &mut Loaded)
     // Problems after the first, from validators that report them all.
     let mut more = Vec::new();
     let status = value.get("status").cloned();
-    let result = read_resource(&kind, &api, &meta, spec, status, origin, loaded, &mut more);
+    let result = read_resource(
+        (&kind, &api),
+        &meta,
+        spec,
+        status,
+        origin,
+        loaded,
+        &mut more,
+    );
     if let Err((field, message)) = result {
         loaded.errors.push(err(&resource, &field, message));
     }
@@ -1017,8 +1025,7 @@ fn first_and_rest<T>(r: ObjectResult<T>, more: &mut Vec<(String, String)>) -> Fi
 
 /// Reads one resource of `kind` and `api` into `loaded`.
 fn read_resource(
-    kind: &str,
-    api: &str,
+    (kind, api): (&str, &str),
     meta: &Metadata,
     spec: Value,
     status: Option<Value>,
@@ -1520,10 +1527,7 @@ fn policy(meta: &Metadata, spec: Value, origin: Origin, kind: PolicyKind) -> Obj
         .unwrap_or_else(|| tier::DEFAULT_TIER.into());
     let selector = match raw.service_account_selector.as_deref() {
         Some(t) if !t.trim().is_empty() => {
-            let accounts = p.ok(service_accounts::selector(
-                t,
-                "spec.serviceAccountSelector",
-            ));
+            let accounts = p.ok(service_accounts::selector(t, "spec.serviceAccountSelector"));
             selector
                 .zip(accounts)
                 .map(|(s, a)| Selector::And(Box::new(s), Box::new(a)))
