@@ -176,7 +176,7 @@ fn directory_changes_reach_the_kernel_and_invalid_edits_do_not() {
         .expect("reconciles");
     dir.write(
         "metrics.yaml",
-        &allow("allow-metrics", 9090).replace("ports: [9090]", "ports: [ninety]"),
+        &allow("allow-metrics", 9090).replace("ports: [9090]", "ports: [70000]"),
     );
     agent.wait_for_log("the last good one stays in force");
     // The status file is rewritten every second: wait for the reconcile
@@ -577,7 +577,7 @@ fn etcd_changes_reach_the_kernel_across_an_etcd_restart() {
     etcd.put(
         "globalnetworkpolicies",
         "allow-metrics",
-        &allow("allow-metrics", 9090).replace("ports: [9090]", "ports: [ninety]"),
+        &allow("allow-metrics", 9090).replace("ports: [9090]", "ports: [70000]"),
     );
     agent.wait_for_log("the last good one stays in force");
     assert!(
@@ -1071,7 +1071,7 @@ fn kubernetes_api_changes_reach_the_kernel_across_dropped_and_expired_watches() 
     kube.put(
         CALICO,
         "globalnetworkpolicies",
-        crd(&allow("allow-metrics", 9091).replace("ports: [9091]", "ports: [ninety]")),
+        crd(&allow("allow-metrics", 9091).replace("ports: [9091]", "ports: [70000]")),
     );
     agent.wait_for_log("the last good one stays in force");
     assert!(
@@ -1095,7 +1095,7 @@ fn kubernetes_api_changes_reach_the_kernel_across_dropped_and_expired_watches() 
         "{e:#}"
     );
     assert!(
-        e["note"].as_str().is_some_and(|n| n.contains("ninety")),
+        e["note"].as_str().is_some_and(|n| n.contains("70000")),
         "{e:#}"
     );
     kube.delete(CALICO, "globalnetworkpolicies", None, "allow-metrics");

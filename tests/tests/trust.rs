@@ -411,7 +411,7 @@ fn the_last_good_version_survives_a_restart() {
     put(
         &dir,
         "m.yaml",
-        &allow("allow-metrics", 9090).replace("ports: [9090]", "ports: [ninety]"),
+        &allow("allow-metrics", 9090).replace("ports: [9090]", "ports: [70000]"),
     );
     agent.wait_for_log("the last good one stays in force");
     // Saved once applied: wait for the state file to hold it.
@@ -452,7 +452,7 @@ fn the_last_good_version_survives_a_restart() {
     assert_eq!(code, Some(0), "{text}");
     assert!(
         text.contains("GlobalNetworkPolicy/allow-metrics")
-            && text.contains("ninety")
+            && text.contains("70000")
             && text.contains("last good version stays in force"),
         "{text}"
     );

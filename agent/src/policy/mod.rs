@@ -2567,7 +2567,7 @@ mod tests {
     #[test]
     fn every_problem_of_an_object_in_one_run() {
         let l = load(&gnp(
-            "  selector: all()\n  ingress:\n    - action: allow\n      protocl: TCP\n      source: {nets: [10.0.0.0/33], nots: x}\n    - action: Allow\n      protocol: TCP\n      destination: {ports: [70000, ninety]}\n  Types: [Ingress]\n",
+            "  selector: all()\n  ingress:\n    - action: allow\n      protocl: TCP\n      source: {nets: [10.0.0.0/33], nots: x}\n    - action: Allow\n      protocol: TCP\n      destination: {ports: [70000, \"9:1\"]}\n  Types: [Ingress]\n",
         ));
         let fields: Vec<&str> = l.errors.iter().map(|e| e.field.as_str()).collect();
         for f in [

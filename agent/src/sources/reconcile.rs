@@ -560,7 +560,7 @@ mod tests {
             false,
             Arc::new(Stats::default()),
         );
-        let bad = GOOD.replace("[8080]", "[eighty]");
+        let bad = GOOD.replace("[8080]", "[70000]");
         let o = r
             .reconcile(texts_snapshot(&[("hep.yaml", HEP), ("web.yaml", &bad)]))
             .expect("compiles");
@@ -583,7 +583,7 @@ mod tests {
         );
         r.reconcile(texts_snapshot(&[("hep.yaml", HEP), ("web.yaml", GOOD)]))
             .expect("compiles");
-        let bad = GOOD.replace("[8080]", "[eighty]");
+        let bad = GOOD.replace("[8080]", "[70000]");
         let o = r
             .reconcile(texts_snapshot(&[("hep.yaml", HEP), ("web.yaml", &bad)]))
             .expect("compiles");
