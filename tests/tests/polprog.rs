@@ -211,6 +211,10 @@ fn calico_policy_program_cases_agree() {
         .collect();
     assert_eq!(cases.len(), 92, "the suite has 92 case directories");
     let mut dp = Dataplane::load().expect("loading the eBPF object");
+    // The suite says which packets are forwarded; this machine's routing
+    // table (which has no route to its Service addresses) must not decide
+    // it, as `Kernel::with_local` does for the other kernel tests.
+    dp.set_route_lookup(false);
     let mut total = 0;
     let mut bad = Vec::new();
     for name in &cases {
