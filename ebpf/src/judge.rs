@@ -378,8 +378,9 @@ fn is_forwarded(ctx: *mut core::ffi::c_void, iface: &IfaceConfig, w: &Walk, dire
 /// (egress), seen as arriving on its interface: `bpf_fib_lookup`, with
 /// neighbours and MTU left out. Local, broadcast, anycast, multicast and
 /// AnyIP routes (NOT_FWDED), no route, forwarding disabled, blackhole,
-/// unreachable and prohibit routes, and any error: not forwarded, so the
-/// packet is judged as host traffic.
+/// unreachable and prohibit routes: not forwarded, so the packet is judged
+/// as host traffic. A helper error: forwarded (the listed addresses
+/// decide, as without `IFACE_ROUTE_LOCAL`).
 ///
 /// Verifier note: out of line (a static subprogram), so its 64-byte
 /// parameter block is on the stack only while it runs.
@@ -424,7 +425,11 @@ fn routed_onward(ctx: *mut core::ffi::c_void, w: &Walk, direction: u8) -> bool {
             BPF_FIB_LOOKUP_SKIP_NEIGH,
         )
     };
-    ret == BPF_FIB_LKUP_RET_SUCCESS as i64
+    // A kernel that cannot answer (before 6.3 it refuses SKIP_NEIGH with
+    // -EINVAL) leaves the listed addresses alone to decide, as they did
+    // before the routing table was asked.
+    ret < 0
+        || ret == BPF_FIB_LKUP_RET_SUCCESS as i64
         || ret == BPF_FIB_LKUP_RET_NO_NEIGH as i64
         || ret == BPF_FIB_LKUP_RET_FRAG_NEEDED as i64
         || ret == BPF_FIB_LKUP_RET_UNSUPP_LWT as i64
