@@ -122,6 +122,8 @@ enum Command {
         #[arg(long)]
         class_words: Option<u32>,
         #[command(flatten)]
+        capacity: CapacityArgs,
+        #[command(flatten)]
         observe: ObserveArgs,
     },
     /// Show the running agent's state (from its status file).
@@ -327,7 +329,32 @@ enum Command {
         established: bool,
         #[arg(short, long, value_enum, default_value_t)]
         output: OutputFormat,
+        /// The agent's class-vector capacity to weigh the policy against
+        /// [default: 2097152].
+        #[arg(long, value_name = "N")]
+        class_words: Option<u32>,
+        #[command(flatten)]
+        capacity: CapacityArgs,
     },
+}
+
+/// Capacities of the class maps (`moat agent`; `moat check` weighs the
+/// policy against them).
+#[derive(clap::Args, Debug, Default)]
+struct CapacityArgs {
+    /// Prefixes each address class map (sources, destinations) holds, both
+    /// policy generations together: a policy may use half; raise it for
+    /// large GlobalNetworkSets [key: addrPrefixes; default: 4194304].
+    #[arg(long, value_name = "N")]
+    addr_prefixes: Option<u32>,
+    /// Prefixes each port class map holds, both generations together
+    /// [key: portPrefixes; default: 262144].
+    #[arg(long, value_name = "N")]
+    port_prefixes: Option<u32>,
+    /// Rule slots (classifier bits of every interface and direction), both
+    /// generations together [key: ruleSlots; default: 65536].
+    #[arg(long, value_name = "N")]
+    rule_slots: Option<u32>,
 }
 
 /// Where the agent serves events by default.
@@ -431,6 +458,7 @@ fn main() -> ExitCode {
             detach_on_exit,
             max_connections,
             class_words,
+            capacity,
             observe,
             state_file,
             status_file,
@@ -455,6 +483,9 @@ fn main() -> ExitCode {
                 detach_on_exit,
                 max_connections,
                 class_words,
+                addr_prefixes: capacity.addr_prefixes,
+                port_prefixes: capacity.port_prefixes,
+                rule_slots: capacity.rule_slots,
                 audit_interfaces: (!audit_ifaces.is_empty()).then_some(audit_ifaces),
                 replace_xdp,
                 socket: observe.socket,
@@ -559,17 +590,22 @@ fn main() -> ExitCode {
             forwarded,
             established,
             output,
+            class_words,
+            capacity,
         } => match (ingress, egress) {
             (None, None) if pod.is_some() => {
                 Err(anyhow::anyhow!("--pod needs --ingress or --egress PACKET"))
             }
-            (None, None) => check(
-                &policies,
-                profile_arg(&profile).as_deref(),
-                ifaces,
-                node,
-                output,
-            ),
+            (None, None) => capacities(class_words, capacity).and_then(|caps| {
+                check(
+                    &policies,
+                    profile_arg(&profile).as_deref(),
+                    ifaces,
+                    node,
+                    output,
+                    caps,
+                )
+            }),
             (ingress, egress) => check_packet(
                 &policies,
                 profile_arg(&profile).as_deref(),
@@ -780,12 +816,31 @@ fn profile_arg(p: &str) -> Option<String> {
     (p != "none").then(|| p.to_string())
 }
 
+/// The capacities `moat check` weighs a policy against: the agent's, as
+/// the same flags set them.
+fn capacities(
+    class_words: Option<u32>,
+    c: CapacityArgs,
+) -> anyhow::Result<moat::dataplane::Capacities> {
+    moat::cli::config::capacities(
+        &moat::cli::config::Config {
+            addr_prefixes: c.addr_prefixes,
+            port_prefixes: c.port_prefixes,
+            rule_slots: c.rule_slots,
+            ..Default::default()
+        },
+        moat_common::MAX_FLOWS / 2,
+        class_words.unwrap_or(moat_common::MAX_CLASS_WORDS),
+    )
+}
+
 fn check(
     dir: &std::path::Path,
     profile: Option<&str>,
     ifaces: Vec<String>,
     node: Option<String>,
     output: OutputFormat,
+    caps: moat::dataplane::Capacities,
 ) -> anyhow::Result<ExitCode> {
     let node = node.unwrap_or_else(agent::default_node_name);
     let loaded = agent::load_policies(dir, profile)?;
@@ -810,6 +865,10 @@ fn check(
         .map(ToString::to_string)
         .collect();
     let compile_error = compiled.as_ref().err().map(ToString::to_string);
+    let (needs, capacity_error) = match &compiled {
+        Ok(c) => moat::cli::check::fit(c, &caps),
+        Err(_) => (None, None),
+    };
     match output {
         OutputFormat::Json => {
             let tables = compiled.as_ref().ok().map(|c| {
@@ -836,6 +895,8 @@ fn check(
                     "errors": errors,
                     "warnings": warnings,
                     "compile_error": compile_error,
+                    "capacity_error": capacity_error,
+                    "needs": needs,
                     "node": node,
                     "enforced": tables,
                 })
@@ -851,13 +912,30 @@ fn check(
             if let Some(e) = &compile_error {
                 println!("error: {e}");
             }
+            if let Some(e) = &capacity_error {
+                println!("error: {e}");
+            }
             println!(
                 "{} file(s): {} GlobalNetworkPolicies, {} HostEndpoints valid; {} error(s)",
                 loaded.files,
                 loaded.set.policies.len(),
                 loaded.set.host_endpoints.len(),
-                errors.len() + usize::from(compile_error.is_some())
+                errors.len()
+                    + usize::from(compile_error.is_some())
+                    + usize::from(capacity_error.is_some())
             );
+            if let Some(n) = &needs {
+                println!(
+                    "one policy generation needs: {} source and {} destination prefixes (of {} each), {} rule slots (of {}), {} class vector words (of {})",
+                    n.source_prefixes,
+                    n.destination_prefixes,
+                    caps.addr_prefixes / 2,
+                    n.rule_slots,
+                    caps.rule_slots / 2,
+                    n.class_words,
+                    caps.class_words / 2
+                );
+            }
             if let Ok(c) = &compiled {
                 for i in c.ifaces.values() {
                     println!(
@@ -874,11 +952,13 @@ fn check(
             }
         }
     }
-    Ok(if errors.is_empty() && compile_error.is_none() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    Ok(
+        if errors.is_empty() && compile_error.is_none() && capacity_error.is_none() {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        },
+    )
 }
 
 fn bench(
