@@ -440,6 +440,7 @@ impl Published {
                 name: "rules (bank)".into(),
                 entries: fill.rule_slots,
                 max_entries: fill.rule_slots_per_bank.into(),
+                bytes: 0,
             },
             MapFill {
                 name: "interfaces".into(),
@@ -449,18 +450,31 @@ impl Published {
                     .filter(|n| compiled.ifaces.contains_key(*n))
                     .count() as u64,
                 max_entries: moat_common::MAX_IFACES.into(),
+                bytes: 0,
             },
             MapFill {
                 name: "conntrack".into(),
                 entries: fill.flows,
                 max_entries: fill.flows_capacity.into(),
+                bytes: 0,
             },
             MapFill {
                 name: "local addrs".into(),
                 entries: local as u64,
                 max_entries: moat_common::MAX_LOCAL_ADDRS.into(),
+                bytes: 0,
             },
         ];
+        // Every map's kernel memory, and the class maps' fill.
+        match dataplane.map_usage() {
+            Ok(usage) => s.maps.extend(usage.into_iter().map(|u| MapFill {
+                name: u.name,
+                entries: u.entries,
+                max_entries: u.max_entries.into(),
+                bytes: u.bytes,
+            })),
+            Err(e) => warn!("reading map memory: {e}"),
+        }
         match dataplane.counters() {
             Ok(rows) => {
                 s.counters = rows
@@ -799,6 +813,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                     generation,
                     last_apply_seconds: last_apply.as_secs_f64(),
                     rules: rule_counters(&dataplane, &compiled),
+                    maps: dataplane.map_usage().unwrap_or_default(),
                 };
                 // The scrape may have given up waiting: nothing to do then.
                 let _ = reply.send(s);
@@ -818,11 +833,16 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                 let next = generation.wrapping_add(1).max(1);
                 let started = std::time::Instant::now();
                 if let Err(e) = enforce(&mut dataplane, &mut ifaces, &outcome.compiled, next, cfg.xdp_mode) {
-                    error!("applying {}: {e:#}; the policy in force stays", outcome.origin);
-                    if !synced && generation == 0 {
-                        return Err(e);
+                    if have_policy || dataplane.adopted_generation().is_some() {
+                        error!("applying {}: {e:#}; the policy in force stays", outcome.origin);
+                    } else {
+                        // Exiting would enforce nothing either; staying
+                        // applies the source's next policy that fits.
+                        error!("applying {}: {e:#}; nothing is enforced until the source holds a policy that can be applied", outcome.origin);
+                        published.status.state = "refused the first policy".into();
                     }
                     published.status.source.last_error = Some(format!("{e:#}"));
+                    published.write(status_file);
                     continue;
                 }
                 last_apply = started.elapsed();
