@@ -147,7 +147,7 @@ pub enum DataplaneError {
     BankFull { needed: usize, max: u32 },
     /// A policy whose entries in one class map exceed what one generation
     /// may hold there.
-    #[error("{0}")]
+    #[error(transparent)]
     Full(#[from] Full),
 }
 
