@@ -215,3 +215,75 @@ fn a_200000_prefix_set_is_enforced_with_a_raised_capacity() {
     assert!(src.entries >= 400_000, "both generations: {src:?}");
     assert!(src.bytes > 0, "no kernel memory read: {src:?}");
 }
+
+/// Whether a TCP connection from the client to the worker's port 8080 is
+/// accepted (a denied SYN is dropped: the attempt times out).
+fn client_connects(client: &moat_tests::Netns) -> bool {
+    let to: std::net::SocketAddr = "198.18.1.1:8080".parse().expect("address");
+    moat_tests::in_netns(&client.name, move || {
+        std::net::TcpStream::connect_timeout(&to, std::time::Duration::from_millis(300)).is_ok()
+    })
+}
+
+/// The agent never exits on a set that does not fit: refused as its first
+/// policy, it stays up and applies the next one that fits; refused later,
+/// the policy in force keeps judging (the client it denies stays denied).
+#[test]
+fn the_agent_refuses_a_set_over_the_capacity_and_stays_up() {
+    let (worker, client) = moat_tests::worker_and_client("mbw", "mbc", false);
+    moat_tests::listen(&worker, "0.0.0.0:8080");
+    let dir = TempDir::new("moat-blocklist-agent");
+    let policies = dir.0.join("policies");
+    std::fs::create_dir_all(&policies).expect("policy dir");
+    let write = |text: String| {
+        let tmp = dir.0.join("policy.yaml.tmp");
+        std::fs::write(&tmp, text).expect("write");
+        std::fs::rename(&tmp, policies.join("policy.yaml")).expect("rename");
+    };
+    write(blocklist_yaml(3000, &[]));
+    let mut args: Vec<std::ffi::OsString> = [
+        "--iface",
+        "eth1",
+        "--node",
+        NODE,
+        "--profile",
+        "none",
+        "--addr-prefixes",
+        "4096",
+        "--state-file",
+        "none",
+        "--metrics-addr",
+        "none",
+    ]
+    .map(std::ffi::OsString::from)
+    .to_vec();
+    args.extend([
+        "--policies".into(),
+        policies.clone().into_os_string(),
+        "--status-file".into(),
+        dir.0.join("status.json").into_os_string(),
+        "--socket".into(),
+        dir.0.join("events.sock").into_os_string(),
+    ]);
+    let mut agent = moat_tests::AgentProcess::spawn(&worker, args, Some(moat_tests::PinDir::new()));
+    let line = agent.wait_for_log("nothing is enforced until");
+    assert!(
+        line.contains("MOAT_CSRC_V1") && line.contains("--addr-prefixes"),
+        "{line}"
+    );
+
+    write(blocklist_yaml(10, &["198.18.1.2/32"]));
+    agent.wait_for_log("ready:");
+    assert!(!client_connects(&client), "the listed client connected");
+
+    // Over the capacity, and it would allow the client: refused, the
+    // policy in force stays.
+    write(blocklist_yaml(3000, &[]));
+    let line = agent.wait_for_log("the policy in force stays");
+    assert!(line.contains("needs 3001 source prefixes"), "{line}");
+    assert!(!client_connects(&client), "the refused set took effect");
+    write(blocklist_yaml(10, &[]));
+    agent.wait_for_log("applied: policy generation");
+    assert!(client_connects(&client), "the unlisted client was denied");
+    agent.stop();
+}
