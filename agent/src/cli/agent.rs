@@ -533,6 +533,7 @@ impl Published {
                 name: "rules (bank)".into(),
                 entries: fill.rule_slots,
                 max_entries: fill.rule_slots_per_bank.into(),
+                bytes: 0,
             },
             MapFill {
                 name: "interfaces".into(),
@@ -542,18 +543,31 @@ impl Published {
                     .filter(|n| compiled.ifaces.contains_key(*n))
                     .count() as u64,
                 max_entries: moat_common::MAX_IFACES.into(),
+                bytes: 0,
             },
             MapFill {
                 name: "conntrack".into(),
                 entries: fill.flows,
                 max_entries: fill.flows_capacity.into(),
+                bytes: 0,
             },
             MapFill {
                 name: "local addrs".into(),
                 entries: local as u64,
                 max_entries: moat_common::MAX_LOCAL_ADDRS.into(),
+                bytes: 0,
             },
         ];
+        // Every map's kernel memory, and the class maps' fill.
+        match dataplane.map_usage() {
+            Ok(usage) => s.maps.extend(usage.into_iter().map(|u| MapFill {
+                name: u.name,
+                entries: u.entries,
+                max_entries: u.max_entries.into(),
+                bytes: u.bytes,
+            })),
+            Err(e) => warn!("reading map memory: {e}"),
+        }
         match dataplane.counters() {
             Ok(rows) => {
                 s.counters = rows
@@ -1120,6 +1134,7 @@ impl<'a> Agent<'a> {
             generation: self.generation,
             last_apply_seconds: self.last_apply.as_secs_f64(),
             rules: rule_counters(&self.dataplane, &self.compiled),
+            maps: self.dataplane.map_usage().unwrap_or_default(),
         };
         // The scrape may have given up waiting: nothing to do then.
         let _ = reply.send(s);
@@ -1163,14 +1178,22 @@ impl<'a> Agent<'a> {
                 .stats
                 .apply_errors
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            error!(
-                "applying {}: {e:#}; the policy in force stays",
-                outcome.origin
-            );
-            if first {
-                return Err(e);
+            if self.have_policy || self.dataplane.adopted_generation().is_some() {
+                error!(
+                    "applying {}: {e:#}; the policy in force stays",
+                    outcome.origin
+                );
+            } else {
+                // Exiting would enforce nothing either; staying applies the
+                // source's next policy that fits.
+                error!(
+                    "applying {}: {e:#}; nothing is enforced until the source holds a policy that can be applied",
+                    outcome.origin
+                );
+                self.published.status.state = "refused the first policy".into();
             }
             self.published.status.source.last_error = Some(format!("{e:#}"));
+            self.published.write(self.cfg.status_file.as_deref());
             return Ok(());
         }
         self.last_apply = started.elapsed();

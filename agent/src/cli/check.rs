@@ -517,6 +517,49 @@ pub fn unknown_target(set: &PolicySet, node: &str, iface: Option<&str>) -> Optio
     ))
 }
 
+/// What one policy generation needs of each map whose capacity is a
+/// deployment choice (`moat check`, `-o json` field `needs`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Needs {
+    pub source_prefixes: usize,
+    pub destination_prefixes: usize,
+    pub source_port_prefixes: usize,
+    pub destination_port_prefixes: usize,
+    pub protocol_entries: usize,
+    pub rule_slots: usize,
+    pub class_words: usize,
+}
+
+/// What `compiled` needs of the maps, and the error the agent would
+/// refuse it with in maps of capacities `caps` (`None`: it fits).
+pub fn fit(
+    compiled: &crate::compile::Compiled,
+    caps: &crate::dataplane::Capacities,
+) -> (Option<Needs>, Option<String>) {
+    let by_index = compiled
+        .ifaces
+        .values()
+        .enumerate()
+        .map(|(i, c)| (i as u32 + 1, c.clone()))
+        .collect();
+    match crate::dataplane::plan_offline(&by_index) {
+        Ok(content) => {
+            let needs = Needs {
+                source_prefixes: content.src.len(),
+                destination_prefixes: content.dst.len(),
+                source_port_prefixes: content.sport.len(),
+                destination_port_prefixes: content.dport.len(),
+                protocol_entries: content.proto.len(),
+                rule_slots: content.rules.len(),
+                class_words: content.words.len(),
+            };
+            let error = caps.check(&content, None).err().map(|e| e.to_string());
+            (Some(needs), error)
+        }
+        Err(e) => (None, Some(e.to_string())),
+    }
+}
+
 #[cfg(test)]
 mod report_tests {
     use super::*;

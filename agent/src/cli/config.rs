@@ -88,6 +88,15 @@ pub struct Config {
     pub max_connections: Option<u32>,
     /// Capacity of the class-vector map in 64-bit words (default 2097152).
     pub class_words: Option<u32>,
+    /// Capacity of each address class map (source, destination) in
+    /// prefixes, both policy generations together (default 4194304).
+    pub addr_prefixes: Option<u32>,
+    /// Capacity of each port class map in prefixes, both generations
+    /// together (default 262144).
+    pub port_prefixes: Option<u32>,
+    /// Rule slots (classifier bits of every interface and direction), both
+    /// generations together (default 65536).
+    pub rule_slots: Option<u32>,
     /// Interfaces in audit mode (beside `audit`, which covers all).
     pub audit_interfaces: Option<Vec<String>>,
     /// Replace an XDP program another tool attached by netlink.
@@ -121,7 +130,7 @@ pub struct Config {
 }
 
 /// The keys of `Config`, as the file spells them.
-pub const KEYS: [&str; 33] = [
+pub const KEYS: [&str; 36] = [
     "node",
     "interfaces",
     "autoHostEndpoints",
@@ -140,6 +149,9 @@ pub const KEYS: [&str; 33] = [
     "detachOnExit",
     "maxConnections",
     "classWords",
+    "addrPrefixes",
+    "portPrefixes",
+    "ruleSlots",
     "auditInterfaces",
     "replaceXdp",
     "socket",
@@ -236,6 +248,9 @@ pub fn from_env(vars: impl IntoIterator<Item = (String, String)>) -> anyhow::Res
                 | "detachOnExit"
                 | "maxConnections"
                 | "classWords"
+                | "addrPrefixes"
+                | "portPrefixes"
+                | "ruleSlots"
                 | "replaceXdp"
         ) {
             // A scalar as YAML reads it (true, 100); anything else is
@@ -292,6 +307,9 @@ impl Config {
             detach_on_exit: self.detach_on_exit.or(lower.detach_on_exit),
             max_connections: self.max_connections.or(lower.max_connections),
             class_words: self.class_words.or(lower.class_words),
+            addr_prefixes: self.addr_prefixes.or(lower.addr_prefixes),
+            port_prefixes: self.port_prefixes.or(lower.port_prefixes),
+            rule_slots: self.rule_slots.or(lower.rule_slots),
             audit_interfaces: self.audit_interfaces.or(lower.audit_interfaces),
             replace_xdp: self.replace_xdp.or(lower.replace_xdp),
             socket: self.socket.or(lower.socket),
@@ -387,6 +405,13 @@ pub fn resolve(
     )?;
     let class_words = merged.class_words.unwrap_or(moat_common::MAX_CLASS_WORDS);
     in_range("classWords", i64::from(class_words), CLASS_WORDS_RANGE)?;
+    let asked = Config {
+        addr_prefixes: merged.addr_prefixes,
+        port_prefixes: merged.port_prefixes,
+        rule_slots: merged.rule_slots,
+        ..Default::default()
+    };
+    let capacities = capacities(&asked, max_connections, class_words)?;
     let event_burst = merged.event_burst.unwrap_or(200);
     in_range("eventBurst", i64::from(event_burst), EVENT_BURST_RANGE)?;
     let node = merged
@@ -422,12 +447,53 @@ pub fn resolve(
                 .unwrap_or_else(|| crate::cli::agent::DEFAULT_PIN_DIR.into()),
         ),
         detach_on_exit: merged.detach_on_exit.unwrap_or(false),
-        capacities: crate::dataplane::Capacities {
-            flows: max_connections * 2,
-            class_words,
-            ..Default::default()
-        },
+        capacities,
         observe,
+    })
+}
+
+/// The map capacities the layers ask for, each checked against its range.
+pub fn capacities(
+    merged: &Config,
+    max_connections: u32,
+    class_words: u32,
+) -> anyhow::Result<crate::dataplane::Capacities> {
+    let defaults = crate::dataplane::Capacities::default();
+    let ranged =
+        |key: &str, value: Option<u32>, default: u32, range: std::ops::RangeInclusive<u32>| {
+            let v = value.unwrap_or(default);
+            if range.contains(&v) {
+                Ok(v)
+            } else {
+                Err(anyhow::anyhow!(
+                    "{key}: {v} is not in {}..={}",
+                    range.start(),
+                    range.end()
+                ))
+            }
+        };
+    Ok(crate::dataplane::Capacities {
+        flows: max_connections * 2,
+        class_words,
+        addr_prefixes: ranged(
+            "addrPrefixes",
+            merged.addr_prefixes,
+            defaults.addr_prefixes,
+            1024..=crate::dataplane::MAX_PREFIXES,
+        )?,
+        port_prefixes: ranged(
+            "portPrefixes",
+            merged.port_prefixes,
+            defaults.port_prefixes,
+            1024..=crate::dataplane::MAX_PREFIXES,
+        )?,
+        rule_slots: ranged(
+            "ruleSlots",
+            merged.rule_slots,
+            defaults.rule_slots,
+            1024..=4 * 1024 * 1024,
+        )?,
+        ..defaults
     })
 }
 

@@ -92,6 +92,9 @@ pub struct MapFill {
     pub name: String,
     pub entries: u64,
     pub max_entries: u64,
+    /// Kernel memory the map holds, in bytes (0: not read).
+    #[serde(default)]
+    pub bytes: u64,
 }
 
 /// `[direction][stage]` of something.
@@ -313,9 +316,14 @@ pub fn render(s: &Status) -> String {
         } else {
             0.0
         };
+        let memory = if m.bytes > 0 {
+            format!("  {:.1} MiB", m.bytes as f64 / f64::from(1 << 20))
+        } else {
+            String::new()
+        };
         let _ = writeln!(
             o,
-            "    {:<12} {:>7} / {:<7} ({pct:.1}%)",
+            "    {:<14} {:>7} / {:<7} ({pct:.1}%){memory}",
             m.name, m.entries, m.max_entries
         );
     }

@@ -126,6 +126,11 @@ pub struct BankRecord {
 }
 
 impl BankRecord {
+    /// Class vector words known written.
+    pub fn words(&self) -> usize {
+        self.words.len()
+    }
+
     /// A bank whose arrays are unknown and whose class maps hold these keys
     /// with unknown values (found by walking the maps).
     pub fn unknown(

@@ -143,9 +143,37 @@ pub enum DataplaneError {
     #[error("reading the number of CPUs: {0}")]
     Cpus(#[source] std::io::Error),
     #[error(
-        "the compiled policy needs {needed} rule slots; this version holds at most {max} per generation"
+        "the compiled policy needs {needed} rule slots; this load holds at most {max} per generation (raise it with --rule-slots)"
     )]
     BankFull { needed: usize, max: u32 },
+    /// A policy whose entries in one class map exceed what one generation
+    /// may hold there.
+    #[error(transparent)]
+    Full(#[from] Full),
+}
+
+/// What one map cannot hold: the policy needs `needed` entries in `map`,
+/// whose capacity `capacity` two generations share.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "the policy needs {needed} {what} in map {map}, which holds {capacity} ({} per policy generation: the one in force and the next share it){}; {}",
+    capacity / 2,
+    pinned.map(|p| format!(", as pinned (this agent asked for {p})")).unwrap_or_default(),
+    option.map(|(flag, key)| format!(
+        "raise it to at least {} with --{flag} (config key {key}){}",
+        needed.saturating_mul(2),
+        if pinned.is_some() { " and `moat uninstall` first: pinned maps keep the capacity they were created with" } else { "" }
+    )).unwrap_or_else(|| "this capacity is fixed: split the policy".to_string())
+)]
+pub struct Full {
+    pub map: &'static str,
+    pub what: &'static str,
+    pub needed: usize,
+    pub capacity: u32,
+    /// The capacity asked for, when the map in use (pinned) has another.
+    pub pinned: Option<u32>,
+    /// The flag and config key that set the capacity (`None`: fixed).
+    pub option: Option<(&'static str, &'static str)>,
 }
 
 /// How to attach XDP.
@@ -169,6 +197,13 @@ impl XdpAttachMode {
         }
     }
 }
+
+/// Default capacity of each address class map (both generations): the
+/// tries hold no memory for entries not in use, so the default leaves room
+/// for blocklists of two million prefixes per generation.
+pub const DEFAULT_ADDR_PREFIXES: u32 = 1 << 22;
+/// Largest capacity `--addr-prefixes` / `--port-prefixes` may ask for.
+pub const MAX_PREFIXES: u32 = 1 << 26;
 
 /// Capacities of the maps whose size is a deployment choice.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -194,11 +229,126 @@ impl Default for Capacities {
             flows: moat_common::MAX_FLOWS,
             class_words: moat_common::MAX_CLASS_WORDS,
             rule_slots: moat_common::MAX_RULES,
-            addr_prefixes: moat_common::CLASS_ADDR_PREFIXES,
+            addr_prefixes: DEFAULT_ADDR_PREFIXES,
             port_prefixes: moat_common::CLASS_PORT_PREFIXES,
             event_sources: moat_common::MAX_EVENT_SOURCES,
         }
     }
+}
+
+impl Capacities {
+    /// Whether one generation of `content` fits beside another in maps of
+    /// these capacities (each generation may use half of every map);
+    /// `asked`: the capacities the agent asked for, where the maps in use
+    /// were created with others (adopted pins).
+    pub fn check(&self, content: &BankContent, asked: Option<&Capacities>) -> Result<(), Full> {
+        let pinned =
+            |have: u32, want: fn(&Capacities) -> u32| asked.map(want).filter(|&w| w != have);
+        let addr = Some(("addr-prefixes", "addrPrefixes"));
+        let port = Some(("port-prefixes", "portPrefixes"));
+        let rules = Some(("rule-slots", "ruleSlots"));
+        let words = Some(("class-words", "classWords"));
+        let checks = [
+            (
+                map_names::CLASS_SRC,
+                "source prefixes",
+                content.src.len(),
+                self.addr_prefixes,
+                pinned(self.addr_prefixes, |c| c.addr_prefixes),
+                addr,
+            ),
+            (
+                map_names::CLASS_DST,
+                "destination prefixes",
+                content.dst.len(),
+                self.addr_prefixes,
+                pinned(self.addr_prefixes, |c| c.addr_prefixes),
+                addr,
+            ),
+            (
+                map_names::CLASS_SPORT,
+                "source port prefixes",
+                content.sport.len(),
+                self.port_prefixes,
+                pinned(self.port_prefixes, |c| c.port_prefixes),
+                port,
+            ),
+            (
+                map_names::CLASS_DPORT,
+                "destination port prefixes",
+                content.dport.len(),
+                self.port_prefixes,
+                pinned(self.port_prefixes, |c| c.port_prefixes),
+                port,
+            ),
+            (
+                map_names::CLASS_PROTO,
+                "protocol entries",
+                content.proto.len(),
+                moat_common::CLASS_PROTOS,
+                None,
+                None,
+            ),
+            (
+                map_names::RULES,
+                "rule slots",
+                content.rules.len(),
+                self.rule_slots,
+                pinned(self.rule_slots, |c| c.rule_slots),
+                rules,
+            ),
+            (
+                map_names::CLASS_WORDS,
+                "class vector words",
+                content.words.len(),
+                self.class_words,
+                pinned(self.class_words, |c| c.class_words),
+                words,
+            ),
+        ];
+        for (map, what, needed, capacity, pinned, option) in checks {
+            if needed > (capacity / 2) as usize {
+                return Err(Full {
+                    map,
+                    what,
+                    needed,
+                    capacity,
+                    pinned,
+                    option,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Kernel memory and fill of one map (`Dataplane::map_usage`).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MapUsage {
+    pub name: String,
+    /// Entries in use (both generations).
+    pub entries: u64,
+    pub max_entries: u32,
+    /// Kernel memory the map holds now, in bytes (`memlock` of its fdinfo:
+    /// preallocated maps count every slot, the tries what they hold).
+    pub bytes: u64,
+}
+
+/// What `compiled` needs of the class maps in one generation, from the
+/// bank content it compiles to: what `moat check` weighs against the
+/// capacities, without a kernel.
+pub fn plan_offline(
+    compiled: &BTreeMap<u32, CompiledIface>,
+) -> Result<BankContent, DataplaneError> {
+    let ctx = PlanContext {
+        words_per_bank: u32::MAX,
+        rules_per_bank: u32::MAX,
+        local_known: false,
+        route_lookup: false,
+        audit: false,
+        audit_ifaces: &Default::default(),
+    };
+    plan_bank(compiled, 1, 0, &ctx).map(|(content, _)| content)
 }
 
 /// Fill levels of the maps whose capacity is a deployment choice.
@@ -239,6 +389,135 @@ pub struct RuleCounter {
     pub bytes: u64,
 }
 
+/// What one plan depends on besides the policy.
+struct PlanContext<'a> {
+    words_per_bank: u32,
+    rules_per_bank: u32,
+    local_known: bool,
+    /// Ask the kernel's routing table about addresses the list lacks
+    /// (`IFACE_ROUTE_LOCAL`).
+    route_lookup: bool,
+    audit: bool,
+    audit_ifaces: &'a std::collections::BTreeSet<u32>,
+}
+
+/// `Dataplane::plan` without the capacity check of the class maps.
+fn plan_bank(
+    compiled: &BTreeMap<u32, CompiledIface>,
+    generation: u32,
+    bank: u32,
+    ctx: &PlanContext<'_>,
+) -> Result<(BankContent, Vec<(u32, IfaceConfig)>), DataplaneError> {
+    let mut images = Vec::new();
+    for (slot, (&ifindex, iface)) in compiled.iter().enumerate() {
+        if slot >= MAX_IFACES as usize {
+            return Err(DataplaneError::TooManyIfaces { max: MAX_IFACES });
+        }
+        let mut per_dir = Vec::new();
+        for dir in 0..direction::COUNT as u8 {
+            let tables = std::array::from_fn(|kind| iface.table(dir, kind));
+            let image =
+                ClassifierImage::build(tables).map_err(|source| DataplaneError::Classify {
+                    iface: iface.name.clone(),
+                    direction: direction::name(dir),
+                    source,
+                })?;
+            per_dir.push(image);
+        }
+        images.push((ifindex, slot as u32, per_dir));
+    }
+    let words_per_bank = ctx.words_per_bank;
+    // Each classifier's vectors as the programs read them, once.
+    let encoded: Vec<Vec<Vec<Vec<u64>>>> = images
+        .iter()
+        .map(|(_, _, d)| {
+            d.iter()
+                .map(|i| i.classes.iter().map(encode).collect())
+                .collect()
+        })
+        .collect();
+    let needed_words: usize = encoded.iter().flatten().flatten().map(Vec::len).sum();
+    if needed_words > words_per_bank as usize {
+        return Err(DataplaneError::WordsFull {
+            needed: needed_words,
+            max: words_per_bank,
+        });
+    }
+    let needed_rules: usize = images
+        .iter()
+        .flat_map(|(_, _, d)| d.iter())
+        .map(|i| i.bits.len())
+        .sum();
+    let rules_per_bank = ctx.rules_per_bank;
+    if needed_rules > rules_per_bank as usize {
+        return Err(DataplaneError::BankFull {
+            needed: needed_rules,
+            max: rules_per_bank,
+        });
+    }
+    let rule_base0 = bank * rules_per_bank;
+    let word_base0 = bank * words_per_bank;
+    let mut content = BankContent {
+        rules: Vec::with_capacity(needed_rules),
+        words: Vec::with_capacity(needed_words),
+        ..Default::default()
+    };
+    let mut configs = Vec::new();
+    for ((ifindex, slot, per_dir), encoded) in images.iter().zip(&encoded) {
+        let mut config = IfaceConfig {
+            flags: IFACE_ENFORCED
+                | match (ctx.local_known, ctx.route_lookup) {
+                    (false, _) => 0,
+                    (true, false) => IFACE_KNOWS_LOCAL,
+                    (true, true) => IFACE_KNOWS_LOCAL | IFACE_ROUTE_LOCAL,
+                }
+                | if ctx.audit || ctx.audit_ifaces.contains(ifindex) {
+                    IFACE_AUDIT
+                } else {
+                    0
+                },
+            generation,
+            ..Default::default()
+        };
+        for (dir, (image, vectors)) in per_dir.iter().zip(encoded).enumerate() {
+            let id = classifier_id(bank, *slot, dir as u32);
+            let rule_base = rule_base0 + content.rules.len() as u32;
+            content.rules.extend_from_slice(&image.bits);
+            let mut offsets = Vec::with_capacity(vectors.len());
+            for vector in vectors {
+                offsets.push(word_base0 + content.words.len() as u32);
+                content.words.extend_from_slice(vector);
+            }
+            content.add_class_entries(id, image, &offsets);
+            let mut any = [0u32; classify::FIELDS];
+            for (f, a) in any.iter_mut().enumerate() {
+                *a = offsets[image.any[f] as usize];
+            }
+            config.classifiers[dir] = Classifier {
+                id,
+                rule_base,
+                any,
+                lookup: image.lookup,
+            };
+            for kind in 0..table::KINDS {
+                config.tables[table::index(dir as u8, kind)] = image.tables[kind];
+            }
+        }
+        configs.push((*ifindex, config));
+    }
+    Ok((content, configs))
+}
+
+/// The kernel memory a map holds (`memlock:` in its fdinfo), if readable.
+fn memlock(map: &MapData) -> Option<u64> {
+    use std::os::fd::AsRawFd as _;
+    let fd = map.fd().as_fd().as_raw_fd();
+    let text = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("memlock:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
 /// The loaded object and the maps the agent writes.
 pub struct Dataplane {
     ebpf: Ebpf,
@@ -251,6 +530,10 @@ pub struct Dataplane {
     class_dport: LpmTrie<MapData, PortClassKey, u32>,
     class_proto: HashMap<MapData, u32, u32>,
     class_words: Array<MapData, u64>,
+    /// Capacities of the maps in use (pinned maps keep theirs).
+    capacities: Capacities,
+    /// Capacities asked for at load.
+    asked: Capacities,
     /// What this agent wrote into each bank.
     banks: [BankRecord; 2],
     writer: Writer,
@@ -374,6 +657,8 @@ impl Dataplane {
             class_dport: take(&mut ebpf, map_names::CLASS_DPORT)?,
             class_proto: take(&mut ebpf, map_names::CLASS_PROTO)?,
             class_words: take(&mut ebpf, map_names::CLASS_WORDS)?,
+            capacities: caps,
+            asked: caps,
             banks: Default::default(),
             writer: Writer::default(),
             last_apply: ApplyStats::default(),
@@ -399,10 +684,97 @@ impl Dataplane {
             configured: Vec::new(),
             attached: Vec::new(),
         };
+        dataplane.capacities = dataplane.capacities_in_use()?;
         if pin_dir.is_some() {
             dataplane.adopt()?;
         }
         Ok(dataplane)
+    }
+
+    /// The capacities of the maps loaded (what was asked, or what pinned
+    /// maps were created with).
+    fn capacities_in_use(&self) -> Result<Capacities, DataplaneError> {
+        let max = |map: &MapData, name| -> Result<u32, DataplaneError> {
+            Ok(map.info().map_err(map_err(name))?.max_entries())
+        };
+        Ok(Capacities {
+            flows: max(self.conntrack.map(), map_names::CONNTRACK)?,
+            class_words: self.class_words.len(),
+            rule_slots: self.rules.len(),
+            addr_prefixes: max(self.class_src.map(), map_names::CLASS_SRC)?
+                .min(max(self.class_dst.map(), map_names::CLASS_DST)?),
+            port_prefixes: max(self.class_sport.map(), map_names::CLASS_SPORT)?
+                .min(max(self.class_dport.map(), map_names::CLASS_DPORT)?),
+            event_sources: self.asked.event_sources,
+        })
+    }
+
+    /// Capacities of the maps in use.
+    pub fn capacities(&self) -> Capacities {
+        self.capacities
+    }
+
+    /// Entries, capacity and kernel memory of every map the agent writes
+    /// or the programs fill (`memlock` of each map's fdinfo).
+    pub fn map_usage(&self) -> Result<Vec<MapUsage>, DataplaneError> {
+        let count_lpm_a = |m: &LpmTrie<MapData, AddrClassKey, u32>| m.keys().count() as u64;
+        let count_lpm_p = |m: &LpmTrie<MapData, PortClassKey, u32>| m.keys().count() as u64;
+        let fill = self.fill()?;
+        let rows: [(&'static str, &MapData, u64); 10] = [
+            (
+                map_names::CLASS_SRC,
+                self.class_src.map(),
+                count_lpm_a(&self.class_src),
+            ),
+            (
+                map_names::CLASS_DST,
+                self.class_dst.map(),
+                count_lpm_a(&self.class_dst),
+            ),
+            (
+                map_names::CLASS_SPORT,
+                self.class_sport.map(),
+                count_lpm_p(&self.class_sport),
+            ),
+            (
+                map_names::CLASS_DPORT,
+                self.class_dport.map(),
+                count_lpm_p(&self.class_dport),
+            ),
+            (
+                map_names::CLASS_PROTO,
+                self.class_proto.map(),
+                self.class_proto.keys().count() as u64,
+            ),
+            (
+                map_names::CLASS_WORDS,
+                self.class_words.map(),
+                self.banks.iter().map(BankRecord::words).sum::<usize>() as u64,
+            ),
+            (map_names::RULES, self.rules.map(), fill.rule_slots),
+            (
+                map_names::RULE_STATS,
+                self.rule_stats.map(),
+                fill.rule_slots,
+            ),
+            (map_names::CONNTRACK, self.conntrack.map(), fill.flows),
+            (
+                map_names::FRAGMENTS,
+                self.fragments.map(),
+                self.fragments.keys().count() as u64,
+            ),
+        ];
+        rows.into_iter()
+            .map(|(name, map, entries)| {
+                let info = map.info().map_err(map_err(name))?;
+                Ok(MapUsage {
+                    name: name.to_string(),
+                    entries,
+                    max_entries: info.max_entries(),
+                    bytes: memlock(map).unwrap_or(0),
+                })
+            })
+            .collect()
     }
 
     /// Takes over the state pinned maps hold: which bank is in force, the
@@ -798,104 +1170,17 @@ impl Dataplane {
         generation: u32,
         bank: u32,
     ) -> Result<(BankContent, Vec<(u32, IfaceConfig)>), DataplaneError> {
-        let mut images = Vec::new();
-        for (slot, (&ifindex, iface)) in compiled.iter().enumerate() {
-            if slot >= MAX_IFACES as usize {
-                return Err(DataplaneError::TooManyIfaces { max: MAX_IFACES });
-            }
-            let mut per_dir = Vec::new();
-            for dir in 0..direction::COUNT as u8 {
-                let tables = std::array::from_fn(|kind| iface.table(dir, kind));
-                let image =
-                    ClassifierImage::build(tables).map_err(|source| DataplaneError::Classify {
-                        iface: iface.name.clone(),
-                        direction: direction::name(dir),
-                        source,
-                    })?;
-                per_dir.push(image);
-            }
-            images.push((ifindex, slot as u32, per_dir));
-        }
-        let words_per_bank = self.class_words.len() / 2;
-        // Each classifier's vectors as the programs read them, once.
-        let encoded: Vec<Vec<Vec<Vec<u64>>>> = images
-            .iter()
-            .map(|(_, _, d)| {
-                d.iter()
-                    .map(|i| i.classes.iter().map(encode).collect())
-                    .collect()
-            })
-            .collect();
-        let needed_words: usize = encoded.iter().flatten().flatten().map(Vec::len).sum();
-        if needed_words > words_per_bank as usize {
-            return Err(DataplaneError::WordsFull {
-                needed: needed_words,
-                max: words_per_bank,
-            });
-        }
-        let needed_rules: usize = images
-            .iter()
-            .flat_map(|(_, _, d)| d.iter())
-            .map(|i| i.bits.len())
-            .sum();
-        let rules_per_bank = self.rules.len() / 2;
-        if needed_rules > rules_per_bank as usize {
-            return Err(DataplaneError::BankFull {
-                needed: needed_rules,
-                max: rules_per_bank,
-            });
-        }
-        let rule_base0 = bank * rules_per_bank;
-        let word_base0 = bank * words_per_bank;
-        let mut content = BankContent {
-            rules: Vec::with_capacity(needed_rules),
-            words: Vec::with_capacity(needed_words),
-            ..Default::default()
+        let ctx = PlanContext {
+            words_per_bank: self.class_words.len() / 2,
+            rules_per_bank: self.rules.len() / 2,
+            local_known: self.local.is_some(),
+            route_lookup: self.route_lookup,
+            audit: self.audit,
+            audit_ifaces: &self.audit_ifaces,
         };
-        let mut configs = Vec::new();
-        for ((ifindex, slot, per_dir), encoded) in images.iter().zip(&encoded) {
-            let mut config = IfaceConfig {
-                flags: IFACE_ENFORCED
-                    | match (&self.local, self.route_lookup) {
-                        (None, _) => 0,
-                        (Some(_), false) => IFACE_KNOWS_LOCAL,
-                        (Some(_), true) => IFACE_KNOWS_LOCAL | IFACE_ROUTE_LOCAL,
-                    }
-                    | if self.audit || self.audit_ifaces.contains(ifindex) {
-                        IFACE_AUDIT
-                    } else {
-                        0
-                    },
-                generation,
-                ..Default::default()
-            };
-            for (dir, (image, vectors)) in per_dir.iter().zip(encoded).enumerate() {
-                let id = classifier_id(bank, *slot, dir as u32);
-                let rule_base = rule_base0 + content.rules.len() as u32;
-                content.rules.extend_from_slice(&image.bits);
-                let mut offsets = Vec::with_capacity(vectors.len());
-                for vector in vectors {
-                    offsets.push(word_base0 + content.words.len() as u32);
-                    content.words.extend_from_slice(vector);
-                }
-                content.add_class_entries(id, image, &offsets);
-                let mut any = [0u32; classify::FIELDS];
-                for (f, a) in any.iter_mut().enumerate() {
-                    *a = offsets[image.any[f] as usize];
-                }
-                config.classifiers[dir] = Classifier {
-                    id,
-                    rule_base,
-                    any,
-                    lookup: image.lookup,
-                };
-                for kind in 0..table::KINDS {
-                    config.tables[table::index(dir as u8, kind)] = image.tables[kind];
-                }
-            }
-            configs.push((*ifindex, config));
-        }
-        Ok((content, configs))
+        let planned = plan_bank(compiled, generation, bank, &ctx)?;
+        self.capacities.check(&planned.0, Some(&self.asked))?;
+        Ok(planned)
     }
 
     /// Reads what `bank` holds from the maps: `rules` and `words` slots

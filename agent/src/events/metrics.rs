@@ -69,6 +69,8 @@ pub struct Snapshot {
     pub last_apply_seconds: f64,
     /// Rules that decided or logged at least one packet.
     pub rules: Vec<RuleCounter>,
+    /// Every map's entries, capacity and kernel memory.
+    pub maps: Vec<crate::dataplane::MapUsage>,
 }
 
 /// Counters of the agent's own work.
@@ -338,6 +340,18 @@ pub fn render(s: &Snapshot, stats: &AgentStats, hub: &Hub, health: &Health) -> S
         capacity
             .get_or_create(&labels(&[("map", map)]))
             .set(cap as i64);
+    }
+    let bytes = Family::<Labels, Gauge>::default();
+    reg.register(
+        "moat_map_bytes",
+        "Kernel memory each map holds (fdinfo memlock)",
+        bytes.clone(),
+    );
+    for m in &s.maps {
+        let l = labels(&[("map", &m.name)]);
+        bytes.get_or_create(&l).set(m.bytes as i64);
+        fill.get_or_create(&l).set(m.entries as i64);
+        capacity.get_or_create(&l).set(i64::from(m.max_entries));
     }
     gauge(
         &mut reg,

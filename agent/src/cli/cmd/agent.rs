@@ -102,6 +102,27 @@ pub struct DataplaneArgs {
     /// generations together [default: 2097152].
     #[arg(long, value_name = "WORDS", value_parser = clap::value_parser!(u32).range(config::CLASS_WORDS_RANGE))]
     pub class_words: Option<u32>,
+    #[command(flatten)]
+    pub capacity: CapacityArgs,
+}
+
+/// Capacities of the class maps (`moat agent`; `moat check` weighs the
+/// policy against them).
+#[derive(clap::Args, Debug, Default)]
+pub struct CapacityArgs {
+    /// Prefixes each address class map (sources, destinations) holds, both
+    /// policy generations together: a policy may use half; raise it for
+    /// large GlobalNetworkSets [default: 4194304].
+    #[arg(long, value_name = "N")]
+    pub addr_prefixes: Option<u32>,
+    /// Prefixes each port class map holds, both generations together
+    /// [default: 262144].
+    #[arg(long, value_name = "N")]
+    pub port_prefixes: Option<u32>,
+    /// Rule slots (classifier bits of every interface and direction), both
+    /// generations together [default: 65536].
+    #[arg(long, value_name = "N")]
+    pub rule_slots: Option<u32>,
 }
 
 /// Which events are reported and who may read them.
@@ -259,6 +280,9 @@ impl Args {
             detach_on_exit: st.detach_on_exit,
             max_connections: d.max_connections,
             class_words: d.class_words,
+            addr_prefixes: d.capacity.addr_prefixes,
+            port_prefixes: d.capacity.port_prefixes,
+            rule_slots: d.capacity.rule_slots,
             audit_interfaces: (!i.audit_ifaces.is_empty()).then_some(i.audit_ifaces),
             replace_xdp: d.replace_xdp,
             socket: e.socket,

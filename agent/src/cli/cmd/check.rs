@@ -53,6 +53,30 @@ pub struct Args {
     /// Output format.
     #[arg(short, long, value_enum, default_value_t)]
     pub output: OutputFormat,
+    /// The agent's class-vector capacity to weigh the policy against
+    /// [default: 2097152].
+    #[arg(long, value_name = "N")]
+    pub class_words: Option<u32>,
+    #[command(flatten)]
+    pub capacity: super::agent::CapacityArgs,
+}
+
+/// The capacities `moat check` weighs a policy against: the agent's, as
+/// the same flags set them.
+fn capacities(
+    class_words: Option<u32>,
+    c: &super::agent::CapacityArgs,
+) -> anyhow::Result<crate::dataplane::Capacities> {
+    crate::cli::config::capacities(
+        &crate::cli::config::Config {
+            addr_prefixes: c.addr_prefixes,
+            port_prefixes: c.port_prefixes,
+            rule_slots: c.rule_slots,
+            ..Default::default()
+        },
+        moat_common::MAX_FLOWS / 2,
+        class_words.unwrap_or(moat_common::MAX_CLASS_WORDS),
+    )
 }
 
 /// Checks the directory, or answers the packet query.
@@ -80,6 +104,7 @@ pub fn run(args: Args) -> anyhow::Result<Exit> {
             args.ifaces,
             args.node,
             args.output,
+            capacities(args.class_words, &args.capacity)?,
         ),
         (ingress, egress) => check_packet(
             &args.policies,
@@ -104,6 +129,7 @@ fn check(
     ifaces: Vec<String>,
     node: Option<String>,
     output: OutputFormat,
+    caps: crate::dataplane::Capacities,
 ) -> anyhow::Result<Exit> {
     let explicit = node.is_some() || !ifaces.is_empty();
     let node = node.unwrap_or_else(agent::default_node_name);
@@ -138,6 +164,10 @@ fn check(
         .collect();
     let compile_error = compiled.as_ref().err().map(ToString::to_string);
     let summary = crate::cli::check::summary(&loaded);
+    let (needs, capacity_error) = match &compiled {
+        Ok(c) => crate::cli::check::fit(c, &caps),
+        Err(_) => (None, None),
+    };
     match output {
         OutputFormat::Json => {
             let tables = compiled.as_ref().ok().map(|c| {
@@ -166,6 +196,8 @@ fn check(
                     "unknown_target": unknown,
                     "warnings": warnings,
                     "compile_error": compile_error,
+                    "capacity_error": capacity_error,
+                    "needs": needs,
                     "node": node,
                     "enforced": tables,
                 })
@@ -184,7 +216,27 @@ fn check(
             for u in &unknown {
                 println!("{}: {u}", if explicit { "error" } else { "note" });
             }
-            println!("{}", summary.text(usize::from(compile_error.is_some())));
+            if let Some(e) = &capacity_error {
+                println!("error: {e}");
+            }
+            println!(
+                "{}",
+                summary.text(
+                    usize::from(compile_error.is_some()) + usize::from(capacity_error.is_some())
+                )
+            );
+            if let Some(n) = &needs {
+                println!(
+                    "one policy generation needs: {} source and {} destination prefixes (of {} each), {} rule slots (of {}), {} class vector words (of {})",
+                    n.source_prefixes,
+                    n.destination_prefixes,
+                    caps.addr_prefixes / 2,
+                    n.rule_slots,
+                    caps.rule_slots / 2,
+                    n.class_words,
+                    caps.class_words / 2
+                );
+            }
             if let Ok(c) = &compiled {
                 for i in c.ifaces.values() {
                     println!(
@@ -201,13 +253,15 @@ fn check(
             }
         }
     }
-    Ok(if !errors.is_empty() || compile_error.is_some() {
-        Exit::Error
-    } else if explicit && !unknown.is_empty() {
-        Exit::UnknownTarget
-    } else {
-        Exit::Ok
-    })
+    Ok(
+        if !errors.is_empty() || compile_error.is_some() || capacity_error.is_some() {
+            Exit::Error
+        } else if explicit && !unknown.is_empty() {
+            Exit::UnknownTarget
+        } else {
+            Exit::Ok
+        },
+    )
 }
 
 /// `moat check --pod NAMESPACE/NAME --ingress|--egress PACKET`: Calico's
