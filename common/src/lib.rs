@@ -116,7 +116,9 @@ pub const MAX_RULES: u32 = 2 * RULE_BANK_SIZE;
 /// Default capacity of `CLASS_WORDS` (both banks; the agent may load the
 /// object with another).
 pub const MAX_CLASS_WORDS: u32 = 1 << 21;
-/// Default capacity of `CLASS_SRC` and `CLASS_DST` (prefixes, both banks).
+/// Capacity of `CLASS_SRC` and `CLASS_DST` compiled into the object
+/// (prefixes, both banks); the agent loads the maps with its own
+/// (`--addr-prefixes`, default 4,194,304), so this only sizes a bare load.
 pub const CLASS_ADDR_PREFIXES: u32 = 1 << 17;
 /// Default capacity of `CLASS_SPORT` and `CLASS_DPORT` (prefixes, both banks).
 pub const CLASS_PORT_PREFIXES: u32 = 1 << 18;
