@@ -1178,6 +1178,24 @@ impl<'a> Agent<'a> {
                 .stats
                 .apply_errors
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            // An interface the programs cannot be attached to (another
+            // program holds it) stops an agent that enforces nothing yet,
+            // as at start; a policy that does not fit never does.
+            let attach_failed = e
+                .downcast_ref::<crate::dataplane::DataplaneError>()
+                .is_some_and(|d| {
+                    matches!(
+                        d,
+                        crate::dataplane::DataplaneError::XdpBusy { .. }
+                            | crate::dataplane::DataplaneError::XdpLinkHeld { .. }
+                            | crate::dataplane::DataplaneError::AttachXdp { .. }
+                            | crate::dataplane::DataplaneError::AttachTc { .. }
+                    )
+                });
+            if first && attach_failed {
+                error!("applying {}: {e:#}", outcome.origin);
+                return Err(e);
+            }
             if self.have_policy || self.dataplane.adopted_generation().is_some() {
                 error!(
                     "applying {}: {e:#}; the policy in force stays",

@@ -142,9 +142,9 @@ pub fn write(path: &Path, status: &Status) -> anyhow::Result<()> {
     crate::dataplane::state::write_atomically_mode(path, &serde_json::to_vec_pretty(status)?, 0o640)
 }
 
-/// `moat status`'s exit code for a fresh status: 0 in sync and ready, 1
-/// not in sync yet, 2 in sync but an interface asked for is not
-/// protected.
+/// `moat status`'s exit code for a fresh status: `Ok` in sync and ready,
+/// `NotReady` not in sync yet, `Unprotected` in sync but an interface
+/// asked for is not protected.
 pub fn exit_code(s: &Status) -> crate::cli::exit::Exit {
     use crate::cli::exit::Exit;
     if !s.source.synced {

@@ -189,9 +189,59 @@ fn sk_buff(ifindex: u32) -> Vec<u8> {
     words.iter().flat_map(|w| w.to_ne_bytes()).collect()
 }
 
-/// Live: judges `t.packet` with the policy the node enforces on `t.iface`.
+/// Live: judges `t.packet` with the policy the node enforces on `t.iface`,
+/// on a copy of the node's program reading the node's pinned maps.
 pub fn trace_live(t: &LiveTrace) -> anyhow::Result<Trace> {
     let fields = packet_spec::parse(t.packet)?;
+    let (link, ifindex) = check_pins(t)?;
+    let (mut ebpf, name, live, traced) = load_copy(t, &link)?;
+    let mut notes = Vec::new();
+    let program = compare_programs(t, &live, &traced, &mut notes)?;
+    let (config, forwarded) = node_view(&mut ebpf, t, &fields, ifindex, &mut notes)?;
+    copy_flow_state(&mut ebpf, t, &fields, &mut notes)?;
+    let passed = run_copy(&ebpf, name, t.dir, &frame(&fields), ifindex)?;
+    let (path, moved_names, events) = read_results(&mut ebpf, t.dir)?;
+    let generation = config.map(|c| c.generation);
+    let names = policy_names(t.state_file, generation, &mut notes);
+    let set = t.reference.map(|(s, _)| s);
+    let name = |id: u32| names.as_ref()?.get(id as usize).cloned();
+    let kernel = kernel_answer(passed, &events, name, |n| match set {
+        Some(set) => resource(set, n),
+        None => n.to_string(),
+    });
+
+    let (reference, agree) = match t.reference {
+        None => (None, None),
+        Some((set, node)) => {
+            let established = path == counter::NAMES[counter::CONNTRACK_ALLOWED as usize];
+            let query = Query {
+                forwarded,
+                established,
+            };
+            let answer = check::answer(set, node, t.iface, t.dir, t.packet, query)?;
+            let agree = agrees(&kernel, &answer, names.is_some());
+            if names.is_none() {
+                notes.push("the deciding policy's name is not compared (names unknown); its rule index and the verdict are".into());
+            }
+            (Some(answer), Some(agree))
+        }
+    };
+    Ok(Trace {
+        mode: "live",
+        kernel,
+        path,
+        counters: moved_names,
+        reference,
+        agree,
+        program: Some(program),
+        generation,
+        notes,
+    })
+}
+
+/// The node's pins `t` needs, checked before anything is loaded (aya
+/// would create a map that is not pinned yet), and the interface's index.
+fn check_pins(t: &LiveTrace) -> anyhow::Result<(std::path::PathBuf, u32)> {
     let pins = t.pin_dir;
     let link = dataplane::link_pin(pins, t.iface, t.dir);
     if !link.exists() {
@@ -222,7 +272,18 @@ pub fn trace_live(t: &LiveTrace) -> anyhow::Result<Trace> {
             t.iface
         )
     })?;
-    let live = live_program(&link)?;
+    Ok((link, ifindex))
+}
+
+/// Loads the trace copy of the object: the node's read-only maps from its
+/// pins, private writable ones; returns it with the program's name, the
+/// node's attached program and the copy's.
+fn load_copy(
+    t: &LiveTrace,
+    link: &Path,
+) -> anyhow::Result<(aya::Ebpf, &'static str, ProgramInfo, ProgramInfo)> {
+    let pins = t.pin_dir;
+    let live = live_program(link)?;
     let rules_cap = MapInfo::from_pin(pins.join(map_names::RULES))
         .context("reading the node's rule map")?
         .max_entries();
@@ -261,7 +322,18 @@ pub fn trace_live(t: &LiveTrace) -> anyhow::Result<Trace> {
     }
     .with_context(|| format!("reading {name}'s info"))?;
 
-    let mut notes = Vec::new();
+    Ok((ebpf, name, live, traced))
+}
+
+/// The trace copy must read exactly the maps the node's program reads;
+/// the two programs' identities (tags) for the answer.
+fn compare_programs(
+    t: &LiveTrace,
+    live: &ProgramInfo,
+    traced: &ProgramInfo,
+    notes: &mut Vec<String>,
+) -> anyhow::Result<Program> {
+    let pins = t.pin_dir;
     // The trace copy must read exactly the maps the node's program reads.
     let live_maps = live.map_ids().ok().flatten().unwrap_or_default();
     let traced_maps = traced.map_ids().ok().flatten().unwrap_or_default();
@@ -281,17 +353,26 @@ pub fn trace_live(t: &LiveTrace) -> anyhow::Result<Trace> {
             ));
         }
     }
-    let program = Program {
+    Ok(Program {
         id: live.id(),
         tag: tag(live.tag()),
         traced_tag: tag(traced.tag()),
         same: live.tag() == traced.tag(),
-    };
+    })
+}
 
-    // The node's view of the interface and of the packet's addresses.
-    let ifaces: HashMap<MapData, u32, IfaceConfig> = take(&mut ebpf, map_names::IFACES)?;
+/// The node's view of the interface and of the packet's own address:
+/// its interface entry, and whether the packet is forwarded traffic.
+fn node_view(
+    ebpf: &mut aya::Ebpf,
+    t: &LiveTrace,
+    fields: &Fields,
+    ifindex: u32,
+    notes: &mut Vec<String>,
+) -> anyhow::Result<(Option<IfaceConfig>, bool)> {
+    let ifaces: HashMap<MapData, u32, IfaceConfig> = take(ebpf, map_names::IFACES)?;
     let config = ifaces.get(&ifindex, 0).ok();
-    let local: HashMap<MapData, [u8; 16], u8> = take(&mut ebpf, map_names::LOCAL_ADDRS)?;
+    let local: HashMap<MapData, [u8; 16], u8> = take(ebpf, map_names::LOCAL_ADDRS)?;
     let own_end = if t.dir == direction::INGRESS {
         fields.dst
     } else {
@@ -322,9 +403,20 @@ pub fn trace_live(t: &LiveTrace) -> anyhow::Result<Trace> {
         ));
     }
 
-    // Private writable state: every event written, the packet's flow as
+    Ok((config, forwarded))
+}
+
+/// The copy's private writable state: every event written, and the
+/// packet's flow as the node tracks it (confirmed or waiting for a reply).
+fn copy_flow_state(
+    ebpf: &mut aya::Ebpf,
+    t: &LiveTrace,
+    fields: &Fields,
+    notes: &mut Vec<String>,
+) -> anyhow::Result<()> {
+    let pins = t.pin_dir;
     // the node tracks it.
-    let mut rate: Array<MapData, EventRate> = take(&mut ebpf, map_names::EVENT_RATE)?;
+    let mut rate: Array<MapData, EventRate> = take(ebpf, map_names::EVENT_RATE)?;
     rate.set(
         0,
         EventRate {
@@ -339,7 +431,7 @@ pub fn trace_live(t: &LiveTrace) -> anyhow::Result<Trace> {
     // Confirmed flows and those waiting for their reply, each into the
     // copy's own table of the same name.
     for name in [map_names::CONNTRACK, map_names::CT_PENDING] {
-        let mut conntrack: HashMap<MapData, FlowKey, FlowState> = take(&mut ebpf, name)?;
+        let mut conntrack: HashMap<MapData, FlowKey, FlowState> = take(ebpf, name)?;
         let node_ct_path = pins.join(name);
         if !node_ct_path.exists() {
             continue;
@@ -349,7 +441,7 @@ pub fn trace_live(t: &LiveTrace) -> anyhow::Result<Trace> {
         let node_ct: HashMap<MapData, FlowKey, FlowState> =
             HashMap::try_from(Map::LruHashMap(node_ct))
                 .with_context(|| format!("{} as a conntrack map", node_ct_path.display()))?;
-        for key in flow_keys(&fields) {
+        for key in flow_keys(fields) {
             // A userspace lookup leaves the LRU order alone.
             if let Ok(state) = node_ct.get(&key, 0) {
                 conntrack
@@ -366,8 +458,19 @@ pub fn trace_live(t: &LiveTrace) -> anyhow::Result<Trace> {
         ));
     }
 
-    let data = frame(&fields);
-    let passed = if t.dir == direction::INGRESS {
+    Ok(())
+}
+
+/// Runs the copy once on `data` arriving on (or leaving by) `ifindex`:
+/// whether it passed.
+fn run_copy(
+    ebpf: &aya::Ebpf,
+    name: &str,
+    dir: u8,
+    data: &[u8],
+    ifindex: u32,
+) -> anyhow::Result<bool> {
+    Ok(if dir == direction::INGRESS {
         let prog: &Xdp = ebpf
             .program(name)
             .context("the ingress program")?
@@ -376,7 +479,7 @@ pub fn trace_live(t: &LiveTrace) -> anyhow::Result<Trace> {
         let ctx = crate::dataplane::testrun::xdp_md(data.len(), ifindex);
         let result = prog
             .test_run(TestRunOptions {
-                data_in: Some(&data),
+                data_in: Some(data),
                 ctx_in: Some(&ctx),
                 repeat: 1,
                 ..TestRunOptions::default()
@@ -392,26 +495,33 @@ pub fn trace_live(t: &LiveTrace) -> anyhow::Result<Trace> {
         let ctx = sk_buff(ifindex);
         let result = prog
             .test_run(TestRunOptions {
-                data_in: Some(&data),
+                data_in: Some(data),
                 ctx_in: Some(&ctx),
                 repeat: 1,
                 ..TestRunOptions::default()
             })
             .context("BPF_PROG_TEST_RUN of the egress program")?;
         result.return_value as i32 == -1 // TC_ACT_UNSPEC: on
-    };
+    })
+}
 
-    let counters: PerCpuArray<MapData, u64> = take(&mut ebpf, map_names::COUNTERS)?;
+/// What the run moved: the decision path, the counters that moved, and
+/// the events it wrote.
+fn read_results(
+    ebpf: &mut aya::Ebpf,
+    dir: u8,
+) -> anyhow::Result<(String, Vec<&'static str>, Vec<moat_common::DenyEvent>)> {
+    let counters: PerCpuArray<MapData, u64> = take(ebpf, map_names::COUNTERS)?;
     let moved: Vec<u64> = (0..counter::COUNT)
         .map(|c| {
             counters
-                .get(&counter::index(t.dir, c), 0)
+                .get(&counter::index(dir, c), 0)
                 .map(|v| v.iter().sum())
         })
         .collect::<Result<_, _>>()
         .context("reading the trace copy's counters")?;
     let (path, moved_names) = decision_path(&moved);
-    let mut ring: RingBuf<MapData> = take(&mut ebpf, map_names::EVENTS)?;
+    let mut ring: RingBuf<MapData> = take(ebpf, map_names::EVENTS)?;
     let mut events = Vec::new();
     while let Some(item) = ring.next() {
         if let Some(e) = crate::dataplane::decode_event(&item) {
@@ -419,9 +529,17 @@ pub fn trace_live(t: &LiveTrace) -> anyhow::Result<Trace> {
         }
     }
 
-    // Policy ids to names, from the agent's saved state.
-    let generation = config.map(|c| c.generation);
-    let names: Option<Vec<String>> = match t.state_file {
+    Ok((path, moved_names, events))
+}
+
+/// Policy ids to names, from the agent's saved state (noting when it is
+/// missing or of another generation).
+fn policy_names(
+    state_file: Option<&Path>,
+    generation: Option<u32>,
+    notes: &mut Vec<String>,
+) -> Option<Vec<String>> {
+    match state_file {
         None => {
             notes.push("no --state-file: policy names unknown".into());
             None
@@ -451,41 +569,7 @@ pub fn trace_live(t: &LiveTrace) -> anyhow::Result<Trace> {
                 Some(s.policy_names)
             }
         },
-    };
-    let set = t.reference.map(|(s, _)| s);
-    let name = |id: u32| names.as_ref()?.get(id as usize).cloned();
-    let kernel = kernel_answer(passed, &events, name, |n| match set {
-        Some(set) => resource(set, n),
-        None => n.to_string(),
-    });
-
-    let (reference, agree) = match t.reference {
-        None => (None, None),
-        Some((set, node)) => {
-            let established = path == counter::NAMES[counter::CONNTRACK_ALLOWED as usize];
-            let query = Query {
-                forwarded,
-                established,
-            };
-            let answer = check::answer(set, node, t.iface, t.dir, t.packet, query)?;
-            let agree = agrees(&kernel, &answer, names.is_some());
-            if names.is_none() {
-                notes.push("the deciding policy's name is not compared (names unknown); its rule index and the verdict are".into());
-            }
-            (Some(answer), Some(agree))
-        }
-    };
-    Ok(Trace {
-        mode: "live",
-        kernel,
-        path,
-        counters: moved_names,
-        reference,
-        agree,
-        program: Some(program),
-        generation,
-        notes,
-    })
+    }
 }
 
 #[cfg(test)]

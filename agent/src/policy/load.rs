@@ -414,6 +414,46 @@ pub(super) fn load_text(file: &Path, text: &str, loaded: &mut Loaded) {
     }
 }
 
+/// The items of a `kind: List` or `kind: <Kind>List` (calicoctl get -o
+/// yaml|json, the API's list responses), each read as a resource; items
+/// without apiVersion or kind take the list's.
+fn load_list_items(
+    file: &Path,
+    index: &mut usize,
+    items: &[Value],
+    item_kind: &str,
+    api: &str,
+    loaded: &mut Loaded,
+) {
+    for mut item in items.iter().cloned() {
+        if let Value::Mapping(m) = &mut item {
+            if !item_kind.is_empty() && !m.contains_key("kind") {
+                m.insert("kind".into(), item_kind.into());
+            }
+            if !api.is_empty() && !m.contains_key("apiVersion") {
+                m.insert("apiVersion".into(), api.into());
+            }
+        }
+        load_value(file, index, item, loaded);
+    }
+}
+
+/// The object's name as the model names it (`Policy::resource` and
+/// friends), so an error can be matched to the last good version of the
+/// same object.
+fn resource_name(kind: &str, api: &str, meta: &Metadata) -> String {
+    match (&meta.namespace, kind, api) {
+        (ns, "NetworkPolicy", "networking.k8s.io/v1") => format!(
+            "KubernetesNetworkPolicy/{}/knp.default.{}",
+            ns.as_deref().unwrap_or("default"),
+            meta.name
+        ),
+        (Some(ns), _, _) => format!("{kind}/{ns}/{}", meta.name),
+        (None, "NetworkPolicy" | "NetworkSet", _) => format!("{kind}/default/{}", meta.name),
+        (None, _, _) => format!("{kind}/{}", meta.name),
+    }
+}
+
 pub(super) fn load_value(file: &Path, index: &mut usize, value: Value, loaded: &mut Loaded) {
     if value.is_null() {
         // An empty document (only comments, or `---` at the end).
@@ -452,25 +492,12 @@ pub(super) fn load_value(file: &Path, index: &mut usize, value: Value, loaded: &
         .and_then(Value::as_str)
         .unwrap_or_default()
         .to_string();
-    // `kind: List` (kubectl) and `kind: GlobalNetworkPolicyList` and the
-    // like (calicoctl get -o yaml|json, the API's list responses): each
-    // item is a resource; items without apiVersion or kind take the
-    // list's.
+    // `kind: List` (kubectl), `kind: GlobalNetworkPolicyList` and the like.
     if let Some(item_kind) = kind.strip_suffix("List") {
         match get("items") {
             Some(Value::Sequence(items)) => {
                 *index -= 1;
-                for mut item in items.clone() {
-                    if let Value::Mapping(m) = &mut item {
-                        if !item_kind.is_empty() && !m.contains_key("kind") {
-                            m.insert("kind".into(), item_kind.into());
-                        }
-                        if !api.is_empty() && !m.contains_key("apiVersion") {
-                            m.insert("apiVersion".into(), api.as_str().into());
-                        }
-                    }
-                    load_value(file, index, item, loaded);
-                }
+                load_list_items(file, index, items, item_kind, &api, loaded);
             }
             Some(Value::Null) => *index -= 1,
             _ => loaded.errors.push(err(
@@ -485,18 +512,7 @@ pub(super) fn load_value(file: &Path, index: &mut usize, value: Value, loaded: &
     let mut meta_problems = Problems::default();
     let meta: Metadata =
         deserialize_all(metadata, "metadata", &mut meta_problems).unwrap_or_default();
-    // Named as the model names it (`Policy::resource` and friends), so an
-    // error can be matched to the last good version of the same object.
-    let resource = match (&meta.namespace, kind.as_str(), api.as_str()) {
-        (ns, "NetworkPolicy", "networking.k8s.io/v1") => format!(
-            "KubernetesNetworkPolicy/{}/knp.default.{}",
-            ns.as_deref().unwrap_or("default"),
-            meta.name
-        ),
-        (Some(ns), _, _) => format!("{kind}/{ns}/{}", meta.name),
-        (None, "NetworkPolicy" | "NetworkSet", _) => format!("{kind}/default/{}", meta.name),
-        (None, _, _) => format!("{kind}/{}", meta.name),
-    };
+    let resource = resource_name(&kind, &api, &meta);
     if kind.is_empty() || api.is_empty() {
         loaded.errors.push(err(
             &resource,
