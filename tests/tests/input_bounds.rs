@@ -58,7 +58,7 @@ fn write_hostile(dir: &Path) -> Vec<(&'static str, &'static str)> {
         "apiVersion: projectcalico.org/v3\nkind: GlobalNetworkSet\nmetadata: {name: big}\nspec:\n  nets:\n",
     );
     let mut i = 0u32;
-    while big.len() < 9 * 1024 * 1024 {
+    while big.len() < 33 * 1024 * 1024 {
         big.push_str(&format!(
             "    - 10.{}.{}.{}/32\n",
             i >> 16,
@@ -85,7 +85,7 @@ fn write_hostile(dir: &Path) -> Vec<(&'static str, &'static str)> {
         ("deep.yaml", "nested deeper than 64 levels"),
         ("nots.yaml", "over the limit of 65536"),
         ("flow.yaml", "nested deeper than 64 levels"),
-        ("big.yaml", "over the limit of 8388608 bytes"),
+        ("big.yaml", "over the limit of 33554432 bytes"),
         ("zeros.yaml", "leading zero"),
     ]
 }

@@ -1,15 +1,18 @@
 //! Bounds on policy input, checked before anything is parsed, so that no
 //! file, however hostile, can exhaust the agent's stack, memory or time.
 //!
-//! Each limit is far above what a real policy needs (Kubernetes and etcd
-//! refuse objects over about 1.5 MiB) and each refusal names the file,
-//! the document and the limit.
+//! Each limit is far above what a hand-written policy needs (Kubernetes and
+//! etcd refuse objects over about 1.5 MiB); the file and document limits
+//! are sized for blocklists: a GlobalNetworkSet of 1,000,000 prefixes is
+//! about 22 MB. Each refusal names the file, the document and the limit.
 
 /// Largest policy file read, in bytes (a file over it is refused without
-/// being read whole; the agent's peak memory stays about 12 times this).
-pub const MAX_FILE_BYTES: usize = 8 * 1024 * 1024;
-/// Largest YAML or JSON document (one resource, or one `List`) in a file.
-pub const MAX_DOCUMENT_BYTES: usize = 4 * 1024 * 1024;
+/// being read whole; the agent's peak memory stays about 12 times the
+/// size of what it reads).
+pub const MAX_FILE_BYTES: usize = 32 * 1024 * 1024;
+/// Largest YAML or JSON document (one resource, or one `List`) in a file:
+/// as large as a file, so one network set may fill it.
+pub const MAX_DOCUMENT_BYTES: usize = MAX_FILE_BYTES;
 /// Deepest nesting of flow collections (`[...]`, `{...}`, JSON) accepted.
 /// The YAML scanner's cost grows with the product of tokens and this
 /// depth, so it is checked before parsing.
