@@ -191,3 +191,130 @@ fn the_scan_sees_groups_and_paths() {
     let names: Vec<&str> = found.iter().map(|(_, n)| n.as_str()).collect();
     assert_eq!(names, ["policy", "dataplane", "events"]);
 }
+
+/// The longest a function of the programs (agent, eBPF, common, xtask) may
+/// be: one that grows past it is split into named phases.
+const MAX_FUNCTION_LINES: usize = 150;
+
+/// `text` with string and character literals emptied and `//` comments cut,
+/// so that braces inside them are not counted.
+fn code_only(line: &str) -> String {
+    let mut out = String::new();
+    let mut chars = line.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '"' => {
+                while let Some(d) = chars.next() {
+                    match d {
+                        '\\' => {
+                            chars.next();
+                        }
+                        '"' => break,
+                        _ => {}
+                    }
+                }
+                out.push_str("\"\"");
+            }
+            '\'' => {
+                // A character literal ('{', '\n'), not a lifetime ('a).
+                let rest: String = chars.clone().take(3).collect();
+                let closes = rest.starts_with('\\') || rest.chars().nth(1) == Some('\'');
+                if closes {
+                    while let Some(d) = chars.next() {
+                        if d == '\\' {
+                            chars.next();
+                        } else if d == '\'' {
+                            break;
+                        }
+                    }
+                    out.push_str("' '");
+                } else {
+                    out.push(c);
+                }
+            }
+            '/' if chars.peek() == Some(&'/') => break,
+            _ => out.push(c),
+        }
+    }
+    out
+}
+
+/// Each function of `text` over `limit` lines: (first line, name, lines).
+fn long_functions(text: &str, limit: usize) -> Vec<(usize, String, usize)> {
+    let lines: Vec<String> = text.lines().map(code_only).collect();
+    let mut found = Vec::new();
+    for (i, line) in lines.iter().enumerate() {
+        let trimmed = line.trim_start();
+        let Some(at) = trimmed.find("fn ") else {
+            continue;
+        };
+        let before = &trimmed[..at];
+        let is_item = before
+            .split_whitespace()
+            .all(|w| w.starts_with("pub") || matches!(w, "async" | "unsafe" | "const" | "extern"));
+        if !is_item {
+            continue;
+        }
+        let name: String = trimmed[at + 3..]
+            .chars()
+            .take_while(|c| c.is_alphanumeric() || *c == '_')
+            .collect();
+        let (mut depth, mut started) = (0i64, false);
+        for (j, l) in lines.iter().enumerate().skip(i) {
+            if !started && l.contains(';') && !l.contains('{') {
+                break;
+            }
+            for c in l.chars() {
+                match c {
+                    '{' => {
+                        depth += 1;
+                        started = true;
+                    }
+                    '}' => depth -= 1,
+                    _ => {}
+                }
+            }
+            if started && depth == 0 {
+                if j - i + 1 > limit {
+                    found.push((i + 1, name.clone(), j - i + 1));
+                }
+                break;
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn no_function_of_the_programs_is_over_the_limit() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut files = Vec::new();
+    for dir in ["agent/src", "ebpf/src", "common/src", "xtask/src"] {
+        rust_files(&root.join(dir), &mut files);
+    }
+    assert!(files.len() > 50, "only {} files found", files.len());
+    let mut over = Vec::new();
+    for file in files {
+        let text = fs::read_to_string(&file).expect("read source");
+        for (line, name, n) in long_functions(&text, MAX_FUNCTION_LINES) {
+            over.push(format!("{}:{line}: fn {name} is {n} lines", file.display()));
+        }
+    }
+    assert!(
+        over.is_empty(),
+        "functions over {MAX_FUNCTION_LINES} lines (split them into named phases):\n{}",
+        over.join("\n")
+    );
+}
+
+#[test]
+fn the_length_scan_counts_bodies_not_literals() {
+    let body: String = (0..200)
+        .map(|i| format!("    let s{i} = \"{{\"; let c = '}}';\n"))
+        .collect();
+    let text = format!("fn long<'a>(x: &'a str) {{\n{body}}}\nfn short() {{ let _ = '{{'; }}\n");
+    let found = long_functions(&text, 150);
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!((found[0].1.as_str(), found[0].2), ("long", 202));
+    assert!(long_functions("fn decl();\nfn f() {}\n", 0).len() == 1);
+}
