@@ -11,7 +11,7 @@ use std::{
 
 use k8s_openapi::api::{
     apps::v1::DaemonSet,
-    core::v1::{ConfigMap, Namespace, Secret, ServiceAccount},
+    core::v1::{ConfigMap, Container, Namespace, PodSpec, Secret, ServiceAccount},
     rbac::v1::{ClusterRole, ClusterRoleBinding},
 };
 use serde::de::DeserializeOwned;
@@ -173,6 +173,15 @@ fn the_daemonset_has_what_the_agent_needs_and_no_more() {
     );
     assert_eq!(pod.containers.len(), 1);
     let c = &pod.containers[0];
+    least_privilege(c);
+    probes_and_resources(c);
+    let (paths, mounts) = host_paths_mounted(pod, c);
+    node_name_from_the_downward_api(c);
+    config_on_the_volumes(&m, pod, c, &paths, &mounts);
+}
+
+/// No privilege beyond the three capabilities the agent needs.
+fn least_privilege(c: &Container) {
     let sc = c.security_context.as_ref().expect("securityContext");
     assert_ne!(sc.privileged, Some(true));
     assert_eq!(sc.allow_privilege_escalation, Some(false));
@@ -193,7 +202,11 @@ fn the_daemonset_has_what_the_agent_needs_and_no_more() {
         Some("RuntimeDefault")
     );
     assert_eq!(sc.read_only_root_filesystem, Some(true));
-    // Probes on the agent's HTTP endpoint (default 127.0.0.1:9464).
+}
+
+/// Probes on the agent's HTTP endpoint; requests and a memory limit.
+fn probes_and_resources(c: &Container) {
+    // Default 127.0.0.1:9464.
     for (probe, path) in [
         (&c.liveness_probe, "/healthz"),
         (&c.readiness_probe, "/readyz"),
@@ -218,7 +231,14 @@ fn the_daemonset_has_what_the_agent_needs_and_no_more() {
         .limits
         .as_ref()
         .is_some_and(|l| l.contains_key("memory")));
-    // hostPath volumes: bpffs, the saved state, the status/events dir.
+}
+
+/// hostPath volumes (bpffs, the saved state, the status/events dir), each
+/// mounted where it is on the host: the host paths and every mount.
+fn host_paths_mounted<'a>(
+    pod: &'a PodSpec,
+    c: &'a Container,
+) -> (BTreeSet<&'a str>, BTreeMap<&'a str, &'a str>) {
     let volumes = pod.volumes.as_deref().unwrap_or_default();
     let host_paths: BTreeMap<&str, &str> = volumes
         .iter()
@@ -243,7 +263,11 @@ fn the_daemonset_has_what_the_agent_needs_and_no_more() {
             "{name} mounted where it is on the host"
         );
     }
-    // The node's name from the downward API.
+    (paths, mounts)
+}
+
+/// The node's name from the downward API.
+fn node_name_from_the_downward_api(c: &Container) {
     let env = c.env.as_deref().unwrap_or_default();
     let node = env
         .iter()
@@ -256,9 +280,20 @@ fn the_daemonset_has_what_the_agent_needs_and_no_more() {
             .map(|f| f.field_path.as_str()),
         Some("spec.nodeName")
     );
+}
 
-    // The config the agent reads: valid for the agent's own schema, in
-    // audit mode for the first rollout, its paths on the mounted volumes.
+/// The config the agent reads: valid for the agent's own schema, in audit
+/// mode for the first rollout, its paths on the mounted volumes; the
+/// calicoctl.cfg it names parses and its certificates are in the Secret's
+/// mount.
+fn config_on_the_volumes(
+    m: &Manifests,
+    pod: &PodSpec,
+    c: &Container,
+    paths: &BTreeSet<&str>,
+    mounts: &BTreeMap<&str, &str>,
+) {
+    let volumes = pod.volumes.as_deref().unwrap_or_default();
     let args = c.args.as_deref().unwrap_or_default();
     let config_path = args
         .iter()
