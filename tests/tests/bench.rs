@@ -62,6 +62,18 @@ fn smoke_run_has_every_engines_figures_and_leaves_nothing_behind() {
         &std::fs::read_to_string(out.join("report.json")).expect("report.json"),
     )
     .expect("report.json parses");
+    throughput_of_every_engine(&json);
+    classification_cases(&json);
+    update_latencies(&json);
+    event_path_accounting(&json);
+    memory_and_bars(&json);
+    machine_and_files(&json, &out);
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+/// A live-frames figure for every engine, rule count and traffic kind,
+/// every packet counted by the engine; the stack alone too.
+fn throughput_of_every_engine(json: &serde_json::Value) {
     let throughput = json["throughput"].as_array().expect("throughput");
     for engine in ALL {
         for rules in [1, 3] {
@@ -97,6 +109,10 @@ fn smoke_run_has_every_engines_figures_and_leaves_nothing_behind() {
             "no stack-alone {traffic} figure"
         );
     }
+}
+
+/// The baselines and every case of moat's program at 3 rules.
+fn classification_cases(json: &serde_json::Value) {
     let classification = json["classification"].as_array().expect("classification");
     for program in ["xdp-pass", "xdp-parse-pass"] {
         assert!(classification
@@ -122,6 +138,10 @@ fn smoke_run_has_every_engines_figures_and_leaves_nothing_behind() {
             assert!(row["ns"]["median"].as_f64().is_some(), "{row}");
         }
     }
+}
+
+/// A full and a one-rule update latency for every engine.
+fn update_latencies(json: &serde_json::Value) {
     let updates = json["updates"].as_array().expect("updates");
     for engine in ALL {
         assert!(
@@ -132,6 +152,10 @@ fn smoke_run_has_every_engines_figures_and_leaves_nothing_behind() {
             engine.name()
         );
     }
+}
+
+/// The flood's events: emitted + suppressed + lost = denied.
+fn event_path_accounting(json: &serde_json::Value) {
     let e = &json["event_path"];
     let n = |k: &str| {
         e[k].as_u64()
@@ -152,6 +176,10 @@ fn smoke_run_has_every_engines_figures_and_leaves_nothing_behind() {
         "the default limit suppresses a flood"
     );
     assert!(e["reader_events_per_s"].as_f64().unwrap() > 0.0);
+}
+
+/// Memory figures, and the bars a quick run did not measure say "not run".
+fn memory_and_bars(json: &serde_json::Value) {
     assert_eq!(json["memory"].as_array().unwrap().len(), 2);
     assert!(json["memory"][0]["map_bytes"].as_u64().unwrap() > 0);
     let bar = json["bar"].as_array().unwrap();
@@ -180,6 +208,10 @@ fn smoke_run_has_every_engines_figures_and_leaves_nothing_behind() {
             .contains("one flow-table lookup alone"),
         "the floor beside it: {floor}"
     );
+}
+
+/// The machine described, the report and plots written.
+fn machine_and_files(json: &serde_json::Value, out: &std::path::Path) {
     for key in ["cpu", "kernel", "bpf_jit_enable", "date_utc"] {
         assert!(
             !json["machine"][key].as_str().unwrap_or("").is_empty(),
@@ -193,7 +225,6 @@ fn smoke_run_has_every_engines_figures_and_leaves_nothing_behind() {
             assert_eq!(&bytes[1..4], b"PNG", "{f} is not a PNG");
         }
     }
-    let _ = std::fs::remove_dir_all(&out);
 }
 
 #[test]
