@@ -468,3 +468,15 @@ pub fn worker_and_client(worker: &str, client: &str, ipv6: bool) -> (Netns, Netn
     );
     (worker, client)
 }
+
+/// The IPv6 pair of `worker_and_client` (made with `ipv6`): `eth1`
+/// 2001:db8:1::1/64 on the worker, `eth0` 2001:db8:1::2/64 on the client,
+/// without duplicate address detection so both are usable at once.
+pub fn add_ipv6_pair(worker: &Netns, client: &Netns) {
+    for (ns, addr, dev) in [
+        (worker, "2001:db8:1::1/64", "eth1"),
+        (client, "2001:db8:1::2/64", "eth0"),
+    ] {
+        ns.exec("ip", &["-6", "addr", "add", addr, "dev", dev, "nodad"]);
+    }
+}

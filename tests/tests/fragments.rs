@@ -12,7 +12,9 @@ use moat::{
     dataplane::{frame::checksum, Dataplane, XdpAttachMode},
 };
 use moat_common::{counter, direction};
-use moat_tests::{in_netns, load_fixture, mac_of, send_frame, worker_and_client, NODE};
+use moat_tests::{
+    add_ipv6_pair, in_netns, load_fixture, mac_of, send_frame, worker_and_client, NODE,
+};
 
 const SRC: [u8; 16] = [0x20, 0x01, 0x0d, 0xb8, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
 const DST: [u8; 16] = [0x20, 0x01, 0x0d, 0xb8, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
@@ -74,30 +76,7 @@ fn fragments(
 #[test]
 fn ipv6_fragments_with_destination_options_after_the_fragment_header_pass() {
     let (worker, client) = worker_and_client("mfw", "mfc", true);
-    worker.exec(
-        "ip",
-        &[
-            "-6",
-            "addr",
-            "add",
-            "2001:db8:1::1/64",
-            "dev",
-            "eth1",
-            "nodad",
-        ],
-    );
-    client.exec(
-        "ip",
-        &[
-            "-6",
-            "addr",
-            "add",
-            "2001:db8:1::2/64",
-            "dev",
-            "eth0",
-            "nodad",
-        ],
-    );
+    add_ipv6_pair(&worker, &client);
     let (worker_mac, client_mac) = (mac_of(&worker, "eth1"), mac_of(&client, "eth0"));
     let client_name = client.name.clone();
     let set = load_fixture("lab");

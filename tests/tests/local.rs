@@ -17,7 +17,9 @@ use moat::{
     dataplane::{frame::Packet, Dataplane, XdpAttachMode},
 };
 use moat_common::{counter, direction, reason, verdict, DenyEvent};
-use moat_tests::{in_netns, load_fixture, mac_of, run, send_frame, worker_and_client, NODE};
+use moat_tests::{
+    add_ipv6_pair, in_netns, load_fixture, mac_of, run, send_frame, worker_and_client, NODE,
+};
 
 const SYN: u8 = 0x02;
 
@@ -56,28 +58,7 @@ fn addresses_the_routing_table_delivers_locally_are_host_traffic() {
     ] {
         w(&["sysctl", "-q", "-w", key]);
     }
-    w(&[
-        "ip",
-        "-6",
-        "addr",
-        "add",
-        "2001:db8:1::1/64",
-        "dev",
-        "eth1",
-        "nodad",
-    ]);
-    client.exec(
-        "ip",
-        &[
-            "-6",
-            "addr",
-            "add",
-            "2001:db8:1::2/64",
-            "dev",
-            "eth0",
-            "nodad",
-        ],
-    );
+    add_ipv6_pair(&worker, &client);
     // AnyIP: a whole prefix delivered locally by a route, no address.
     w(&[
         "ip",

@@ -12,7 +12,8 @@ use std::{
 };
 
 use moat_tests::{
-    fixtures, in_netns, listen, spawn_in, veth, worker_and_client, AgentProcess, Netns, PinDir,
+    add_ipv6_pair, fixtures, in_netns, listen, spawn_in, veth, worker_and_client, AgentProcess,
+    Netns, PinDir,
 };
 
 /// Tries a TCP connection from inside `ns`: Ok(()) when it was accepted.
@@ -224,30 +225,7 @@ fn iptables_lines_match_the_kernel_log_target_field_for_field() {
     use moat_tests::{mac_of, send_frame, KernelLog};
 
     let (worker, client, peer) = lab();
-    worker.exec(
-        "ip",
-        &[
-            "-6",
-            "addr",
-            "add",
-            "2001:db8:1::1/64",
-            "dev",
-            "eth1",
-            "nodad",
-        ],
-    );
-    client.exec(
-        "ip",
-        &[
-            "-6",
-            "addr",
-            "add",
-            "2001:db8:1::2/64",
-            "dev",
-            "eth0",
-            "nodad",
-        ],
-    );
+    add_ipv6_pair(&worker, &client);
     // The kernel's LOG target prints from a namespace only with this.
     let _log_all = Sysctl::set("/proc/sys/net/netfilter/nf_log_all_netns", "1");
     for tool in ["iptables", "ip6tables"] {
