@@ -15,11 +15,9 @@ use std::{
 };
 
 use moat::{
+    cli::trace::frame,
     compile::compile,
-    dataplane::{
-        frame::{Packet, Transport},
-        Dataplane,
-    },
+    dataplane::Dataplane,
     policy::{
         self, packet_spec,
         reference::{Fields, Query},
@@ -59,35 +57,6 @@ fn rows(dir: &Path) -> Vec<Row> {
             }
         })
         .collect()
-}
-
-/// The frame of a packet spec (ICMP queries get identifier and sequence 1).
-fn frame(f: &Fields) -> Vec<u8> {
-    let transport = match f.protocol {
-        6 => Transport::Tcp {
-            sport: f.sport,
-            dport: f.dport,
-            flags: f.tcp_flags,
-        },
-        17 => Transport::Udp {
-            sport: f.sport,
-            dport: f.dport,
-        },
-        132 => Transport::Sctp {
-            sport: f.sport,
-            dport: f.dport,
-        },
-        1 | 58 => Transport::Icmp {
-            icmp_type: f.icmp_type,
-            code: f.icmp_code,
-            rest: [0, 1, 0, 1],
-        },
-        p => Transport::Other {
-            protocol: p,
-            len: 8,
-        },
-    };
-    Packet::new(f.src, f.dst, transport).frame()
 }
 
 /// The kernel's verdict ("allow" / "deny") for one packet on `iface`.

@@ -79,7 +79,9 @@ impl Trace {
     }
 }
 
-pub(crate) fn frame(f: &Fields) -> Vec<u8> {
+/// The frame of a packet spec, as `moat trace` runs it (ICMP queries get
+/// identifier and sequence 1).
+pub fn frame(f: &Fields) -> Vec<u8> {
     let transport = match f.protocol {
         6 => Transport::Tcp {
             sport: f.sport,
